@@ -1,0 +1,59 @@
+"""The `flexmoe` command line.
+
+Each sub-command lives next to the code it drives: a module exposing
+`add_arguments(parser)` and `run(args) -> int`. The registry below imports it lazily,
+so `flexmoe --help` stays fast and one command's heavy imports never slow another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from flexmoe.errors import FlexmoeError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("flexmoe.commands.run", "run federated fine-tuning (default: FLEx on the shipped tiny MoE)"),
+    "graft": ("flexmoe.commands.graft", "select the expert(s) each MoE layer would graft for a data file"),
+    "data": ("flexmoe.commands.data", "build, describe and partition instruction datasets"),
+    "pretrain": ("flexmoe.commands.pretrain", "pretrain the shipped tiny MoE from its config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexmoe",
+        description="Personalized federated fine-tuning of Mixture-of-Experts LLMs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.set_defaults(_module=module_name)
+        _load(module_name).add_arguments(command_parser)
+    return parser
+
+
+def _load(module_name: str):
+    return importlib.import_module(module_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except FlexmoeError as err:
+        print(f"flexmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flexmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
