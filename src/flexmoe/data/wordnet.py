@@ -1,0 +1,289 @@
+"""Reads the WordNet 3.0 database and turns it into flexmoe's builtin data.
+
+The data.{noun,verb,adj,adv} files are parsed directly (format: wndb(5)); one synset per
+line. From them we derive, deterministically:
+- a pretraining corpus: one natural-language document per synset, split train / held-out
+  by a hash of the synset key;
+- multiple-choice knowledge probes on train synsets (the probe question is the exact
+  prefix of the synset's document, the right option its definition);
+- the instruction dataset, built only from synsets that are neither held out nor probed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexmoe.data.example import Example, Probe
+from flexmoe.errors import FlexmoeError
+
+# lexnames(5): index = the lex_filenum field of a data line.
+LEXICOGRAPHER_FILES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
+    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
+    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
+    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
+    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
+    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+)
+DATA_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "r": "data.adv"}
+POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "r": "adverb"}
+# Short label shown in a document header; adj.all / adv.all carry no information.
+_HEADER_LABELS = {"adj.all": "", "adv.all": "", "adj.pert": "relational", "adj.ppl": "participle",
+                  "noun.Tops": "general"}
+
+HELDOUT_PER_10K = 300  # 3% of synsets never appear in the train corpus nor the instructions
+PROBE_COUNT = 1500
+PROBED_POS = ("n", "v")
+_HASH_SALT = "flexmoe-wordnet-3.0:"
+_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
+
+
+@dataclass(frozen=True)
+class Pointer:
+    symbol: str
+    target: str  # synset key of the target
+    source_word: int  # 0: the pointer relates whole synsets (semantic); else a word number
+    target_word: int
+
+
+@dataclass(frozen=True)
+class Synset:
+    key: str  # pos letter + 8-digit offset, e.g. "n02084071"; satellites ("s") use "a"
+    pos: str
+    lexfile: str
+    lemmas: tuple[str, ...]
+    definition: str
+    examples: tuple[str, ...]
+    pointers: tuple[Pointer, ...]
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def read_wordnet(wordnet_dir: str | Path) -> dict[str, Synset]:
+    """All synsets of the database in `wordnet_dir`, keyed by synset key, in file order."""
+    wordnet_dir = Path(wordnet_dir)
+    synsets: dict[str, Synset] = {}
+    for pos, name in DATA_FILES.items():
+        path = wordnet_dir / name
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise FlexmoeError(f"cannot read WordNet data file {path}: {err}") from None
+        for line_no, line in enumerate(lines, 1):
+            if line.startswith("  ") or not line.strip():  # license header lines
+                continue
+            try:
+                synset = _parse_line(line, pos)
+            except (ValueError, IndexError) as err:
+                raise FlexmoeError(f"{path}:{line_no}: not a WordNet data line ({err})") from None
+            synsets[synset.key] = synset
+    if not synsets:
+        raise FlexmoeError(f"no WordNet synsets found in {wordnet_dir}")
+    return synsets
+
+
+def _parse_line(line: str, pos: str) -> Synset:
+    head, bar, gloss = line.partition("|")
+    if not bar:
+        raise ValueError("missing '|' before the gloss")
+    fields = head.split()
+    offset, lex_filenum, word_count = fields[0], int(fields[1]), int(fields[3], 16)
+    words = fields[4:4 + 2 * word_count:2]
+    if len(words) != word_count or word_count == 0:
+        raise ValueError("word count does not match the words")
+    at = 4 + 2 * word_count
+    pointers = []
+    for _ in range(int(fields[at])):
+        symbol, target_offset, target_pos, source_target = fields[at + 1:at + 5]
+        pointers.append(Pointer(symbol, _synset_key(target_pos, target_offset),
+                                int(source_target[:2], 16), int(source_target[2:], 16)))
+        at += 4
+    definition, examples = _split_gloss(gloss)
+    return Synset(
+        key=_synset_key(pos, offset),
+        pos=pos,
+        lexfile=LEXICOGRAPHER_FILES[lex_filenum],
+        lemmas=tuple(_display_word(word) for word in words),
+        definition=definition,
+        examples=examples,
+        pointers=tuple(pointers),
+    )
+
+
+def _synset_key(pos: str, offset: str) -> str:
+    if len(offset) != 8 or not offset.isdigit():
+        raise ValueError(f"bad synset offset {offset!r}")
+    return ("a" if pos == "s" else pos) + offset
+
+
+def _display_word(word: str) -> str:
+    return _ADJ_MARKER.sub("", word).replace("_", " ")
+
+
+def _split_gloss(gloss: str) -> tuple[str, tuple[str, ...]]:
+    """Definition and quoted usage examples: `def; "example one"; "example two"`."""
+    definition_parts, examples = [], []
+    for part in gloss.strip().split("; "):
+        part = part.strip()
+        if part.startswith('"') and part.count('"') >= 2:
+            examples.append(part[1:part.rindex('"')].strip())
+        elif part:
+            definition_parts.append(part)
+    definition = "; ".join(definition_parts).rstrip(" ;.")
+    return definition, tuple(example for example in examples if example)
+
+
+# ---------------------------------------------------------------- splits and documents
+
+
+def synset_rank(key: str) -> int:
+    """A stable pseudo-random rank of a synset, independent of Python's hash seed."""
+    return int.from_bytes(hashlib.sha256((_HASH_SALT + key).encode()).digest()[:8], "big")
+
+
+def is_heldout(key: str) -> bool:
+    return synset_rank(key) % 10_000 < HELDOUT_PER_10K
+
+
+def header(synset: Synset) -> str:
+    """`dog (noun, animal):` — the opening of the synset's document and its probe question."""
+    label = _HEADER_LABELS.get(synset.lexfile, synset.lexfile.split(".", 1)[1])
+    pos_name = POS_NAMES[synset.pos]
+    described = f"{pos_name}, {label}" if label else pos_name
+    return f"{synset.lemmas[0]} ({described}):"
+
+
+def domain_label(lexfile: str) -> str:
+    """The human-readable domain of a lexicographer file (`noun.animal` → `animal`)."""
+    return _HEADER_LABELS.get(lexfile) or lexfile.split(".", 1)[1]
+
+
+def _target_word(pointer: Pointer, synsets: dict[str, Synset]) -> str:
+    target = synsets[pointer.target]
+    if pointer.target_word:
+        return target.lemmas[pointer.target_word - 1]
+    return target.lemmas[0]
+
+
+def related_words(synset: Synset, symbol: str, synsets: dict[str, Synset], limit: int = 4) -> list[str]:
+    """First lemmas of the synsets `synset` points to with `symbol`, without repeats."""
+    words: list[str] = []
+    for pointer in synset.pointers:
+        if pointer.symbol == symbol and pointer.target in synsets:
+            word = _target_word(pointer, synsets)
+            if word not in words:
+                words.append(word)
+    return words[:limit]
+
+
+def antonym_pairs(synset: Synset, synsets: dict[str, Synset]) -> list[tuple[str, str]]:
+    """(word, opposite word) for each lexical antonym pointer of the synset."""
+    pairs = []
+    for pointer in synset.pointers:
+        if pointer.symbol == "!" and pointer.source_word and pointer.target in synsets:
+            pairs.append((synset.lemmas[pointer.source_word - 1], _target_word(pointer, synsets)))
+    return pairs
+
+
+# symbol → sentence template; `{}` receives a comma-separated list of related words.
+_RELATION_SENTENCES = (
+    ("@i", "It is an instance of {}."),
+    ("#m", "It is a member of {}."),
+    ("#p", "It is part of {}."),
+    ("#s", "It is a component of {}."),
+    ("%p", "Its parts include {}."),
+    ("%m", "Its members include {}."),
+    ("%s", "It is made of {}."),
+    ("&", "It is similar to {}."),
+    ("*", "It entails {}."),
+    (">", "It causes {}."),
+    ("\\", "It pertains to {}."),
+    ("=", "It is a value of {}."),
+    (";c", "It belongs to the field of {}."),
+    (";r", "It is used in the region of {}."),
+    (";u", "Usage: {}."),
+)
+
+
+def render_document(synset: Synset, synsets: dict[str, Synset]) -> str:
+    """One natural-language document stating the synset's facts."""
+    sentences = [f"{header(synset)} {synset.definition}."]
+    if len(synset.lemmas) > 1:
+        sentences.append("Synonyms: " + ", ".join(synset.lemmas[1:]) + ".")
+    sentences.extend(f'Example: "{example}".' for example in synset.examples[:2])
+    hypernyms = related_words(synset, "@", synsets)
+    if hypernyms:
+        kind = "It is a way to {}." if synset.pos == "v" else "It is a kind of {}."
+        sentences.append(kind.format(", ".join(hypernyms)))
+    for symbol, template in _RELATION_SENTENCES:
+        words = related_words(synset, symbol, synsets)
+        if words:
+            sentences.append(template.format(", ".join(words)))
+    sentences.extend(f"The opposite of {word} is {opposite}."
+                     for word, opposite in antonym_pairs(synset, synsets))
+    return " ".join(sentences)
+
+
+def corpus_records(synsets: dict[str, Synset], split: str) -> list[dict]:
+    want_heldout = split == "heldout"
+    return [
+        {"id": key, "domain": synset.lexfile, "text": render_document(synset, synsets)}
+        for key, synset in synsets.items()
+        if is_heldout(key) == want_heldout
+    ]
+
+
+# ---------------------------------------------------------------- probes
+
+
+def select_probes(synsets: dict[str, Synset], count: int = PROBE_COUNT) -> list[Probe]:
+    """Probes on train nouns and verbs whose header names one synset and whose definition is unique.
+
+    Only nouns and verbs are probed: their lexicographer files are semantic domains
+    (animal, food, motion ...), while adjectives and adverbs have none to draw on.
+    Distractors are definitions of same-part-of-speech train synsets from other
+    lexicographer files, sharing no lemma with the probed synset and of similar length
+    (so option length alone does not give the answer away).
+    """
+    train = [synset for key, synset in synsets.items() if not is_heldout(key)]
+    header_counts = Counter(header(synset) for synset in synsets.values())
+    definition_counts = Counter(synset.definition for synset in synsets.values())
+    unique = [s for s in train if s.pos in PROBED_POS
+              and definition_counts[s.definition] == 1 and 20 <= len(s.definition) <= 200]
+    probed = sorted((s for s in unique if header_counts[header(s)] == 1), key=lambda s: synset_rank(s.key))
+    pools = {pos: sorted((len(s.definition), s.key) for s in unique if s.pos == pos) for pos in PROBED_POS}
+    return [_make_probe(synset, pools[synset.pos], synsets) for synset in probed[:count]]
+
+
+def _make_probe(synset: Synset, pool: list[tuple[int, str]], synsets: dict[str, Synset]) -> Probe:
+    rng = random.Random(synset_rank(synset.key))
+    lemmas = {lemma.lower() for lemma in synset.lemmas}
+    centre = bisect.bisect_left(pool, (len(synset.definition), ""))
+    candidates: list[Synset] = []
+    radius = 30
+    while len(candidates) < 3:
+        radius *= 2
+        candidates = [
+            synsets[key] for _, key in pool[max(0, centre - radius):centre + radius]
+            if synsets[key].lexfile != synset.lexfile
+            and not lemmas & {lemma.lower() for lemma in synsets[key].lemmas}
+        ]
+    distractors = [s.definition for s in rng.sample(candidates, 3)]
+    answer = rng.randrange(4)
+    options = distractors[:answer] + [synset.definition] + distractors[answer:]
+    return Probe(question=header(synset), options=options, answer=answer,
+                 domain=synset.lexfile, id=synset.key)
+
+
+def probe_records(probes: list[Probe]) -> list[dict]:
+    return [{"id": p.id, "domain": p.domain, "question": p.question, "options": p.options,
+             "answer": p.answer} for p in probes]
