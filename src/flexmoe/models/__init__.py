@@ -1,0 +1,47 @@
+"""Model layer: load a base MoE, find its MoE blocks, select and graft experts (FLEx), add LoRA,
+and split / save / load the shared and personal parts."""
+
+from flexmoe.models.families import FAMILIES, Family, MoELayer, family_of, moe_layers, unwrap
+from flexmoe.models.graft import (
+    GATES,
+    STRATEGIES,
+    ExpertGraft,
+    ExpertMLP,
+    Selection,
+    current_selection,
+    extract_expert,
+    graft,
+    grafts,
+    grafts_disabled,
+    select_experts,
+    ungraft,
+)
+from flexmoe.models.load import load_base, resolve_model_dir, tiny_path
+from flexmoe.models.lora import (
+    SCOPES,
+    ParameterSplit,
+    add_lora,
+    check_lora_placement,
+    lora_module_names,
+    set_shared_state,
+    shared_state,
+    split_parameters,
+)
+from flexmoe.models.personal import (
+    base_fingerprint,
+    load_personal,
+    personal_state,
+    read_personal,
+    save_personal,
+    set_personal_state,
+)
+
+__all__ = [
+    "FAMILIES", "GATES", "SCOPES", "STRATEGIES",
+    "ExpertGraft", "ExpertMLP", "Family", "MoELayer", "ParameterSplit", "Selection",
+    "add_lora", "base_fingerprint", "check_lora_placement", "current_selection", "extract_expert",
+    "family_of", "graft", "grafts", "grafts_disabled", "load_base", "load_personal", "lora_module_names",
+    "moe_layers", "personal_state", "read_personal", "resolve_model_dir", "save_personal",
+    "select_experts", "set_personal_state", "set_shared_state", "shared_state", "split_parameters",
+    "tiny_path", "ungraft", "unwrap",
+]

@@ -1,0 +1,522 @@
+"""FLEx expert grafting.
+
+`select_experts` picks, per MoE layer, the expert(s) whose output best reconstructs the layer's
+routed output on a client's data (or a random / most-routed one, for ablations); `graft` adds
+a trainable copy of them beside the frozen block, mixed in through an adaptive gate:
+
+    y' = y + sigmoid(w.x + b) * G(x)          (gate="none": y' = y + G(x))
+
+The copy lives in a new submodule `<block>.graft` and is added by forward hooks, so every
+original state-dict key is unchanged and the base weights still load. For a given k every
+client's graft has the same structure (only the weights and `expert_ids` differ), so one model
+instance can serve many clients by swapping personal tensors (see flexmoe.models.personal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.models.families import MoELayer, moe_layers, unwrap
+
+GRAFT = "graft"  # attribute of the MoE block holding its graft; every personal name contains it
+STRATEGIES = ("reconstruction", "random", "frequency")
+GATES = ("sigmoid", "none")
+DEFAULT_MAX_TOKENS = 4096
+# Expert outputs are computed a chunk of experts at a time so that a chunk's (c, T, 2I)
+# activations stay under this many elements (~256 MB in fp32).
+_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+class ExpertMLP(nn.Module):
+    """One expert as a standalone gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    @torch.no_grad()
+    def copy_from(self, layer: MoELayer, expert: int) -> None:
+        """Copy expert `expert` of the layer's fused weights ([gate; up] rows, then down)."""
+        gate, up = layer.gate_up_proj[expert].chunk(2, dim=0)
+        self.gate_proj.weight.copy_(gate)
+        self.up_proj.weight.copy_(up)
+        self.down_proj.weight.copy_(layer.down_proj[expert])
+
+
+def extract_expert(layer: MoELayer, expert: int) -> ExpertMLP:
+    """A standalone copy of one fused expert, on the layer's device and dtype."""
+    mlp = ExpertMLP(layer.hidden_size, layer.intermediate_size, copy.deepcopy(layer.act_fn))
+    mlp.to(device=layer.gate_up_proj.device, dtype=layer.gate_up_proj.dtype)
+    mlp.copy_from(layer, expert)
+    return mlp
+
+
+def fused_expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn) -> torch.Tensor:
+    """Outputs of c experts on the same tokens at once: x (T, H), gate_up (c, 2I, H), down (c, H, I) -> (c, T, H)."""
+    gate, up = torch.matmul(x, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    return torch.matmul(act_fn(gate) * up, down.transpose(1, 2))
+
+
+def log_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """Log of the family's per-expert score; a softmax over a kept subset of these gives the
+    renormalised weights of a router restricted to that subset."""
+    return F.logsigmoid(logits) if score == "sigmoid" else logits
+
+
+class ExpertGraft(nn.Module):
+    """A trainable copy of k experts of one MoE layer plus its adaptive gate.
+
+    G(x) = scale * sum_j w_j(x) G_j(x), with w the layer's router restricted to the k grafted
+    experts (a trainable copy of their router rows; w = 1 when k = 1).
+    """
+
+    def __init__(self, layer: MoELayer, k: int, gate: str):
+        super().__init__()
+        hidden, intermediate = layer.hidden_size, layer.intermediate_size
+        self.experts = nn.ModuleList(
+            ExpertMLP(hidden, intermediate, copy.deepcopy(layer.act_fn)) for _ in range(k)
+        )
+        self.router = nn.Linear(hidden, k, bias=False) if k > 1 else None
+        self.gate = nn.Linear(hidden, 1) if gate == "sigmoid" else None
+        self.register_buffer("expert_ids", torch.zeros(k, dtype=torch.long))
+        self.score = layer.family.score
+        self.output_scale = layer.output_scale
+        self.clone_input = layer.family.jitters_in_place
+        self.enabled = True
+        self.pending_inputs: list[torch.Tensor] = []  # block inputs between the pre- and post-hook
+
+    @property
+    def k(self) -> int:
+        return len(self.experts)
+
+    @property
+    def gate_kind(self) -> str:
+        return "sigmoid" if self.gate is not None else "none"
+
+    @torch.no_grad()
+    def reset(self, layer: MoELayer, experts: list[int], gate_init_bias: float) -> None:
+        """Copy the chosen experts (and their router rows) from the base; close the gate to sigmoid(bias)."""
+        for mlp, expert in zip(self.experts, experts, strict=True):
+            mlp.copy_from(layer, expert)
+        if self.router is not None:
+            self.router.weight.copy_(layer.router.weight[experts])
+        if self.gate is not None:
+            self.gate.weight.zero_()
+            self.gate.bias.fill_(gate_init_bias)
+        self.expert_ids.copy_(torch.tensor(experts, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is None:
+            branch = self.experts[0](x)
+        else:
+            weights = torch.softmax(log_scores(self.router(x).float(), self.score), dim=-1).to(x.dtype)
+            branch = sum(weights[..., j : j + 1] * mlp(x) for j, mlp in enumerate(self.experts))
+        if self.output_scale != 1.0:
+            branch = branch * self.output_scale
+        if self.gate is not None:
+            branch = torch.sigmoid(self.gate(x)) * branch
+        return branch
+
+
+# -- selection --------------------------------------------------------------------------------
+
+
+class Selection(dict):
+    """{layer name: [expert ids]} in layer order, plus what the choice rests on.
+
+    `losses[layer]`: reconstruction loss of each single expert (mean over tokens of
+    ||R - scale * E_e(X)||^2; reconstruction strategy only). `margins[layer]`: loss of the
+    runner-up candidate minus the chosen one at the last greedy step. `counts[layer]`: how often
+    the router picked each expert (frequency strategy). `tokens[layer]`: tokens used.
+    """
+
+    def __init__(self, chosen: dict[str, list[int]], *, strategy: str, k: int,
+                 losses=None, margins=None, counts=None, tokens=None):
+        super().__init__(chosen)
+        self.strategy = strategy
+        self.k = k
+        self.losses: dict[str, list[float]] = losses or {}
+        self.margins: dict[str, float] = margins or {}
+        self.counts: dict[str, list[int]] = counts or {}
+        self.tokens: dict[str, int] = tokens or {}
+
+    def to_json(self) -> dict:
+        layers = {}
+        for name, experts in self.items():
+            entry = {"experts": list(experts)}
+            for key, table in (("margin", self.margins), ("tokens", self.tokens),
+                               ("losses", self.losses), ("counts", self.counts)):
+                if name in table:
+                    entry[key] = table[name]
+            layers[name] = entry
+        return {"strategy": self.strategy, "k": self.k, "layers": layers}
+
+
+def select_experts(model: nn.Module, batches: Iterable, k: int = 1, strategy: str = "reconstruction",
+                   max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0) -> Selection:
+    """Choose k experts per MoE layer on a client's data (DESIGN §2 step 2).
+
+    batches: input_ids tensors ((B, T) or (T,)) or dicts with "input_ids" and optionally
+    "attention_mask" (padding is excluded). Tokens are uniformly subsampled (seeded) to at
+    most `max_tokens` per layer. The base model runs in eval mode with any graft disabled.
+    """
+    layers = moe_layers(model)
+    _check_selection_args(layers, k, strategy, max_tokens)
+    if strategy == "random":
+        return _random_selection(layers, k, seed)
+    captures = _capture(model, layers, batches, max_tokens, seed, want_tokens=strategy == "reconstruction")
+    if strategy == "frequency":
+        counts = {layer.name: captures[layer.name].counts for layer in layers}
+        chosen = {name: _most_frequent(c, k) for name, c in counts.items()}
+        tokens = {layer.name: int(counts[layer.name].sum()) // layer.top_k for layer in layers}
+        return Selection(chosen, strategy=strategy, k=k, counts={n: c.tolist() for n, c in counts.items()},
+                         tokens=tokens)
+    chosen, losses, margins, tokens = {}, {}, {}, {}
+    for layer in layers:
+        capture = captures[layer.name]
+        experts, step_losses = greedy_reconstruction(layer, capture.x, capture.r, k)
+        chosen[layer.name] = experts
+        losses[layer.name] = step_losses[0].tolist()
+        margins[layer.name] = _margin(step_losses[-1], experts[-1])
+        tokens[layer.name] = len(capture.x)
+    return Selection(chosen, strategy=strategy, k=k, losses=losses, margins=margins, tokens=tokens)
+
+
+def _check_selection_args(layers: list[MoELayer], k: int, strategy: str, max_tokens: int) -> None:
+    if strategy not in STRATEGIES:
+        raise FlexmoeError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    smallest = min(layer.num_experts for layer in layers)
+    if not 1 <= k < smallest:
+        raise FlexmoeError(f"k={k} grafted experts per layer: must be between 1 and {smallest - 1} "
+                           f"(the model has {smallest} experts per layer)")
+    if max_tokens < 1:
+        raise FlexmoeError(f"max_tokens={max_tokens}: must be at least 1")
+
+
+def _random_selection(layers: list[MoELayer], k: int, seed: int) -> Selection:
+    generator = torch.Generator().manual_seed(seed)
+    chosen = {layer.name: torch.randperm(layer.num_experts, generator=generator)[:k].tolist() for layer in layers}
+    return Selection(chosen, strategy="random", k=k)
+
+
+def _most_frequent(counts: torch.Tensor, k: int) -> list[int]:
+    # stable sort: ties go to the lower expert id, deterministically
+    order = torch.sort(-counts, stable=True).indices
+    return order[:k].tolist()
+
+
+def _margin(losses: torch.Tensor, chosen: int) -> float:
+    others = torch.cat([losses[:chosen], losses[chosen + 1 :]])
+    others = others[torch.isfinite(others)]
+    return float(others.min() - losses[chosen]) if len(others) else math.nan
+
+
+@torch.no_grad()
+def greedy_reconstruction(layer: MoELayer, x: torch.Tensor, r: torch.Tensor, k: int):
+    """Greedy best k-subset of experts for reconstructing the routed output r from block input x.
+
+    The block pruned to a subset S routes every token over S only: its output is
+    scale * sum_{j in S} softmax_S(log score)_j E_j(x). Step s tries every remaining expert as
+    the (s+1)-th member, vectorised over experts on the fused weights.
+    Returns (chosen ids, [loss of every candidate (E,) per step; chosen ones are inf]).
+    """
+    x, r = x.float(), r.float()
+    logs = log_scores(torch.nn.functional.linear(x, layer.router.weight.float()), layer.family.score)  # (T, E)
+    chosen: list[int] = []
+    step_losses = []
+    # running sum over chosen experts, normalised to their largest log score per token (stable)
+    num = torch.zeros_like(r)
+    den = torch.zeros(len(x), 1, device=x.device)
+    top = torch.full((len(x), 1), -math.inf, device=x.device)
+    for _ in range(k):
+        losses = torch.empty(layer.num_experts, device=x.device)
+        for start, stop in _expert_chunks(layer, len(x)):
+            out = fused_expert_outputs(x, layer.gate_up_proj[start:stop].float(), layer.down_proj[start:stop].float(),
+                                       layer.act_fn)  # (c, T, H)
+            pred = out if not chosen else _mix(num, den, top, logs[:, start:stop].T.unsqueeze(-1), out)
+            losses[start:stop] = ((r - layer.output_scale * pred) ** 2).sum(-1).mean(-1)
+        losses[chosen] = math.inf
+        best = int(torch.argmin(losses))
+        chosen.append(best)
+        step_losses.append(losses.cpu())
+        num, den, top = _add_member(num, den, top, logs[:, best : best + 1], _single_output(layer, x, best))
+    return chosen, step_losses
+
+
+def _mix(num, den, top, cand_log, cand_out):
+    """Output of the chosen set plus one candidate, weights softmax over their log scores."""
+    new_top = torch.maximum(top, cand_log)  # (c, T, 1)
+    old, new = torch.exp(top - new_top), torch.exp(cand_log - new_top)
+    return (old * num + new * cand_out) / (old * den + new)
+
+
+def _add_member(num, den, top, member_log, member_out):
+    new_top = torch.maximum(top, member_log)
+    old, new = torch.exp(top - new_top), torch.exp(member_log - new_top)  # old = 0 before the first member
+    return old * num + new * member_out, old * den + new, new_top
+
+
+def _single_output(layer: MoELayer, x: torch.Tensor, expert: int) -> torch.Tensor:
+    sl = slice(expert, expert + 1)
+    return fused_expert_outputs(x, layer.gate_up_proj[sl].float(), layer.down_proj[sl].float(), layer.act_fn)[0]
+
+
+def _expert_chunks(layer: MoELayer, tokens: int) -> Iterator[tuple[int, int]]:
+    per_expert = max(1, tokens * max(2 * layer.intermediate_size, layer.hidden_size))
+    size = max(1, _CHUNK_ELEMENTS // per_expert)
+    for start in range(0, layer.num_experts, size):
+        yield start, min(start + size, layer.num_experts)
+
+
+# -- capturing block inputs, routed outputs and router choices ---------------------------------
+
+
+@dataclasses.dataclass
+class _LayerCapture:
+    """A uniform sample (without replacement) of at most `cap` tokens, kept by smallest random key."""
+
+    cap: int
+    generator: torch.Generator
+    num_experts: int
+    x: torch.Tensor | None = None
+    r: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    def add_tokens(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        keys = torch.rand(len(x), generator=self.generator)
+        x, r = x.detach().float().cpu(), r.detach().float().cpu()
+        if self.x is not None:
+            x, r, keys = torch.cat([self.x, x]), torch.cat([self.r, r]), torch.cat([self.keys, keys])
+        if len(keys) > self.cap:
+            keep = torch.sort(torch.topk(keys, self.cap, largest=False).indices).values
+            x, r, keys = x[keep], r[keep], keys[keep]
+        self.x, self.r, self.keys = x, r, keys
+
+    def add_choices(self, indices: torch.Tensor) -> None:
+        counts = torch.bincount(indices.reshape(-1).cpu(), minlength=self.num_experts)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+
+def _capture(model, layers, batches, max_tokens, seed, want_tokens: bool) -> dict[str, _LayerCapture]:
+    captures = {
+        layer.name: _LayerCapture(max_tokens, torch.Generator().manual_seed(seed * 1_000_003 + layer.index),
+                                  layer.num_experts)
+        for layer in layers
+    }
+    valid: list[torch.Tensor | None] = [None]  # flattened non-padding mask of the current batch
+    handles = []
+    for layer in layers:
+        capture = captures[layer.name]
+        if want_tokens:
+            handles.append(layer.block.experts.register_forward_hook(_token_hook(capture, valid), with_kwargs=True))
+        else:
+            handles.append(layer.block.get_submodule(layer.family.router).register_forward_hook(
+                _router_hook(capture, valid, layer.top_k)))
+    device = next(unwrap(model).parameters()).device
+    seen = 0
+    try:
+        with torch.no_grad(), _eval_mode(model), grafts_disabled(model):
+            for input_ids, attention_mask in _iter_batches(batches):
+                valid[0] = None if attention_mask is None else attention_mask.reshape(-1).bool().to(device)
+                model(input_ids=input_ids.to(device),
+                      attention_mask=None if attention_mask is None else attention_mask.to(device), use_cache=False)
+                seen += int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen == 0:
+        raise FlexmoeError("no tokens to select experts from: the calibration batches are empty")
+    return captures
+
+
+def _token_hook(capture: _LayerCapture, valid):
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        routed = output[0] if isinstance(output, tuple) else output
+        mask = valid[0]
+        if mask is not None:
+            x, routed = x[mask], routed[mask]
+        capture.add_tokens(x, routed)
+
+    return hook
+
+
+def _router_hook(capture: _LayerCapture, valid, top_k: int):
+    def hook(module, args, output):
+        # transformers 5 routers return (logits, weights, indices): the integer tensor is the true
+        # choice (deepseek_v3 adds a bias before top-k). A router returning bare logits chose their top-k.
+        if isinstance(output, tuple):
+            indices = next(t for t in output if isinstance(t, torch.Tensor) and not t.is_floating_point())
+        else:
+            indices = torch.topk(output, top_k, dim=-1).indices
+        indices = indices.reshape(-1, indices.shape[-1])
+        mask = valid[0]
+        if mask is not None:
+            indices = indices[mask]
+        capture.add_choices(indices)
+
+    return hook
+
+
+def _iter_batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    for position, batch in enumerate(batches):
+        if isinstance(batch, dict):
+            if "input_ids" not in batch:
+                raise FlexmoeError(f"calibration batch {position} has no 'input_ids'")
+            input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        else:
+            input_ids, mask = batch, None
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise FlexmoeError(f"calibration batch {position}: expected integer token ids of shape (batch, length), "
+                               f"got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            yield input_ids.long(), None if mask is None else torch.as_tensor(mask)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    # routed targets are taken in eval mode: no jitter, no sampled routing (phimoe)
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# -- grafting ---------------------------------------------------------------------------------
+
+
+def graft(model: nn.Module, selection: dict[str, list[int]], gate: str = "sigmoid",
+          gate_init_bias: float = -4.0) -> nn.Module:
+    """Graft trainable copies of the selected experts into every MoE layer, in place.
+
+    Freezes every original parameter (LoRA adapters, if present, stay trainable). Grafting a
+    model that already carries a graft of the same k and gate re-initialises it with the new
+    selection (same modules, new weights).
+    """
+    if gate not in GATES:
+        raise FlexmoeError(f"unknown graft gate {gate!r}; choose one of {', '.join(GATES)}")
+    layers = moe_layers(model)
+    k = _check_selection(layers, selection)
+    for name, param in unwrap(model).named_parameters():
+        if "lora_" not in name and GRAFT not in name.split("."):
+            param.requires_grad_(False)
+    for layer in layers:
+        module = getattr(layer.block, GRAFT, None)
+        if module is None:
+            module = _attach(layer, k, gate)
+        elif (module.k, module.gate_kind) != (k, gate):
+            raise FlexmoeError(f"layer {layer.name} already carries a graft with k={module.k}, gate={module.gate_kind}; "
+                               f"cannot re-graft with k={k}, gate={gate} (call ungraft first)")
+        module.reset(layer, list(selection[layer.name]), gate_init_bias)
+        module.requires_grad_(True)
+    return model
+
+
+def _check_selection(layers: list[MoELayer], selection: dict[str, list[int]]) -> int:
+    names = [layer.name for layer in layers]
+    unknown = [name for name in selection if name not in names]
+    if unknown:
+        raise FlexmoeError(f"selection names layer {unknown[0]!r}, which is not an MoE layer of this model "
+                           f"(its MoE layers: {', '.join(names)})")
+    missing = [name for name in names if name not in selection]
+    if missing:
+        raise FlexmoeError(f"selection has no expert for MoE layer {missing[0]!r}")
+    sizes = {len(selection[name]) for name in names}
+    if len(sizes) != 1:
+        raise FlexmoeError(f"selection grafts different numbers of experts per layer ({sorted(sizes)}); "
+                           "every layer must graft the same k")
+    for layer in layers:
+        experts = [int(e) for e in selection[layer.name]]
+        if len(set(experts)) != len(experts) or not all(0 <= e < layer.num_experts for e in experts):
+            raise FlexmoeError(f"layer {layer.name}: selected experts {experts} must be distinct ids in "
+                               f"[0, {layer.num_experts})")
+    k = sizes.pop()
+    if k < 1:
+        raise FlexmoeError("selection grafts no expert")
+    return k
+
+
+def _attach(layer: MoELayer, k: int, gate: str) -> ExpertGraft:
+    module = ExpertGraft(layer, k, gate).to(device=layer.gate_up_proj.device, dtype=layer.gate_up_proj.dtype)
+    layer.block.add_module(GRAFT, module)
+    module.handles = [
+        layer.block.register_forward_pre_hook(_stash_input, with_kwargs=True),
+        layer.block.register_forward_hook(_add_branch, with_kwargs=True),
+    ]
+    return module
+
+
+def _stash_input(block, args, kwargs):
+    module = getattr(block, GRAFT)
+    if module.enabled:
+        x = args[0] if args else next(iter(kwargs.values()))
+        # mixtral/phimoe multiply the block input in place in train mode: keep the original
+        module.pending_inputs.append(x.clone() if module.clone_input and block.training else x)
+
+
+def _add_branch(block, args, kwargs, output):
+    module = getattr(block, GRAFT)
+    if not module.enabled or not module.pending_inputs:
+        return output
+    branch = module(module.pending_inputs.pop())
+    if isinstance(output, tuple):
+        return (output[0] + branch, *output[1:])
+    return output + branch
+
+
+def grafts(model: nn.Module) -> dict[str, ExpertGraft]:
+    """{layer name: graft module} for every grafted MoE layer, in layer order."""
+    return {layer.name: getattr(layer.block, GRAFT) for layer in moe_layers(model)
+            if isinstance(getattr(layer.block, GRAFT, None), ExpertGraft)}
+
+
+def current_selection(model: nn.Module) -> dict[str, list[int]]:
+    """The expert ids the model's grafts were copied from ({} when not grafted)."""
+    return {name: module.expert_ids.tolist() for name, module in grafts(model).items()}
+
+
+def ungraft(model: nn.Module) -> nn.Module:
+    """Remove every graft and its hooks (the base parameters stay frozen)."""
+    for layer in moe_layers(model):
+        module = getattr(layer.block, GRAFT, None)
+        if isinstance(module, ExpertGraft):
+            for handle in module.handles:
+                handle.remove()
+            delattr(layer.block, GRAFT)
+    return model
+
+
+@contextlib.contextmanager
+def grafts_disabled(model: nn.Module):
+    """Run the base model as if it had no graft."""
+    modules = list(grafts(model).values())
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, previous, strict=True):
+            m.enabled = was

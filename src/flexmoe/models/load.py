@@ -1,0 +1,78 @@
+"""Load a base MoE model and its tokenizer from a local directory (never from a hub)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.models.families import FAMILIES, moe_layers
+
+TINY = "tiny"
+
+
+def tiny_path() -> pathlib.Path:
+    """The shipped tiny pretrained MoE (`src/flexmoe/assets/tiny`)."""
+    return pathlib.Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
+
+def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
+    """The directory behind a model name: "tiny" is the shipped model, anything else a local path."""
+    if str(name_or_path) == TINY:
+        path = tiny_path()
+        if not (path / "config.json").is_file():
+            raise FlexmoeError(f"the shipped tiny model is missing: {path} has no config.json "
+                               "(build it with `flexmoe pretrain`)")
+        return path
+    path = pathlib.Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FlexmoeError(f"model directory {str(path)!r} does not exist "
+                           "(flexmoe loads local Hugging Face model directories only)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FlexmoeError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu"):
+    """Load a local MoE checkpoint and its tokenizer -> (model, tokenizer), model in eval mode.
+
+    A dense model, an unsupported family or a directory without weights or tokenizer is refused
+    with a FlexmoeError naming the directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(name_or_path)
+    _check_family(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FlexmoeError(f"cannot load model weights from {str(path)!r}: {_first_line(err)}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise FlexmoeError(f"cannot load the tokenizer from {str(path)!r}: {_first_line(err)}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are -100 anyway
+    moe_layers(model)  # refuses a layout we cannot graft
+    return model.to(device).eval(), tokenizer
+
+
+def _check_family(path: pathlib.Path) -> None:
+    config_file = path / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise FlexmoeError(f"{config_file}: unreadable config ({_first_line(err)})") from err
+    if model_type not in FAMILIES:
+        raise FlexmoeError(
+            f"{str(path)!r} holds a model_type {model_type!r} model, not a supported Mixture-of-Experts "
+            f"family ({', '.join(sorted(FAMILIES))})"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,152 @@
+"""The shared, federated part of the model: LoRA (PEFT) on a chosen scope, and the split of a
+model's parameters into shared (sent to the server), personal (kept: the graft) and frozen.
+
+Scopes:
+- "attention": LoRA on the family's attention projections, named explicitly (FLEx). PEFT's
+  "all-linear" or MLP names would silently put LoRA on the fused experts and the router.
+- "attention+experts": also LoRA on the fused expert tensors via PEFT `target_parameters`.
+- "full": full fine-tuning, no adapter: every base parameter is trainable (the graft, if any,
+  stays as it is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+from torch import nn
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.models.families import Family, family_of, moe_layers, unwrap
+from flexmoe.models.graft import GRAFT
+
+SCOPES = ("attention", "attention+experts", "full")
+
+
+def attention_pattern(family: Family) -> str:
+    """Regex (PEFT `target_modules`) matching exactly the attention projections of every layer."""
+    return rf".*\.self_attn\.({'|'.join(map(re.escape, family.attention))})"
+
+
+def expert_parameters(model: nn.Module) -> list[str]:
+    """PEFT `target_parameters` for the fused experts of every MoE layer."""
+    block = family_of(model).block
+    return [f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"]
+
+
+def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int = 16, dropout: float = 0.0,
+             seed: int = 0) -> nn.Module:
+    """Make the shared part trainable: wrap with PEFT LoRA on `scope` (or unfreeze all, "full").
+
+    Returns the PEFT model ("attention", "attention+experts") or the model itself ("full").
+    A graft present before wrapping stays trainable. LoRA initialisation is seeded.
+    """
+    if scope not in SCOPES:
+        raise FlexmoeError(f"unknown LoRA scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if hasattr(model, "peft_config"):
+        raise FlexmoeError("the model already carries PEFT adapters; add_lora applies once")
+    family = family_of(model)
+    if scope == "full":
+        for name, param in model.named_parameters():
+            if GRAFT not in name.split("."):
+                param.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+        target_modules=attention_pattern(family),
+        target_parameters=expert_parameters(model) if scope == "attention+experts" else None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if GRAFT in name.split("."):
+            param.requires_grad_(True)  # PEFT freezes everything it did not add
+    check_lora_placement(peft_model, scope)
+    return peft_model
+
+
+def lora_module_names(model: nn.Module) -> list[str]:
+    """Names (in the unwrapped model) of the modules carrying LoRA weights."""
+    return [name for name, module in unwrap(model).named_modules()
+            if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and len(module.lora_A)]
+
+
+def check_lora_placement(model: nn.Module, scope: str) -> None:
+    """Assert that LoRA sits exactly where `scope` says: never on a router, a shared expert or a
+    graft; on the fused experts only for "attention+experts"; on every attention projection."""
+    family = family_of(model)
+    attention = re.compile(attention_pattern(family))
+    layers = moe_layers(model)
+    expert_names = {f"{layer.name}.experts" for layer in layers}
+    placed = lora_module_names(model)
+    for name in placed:
+        on_experts = name in expert_names or _strip_base_layer(name) in expert_names
+        if attention.fullmatch(name) or (scope == "attention+experts" and on_experts):
+            continue
+        raise FlexmoeError(f"LoRA landed on {name!r}, outside the {scope!r} scope")
+    attention_modules = [name for name, _ in unwrap(model).named_modules() if attention.fullmatch(name)]
+    if not attention_modules or not set(attention_modules) <= set(placed):
+        raise FlexmoeError(f"LoRA missed attention projections of {type(unwrap(model)).__name__}")
+    if scope == "attention+experts":
+        covered = {_strip_base_layer(name) for name in placed}
+        if not expert_names <= covered:
+            raise FlexmoeError(f"LoRA missed the fused experts of {sorted(expert_names - covered)[0]}")
+    elif getattr(model, "peft_config", None):
+        targets = [getattr(c, "target_parameters", None) for c in model.peft_config.values()]
+        if any(targets):
+            raise FlexmoeError(f"LoRA scope {scope!r} must not target expert parameters, got {targets}")
+
+
+def _strip_base_layer(name: str) -> str:
+    # PEFT nests one ParamWrapper per targeted parameter: experts.base_layer.base_layer...
+    return re.sub(r"(\.base_layer)+$", "", name)
+
+
+@dataclasses.dataclass
+class ParameterSplit:
+    """A model's named parameters by role: shared (sent), personal (kept on the client), frozen."""
+
+    shared: dict[str, nn.Parameter]
+    personal: dict[str, nn.Parameter]
+    frozen: dict[str, nn.Parameter]
+
+    def numel(self, part: str) -> int:
+        return sum(p.numel() for p in getattr(self, part).values())
+
+
+def split_parameters(model: nn.Module) -> ParameterSplit:
+    """Shared: trainable and not part of a graft (LoRA, or all of "full"); personal: the graft
+    (names contain "graft"); frozen: the rest. Names are the model's own (PEFT prefixes included)."""
+    shared, personal, frozen = {}, {}, {}
+    for name, param in model.named_parameters():
+        if GRAFT in name.split("."):
+            personal[name] = param
+        elif param.requires_grad:
+            shared[name] = param
+        else:
+            frozen[name] = param
+    return ParameterSplit(shared, personal, frozen)
+
+
+def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the shared (sent) parameters."""
+    return {name: param.detach().clone() for name, param in split_parameters(model).shared.items()}
+
+
+def set_shared_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy received shared parameters into the model, in place; keys must match exactly."""
+    shared = split_parameters(model).shared
+    if set(shared) != set(state):
+        missing, extra = sorted(set(shared) - set(state)), sorted(set(state) - set(shared))
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise FlexmoeError(f"shared state does not fit this model: {what}")
+    with torch.no_grad():
+        for name, param in shared.items():
+            if tuple(state[name].shape) != tuple(param.shape):
+                raise FlexmoeError(f"shared state {name}: shape {tuple(state[name].shape)}, "
+                                   f"the model has {tuple(param.shape)}")
+            param.copy_(state[name])

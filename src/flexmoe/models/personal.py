@@ -1,0 +1,157 @@
+"""A client's personal state: its grafted experts and gates, kept on the client's disk.
+
+One safetensors file holds the graft tensors (keys `<layer>.graft.<name>`, independent of any
+PEFT wrapper) and, as metadata, the fingerprint of the base model it was grafted onto, the
+selection, k and the gate kind. Loading into another base, or into a model grafted with another
+selection, is refused. In memory, `personal_state` / `set_personal_state` swap clients on one
+shared model instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.models.families import moe_layers, unwrap
+from flexmoe.models.graft import GRAFT, current_selection, graft, grafts
+
+FORMAT = "flexmoe-personal/1"
+_SAMPLES_PER_TENSOR = 4096
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash identifying the base model: architecture plus a strided sample of every
+    layer's fused expert weights (frozen in FLEx). Samples are rounded to bfloat16 so the
+    same checkpoint loaded in fp32 or bf16 gives the same fingerprint."""
+    base = unwrap(model)
+    digest = hashlib.sha256()
+    config = base.config
+    digest.update(f"{config.model_type}|{config.hidden_size}|{config.vocab_size}".encode())
+    for layer in moe_layers(model):
+        for tensor in (layer.gate_up_proj, layer.down_proj):
+            digest.update(f"{layer.name}|{tuple(tensor.shape)}".encode())
+            digest.update(_sample_bytes(tensor))
+    return digest.hexdigest()[:16]
+
+
+def _sample_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+    sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.bfloat16)
+    return sample.view(torch.int16).numpy().tobytes()
+
+
+def personal_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every graft tensor (weights, gates, expert ids), keyed `<layer>.graft.<name>`."""
+    modules = grafts(model)
+    if not modules:
+        raise FlexmoeError("the model carries no graft: call flexmoe.models.graft first")
+    return {f"{layer}.{GRAFT}.{key}": value.detach().clone()
+            for layer, module in modules.items() for key, value in module.state_dict().items()}
+
+
+def set_personal_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a client's graft tensors (from `personal_state`) into the model's grafts, in place."""
+    modules = grafts(model)
+    if not modules:
+        raise FlexmoeError("the model carries no graft: call flexmoe.models.graft first")
+    targets = {f"{layer}.{GRAFT}.{key}": value
+               for layer, module in modules.items() for key, value in module.state_dict().items()}
+    missing = sorted(set(targets) - set(state))
+    extra = sorted(set(state) - set(targets))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise FlexmoeError(f"personal state does not fit this model's grafts: {what}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise FlexmoeError(f"personal state {key}: shape {tuple(state[key].shape)}, "
+                                   f"the model's graft has {tuple(target.shape)}")
+            target.copy_(state[key])
+
+
+def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
+    """Write the model's personal state to one safetensors file (atomically)."""
+    path = pathlib.Path(path)
+    tensors = {key: value.contiguous().cpu() for key, value in personal_state(model).items()}
+    module = next(iter(grafts(model).values()))
+    metadata = {
+        "format": FORMAT,
+        "base": base_fingerprint(model),
+        "selection": json.dumps(current_selection(model)),
+        "k": str(module.k),
+        "gate": module.gate_kind,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_personal(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a personal state file, checked to be one."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FlexmoeError(f"personal state file {str(path)!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (SafetensorError, OSError) as err:
+        raise FlexmoeError(f"{path}: not a readable safetensors file ({err})") from err
+    if metadata.get("format") != FORMAT:
+        raise FlexmoeError(f"{path}: not a flexmoe personal state file (metadata format "
+                           f"{metadata.get('format')!r}, expected {FORMAT!r})")
+    return tensors, metadata
+
+
+def load_personal(model: nn.Module, path: str | os.PathLike, adopt_selection: bool = False) -> nn.Module:
+    """Load a client's personal state into `model`, in place.
+
+    An ungrafted model is grafted with the file's selection first. A model grafted with another
+    selection is refused unless `adopt_selection` (swapping clients on one shared model).
+    A file made on another base model, or with another k or gate, is always refused.
+    """
+    tensors, metadata = read_personal(path)
+    expected, found = metadata.get("base"), base_fingerprint(model)
+    if expected != found:
+        raise FlexmoeError(f"{path}: personal state was grafted onto base model {expected}, "
+                           f"this model is {found} (a different base model)")
+    selection = json.loads(metadata["selection"])
+    modules = grafts(model)
+    if not modules:
+        graft(model, selection, gate=metadata["gate"])
+    else:
+        _check_compatible(path, model, modules, metadata, selection, adopt_selection)
+    set_personal_state(model, tensors)
+    return model
+
+
+def _check_compatible(path, model, modules, metadata, selection, adopt_selection) -> None:
+    module = next(iter(modules.values()))
+    if (str(module.k), module.gate_kind) != (metadata["k"], metadata["gate"]):
+        raise FlexmoeError(f"{path}: personal state has k={metadata['k']}, gate={metadata['gate']}; the model is "
+                           f"grafted with k={module.k}, gate={module.gate_kind}")
+    if adopt_selection:
+        return
+    carried = current_selection(model)
+    for layer in moe_layers(model):
+        ours, theirs = carried.get(layer.name), selection.get(layer.name)
+        if ours != theirs:
+            raise FlexmoeError(f"{path}: layer {layer.name} was grafted from experts {theirs}, the model "
+                               f"carries experts {ours} (a different selection)")
