@@ -1,0 +1,230 @@
+"""The run configuration: one validated model, read from TOML files and `--set` overrides.
+
+Every key has a default, so an empty config is the shipped demo (FLEx on the tiny base and
+the builtin dataset). Unknown keys and bad values raise a one-line `FlexmoeError` that names
+the key and the closest valid keys or the allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flexmoe.errors import FlexmoeError
+
+METHODS = (
+    "flex", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: str = "builtin"  # "builtin" or a path to a dolly/alpaca/jsonl/json/parquet/HF dataset
+    format: Literal["auto", "dolly", "alpaca", "jsonl", "json", "parquet", "hf"] = "auto"
+    partition: Literal["pathological", "iid", "dirichlet", "quantity"] = "pathological"
+    by: Literal["domain", "category"] = "domain"
+    per_client: int = Field(1, ge=1)  # groups (domains/categories) per client, pathological only
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_per_client: int = Field(0, ge=0)  # 0 = all of the client's training examples
+    template: Literal["alpaca", "chat"] = "alpaca"
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine schedule floor, as a fraction of lr
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    local_steps: int = Field(10, ge=1)
+    local_epochs: float = Field(0.0, ge=0)  # > 0 replaces local_steps by epochs over the client's data
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class LoraConfig(_Section):
+    scope: Literal["attention", "attention+experts", "full"] = "attention"  # baselines only
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class FlexConfig(_Section):
+    gate: Literal["sigmoid", "none"] = "sigmoid"
+    selection: Literal["reconstruction", "random", "frequency"] = "reconstruction"
+    k: int = Field(1, ge=1)
+    gate_init_bias: float = -4.0
+    calibration_examples: int = Field(32, ge=1)
+    calibration_max_tokens: int = Field(2048, ge=16)
+    federate_routers: bool = False
+    aggregator: Literal["fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam"] = "fedavg"
+
+
+class FedProxConfig(_Section):
+    mu: float = Field(0.01, ge=0)
+
+
+class ScaffoldConfig(_Section):
+    server_lr: float = Field(1.0, gt=0)
+
+
+class ServerConfig(_Section):
+    """Server optimisers (Reddi et al. 2021, "Adaptive Federated Optimization"; FedAvgM: Hsu et al. 2019).
+
+    Defaults: beta1 = 0.9, beta2 = 0.99 as in Reddi et al.; tau = 1e-3 and lr = 1e-2 from
+    their tuned grids; FedAvgM server lr 1.0 with momentum 0.9.
+    """
+
+    weighting: Literal["examples", "uniform"] = "examples"
+    lr: float = Field(1e-2, gt=0)  # FedAdam/FedYogi/FedAdagrad eta
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    momentum_lr: float = Field(1.0, gt=0)  # FedAvgM eta
+    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM beta
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0)  # evaluate every N rounds; 0 = only after the last round
+    max_test_examples: int = Field(16, ge=1)  # per client
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+    knowledge: bool = True
+    knowledge_max_docs: int = Field(64, ge=1)
+    knowledge_max_length: int = Field(128, ge=8)
+
+
+class RunConfig(_Section):
+    method: Literal[METHODS] = "flex"
+    rounds: int = Field(5, ge=1)
+    num_clients: int = Field(4, ge=1)
+    clients_per_round: int = Field(4, ge=1)
+    seed: int = Field(0, ge=0)
+    model: str = "tiny"
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+    flex: FlexConfig = FlexConfig()
+    fedprox: FedProxConfig = FedProxConfig()
+    scaffold: ScaffoldConfig = ScaffoldConfig()
+    server: ServerConfig = ServerConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _clients_fit(self) -> RunConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round = {self.clients_per_round} must be at most num_clients = {self.num_clients}"
+            )
+        return self
+
+
+def valid_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts, sections included."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(valid_keys(annotation, f"{prefix}{name}."))
+    return keys
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (optional), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_toml(Path(path))
+        _check_keys(raw, source=str(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _check_keys(_nest(key, value), source="--set")
+        _set_dotted(raw, key, value)
+    return _validate(raw)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as TOML, atomically; `load_config` reads it back identically."""
+    text = tomli_w.dumps(config.model_dump(mode="json"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FlexmoeError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise FlexmoeError(f"{path}: invalid TOML: {err}") from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FlexmoeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    try:  # a TOML literal (number, bool, quoted string, list); anything else is a bare string
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _set_dotted(out, dotted, value)
+    return out
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FlexmoeError(f"config key {part!r} is a value, not a section (in {dotted!r})")
+        target = child
+    target[leaf] = value
+
+
+def _check_keys(raw: dict[str, Any], source: str, model: type[BaseModel] = RunConfig, prefix: str = "") -> None:
+    for key, value in raw.items():
+        dotted = prefix + key
+        field = model.model_fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(dotted, valid_keys(), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid_keys(model, prefix))}"
+            raise FlexmoeError(f"{source}: unknown config key {dotted!r}{hint}")
+        annotation = field.annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if is_section and isinstance(value, dict):
+            _check_keys(value, source, annotation, dotted + ".")
+        elif is_section:
+            raise FlexmoeError(f"{source}: config key {dotted!r} is a section; set its keys, e.g. {dotted}.<key>=...")
+
+
+def _validate(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a cross-key check
+            raise FlexmoeError(f"config: {message}") from None
+        key = ".".join(str(part) for part in first["loc"])
+        value = first.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        raise FlexmoeError(f"config key {key}{shown}: {message}") from None
