@@ -6,33 +6,47 @@ import json
 import lzma
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from flexmoe.data import wordnet
-from flexmoe.data.builtin import CORPUS_FILES, PROBE_FILE
+from flexmoe.data.builtin import ASSET_DIR, CORPUS_FILES, INSTRUCTION_FILE, PROBE_FILE
+from flexmoe.data.example import Example, Probe
 from flexmoe.errors import FlexmoeError
 
+LICENSE_FILE = "LICENSE-WordNet.txt"
+DATASHEET_FILE = "DATASHEET.md"
 
-def build_builtin(wordnet_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
-    """Writes corpus, probes and instructions to `out_dir`; returns record counts per file."""
+
+def build_builtin(wordnet_dir: str | Path, out_dir: str | Path = ASSET_DIR) -> list[Path]:
+    """Writes corpus, probes, instructions, datasheet and license to `out_dir`; returns the paths."""
     synsets = wordnet.read_wordnet(wordnet_dir)
     probes = wordnet.select_probes(synsets)
-    outputs = {
-        CORPUS_FILES["train"]: wordnet.corpus_records(synsets, "train"),
-        CORPUS_FILES["heldout"]: wordnet.corpus_records(synsets, "heldout"),
-        PROBE_FILE: wordnet.probe_records(probes),
-    }
+    examples = wordnet.instruction_examples(synsets, excluded={probe.id for probe in probes})
+    corpus = {split: wordnet.corpus_records(synsets, split) for split in CORPUS_FILES}
     out_dir = Path(out_dir)
-    for name, records in outputs.items():
-        write_jsonl_xz(out_dir / name, records)
-    return {name: len(records) for name, records in outputs.items()}
+    outputs = {
+        CORPUS_FILES["train"]: _xz_jsonl(corpus["train"]),
+        CORPUS_FILES["heldout"]: _xz_jsonl(corpus["heldout"]),
+        PROBE_FILE: _xz_jsonl(wordnet.probe_records(probes)),
+        INSTRUCTION_FILE: _xz_jsonl([_example_record(example) for example in examples]),
+        DATASHEET_FILE: datasheet(synsets, corpus, probes, examples).encode("utf-8"),
+        LICENSE_FILE: (ASSET_DIR / LICENSE_FILE).read_bytes(),
+    }
+    for name, data in outputs.items():
+        write_atomic(out_dir / name, data)
+    return [out_dir / name for name in outputs]
 
 
-def write_jsonl_xz(path: Path, records: list[dict]) -> None:
-    """xz-compressed JSON lines, written atomically; same records → same bytes."""
+def _example_record(example: Example) -> dict:
+    return {"id": example.id, "category": example.category, "domain": example.domain,
+            "instruction": example.instruction, "context": example.context, "response": example.response}
+
+
+def _xz_jsonl(records: list[dict]) -> bytes:
+    """xz-compressed JSON lines; same records → same bytes."""
     payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    write_atomic(path, lzma.compress(payload.encode("utf-8"), format=lzma.FORMAT_XZ,
-                                     check=lzma.CHECK_CRC64, preset=6))
+    return lzma.compress(payload.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -46,3 +60,107 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(temp_name, path)
     except OSError as err:
         raise FlexmoeError(f"cannot write {path}: {err}") from None
+
+
+# ---------------------------------------------------------------- datasheet
+
+
+def datasheet(synsets: dict[str, wordnet.Synset], corpus: dict[str, list[dict]],
+              probes: list[Probe], examples: list[Example]) -> str:
+    categories = Counter(example.category for example in examples)
+    domains = Counter(example.domain for example in examples)
+    probe_domains = Counter(probe.domain for probe in probes)
+    cells = Counter((example.domain, example.category) for example in examples)
+    category_names = sorted(categories)
+    sections = [
+        _DATASHEET_HEAD.format(
+            synsets=len(synsets), train=len(corpus["train"]), heldout=len(corpus["heldout"]),
+            heldout_pct=wordnet.HELDOUT_PER_10K / 100, probes=len(probes), examples=len(examples),
+            cap=wordnet.MAX_PER_DOMAIN_AND_CATEGORY, categories=len(categories), domains=len(domains),
+        ),
+        "## Instruction examples per category\n\n" + _table(["category", "examples"], sorted(categories.items())),
+        "## Instruction examples per domain and category\n\n" + _table(
+            ["domain", "total", *category_names],
+            [(domain, total, *(cells[domain, name] for name in category_names))
+             for domain, total in sorted(domains.items())]),
+        "## Knowledge probes per domain\n\n" + _table(["domain", "probes"], sorted(probe_domains.items())),
+        _DATASHEET_TAIL,
+    ]
+    return "\n".join(sections)
+
+
+def _table(headings: list[str], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+_DATASHEET_HEAD = """\
+# Datasheet: flexmoe's builtin WordNet data
+
+Generated by `flexmoe data build --wordnet-dir /usr/share/wordnet`; rebuilding from the same
+WordNet 3.0 files reproduces every file here byte for byte.
+
+## Source
+WordNet 3.0 (Princeton University), the `data.noun`, `data.verb`, `data.adj` and `data.adv`
+files of Debian's `wordnet-base` package, parsed directly (format: wndb(5)). {synsets} synsets.
+License: see `LICENSE-WordNet.txt` (redistribution allowed with the notice).
+
+## Files
+| file | content | records |
+|---|---|---|
+| `corpus-train.jsonl.xz` | pretraining documents, one per synset (`id`, `domain`, `text`) | {train} |
+| `corpus-heldout.jsonl.xz` | held-out documents, same form, disjoint synsets | {heldout} |
+| `probes.jsonl.xz` | 4-option knowledge probes (`question`, `options`, `answer`, `domain`) | {probes} |
+| `instructions.jsonl.xz` | instruction examples (`instruction`, `context`, `response`, `category`, `domain`) | {examples} |
+
+## How it was built
+- **Synset key**: part-of-speech letter + byte offset (`n02084071` = dog). Satellite adjectives
+  count as adjectives. The *domain* of a record is the synset's lexicographer file
+  (`noun.animal`, `verb.motion`, ...; {domains} in the instruction data).
+- **Split**: a synset is held out when `sha256("flexmoe-wordnet-3.0:" + key)`, read as an
+  integer from its first 8 bytes, is below {heldout_pct}% modulo 10000. Held-out synsets appear
+  in no train document, probe or instruction example.
+- **Documents** state the synset's facts in plain sentences: `header definition.` then
+  synonyms, up to two usage examples, hypernyms ("It is a kind of"), holonyms and meronyms,
+  similar-to, entailment, cause, pertainym, attribute, topic/region/usage domain, antonyms
+  (at most four related words per relation). The header is `lemma (part of speech, domain):`.
+- **Probes**: train nouns and verbs whose header names exactly one synset, whose definition
+  is 20-200 characters and occurs inside no other synset's definition; the first {probes}
+  by hash rank. The question is the header, the right option the definition, so the train corpus contains
+  `question + " " + options[answer] + "."` verbatim: score each option by its
+  log-likelihood as a continuation of the question. The three distractors are definitions
+  of other same-part-of-speech synsets from *other* lexicographer files, sharing no lemma
+  with the probed synset and of similar length (the longest option is right far less often
+  than chance). The answer position is drawn per probe from a seeded generator.
+- **Instruction examples**: every train synset that is not probed yields the applicable
+  tasks: `define`, `synonyms`, `hypernym`, `part-of` (part/member/substance holonym),
+  `parts` (meronyms), `antonym`, `use-in-a-sentence` (a WordNet usage example containing
+  a lemma), `classify-domain` (nouns and verbs: the lexicographer file's name), `field`
+  (topic domain pointer). Where the task needs the sense, the definition is given as
+  `context`. At most {cap} examples are kept per (domain, category), the lowest by hash
+  rank of the example id, so small domains and rare tasks are not drowned out.
+  {categories} categories, {examples} examples in all.
+
+## Probe / fine-tuning disjointness
+Probe synsets are passed to the instruction builder as excluded, so no instruction example
+has a probed synset as its subject; a probe's definition occurs in no other synset's
+definition (not even as a part), so no other example's context or response contains it (the test suite checks both
+on the shipped files). Fine-tuning on the instruction data therefore never shows the
+probed facts again: a drop in probe accuracy after fine-tuning measures forgetting of
+knowledge learned in pretraining.
+"""
+
+_DATASHEET_TAIL = """\
+## Known limits
+- Lexical knowledge only: definitions, relations and short usage examples written by
+  lexicographers around 2006; no dialogue, reasoning or long-form text.
+- Domain = lexicographer file, which is coarse and uneven (noun.artifact has ~11,500
+  synsets, noun.motive 42); adjectives and adverbs have no semantic file (`adj.all`,
+  `adv.all`), so they are not probed and have no `classify-domain` task.
+- Polysemy: a question names a lemma and part of speech; where several senses exist the
+  definition in `context` (or the domain in the header) disambiguates, but `define`
+  questions on common words can still have several valid answers.
+- Responses are short (a word list or one sentence), so ROUGE-L on them is coarse.
+- English only; WordNet's 2006 view of the world (some glosses are dated).
+"""

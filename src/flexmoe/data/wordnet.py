@@ -259,9 +259,24 @@ def select_probes(synsets: dict[str, Synset], count: int = PROBE_COUNT) -> list[
     definition_counts = Counter(synset.definition for synset in synsets.values())
     unique = [s for s in train if s.pos in PROBED_POS
               and definition_counts[s.definition] == 1 and 20 <= len(s.definition) <= 200]
-    probed = sorted((s for s in unique if header_counts[header(s)] == 1), key=lambda s: synset_rank(s.key))
+    ranked = sorted((s for s in unique if header_counts[header(s)] == 1), key=lambda s: synset_rank(s.key))
+    # A probed definition must not occur inside any other definition either, so no other
+    # document or instruction example repeats the probed fact.
+    all_definitions = "\n".join(synset.definition for synset in synsets.values())
+    probed = [s for s in _take(ranked, count, lambda s: all_definitions.count(s.definition) == 1)]
     pools = {pos: sorted((len(s.definition), s.key) for s in unique if s.pos == pos) for pos in PROBED_POS}
-    return [_make_probe(synset, pools[synset.pos], synsets) for synset in probed[:count]]
+    return [_make_probe(synset, pools[synset.pos], synsets) for synset in probed]
+
+
+def _take(items, count, keep):
+    """The first `count` items for which `keep` holds (evaluated lazily)."""
+    taken = []
+    for item in items:
+        if len(taken) == count:
+            break
+        if keep(item):
+            taken.append(item)
+    return taken
 
 
 def _make_probe(synset: Synset, pool: list[tuple[int, str]], synsets: dict[str, Synset]) -> Probe:
@@ -287,3 +302,128 @@ def _make_probe(synset: Synset, pool: list[tuple[int, str]], synsets: dict[str, 
 def probe_records(probes: list[Probe]) -> list[dict]:
     return [{"id": p.id, "domain": p.domain, "question": p.question, "options": p.options,
              "answer": p.answer} for p in probes]
+
+
+# ---------------------------------------------------------------- instruction examples
+
+MAX_PER_DOMAIN_AND_CATEGORY = 150
+_HOLONYM_PHRASES = {"#p": "part of", "#m": "a member of", "#s": "a component of"}
+
+
+def instruction_examples(synsets: dict[str, Synset], excluded: set[str],
+                         cap: int = MAX_PER_DOMAIN_AND_CATEGORY) -> list[Example]:
+    """Instruction examples from train synsets not in `excluded` (the probed ones).
+
+    At most `cap` examples per (domain, category), chosen by a stable hash rank so the
+    rarer tasks and domains are not drowned by noun.artifact definitions.
+    """
+    candidates = [
+        example
+        for key, synset in synsets.items()
+        if not is_heldout(key) and key not in excluded
+        for example in _examples_for(synset, synsets)
+    ]
+    groups: dict[tuple[str, str], list[Example]] = {}
+    for example in candidates:
+        groups.setdefault((example.domain, example.category), []).append(example)
+    kept = {example.id for group in groups.values()
+            for example in sorted(group, key=lambda e: synset_rank(e.id))[:cap]}
+    return [example for example in candidates if example.id in kept]
+
+
+def _examples_for(synset: Synset, synsets: dict[str, Synset]) -> list[Example]:
+    builders = (_define, _synonyms, _hypernym, _part_of, _parts, _antonym, _use_in_sentence,
+                _classify_domain, _field)
+    examples = []
+    for build in builders:
+        made = build(synset, synsets)
+        if made is not None:
+            category, instruction, response, context = made
+            examples.append(Example(instruction=instruction, response=response, context=context,
+                                    category=category, domain=synset.lexfile,
+                                    id=f"{synset.key}-{category}"))
+    return examples
+
+
+def _subject(synset: Synset) -> str:
+    return f'the {POS_NAMES[synset.pos]} "{synset.lemmas[0]}"'
+
+
+def _define(synset, synsets):
+    label = domain_label(synset.lexfile) if synset.pos in PROBED_POS else ""
+    sense = f" (in the sense related to {label})" if label and label != "general" else ""
+    return "define", f"Define {_subject(synset)}{sense}.", f"{synset.definition}.", ""
+
+
+def _synonyms(synset, synsets):
+    if len(synset.lemmas) < 2:
+        return None
+    return ("synonyms", f"List synonyms of {_subject(synset)} in the sense given.",
+            ", ".join(synset.lemmas[1:]), synset.definition)
+
+
+def _hypernym(synset, synsets):
+    lemma = synset.lemmas[0]
+    instance_of = related_words(synset, "@i", synsets)
+    kinds = related_words(synset, "@", synsets)
+    if instance_of:
+        response = f"{lemma} is an instance of {_join(instance_of)}."
+    elif kinds and synset.pos == "v":
+        response = f"To {lemma} is a way to {_join(kinds)}."
+    elif kinds:
+        response = f"{lemma} is a kind of {_join(kinds)}."
+    else:
+        return None
+    return "hypernym", f"What more general concept is {_subject(synset)} a kind of?", response, synset.definition
+
+
+def _part_of(synset, synsets):
+    for symbol, phrase in _HOLONYM_PHRASES.items():
+        wholes = related_words(synset, symbol, synsets)
+        if wholes:
+            return ("part-of", f"What is {_subject(synset)} {phrase}?",
+                    f"{synset.lemmas[0]} is {phrase} {_join(wholes)}.", synset.definition)
+    return None
+
+
+def _parts(synset, synsets):
+    parts = related_words(synset, "%p", synsets) or related_words(synset, "%m", synsets)
+    if not parts:
+        return None
+    return ("parts", f"Name parts or members of {_subject(synset)}.", _join(parts) + ".", synset.definition)
+
+
+def _antonym(synset, synsets):
+    pairs = antonym_pairs(synset, synsets)
+    if not pairs:
+        return None
+    word, opposite = pairs[0]
+    return ("antonym", f'What is the opposite of the {POS_NAMES[synset.pos]} "{word}"?',
+            opposite, synset.definition)
+
+
+def _use_in_sentence(synset, synsets):
+    for example in synset.examples:
+        for lemma in synset.lemmas:
+            if re.search(rf"\b{re.escape(lemma)}", example, flags=re.IGNORECASE):
+                return ("use-in-a-sentence", f'Use the {POS_NAMES[synset.pos]} "{lemma}" in a sentence.',
+                        example, synset.definition)
+    return None
+
+
+def _classify_domain(synset, synsets):
+    if synset.pos not in PROBED_POS or synset.lexfile == "noun.Tops":
+        return None
+    return ("classify-domain", f"Which semantic category does {_subject(synset)} belong to?",
+            domain_label(synset.lexfile), synset.definition)
+
+
+def _field(synset, synsets):
+    fields = related_words(synset, ";c", synsets)
+    if not fields:
+        return None
+    return ("field", f"In which field or topic is {_subject(synset)} used?", _join(fields), synset.definition)
+
+
+def _join(words: list[str]) -> str:
+    return ", ".join(words)
