@@ -1,0 +1,132 @@
+"""`flexmoe data build | stats | partition`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from flexmoe.errors import FlexmoeError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    build = actions.add_parser("build", help="build the builtin dataset, corpus and probes from WordNet 3.0")
+    build.add_argument("--wordnet-dir", required=True, type=Path,
+                       help="directory with WordNet's data.noun/verb/adj/adv (e.g. /usr/share/wordnet)")
+    build.add_argument("--out", type=Path, default=None,
+                       help="output directory (default: the package's shipped assets/wordnet)")
+
+    stats = actions.add_parser("stats", help="count examples per category and domain")
+    _add_data_arguments(stats)
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+
+    part = actions.add_parser("partition", help="split a dataset across federated clients")
+    _add_data_arguments(part)
+    part.add_argument("--num-clients", type=int, required=True)
+    part.add_argument("--scheme", default="pathological", help="pathological | iid | dirichlet | quantity")
+    part.add_argument("--by", default="domain", help="label for pathological/dirichlet: domain | category")
+    part.add_argument("--per-client", type=int, default=1, help="labels per client (pathological)")
+    part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, quantity)")
+    part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--test-fraction", type=float, default=0.1)
+    part.add_argument("--labels", default=None, help="comma-separated domains/categories to keep")
+    part.add_argument("--out", type=Path, default=None,
+                      help="write client_<id>/train.jsonl, test.jsonl and partition.json here")
+    part.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
+    parser.set_defaults(_data_parser=parser)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None, help="data file or directory (default: builtin)")
+    parser.add_argument("--format", default=None, help="dolly | alpaca | jsonl | json | parquet | hf")
+    parser.add_argument("--field", action="append", default=[], metavar="NAME=KEY",
+                        help="map an example field to the file's key, e.g. response=answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command is None:
+        args._data_parser.print_help()
+        return 2
+    return {"build": _build, "stats": _stats, "partition": _partition}[args.data_command](args)
+
+
+def _build(args) -> int:
+    from flexmoe.data.build import build_builtin
+    from flexmoe.data.builtin import ASSET_DIR
+
+    for path in build_builtin(args.wordnet_dir, args.out or ASSET_DIR):
+        print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+def _load(args):
+    from flexmoe.data import builtin_examples, load_examples
+
+    if args.data is None:
+        if args.format or args.field:
+            raise FlexmoeError("--format and --field need --data")
+        return builtin_examples()
+    return load_examples(args.data, args.format, _field_mapping(args.field))
+
+
+def _field_mapping(pairs: list[str]) -> dict[str, str] | None:
+    mapping = {}
+    for pair in pairs:
+        name, sep, key = pair.partition("=")
+        if not sep or not name or not key:
+            raise FlexmoeError(f"--field {pair!r}: expected NAME=KEY, e.g. response=answer")
+        mapping[name] = key
+    return mapping or None
+
+
+def _stats(args) -> int:
+    examples = _load(args)
+    summary = {
+        "examples": len(examples),
+        "categories": dict(sorted(Counter(e.category for e in examples).items())),
+        "domains": dict(sorted(Counter(e.domain for e in examples).items())),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{summary['examples']} examples")
+    for heading in ("categories", "domains"):
+        print(f"\n{heading} ({len(summary[heading])}):")
+        for name, count in summary[heading].items():
+            print(f"  {name or '(none)':<24} {count:>7}")
+    return 0
+
+
+def _partition(args) -> int:
+    from flexmoe.data import partition, partition_stats
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
+    parts = partition(_load(args), args.num_clients, scheme=args.scheme, by=args.by,
+                      per_client=args.per_client, alpha=args.alpha, seed=args.seed,
+                      test_fraction=args.test_fraction, labels=labels)
+    stats = partition_stats(parts)
+    if args.out is not None:
+        _write_partition(args.out, parts, stats)
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    print(f"{stats['num_clients']} clients, {stats['train']} train / {stats['test']} test examples")
+    label_key = "domains" if args.by == "domain" else "categories"
+    for client in stats["clients"]:
+        top = ", ".join(f"{name} {count}" for name, count in Counter(client[label_key]).most_common(3))
+        print(f"  client {client['client_id']:>3}: {client['train']:>6} train {client['test']:>5} test  {top}")
+    return 0
+
+
+def _write_partition(out: Path, parts, stats: dict) -> None:
+    from dataclasses import asdict
+
+    from flexmoe.data.build import write_atomic
+
+    for part in parts:
+        for split in ("train", "test"):
+            lines = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in getattr(part, split))
+            write_atomic(out / f"client_{part.client_id}" / f"{split}.jsonl", lines.encode("utf-8"))
+    write_atomic(out / "partition.json", (json.dumps(stats, indent=1) + "\n").encode("utf-8"))
