@@ -35,7 +35,7 @@ def partition(examples: Sequence[Example], num_clients: int, scheme: str = "path
     - pathological: each client holds `per_client` whole labels (the `by` field: domain or
       category); a label shared by several clients (more slots than labels) is split evenly;
     - dirichlet: each label's examples are split by proportions ~ Dirichlet(alpha);
-    - quantity: random examples, client sizes ~ Dirichlet(alpha).
+    - quantity: random examples, client sizes 1 + Dirichlet(alpha) share of the rest.
     `labels` restricts the data to those domain/category names first.
     """
     _check_arguments(examples, num_clients, scheme, by, per_client, alpha, test_fraction)
@@ -77,7 +77,7 @@ def _restrict(examples: Sequence[Example], by: str, labels: Sequence[str] | None
 
 
 def _why_empty(scheme: str, by: str, alpha: float, num_clients: int) -> str:
-    if scheme == "iid":
+    if scheme in ("iid", "quantity"):
         return f"fewer examples than the {num_clients} clients"
     if scheme == "pathological":
         return f"its {by} slot went to a {by} with fewer examples than the clients sharing it"
@@ -125,9 +125,13 @@ def _dirichlet(examples, num_clients, by, per_client, alpha, rng) -> list[list[E
 
 
 def _quantity(examples, num_clients, by, per_client, alpha, rng) -> list[list[Example]]:
+    """Sizes 1 + Dirichlet(alpha) share of the rest: skewed, but no client is left empty."""
+    if len(examples) < num_clients:
+        return _iid(examples, num_clients, by, per_client, alpha, rng)  # reports the empty client
     order = rng.permutation(len(examples))
     proportions = rng.dirichlet(np.full(num_clients, alpha))
-    return [[examples[i] for i in chunk] for chunk in _split_by_proportions(order, proportions)]
+    rest = _split_by_proportions(order[num_clients:], proportions)
+    return [[examples[order[client]]] + [examples[i] for i in chunk] for client, chunk in enumerate(rest)]
 
 
 def _split_by_proportions(items: np.ndarray, proportions: np.ndarray) -> list[np.ndarray]:

@@ -1,0 +1,108 @@
+"""Prompt templates, masked tokenization and collation, with a small BPE tokenizer built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from flexmoe.data import IGNORE_INDEX, Example, collate, format_prompt, tokenize_examples
+from flexmoe.errors import FlexmoeError
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WITH_CONTEXT = Example(instruction="Translate the sentence into French.", context="The cat sleeps.",
+                       response="Le chat dort.")
+WITHOUT_CONTEXT = Example(instruction="Name a primary colour.", response="Red")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [format_prompt(WITH_CONTEXT), format_prompt(WITHOUT_CONTEXT), "Le chat dort. Red colour."] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                      pad_token="<pad>", unk_token="<unk>")
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def test_alpaca_prompt_with_and_without_context():
+    assert format_prompt(WITH_CONTEXT) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\n"
+        "Translate the sentence into French.\n\n### Input:\nThe cat sleeps.\n\n### Response:\n")
+    assert format_prompt(WITHOUT_CONTEXT) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nName a primary colour.\n\n### Response:\n")
+
+
+def test_chat_prompt_uses_tokenizer_template(tokenizer):
+    assert format_prompt(WITH_CONTEXT, "chat", tokenizer) == (
+        "<|user|>Translate the sentence into French.\n\nThe cat sleeps.</s><|assistant|>")
+
+
+def test_prompt_errors(tokenizer):
+    with pytest.raises(FlexmoeError, match="valid: alpaca, chat"):
+        format_prompt(WITH_CONTEXT, "vicuna")
+    with pytest.raises(FlexmoeError, match="needs a tokenizer that has a chat template"):
+        format_prompt(WITH_CONTEXT, "chat", None)
+
+
+def test_prompt_is_masked_and_response_plus_eos_kept(tokenizer):
+    [feature] = tokenize_examples([WITH_CONTEXT], tokenizer, max_length=512)
+    prompt_ids = tokenizer(format_prompt(WITH_CONTEXT))["input_ids"]
+    response_ids = tokenizer(WITH_CONTEXT.response, add_special_tokens=False)["input_ids"]
+    assert prompt_ids[0] == tokenizer.bos_token_id
+    assert feature["input_ids"] == prompt_ids + response_ids + [tokenizer.eos_token_id]
+    assert feature["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
+    supervised = [t for t in feature["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(supervised) == "Le chat dort.</s>"
+
+
+def test_truncation_keeps_the_head(tokenizer):
+    [full] = tokenize_examples([WITHOUT_CONTEXT], tokenizer, max_length=512)
+    prompt_length = full["labels"].count(IGNORE_INDEX)
+    [cut] = tokenize_examples([WITHOUT_CONTEXT], tokenizer, max_length=prompt_length + 1)
+    assert cut["input_ids"] == full["input_ids"][:prompt_length + 1]
+    assert cut["labels"] == full["labels"][:prompt_length + 1] and cut["labels"][-1] != IGNORE_INDEX
+    [prompt_only] = tokenize_examples([WITHOUT_CONTEXT], tokenizer, max_length=5)
+    assert len(prompt_only["input_ids"]) == 5 and set(prompt_only["labels"]) == {IGNORE_INDEX}
+
+
+def test_chat_template_tokenization_adds_no_extra_bos(tokenizer):
+    [feature] = tokenize_examples([WITH_CONTEXT], tokenizer, template="chat")
+    prompt_ids = tokenizer(format_prompt(WITH_CONTEXT, "chat", tokenizer), add_special_tokens=False)["input_ids"]
+    assert feature["input_ids"][:len(prompt_ids)] == prompt_ids
+    assert tokenizer.bos_token_id not in feature["input_ids"]
+    assert feature["labels"].count(IGNORE_INDEX) == len(prompt_ids)
+
+
+def test_collate_pads_right_with_mask_and_ignored_labels(tokenizer):
+    features = tokenize_examples([WITH_CONTEXT, WITHOUT_CONTEXT], tokenizer)
+    batch = collate(features, tokenizer.pad_token_id)
+    lengths = [len(f["input_ids"]) for f in features]
+    width = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    for row, (feature, length) in enumerate(zip(features, lengths)):
+        assert batch["input_ids"][row, :length].tolist() == feature["input_ids"]
+        assert batch["labels"][row, :length].tolist() == feature["labels"]
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (width - length)
+        assert (batch["input_ids"][row, length:] == tokenizer.pad_token_id).all()
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_collate_errors():
+    with pytest.raises(FlexmoeError, match="empty batch"):
+        collate([], 0)
+    with pytest.raises(FlexmoeError, match="pad token"):
+        collate([{"input_ids": [1], "labels": [1]}], None)
