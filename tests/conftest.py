@@ -60,6 +60,17 @@ def tiny_model(family: str, seed: int = 0, experts_implementation: str | None = 
     return model.eval()
 
 
+def save_tokenizer(directory) -> None:
+    """A word-level tokenizer over the tiny vocabulary ("w4" ... "w95"), saved the Hugging Face way."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3} | {f"w{i}": i for i in range(4, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(directory)
+
+
 def token_batches(seed: int = 0, batches: int = 2, batch_size: int = 2, length: int = 12) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (batch_size, length), generator=generator) for _ in range(batches)]
@@ -78,3 +89,12 @@ def model(family):
 @pytest.fixture
 def batches():
     return token_batches()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny qwen2_moe with its tokenizer: a local Hugging Face model directory."""
+    directory = tmp_path / "tiny-qwen2-moe"
+    tiny_model("qwen2_moe").save_pretrained(directory)
+    save_tokenizer(directory)
+    return directory

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, save_tokenizer, tiny_model
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models import load_base, moe_layers
 from flexmoe.models import load as load_module
-
-
-def save_tokenizer(directory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3} | {f"w{i}": i for i in range(4, VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>").save_pretrained(directory)
 
 
 def test_loads_a_local_moe_directory(tmp_path):
@@ -69,3 +59,8 @@ def test_shipped_tiny_model_loads():
     model, tokenizer = load_base("tiny")
     assert moe_layers(model)
     assert tokenizer("hello")["input_ids"]
+
+
+def test_unknown_device_is_refused(tiny_model_dir):
+    with pytest.raises(FlexmoeError, match="unknown device 'gpu0'"):
+        load_base(tiny_model_dir, device="gpu0")

@@ -140,17 +140,19 @@ class Selection(dict):
     """{layer name: [expert ids]} in layer order, plus what the choice rests on.
 
     `losses[layer]`: reconstruction loss of each single expert (mean over tokens of
-    ||R - scale * E_e(X)||^2; reconstruction strategy only). `margins[layer]`: loss of the
+    ||R - scale * E_e(X)||^2; reconstruction strategy only). `set_losses[layer]`: that loss for
+    the chosen set (router restricted to it). `margins[layer]`: loss of the
     runner-up candidate minus the chosen one at the last greedy step. `counts[layer]`: how often
     the router picked each expert (frequency strategy). `tokens[layer]`: tokens used.
     """
 
     def __init__(self, chosen: dict[str, list[int]], *, strategy: str, k: int,
-                 losses=None, margins=None, counts=None, tokens=None):
+                 losses=None, set_losses=None, margins=None, counts=None, tokens=None):
         super().__init__(chosen)
         self.strategy = strategy
         self.k = k
         self.losses: dict[str, list[float]] = losses or {}
+        self.set_losses: dict[str, float] = set_losses or {}
         self.margins: dict[str, float] = margins or {}
         self.counts: dict[str, list[int]] = counts or {}
         self.tokens: dict[str, int] = tokens or {}
@@ -159,7 +161,7 @@ class Selection(dict):
         layers = {}
         for name, experts in self.items():
             entry = {"experts": list(experts)}
-            for key, table in (("margin", self.margins), ("tokens", self.tokens),
+            for key, table in (("loss", self.set_losses), ("margin", self.margins), ("tokens", self.tokens),
                                ("losses", self.losses), ("counts", self.counts)):
                 if name in table:
                     entry[key] = table[name]
@@ -186,15 +188,17 @@ def select_experts(model: nn.Module, batches: Iterable, k: int = 1, strategy: st
         tokens = {layer.name: int(counts[layer.name].sum()) // layer.top_k for layer in layers}
         return Selection(chosen, strategy=strategy, k=k, counts={n: c.tolist() for n, c in counts.items()},
                          tokens=tokens)
-    chosen, losses, margins, tokens = {}, {}, {}, {}
+    chosen, losses, set_losses, margins, tokens = {}, {}, {}, {}, {}
     for layer in layers:
         capture = captures[layer.name]
         experts, step_losses = greedy_reconstruction(layer, capture.x, capture.r, k)
         chosen[layer.name] = experts
         losses[layer.name] = step_losses[0].tolist()
+        set_losses[layer.name] = float(step_losses[-1][experts[-1]])
         margins[layer.name] = _margin(step_losses[-1], experts[-1])
         tokens[layer.name] = len(capture.x)
-    return Selection(chosen, strategy=strategy, k=k, losses=losses, margins=margins, tokens=tokens)
+    return Selection(chosen, strategy=strategy, k=k, losses=losses, set_losses=set_losses, margins=margins,
+                     tokens=tokens)
 
 
 def _check_selection_args(layers: list[MoELayer], k: int, strategy: str, max_tokens: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 
@@ -46,8 +47,10 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
 
     path = resolve_model_dir(name_or_path)
     _check_family(path)
+    device = _check_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         raise FlexmoeError(f"cannot load model weights from {str(path)!r}: {_first_line(err)}") from err
     try:
@@ -58,6 +61,30 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are -100 anyway
     moe_layers(model)  # refuses a layout we cannot graft
     return model.to(device).eval(), tokenizer
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise FlexmoeError(f"unknown device {str(device)!r} ({_first_line(err)})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlexmoeError(f"device {str(device)!r} requested but no CUDA device is available")
+    return device
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    # a per-tensor loading bar on stderr would garble one-line CLI errors and JSON pipelines
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def _check_family(path: pathlib.Path) -> None:
