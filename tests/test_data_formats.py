@@ -144,6 +144,12 @@ def test_unknown_format_and_unknown_mapping_key(dolly_file):
         load_examples(dolly_file, "jsonl", {"answer": "response"})
 
 
+def test_lone_surrogate_escape_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"instruction": "\ud800", "response": "b"}])
+    with pytest.raises(FlexmoeError, match="line 1: field 'instruction' contains an invalid Unicode escape"):
+        load_examples(path)
+
+
 def test_non_utf8_file_names_line(tmp_path):
     path = tmp_path / "latin.jsonl"
     path.write_bytes(json.dumps(DOLLY_ROWS[0]).encode() + b'\n{"instruction": "caf\xe9"}\n')
@@ -183,7 +189,7 @@ def test_fuzz_random_bytes(tmp_path, data, format):
 
 
 @FUZZ
-@given(rows=st.lists(records, min_size=1, max_size=4), cut=st.integers(min_value=0, max_value=400),
+@given(rows=st.lists(records | json_values, min_size=1, max_size=4), cut=st.integers(min_value=0, max_value=400),
        format=st.sampled_from(["dolly", "alpaca", "jsonl", "json"]))
 def test_fuzz_truncated_and_mistyped_records(tmp_path, rows, cut, format):
     text = json.dumps(rows) if format in ("alpaca", "json") else "".join(json.dumps(r) + "\n" for r in rows)

@@ -111,6 +111,13 @@ def test_labels_restrict_and_unknown_label_lists_valid_ones():
         partition(make_examples(), 2, labels=["space"])
 
 
+def test_label_split_of_unlabelled_data_is_refused():
+    unlabelled = [Example(instruction=f"q{i}", response="a") for i in range(10)]
+    with pytest.raises(FlexmoeError, match="the examples have no domain labels"):
+        partition(unlabelled, 2, scheme="pathological")
+    assert len(partition(unlabelled, 2, scheme="iid")) == 2
+
+
 def test_client_without_examples_is_named():
     with pytest.raises(FlexmoeError, match="client 3 has no examples: fewer examples than the 4 clients"):
         partition(make_examples()[:3], 4, scheme="iid")

@@ -107,6 +107,10 @@ def _text_value(value: object, key: str, name: str, path: Path, where: str) -> s
         return str(value)
     if not isinstance(value, str):
         raise FlexmoeError(f"{path}:{where}: field {key!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can spell lone surrogates ("\ud800"); tokenizers cannot take them
+        raise FlexmoeError(f"{path}:{where}: field {key!r} contains an invalid Unicode escape") from None
     return value
 
 

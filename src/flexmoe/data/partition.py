@@ -40,6 +40,9 @@ def partition(examples: Sequence[Example], num_clients: int, scheme: str = "path
     """
     _check_arguments(examples, num_clients, scheme, by, per_client, alpha, test_fraction)
     examples = _restrict(examples, by, labels)
+    if scheme in ("pathological", "dirichlet") and not any(getattr(example, by) for example in examples):
+        raise FlexmoeError(f"the examples have no {by} labels, so a {scheme} split by {by} is impossible; "
+                           f"partition by the other label or use scheme iid or quantity")
     rng = np.random.default_rng(seed)
     shares = _SPLITTERS[scheme](examples, num_clients, by, per_client, alpha, rng)
     for client_id, share in enumerate(shares):
