@@ -1,0 +1,1 @@
+"""Engines: thin shells that move method messages between clients and the server."""

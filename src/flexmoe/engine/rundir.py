@@ -1,0 +1,144 @@
+"""The run directory: atomic files, the metrics log, the server checkpoint, client states.
+
+A round commits when `checkpoints/server.safetensors` (global weights, server-optimiser state
+and the round number, in one file) is replaced. Clients write their new state to
+`clients/<id>/pending/` during the round; once the checkpoint commits, pending files are
+moved into `clients/<id>/`. On resume, pending states of a round that never committed are
+dropped, so every file matches the checkpoint's round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from flexmoe.methods.base import Tensors, strip_prefix, with_prefix
+
+SERVER_CHECKPOINT = "checkpoints/server.safetensors"
+ROUND_MARKER = "ROUND"  # written last into a pending dir: the pending state is complete
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(path: Path, tensors: Tensors, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, each with a "round" key."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, records: list[dict]) -> None:
+        with self.path.open("a") as handle:
+            for record in records:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                break
+        return records
+
+    def keep_through(self, round_index: int) -> None:
+        """Drop the lines of rounds that never committed (after a kill)."""
+        kept = [r for r in self.read() if r["round"] <= round_index]
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def save_server(run_dir: Path, round_index: int, global_weights: Tensors, server_state: Tensors) -> None:
+    tensors = {**with_prefix("global.", global_weights), **with_prefix("state.", server_state)}
+    save_tensors_atomic(run_dir / SERVER_CHECKPOINT, tensors, {"round": str(round_index)})
+
+
+def load_server(run_dir: Path) -> tuple[int, Tensors, Tensors]:
+    from safetensors import safe_open
+
+    path = run_dir / SERVER_CHECKPOINT
+    with safe_open(str(path), "pt") as handle:
+        round_index = int(handle.metadata()["round"])
+    tensors = load_file(str(path))
+    return round_index, strip_prefix("global.", tensors), strip_prefix("state.", tensors)
+
+
+class ClientStore:
+    """Per-client files under `clients/<id>/`: `state.safetensors` (method state + optimiser
+    state), `personal.safetensors` (graft and gate), `selection.json`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def dir(self, client_id: int) -> Path:
+        return self.root / str(client_id)
+
+    def pending(self, client_id: int) -> Path:
+        return self.dir(client_id) / "pending"
+
+    def latest(self, client_id: int, name: str) -> Path | None:
+        """The newest complete copy of a client file (pending first), or None."""
+        pending = self.pending(client_id)
+        if (pending / ROUND_MARKER).exists() and (pending / name).exists():
+            return pending / name
+        committed = self.dir(client_id) / name
+        return committed if committed.exists() else None
+
+    def load_state(self, client_id: int) -> Tensors:
+        path = self.latest(client_id, "state.safetensors")
+        return load_file(str(path)) if path else {}
+
+    def begin(self, client_id: int) -> Path:
+        """A fresh pending directory for this round's new state."""
+        pending = self.pending(client_id)
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir(parents=True)
+        return pending
+
+    def finish(self, client_id: int, round_index: int) -> None:
+        write_text_atomic(self.pending(client_id) / ROUND_MARKER, str(round_index))
+
+    def commit(self, completed_round: int) -> None:
+        """Promote pending states of committed rounds; drop those of uncommitted ones."""
+        if not self.root.exists():
+            return
+        for client_dir in sorted(self.root.iterdir()):
+            pending = client_dir / "pending"
+            if not pending.is_dir():
+                continue
+            marker = pending / ROUND_MARKER
+            if marker.exists() and int(marker.read_text()) <= completed_round:
+                for item in pending.iterdir():
+                    if item.name != ROUND_MARKER:
+                        os.replace(item, client_dir / item.name)
+            shutil.rmtree(pending)
+
+    def save_selection(self, client_id: int, selection: dict) -> None:
+        write_text_atomic(self.dir(client_id) / "selection.json", json.dumps(selection, indent=1))
+
+
+def cpu_clone(tensors: Tensors) -> Tensors:
+    return {name: t.detach().to("cpu").clone() for name, t in tensors.items()}
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.toml").is_file() and (path / SERVER_CHECKPOINT).is_file()
+

@@ -1,0 +1,157 @@
+"""One local training loop for all methods.
+
+AdamW (or SGD) over the trainable parameters, a learning rate fixed within a round and
+decayed by a cosine over rounds, gradient accumulation, clipping, and a loss on response
+tokens only (prompt tokens carry label -100). Method terms enter through `TrainHooks`:
+FedProx's proximal gradient is part of the objective (added before clipping); SCAFFOLD's
+correction is part of the update rule (added after clipping, as in its Algorithm 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexmoe.config import TrainConfig
+from flexmoe.methods.base import Tensors, TrainHooks
+
+StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean response-token loss over the round
+    steps: int
+    tokens: int  # response tokens trained on
+    optimizer_state: Tensors
+
+
+def cosine_lr(config: TrainConfig, round_index: int, rounds: int) -> float:
+    """Learning rate of round `round_index` (1-based): cosine from lr down to lr * min_lr_ratio."""
+    if config.schedule == "constant" or rounds == 1:
+        return config.lr
+    floor = config.lr * config.min_lr_ratio
+    progress = (round_index - 1) / (rounds - 1)
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def num_local_steps(config: TrainConfig, num_examples: int) -> int:
+    if config.local_epochs > 0:
+        per_step = config.batch_size * config.grad_accum
+        return max(1, math.ceil(config.local_epochs * num_examples / per_step))
+    return config.local_steps
+
+
+def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed next-token NLL over response tokens, number of those tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((targets != -100).sum())
+
+
+def local_train(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    features: list[dict],
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    config: TrainConfig,
+    lr: float,
+    seed: int,
+    hooks: TrainHooks = TrainHooks(),
+    optimizer_state: Tensors | None = None,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train `params` (name -> parameter) in place on `features`; deterministic given `seed`."""
+    if not features:
+        raise ValueError("local_train needs at least one training example")
+    optimizer = _make_optimizer(params, config, lr)
+    if optimizer_state:
+        _load_optimizer_state(optimizer, params, optimizer_state)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    batches = _batch_stream(features, config.batch_size, generator)
+    steps = num_local_steps(config, len(features))
+    model.train()
+    total_loss, total_tokens = 0.0, 0
+    for step in range(1, steps + 1):
+        loss_sum, tokens = _accumulate(model, [collate(next(batches)) for _ in range(config.grad_accum)])
+        _apply_hooks(params, hooks, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss += loss_sum
+        total_tokens += tokens
+        if on_step is not None:
+            on_step(step, steps, loss_sum / max(tokens, 1))
+    model.eval()
+    return TrainResult(
+        loss=total_loss / max(total_tokens, 1),
+        steps=steps,
+        tokens=total_tokens,
+        optimizer_state=_dump_optimizer_state(optimizer, params),
+    )
+
+
+def _accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Backward over the micro-batches, normalised by the response tokens of all of them."""
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    loss_sum = 0.0
+    for batch in micro_batches:
+        loss, _ = response_loss(model, batch)
+        (loss / max(tokens, 1)).backward()
+        loss_sum += float(loss.detach())
+    return loss_sum, tokens
+
+
+def _apply_hooks(params: dict[str, nn.Parameter], hooks: TrainHooks, max_grad_norm: float) -> None:
+    for name, anchor in hooks.proximal_anchor.items():
+        if hooks.proximal_mu > 0:
+            param = params[name]
+            param.grad = _grad_or_zero(param) + hooks.proximal_mu * (param.detach() - anchor.to(param.dtype))
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+    for name, correction in hooks.grad_correction.items():
+        param = params[name]
+        param.grad = _grad_or_zero(param) + correction.to(param.dtype)
+
+
+def _grad_or_zero(param: nn.Parameter) -> torch.Tensor:
+    return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def _batch_stream(features: list[dict], batch_size: int, generator: torch.Generator):
+    """Endless batches: a fresh seeded permutation per pass over the data."""
+    while True:
+        order = torch.randperm(len(features), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [features[i] for i in order[start : start + batch_size]]
+
+
+def _make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    values = list(params.values())
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(values, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(values, lr=lr, weight_decay=config.weight_decay)
+
+
+def _dump_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> Tensors:
+    """Optimizer state keyed by parameter name ("<param>::<slot>"), ready for safetensors."""
+    out = {}
+    for name, param in params.items():
+        for slot, value in optimizer.state.get(param, {}).items():
+            out[f"{name}::{slot}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: Tensors) -> None:
+    for name, param in params.items():
+        slots = {key.split("::", 1)[1]: value.clone() for key, value in state.items() if key.split("::", 1)[0] == name}
+        if slots:
+            optimizer.state[param] = slots

@@ -1,0 +1,278 @@
+"""The in-process engine end to end on a tiny random qwen2_moe saved as a local model dir:
+every method runs 2 rounds; FLEx sends no personal key; FedProx(mu=0) == FedAvg; the same seed
+gives the same metrics; a resumed run (after a stop or a crash mid-round) ends identical."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import flexmoe.engine.simulation as simulation
+from flexmoe.config import load_config
+from flexmoe.engine.simulation import Simulation, sample_clients
+from flexmoe.eval.comm import serialize
+from flexmoe.methods import METHOD_CLASSES
+
+DOMAINS = {
+    "animals": ["cat", "dog", "horse", "bird", "fish", "cow"],
+    "food": ["bread", "apple", "rice", "cheese", "soup", "bean"],
+    "tools": ["hammer", "saw", "drill", "wrench", "nail", "rope"],
+    "places": ["city", "river", "hill", "farm", "town", "lake"],
+}
+TEMPLATE_WORDS = (
+    "Below is an instruction that describes a task . Write a response that appropriately completes the request "
+    "### Instruction : Input Response describe name the word what is a an of"
+).split()
+
+
+def synthetic_examples():
+    from flexmoe.data import Example
+
+    examples = []
+    for domain, words in DOMAINS.items():
+        for i in range(12):
+            word, other = words[i % len(words)], words[(i + 1) % len(words)]
+            examples.append(Example(instruction=f"describe the word {word}", response=f"a {word} is a {other} of {domain}",
+                                    category="describe", domain=domain, id=f"{domain}-{i}"))
+    return examples
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = sorted({w for ws in DOMAINS.values() for w in ws} | set(DOMAINS) | set(TEMPLATE_WORDS))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-qwen2moe")
+    vocab = build_tokenizer(path)
+    model = tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def builtin_is_synthetic(monkeypatch):
+    """The engine reads `data.source = "builtin"`; here it gets the small synthetic set."""
+    import flexmoe.data
+
+    monkeypatch.setattr(flexmoe.data, "builtin_examples", synthetic_examples)
+
+
+# TEMPORARY: stand-ins following the flexmoe.data contract, used only while that module lacks them.
+def _format_prompt(example, template="alpaca", tokenizer=None):
+    return f"### Instruction : {example.instruction} ### Response : "
+
+
+def _tokenize_examples(examples, tokenizer, max_length=256, template="alpaca"):
+    out = []
+    for e in examples:
+        prompt = tokenizer(_format_prompt(e), add_special_tokens=False)["input_ids"]
+        response = tokenizer(e.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + response)[:max_length]
+        out.append({"input_ids": ids, "labels": ([-100] * len(prompt) + response)[:max_length]})
+    return out
+
+
+def _collate(features, pad_token_id):
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_token_id)
+    labels = torch.full((len(features), width), -100)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _partition(examples, num_clients, scheme="pathological", by="domain", per_client=1, alpha=0.5, seed=0,
+               test_fraction=0.1, **_):
+    from types import SimpleNamespace
+
+    groups = sorted({e.domain for e in examples})
+    parts = []
+    for c in range(num_clients):
+        mine = [e for e in examples if e.domain == groups[c % len(groups)]]
+        n_test = max(1, int(len(mine) * test_fraction))
+        parts.append(SimpleNamespace(client_id=c, train=mine[n_test:], test=mine[:n_test]))
+    return parts
+
+
+@pytest.fixture(autouse=True)
+def data_contract_standins(monkeypatch):
+    import flexmoe.data
+
+    for name, fn in (("format_prompt", _format_prompt), ("tokenize_examples", _tokenize_examples),
+                     ("collate", _collate), ("partition", _partition)):
+        if not hasattr(flexmoe.data, name):
+            monkeypatch.setattr(flexmoe.data, name, fn, raising=False)
+
+
+def tiny_config(model_dir: str, *overrides: str):
+    return load_config(None, [
+        f'model="{model_dir}"', "rounds=2", "num_clients=4", "clients_per_round=2", "seed=3",
+        "train.local_steps=2", "train.batch_size=4", "train.max_length=32", "train.lr=5e-3",
+        "lora.r=2", "flex.calibration_examples=4", "eval.max_test_examples=2", "eval.max_new_tokens=4",
+        "eval.knowledge=false", "data.test_fraction=0.2", *overrides,
+    ])
+
+
+def run(model_dir: str, out: Path, *overrides: str, stop_after: int | None = None) -> dict:
+    return Simulation(tiny_config(model_dir, *overrides), out).run(stop_after=stop_after)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHOD_CLASSES))
+def test_every_method_runs_two_rounds(model_dir, tmp_path, method):
+    summary = run(model_dir, tmp_path, f"method={method}")
+    assert summary["method"] == method and summary["rounds_completed"] == 2
+    assert 0.0 <= summary["rouge_l_avg"] <= 1.0
+    records = metrics(tmp_path)
+    assert all("round" in r for r in records)
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 4 and all(r["loss"] > 0 and r["steps"] == 2 for r in train)
+    assert len([r for r in records if r["kind"] == "eval"]) == 4  # every client, after the last round
+    if method == "local":
+        assert summary["bytes_up"] == summary["bytes_down"] == 0
+    else:
+        assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    for name in ("summary.json", "report.md", "config.toml", "checkpoints/server.safetensors"):
+        assert (tmp_path / name).is_file()
+    assert not list(tmp_path.glob("clients/*/pending"))
+    assert load_config(tmp_path / "config.toml") == tiny_config(model_dir, f"method={method}")
+
+
+def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path, monkeypatch):
+    sent: list[bytes] = []
+
+    def recording_serialize(tensors, metadata=None):
+        blob = serialize(tensors, metadata)
+        sent.append((set(tensors), blob))
+        return blob
+
+    monkeypatch.setattr(simulation, "serialize", recording_serialize)
+    run(model_dir, tmp_path, "method=flex")
+    assert sent
+    for keys, _ in sent:
+        assert keys and all("lora_" in k for k in keys)
+        assert not any("graft" in k for k in keys)
+    records = metrics(tmp_path)
+    train = [r for r in records if r["kind"] == "train"]
+    uploads = [len(blob) for keys, blob in sent if len(sent) and blob is not None][1:3]  # round 1: down, up, up
+    assert [r["bytes_up"] for r in train[:2]] == uploads
+    assert all(r["bytes_down"] == len(sent[0][1]) for r in train[:2])
+    for client in range(4):
+        personal = tmp_path / "clients" / str(client) / "personal.safetensors"
+        assert personal.is_file() and (tmp_path / "clients" / str(client) / "selection.json").is_file()
+
+
+def test_fedprox_with_zero_mu_equals_fedavg(model_dir, tmp_path):
+    fedavg = metrics_without_kind(run(model_dir, tmp_path / "a", "method=fedavg") and tmp_path / "a")
+    fedprox = metrics_without_kind(run(model_dir, tmp_path / "b", "method=fedprox", "fedprox.mu=0.0") and tmp_path / "b")
+    assert fedprox == fedavg
+    mu = metrics_without_kind(run(model_dir, tmp_path / "c", "method=fedprox", "fedprox.mu=10.0") and tmp_path / "c")
+    assert mu != fedavg
+
+
+def metrics_without_kind(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items()} for r in metrics(run_dir)]
+
+
+def test_same_seed_same_metrics(model_dir, tmp_path):
+    run(model_dir, tmp_path / "a")
+    run(model_dir, tmp_path / "b")
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    run(model_dir, tmp_path / "c", "seed=4")
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() != (tmp_path / "c" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["flex", "scaffold", "fedadam", "local"])
+def test_resume_after_stop_matches_uninterrupted(model_dir, tmp_path, method):
+    overrides = (f"method={method}", "rounds=3")
+    run(model_dir, tmp_path / "full", *overrides)
+    run(model_dir, tmp_path / "cut", *overrides, stop_after=1)
+    Simulation.resume(tmp_path / "cut")
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    for client in range(4):
+        for name in ("state.safetensors", "personal.safetensors"):
+            a, b = tmp_path / "full" / "clients" / str(client) / name, tmp_path / "cut" / "clients" / str(client) / name
+            assert a.exists() == b.exists()
+            if a.exists():  # compare contents: safetensors writes its metadata in hash order
+                assert_same_safetensors(a, b)
+
+
+def assert_same_safetensors(a: Path, b: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert fa.metadata() == fb.metadata()
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        for key in fa.keys():
+            assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key
+
+
+def test_resume_after_crash_mid_round_matches_uninterrupted(model_dir, tmp_path, monkeypatch):
+    overrides = ("method=scaffold", "rounds=3", "clients_per_round=3")
+    run(model_dir, tmp_path / "full", *overrides)
+    original = Simulation._train_client
+    calls = {"n": 0}
+
+    def crash_on_fifth_client(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # round 2, after its first client wrote a pending state
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Simulation, "_train_client", crash_on_fifth_client)
+    with pytest.raises(KeyboardInterrupt):
+        run(model_dir, tmp_path / "cut", *overrides)
+    assert list((tmp_path / "cut").glob("clients/*/pending"))
+    monkeypatch.setattr(Simulation, "_train_client", original)
+    Simulation.resume(tmp_path / "cut")
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+
+
+def test_client_sampling_is_deterministic_and_varies_by_round():
+    rounds = [sample_clients(0, r, 10, 3) for r in range(1, 6)]
+    assert rounds == [sample_clients(0, r, 10, 3) for r in range(1, 6)]
+    assert all(len(set(c)) == 3 and all(0 <= x < 10 for x in c) for c in rounds)
+    assert len({tuple(c) for c in rounds}) > 1
+    assert sample_clients(0, 1, 10, 10) == list(range(10))
+
+
+def test_starting_over_an_existing_run_is_refused(model_dir, tmp_path):
+    from flexmoe.errors import FlexmoeError
+
+    run(model_dir, tmp_path, "rounds=1")
+    with pytest.raises(FlexmoeError, match="--resume"):
+        run(model_dir, tmp_path, "rounds=1")
+
+
+def test_trainable_state_is_fully_reloaded_per_client(model_dir, tmp_path):
+    """A client's result must not depend on which client trained before it on the shared model."""
+    run(model_dir, tmp_path / "a", "method=flex", "rounds=1")
+    first = {r["client"]: r["loss"] for r in metrics(tmp_path / "a") if r["kind"] == "train"}
+    torch.manual_seed(123)  # global RNG state must not leak into the run either
+    run(model_dir, tmp_path / "b", "method=flex", "rounds=1", "clients_per_round=4")
+    everyone = {r["client"]: r["loss"] for r in metrics(tmp_path / "b") if r["kind"] == "train"}
+    assert all(everyone[c] == loss for c, loss in first.items())
