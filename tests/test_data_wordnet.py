@@ -23,6 +23,9 @@ MINI_WORDNET = {
         "02083346 05 n 01 canine 0 000 | any of various fissiped mammals with nonretractile claws  ",
         "02083863 05 n 01 Canis 0 000 | type genus of the Canidae  ",
         "02158846 08 n 01 flag 0 001 #p 02084071 n 0000 | a conspicuously marked or shaped tail  ",
+        "07679356 13 n 01 bread 0 000 | food made from dough of flour or meal and usually raised  ",
+        "03481172 06 n 01 hammer 0 000 | a hand tool with a heavy rigid head and a handle  ",
+        "09218641 17 n 01 boulder 0 000 | a large smooth mass of rock detached from its place  ",
     ],
     "data.verb": [
         "00001740 29 v 02 breathe 0 respire 0 001 * 00002000 v 0000 01 + 02 00 | draw air into, and expel "
@@ -47,8 +50,9 @@ def mini_dir(tmp_path):
 
 def test_parse_lemmas_pointers_gloss(mini_dir):
     synsets = wordnet.read_wordnet(mini_dir)
-    assert list(synsets) == ["n02084071", "n02083346", "n02083863", "n02158846", "v00001740", "v00002000",
-                             "a00001740", "a00002098", "a00002200", "r00001000"]
+    assert list(synsets) == ["n02084071", "n02083346", "n02083863", "n02158846", "n07679356", "n03481172",
+                             "n09218641", "v00001740", "v00002000", "a00001740", "a00002098", "a00002200",
+                             "r00001000"]
     dog = synsets["n02084071"]
     assert dog.lemmas == ("dog", "domestic dog", "Canis familiaris")
     assert dog.lexfile == "noun.animal" and dog.pos == "n"
@@ -71,6 +75,19 @@ def test_document_states_the_facts(mini_dir):
     assert wordnet.render_document(synsets["a00001740"], synsets) == (
         'able (adjective): having the necessary means. Example: "able to swim". The opposite of able is unable.')
     assert wordnet.render_document(synsets["v00001740"], synsets).startswith("breathe (verb, body): draw air")
+
+
+def test_probes_on_the_mini_database(mini_dir):
+    synsets = wordnet.read_wordnet(mini_dir)
+    probes = {probe.id: probe for probe in wordnet.select_probes(synsets, count=100)}
+    # Verbs: both are verb.body, so no other-file distractors exist and they are skipped.
+    assert probes and all(key.startswith("n") and not wordnet.is_heldout(key) for key in probes)
+    for key, probe in probes.items():
+        synset = synsets[key]
+        assert probe.question == wordnet.header(synset) and probe.options[probe.answer] == synset.definition
+        others = [option for i, option in enumerate(probe.options) if i != probe.answer]
+        sources = [next(s for s in synsets.values() if s.definition == option) for option in others]
+        assert all(source.lexfile != synset.lexfile and source.pos == "n" for source in sources)
 
 
 def test_instruction_examples_skip_excluded_and_heldout(mini_dir):

@@ -263,35 +263,35 @@ def select_probes(synsets: dict[str, Synset], count: int = PROBE_COUNT) -> list[
     # A probed definition must not occur inside any other definition either, so no other
     # document or instruction example repeats the probed fact.
     all_definitions = "\n".join(synset.definition for synset in synsets.values())
-    probed = [s for s in _take(ranked, count, lambda s: all_definitions.count(s.definition) == 1)]
     pools = {pos: sorted((len(s.definition), s.key) for s in unique if s.pos == pos) for pos in PROBED_POS}
-    return [_make_probe(synset, pools[synset.pos], synsets) for synset in probed]
-
-
-def _take(items, count, keep):
-    """The first `count` items for which `keep` holds (evaluated lazily)."""
-    taken = []
-    for item in items:
-        if len(taken) == count:
+    probes: list[Probe] = []
+    for synset in ranked:
+        if len(probes) == count:
             break
-        if keep(item):
-            taken.append(item)
-    return taken
+        if all_definitions.count(synset.definition) == 1:
+            probe = _make_probe(synset, pools[synset.pos], synsets)
+            if probe is not None:
+                probes.append(probe)
+    return probes
 
 
-def _make_probe(synset: Synset, pool: list[tuple[int, str]], synsets: dict[str, Synset]) -> Probe:
+def _make_probe(synset: Synset, pool: list[tuple[int, str]], synsets: dict[str, Synset]) -> Probe | None:
+    """A probe with 3 length-matched distractors, or None when the pool cannot supply them."""
     rng = random.Random(synset_rank(synset.key))
     lemmas = {lemma.lower() for lemma in synset.lemmas}
     centre = bisect.bisect_left(pool, (len(synset.definition), ""))
-    candidates: list[Synset] = []
     radius = 30
-    while len(candidates) < 3:
+    while True:
         radius *= 2
         candidates = [
             synsets[key] for _, key in pool[max(0, centre - radius):centre + radius]
             if synsets[key].lexfile != synset.lexfile
             and not lemmas & {lemma.lower() for lemma in synsets[key].lemmas}
         ]
+        if len(candidates) >= 3:
+            break
+        if radius >= len(pool):
+            return None
     distractors = [s.definition for s in rng.sample(candidates, 3)]
     answer = rng.randrange(4)
     options = distractors[:answer] + [synset.definition] + distractors[answer:]
