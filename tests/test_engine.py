@@ -24,7 +24,7 @@ DOMAINS = {
 }
 TEMPLATE_WORDS = (
     "Below is an instruction that describes a task . Write a response that appropriately completes the request "
-    "### Instruction : Input Response describe name the word what is a an of"
+    "### Instruction : Input Response describe name the word what is a an of , paired with input provides further context"
 ).split()
 
 
@@ -74,59 +74,10 @@ def builtin_is_synthetic(monkeypatch):
     monkeypatch.setattr(flexmoe.data, "builtin_examples", synthetic_examples)
 
 
-# TEMPORARY: stand-ins following the flexmoe.data contract, used only while that module lacks them.
-def _format_prompt(example, template="alpaca", tokenizer=None):
-    return f"### Instruction : {example.instruction} ### Response : "
-
-
-def _tokenize_examples(examples, tokenizer, max_length=256, template="alpaca"):
-    out = []
-    for e in examples:
-        prompt = tokenizer(_format_prompt(e), add_special_tokens=False)["input_ids"]
-        response = tokenizer(e.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_length]
-        out.append({"input_ids": ids, "labels": ([-100] * len(prompt) + response)[:max_length]})
-    return out
-
-
-def _collate(features, pad_token_id):
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_token_id)
-    labels = torch.full((len(features), width), -100)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _partition(examples, num_clients, scheme="pathological", by="domain", per_client=1, alpha=0.5, seed=0,
-               test_fraction=0.1, **_):
-    from types import SimpleNamespace
-
-    groups = sorted({e.domain for e in examples})
-    parts = []
-    for c in range(num_clients):
-        mine = [e for e in examples if e.domain == groups[c % len(groups)]]
-        n_test = max(1, int(len(mine) * test_fraction))
-        parts.append(SimpleNamespace(client_id=c, train=mine[n_test:], test=mine[:n_test]))
-    return parts
-
-
-@pytest.fixture(autouse=True)
-def data_contract_standins(monkeypatch):
-    import flexmoe.data
-
-    for name, fn in (("format_prompt", _format_prompt), ("tokenize_examples", _tokenize_examples),
-                     ("collate", _collate), ("partition", _partition)):
-        if not hasattr(flexmoe.data, name):
-            monkeypatch.setattr(flexmoe.data, name, fn, raising=False)
-
-
 def tiny_config(model_dir: str, *overrides: str):
     return load_config(None, [
         f'model="{model_dir}"', "rounds=2", "num_clients=4", "clients_per_round=2", "seed=3",
-        "train.local_steps=2", "train.batch_size=4", "train.max_length=32", "train.lr=5e-3",
+        "train.local_steps=2", "train.batch_size=4", "train.max_length=64", "train.lr=5e-3",
         "lora.r=2", "flex.calibration_examples=4", "eval.max_test_examples=2", "eval.max_new_tokens=4",
         "eval.knowledge=false", "data.test_fraction=0.2", *overrides,
     ])
@@ -177,7 +128,7 @@ def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path,
         assert not any("graft" in k for k in keys)
     records = metrics(tmp_path)
     train = [r for r in records if r["kind"] == "train"]
-    uploads = [len(blob) for keys, blob in sent if len(sent) and blob is not None][1:3]  # round 1: down, up, up
+    uploads = [len(blob) for _, blob in sent[1:3]]  # round 1 serialises: the download, then two uploads
     assert [r["bytes_up"] for r in train[:2]] == uploads
     assert all(r["bytes_down"] == len(sent[0][1]) for r in train[:2])
     for client in range(4):
@@ -186,15 +137,11 @@ def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path,
 
 
 def test_fedprox_with_zero_mu_equals_fedavg(model_dir, tmp_path):
-    fedavg = metrics_without_kind(run(model_dir, tmp_path / "a", "method=fedavg") and tmp_path / "a")
-    fedprox = metrics_without_kind(run(model_dir, tmp_path / "b", "method=fedprox", "fedprox.mu=0.0") and tmp_path / "b")
-    assert fedprox == fedavg
-    mu = metrics_without_kind(run(model_dir, tmp_path / "c", "method=fedprox", "fedprox.mu=10.0") and tmp_path / "c")
-    assert mu != fedavg
-
-
-def metrics_without_kind(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items()} for r in metrics(run_dir)]
+    run(model_dir, tmp_path / "avg", "method=fedavg")
+    run(model_dir, tmp_path / "prox0", "method=fedprox", "fedprox.mu=0.0")
+    assert metrics(tmp_path / "prox0") == metrics(tmp_path / "avg")
+    run(model_dir, tmp_path / "prox", "method=fedprox", "fedprox.mu=10.0")
+    assert metrics(tmp_path / "prox") != metrics(tmp_path / "avg")
 
 
 def test_same_seed_same_metrics(model_dir, tmp_path):

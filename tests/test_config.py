@@ -1,0 +1,107 @@
+"""Run config: TOML + --set, one-line errors naming the key, resolved config round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flexmoe.cli import main
+from flexmoe.config import RunConfig, load_config, save_config, valid_keys
+from flexmoe.errors import FlexmoeError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_defaults_are_flex_on_the_shipped_tiny_base():
+    config = load_config()
+    assert (config.method, config.model, config.data.source, config.data.partition) == \
+        ("flex", "tiny", "builtin", "pathological")
+
+
+def test_overrides_parse_toml_values_and_dotted_keys():
+    config = load_config(None, ["train.lr=3e-4", "flex.federate_routers=true", "method=fedprox",
+                                'model="/models/my dir"', "data.source=some/file.jsonl"])
+    assert config.train.lr == 3e-4 and config.flex.federate_routers is True
+    assert config.method == "fedprox" and config.model == "/models/my dir"
+    assert config.data.source == "some/file.jsonl"  # an unquoted path is taken as a string
+
+
+def test_overrides_beat_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('method = "fedavg"\nrounds = 7\n[train]\nlr = 0.01\n')
+    config = load_config(path, ["train.lr=0.02"])
+    assert (config.method, config.rounds, config.train.lr) == ("fedavg", 7, 0.02)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "unknown config key 'train.lrr'; did you mean train.lr"),
+    ("rouns=3", "unknown config key 'rouns'; did you mean rounds"),
+    ("flex.gat=none", "did you mean flex.gate"),
+])
+def test_unknown_key_names_it_and_the_closest_keys(override, expected):
+    with pytest.raises(FlexmoeError, match=expected.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nlocal_step = 3\n")
+    with pytest.raises(FlexmoeError, match=rf"{path.name}: unknown config key 'train.local_step'; did you mean "
+                                           r"train.local_steps"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=-1", "config key train.lr = -1: Input should be greater than 0"),
+    ("method=fedx", "config key method = 'fedx': Input should be 'flex', 'fedavg'"),
+    ("flex.gate=open", "Input should be 'sigmoid' or 'none'"),
+    ("rounds=0", "config key rounds = 0: Input should be greater than or equal to 1"),
+    ("clients_per_round=9", "clients_per_round = 9 must be at most num_clients = 4"),
+    ("train=3", "'train' is a section"),
+    ("train.lr", "expected KEY=VALUE"),
+])
+def test_bad_values_give_the_allowed_range(override, expected):
+    with pytest.raises(FlexmoeError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("rounds = = 3\n")
+    with pytest.raises(FlexmoeError, match="broken.toml: invalid TOML"):
+        load_config(path)
+    with pytest.raises(FlexmoeError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, ["method=scaffold", "train.lr=0.05", "flex.k=2", "seed=9"])
+    save_config(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.toml") if not p.name.startswith("pretrain")),
+                         ids=lambda p: p.name)
+def test_shipped_run_configs_are_valid(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+def test_valid_keys_cover_every_section():
+    keys = valid_keys()
+    for key in ("method", "rounds", "num_clients", "clients_per_round", "seed", "model", "data.partition",
+                "train.local_steps", "flex.gate", "fedprox.mu", "server.tau", "eval.max_new_tokens"):
+        assert key in keys
+
+
+def test_cli_reports_a_bad_key_on_one_line(capsys):
+    assert main(["run", "--set", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown config key 'train.lrr'" in err
+
+
+def test_cli_refuses_to_resume_a_directory_without_a_run(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "not a resumable run directory" in capsys.readouterr().err
