@@ -152,6 +152,20 @@ def test_probes_continue_their_train_document():
     assert max(Counter(p.answer for p in probes).values()) < 0.3 * len(probes)
 
 
+def test_probes_defeat_knowledge_free_guessers():
+    baselines = wordnet.shallow_baselines(builtin_probes(), builtin_corpus("train"))
+    assert set(baselines) == {"longest option", "shortest option", "unigram log-probability", "question overlap"}
+    assert all(0.15 < accuracy < 0.35 for accuracy in baselines.values()), baselines
+
+
+def test_shallow_baselines_match_a_hand_count():
+    from flexmoe.data import Probe
+
+    probes = [Probe("a (noun):", ["xx", "xxxx", "x", "yy"], answer=1),  # longest: right
+              Probe("b (noun):", ["zz", "zz", "z", "z"], answer=0)]  # two longest tie: half credit
+    assert wordnet.shallow_baselines(probes, ["x y z"])["longest option"] == pytest.approx(0.75)
+
+
 def test_probe_facts_are_not_in_the_instruction_data():
     probes, examples = builtin_probes(), builtin_examples()
     probe_ids = {probe.id for probe in probes}

@@ -84,6 +84,10 @@ def datasheet(synsets: dict[str, wordnet.Synset], corpus: dict[str, list[dict]],
             [(domain, total, *(cells[domain, name] for name in category_names))
              for domain, total in sorted(domains.items())]),
         "## Knowledge probes per domain\n\n" + _table(["domain", "probes"], sorted(probe_domains.items())),
+        "## Knowledge-free probe baselines\n\nAccuracy of guessers that know no facts (chance = 0.25; "
+        "ties split evenly).\n\n" + _table(["guesser", "accuracy"], [
+            (name, f"{accuracy:.3f}") for name, accuracy in
+            wordnet.shallow_baselines(probes, [record["text"] for record in corpus["train"]]).items()]),
         _DATASHEET_TAIL,
     ]
     return "\n".join(sections)
@@ -126,13 +130,14 @@ License: see `LICENSE-WordNet.txt` (redistribution allowed with the notice).
   similar-to, entailment, cause, pertainym, attribute, topic/region/usage domain, antonyms
   (at most four related words per relation). The header is `lemma (part of speech, domain):`.
 - **Probes**: train nouns and verbs whose header names exactly one synset, whose definition
-  is 20-200 characters and occurs inside no other synset's definition; the first {probes}
-  by hash rank. The question is the header, the right option the definition, so the train corpus contains
-  `question + " " + options[answer] + "."` verbatim: score each option by its
+  is 20-200 characters, occurs inside no other synset's definition and repeats no word of
+  the synset's lemmas (copying the question must not answer it); the first {probes} by hash
+  rank. The question is the header, the right option the definition, so the train corpus
+  contains `question + " " + options[answer] + "."` verbatim: score each option by its
   log-likelihood as a continuation of the question. The three distractors are definitions
-  of other same-part-of-speech synsets from *other* lexicographer files, sharing no lemma
-  with the probed synset and of similar length (the longest option is right far less often
-  than chance). The answer position is drawn per probe from a seeded generator.
+  of other same-part-of-speech synsets from *other* lexicographer files, of similar length,
+  that neither name nor mention a word of the probed lemmas. The answer position is drawn
+  per probe from a seeded generator. Knowledge-free guessers stay near chance (table below).
 - **Instruction examples**: every train synset that is not probed yields the applicable
   tasks: `define`, `synonyms`, `hypernym`, `part-of` (part/member/substance holonym),
   `parts` (meronyms), `antonym`, `use-in-a-sentence` (a WordNet usage example containing

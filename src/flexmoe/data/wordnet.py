@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import random
 import re
 from collections import Counter
@@ -250,16 +251,18 @@ def select_probes(synsets: dict[str, Synset], count: int = PROBE_COUNT) -> list[
 
     Only nouns and verbs are probed: their lexicographer files are semantic domains
     (animal, food, motion ...), while adjectives and adverbs have none to draw on.
-    Distractors are definitions of same-part-of-speech train synsets from other
-    lexicographer files, sharing no lemma with the probed synset and of similar length
-    (so option length alone does not give the answer away).
+    A probed definition must not repeat a word of the synset's lemmas (copying the
+    question would answer it). Distractors are definitions of same-part-of-speech train
+    synsets from other lexicographer files, of similar length (so option length gives
+    nothing away), that neither name nor mention a word of the probed lemmas.
     """
     train = [synset for key, synset in synsets.items() if not is_heldout(key)]
     header_counts = Counter(header(synset) for synset in synsets.values())
     definition_counts = Counter(synset.definition for synset in synsets.values())
     unique = [s for s in train if s.pos in PROBED_POS
               and definition_counts[s.definition] == 1 and 20 <= len(s.definition) <= 200]
-    ranked = sorted((s for s in unique if header_counts[header(s)] == 1), key=lambda s: synset_rank(s.key))
+    ranked = sorted((s for s in unique if header_counts[header(s)] == 1 and not _names_itself(s)),
+                    key=lambda s: synset_rank(s.key))
     # A probed definition must not occur inside any other definition either, so no other
     # document or instruction example repeats the probed fact.
     all_definitions = "\n".join(synset.definition for synset in synsets.values())
@@ -278,15 +281,17 @@ def select_probes(synsets: dict[str, Synset], count: int = PROBE_COUNT) -> list[
 def _make_probe(synset: Synset, pool: list[tuple[int, str]], synsets: dict[str, Synset]) -> Probe | None:
     """A probe with 3 length-matched distractors, or None when the pool cannot supply them."""
     rng = random.Random(synset_rank(synset.key))
-    lemmas = {lemma.lower() for lemma in synset.lemmas}
-    centre = bisect.bisect_left(pool, (len(synset.definition), ""))
+    names = _lemma_words(synset)
+    # The synset's own place in the length-sorted pool, so as many shorter as longer
+    # definitions surround it (a window starting at its length would only be shorter).
+    centre = bisect.bisect_left(pool, (len(synset.definition), synset.key))
     radius = 30
     while True:
         radius *= 2
         candidates = [
             synsets[key] for _, key in pool[max(0, centre - radius):centre + radius]
             if synsets[key].lexfile != synset.lexfile
-            and not lemmas & {lemma.lower() for lemma in synsets[key].lemmas}
+            and not names & (_lemma_words(synsets[key]) | _words(synsets[key].definition))
         ]
         if len(candidates) >= 3:
             break
@@ -297,6 +302,51 @@ def _make_probe(synset: Synset, pool: list[tuple[int, str]], synsets: dict[str, 
     options = distractors[:answer] + [synset.definition] + distractors[answer:]
     return Probe(question=header(synset), options=options, answer=answer,
                  domain=synset.lexfile, id=synset.key)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]{3,}", text.lower()))
+
+
+def _lemma_words(synset: Synset) -> set[str]:
+    return set().union(*(_words(lemma) for lemma in synset.lemmas))
+
+
+def _names_itself(synset: Synset) -> bool:
+    """True when the definition repeats a word of a lemma: copying it would answer the probe."""
+    return bool(_lemma_words(synset) & _words(synset.definition))
+
+
+def shallow_baselines(probes: list[Probe], train_texts: list[str]) -> dict[str, float]:
+    """Accuracy of knowledge-free guessers (ties split evenly): probes should leave them at chance.
+
+    - longest / shortest option;
+    - unigram: highest add-one-smoothed unigram log-probability under the train corpus
+      (a language model that learned word frequencies but no facts);
+    - question overlap: most words shared with the question (lemma and domain label).
+    """
+    counts = Counter(word for text in train_texts for word in re.findall(r"[a-z]+", text.lower()))
+    total, vocabulary = sum(counts.values()), len(counts)
+
+    def unigram(probe: Probe, option: str) -> float:
+        return sum(math.log((counts[word] + 1) / (total + vocabulary)) for word in re.findall(r"[a-z]+", option.lower()))
+
+    scorers = {
+        "longest option": lambda probe, option: len(option),
+        "shortest option": lambda probe, option: -len(option),
+        "unigram log-probability": unigram,
+        "question overlap": lambda probe, option: len(_words(probe.question) & _words(option)),
+    }
+    return {name: _tie_split_accuracy(probes, scorer) for name, scorer in scorers.items()}
+
+
+def _tie_split_accuracy(probes: list[Probe], scorer) -> float:
+    credit = 0.0
+    for probe in probes:
+        scores = [scorer(probe, option) for option in probe.options]
+        best = [i for i, score in enumerate(scores) if score == max(scores)]
+        credit += (probe.answer in best) / len(best)
+    return credit / len(probes)
 
 
 def probe_records(probes: list[Probe]) -> list[dict]:
