@@ -349,3 +349,20 @@ def test_selection_runs_with_grafts_disabled(family, batches):
     graft(model, some_selection(model, offset=1), gate_init_bias=3.0)  # a wide-open graft
     after = select_experts(model, batches, max_tokens=ALL_TOKENS)
     assert dict(after) == dict(before) and after.losses == before.losses
+
+
+def test_bfloat16_model_selects_and_grafts(batches):
+    model = tiny_model("qwen2_moe").to(torch.bfloat16)
+    selection = select_experts(model, batches)
+    with torch.no_grad():
+        base = model(batches[0]).logits
+        graft(model, selection, gate_init_bias=-1e4)
+        assert next(iter(grafts(model).values())).gate.weight.dtype == torch.bfloat16
+        assert torch.equal(model(batches[0]).logits, base)
+
+
+def test_selection_is_the_same_through_peft(batches):
+    model = tiny_model("deepseek_v2")
+    plain = select_experts(model, batches, k=2)
+    wrapped = select_experts(add_lora(model, "attention"), batches, k=2)
+    assert dict(wrapped) == dict(plain) and wrapped.losses == plain.losses

@@ -239,8 +239,9 @@ def greedy_reconstruction(layer: MoELayer, x: torch.Tensor, r: torch.Tensor, k: 
     the (s+1)-th member, vectorised over experts on the fused weights.
     Returns (chosen ids, [loss of every candidate (E,) per step; chosen ones are inf]).
     """
-    x, r = x.float(), r.float()
-    logs = log_scores(torch.nn.functional.linear(x, layer.router.weight.float()), layer.family.score)  # (T, E)
+    device = layer.gate_up_proj.device
+    x, r = x.to(device, torch.float32), r.to(device, torch.float32)
+    logs = log_scores(F.linear(x, layer.router.weight.float()), layer.family.score)  # (T, E)
     chosen: list[int] = []
     step_losses = []
     # running sum over chosen experts, normalised to their largest log score per token (stable)
