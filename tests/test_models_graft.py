@@ -86,6 +86,8 @@ def test_extracted_expert_equals_fused_expert(family, implementation):
 def test_moe_layers_skip_dense_layers_and_name_blocks():
     model = tiny_model("deepseek_v2")  # first_k_dense_replace=1
     assert [layer.name for layer in moe_layers(model)] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    sparse = tiny_model("qwen2_moe", mlp_only_layers=[0])  # qwen's dense-MLP layers
+    assert [layer.name for layer in moe_layers(sparse)] == ["model.layers.1.mlp"]
     granite = moe_layers(tiny_model("granitemoe"))
     assert [layer.name for layer in granite] == ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"]
     assert all(layer.router is layer.block.router for layer in granite)

@@ -48,6 +48,12 @@ def test_directory_without_tokenizer_is_refused(tmp_path):
         load_base(tmp_path)
 
 
+def test_directory_without_weights_is_refused(tmp_path):
+    tiny_model("mixtral").config.save_pretrained(tmp_path)
+    with pytest.raises(FlexmoeError, match=rf"cannot load model weights from '{tmp_path}'"):
+        load_base(tmp_path)
+
+
 def test_missing_tiny_asset_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(load_module, "tiny_path", lambda: tmp_path / "tiny")
     with pytest.raises(FlexmoeError, match="the shipped tiny model is missing"):

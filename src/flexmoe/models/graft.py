@@ -332,7 +332,7 @@ def _capture(model, layers, batches, max_tokens, seed, want_tokens: bool) -> dic
             handles.append(layer.block.experts.register_forward_hook(_token_hook(capture, valid), with_kwargs=True))
         else:
             handles.append(layer.block.get_submodule(layer.family.router).register_forward_hook(
-                _router_hook(capture, valid, layer.top_k)))
+                _router_hook(capture, valid, layer.name)))
     device = next(unwrap(model).parameters()).device
     seen = 0
     try:
@@ -362,15 +362,16 @@ def _token_hook(capture: _LayerCapture, valid):
     return hook
 
 
-def _router_hook(capture: _LayerCapture, valid, top_k: int):
+def _router_hook(capture: _LayerCapture, valid, layer_name: str):
     def hook(module, args, output):
         # transformers 5 routers return (logits, weights, indices): the integer tensor is the true
-        # choice (deepseek_v3 adds a bias before top-k). A router returning bare logits chose their top-k.
-        if isinstance(output, tuple):
-            indices = next(t for t in output if isinstance(t, torch.Tensor) and not t.is_floating_point())
-        else:
-            indices = torch.topk(output, top_k, dim=-1).indices
-        indices = indices.reshape(-1, indices.shape[-1])
+        # choice (deepseek_v3 adds a bias before its top-k, so the top-k of the logits is not)
+        chosen = [t for t in output if isinstance(t, torch.Tensor) and not t.is_floating_point()] \
+            if isinstance(output, tuple) else []
+        if not chosen:
+            raise FlexmoeError(f"layer {layer_name}: the router returned no expert indices "
+                               "(expected a (logits, weights, indices) tuple)")
+        indices = chosen[0].reshape(-1, chosen[0].shape[-1])
         mask = valid[0]
         if mask is not None:
             indices = indices[mask]
