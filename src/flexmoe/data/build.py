@@ -157,6 +157,16 @@ knowledge learned in pretraining.
 """
 
 _DATASHEET_TAIL = """\
+## Use
+```python
+from flexmoe.data import builtin_corpus, builtin_examples, builtin_probes, partition
+docs = builtin_corpus("train")          # or "heldout"
+examples = builtin_examples()           # Example(instruction, response, context, category, domain, id)
+clients = partition(examples, num_clients=8, scheme="pathological", by="domain", seed=0)
+```
+`flexmoe data stats [--json]` and `flexmoe data partition --num-clients 8 --by domain` show the
+same from the command line.
+
 ## Known limits
 - Lexical knowledge only: definitions, relations and short usage examples written by
   lexicographers around 2006; no dialogue, reasoning or long-form text.
