@@ -142,6 +142,8 @@ def test_unknown_format_and_unknown_mapping_key(dolly_file):
         load_examples(dolly_file, "csv")
     with pytest.raises(FlexmoeError, match="unknown field mapping key 'answer'"):
         load_examples(dolly_file, "jsonl", {"answer": "response"})
+    with pytest.raises(FlexmoeError, match="field mapping 'response' must name a key"):
+        load_examples(dolly_file, "jsonl", {"response": ["output"]})
 
 
 def test_lone_surrogate_escape_is_refused(tmp_path):

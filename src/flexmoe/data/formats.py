@@ -71,6 +71,9 @@ def _field_mapping(format: str, fields: Mapping[str, str] | None) -> dict[str, t
     unknown = sorted(set(fields or {}) - set(EXAMPLE_FIELDS))
     if unknown:
         raise FlexmoeError(f"unknown field mapping key {unknown[0]!r}; valid: {', '.join(EXAMPLE_FIELDS)}")
+    for name, key in (fields or {}).items():
+        if not isinstance(key, str) or not key:
+            raise FlexmoeError(f"field mapping {name!r} must name a key (a non-empty string), got {key!r}")
     fixed = _FORMAT_FIELDS.get(format)
     mapping = {}
     for name in EXAMPLE_FIELDS:
