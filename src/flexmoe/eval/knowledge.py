@@ -1,0 +1,120 @@
+"""World-knowledge measures of a causal LM: held-out corpus loss and multiple-choice probes.
+
+Texts are scored the way the tiny base was pretrained: `bos + text + eos` (a tokenizer without
+a bos or eos token simply skips it). The loss is the mean negative log-likelihood per predicted
+token, in nats, so exp(loss) is the perplexity.
+
+Probe options are scored by the log-likelihood of the option as a continuation of the question.
+Options differ in length, and a plain sum favours short options, so the default normalisation
+divides the sum by the option's length in UTF-8 bytes (lm-evaluation-harness's `acc_norm`): it
+does not depend on the tokenizer, which keeps scores comparable across base models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMALISATIONS = ("bytes", "tokens", "none")
+
+
+def _with_specials(tokenizer, ids: list[int]) -> list[int]:
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return head + ids + tail
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def _token_logprobs(model, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """log p(row[t] | row[:t]) for t >= 1, one tensor per row (right padding, masked)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+    logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+    picked = logprobs.gather(-1, input_ids[:, 1:, None].to(device)).squeeze(-1).cpu()
+    return [picked[i, : len(row) - 1] for i, row in enumerate(rows)]
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 16) -> float:
+    """Mean token NLL (nats) of `texts`, each scored alone as bos + text + eos, cut to max_length."""
+    rows = [_with_specials(tokenizer, ids)[:max_length]
+            for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    rows = sorted((row for row in rows if len(row) >= 2), key=len)  # similar lengths share a batch
+    if not rows:
+        raise ValueError("heldout_loss needs at least one text of two or more tokens")
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        for logprobs in _token_logprobs(model, rows[start:start + batch_size], _pad_id(tokenizer)):
+            total -= float(logprobs.sum())
+            count += logprobs.numel()
+    return total / count
+
+
+def continuation_ids(tokenizer, question: str, option: str) -> tuple[list[int], list[int]]:
+    """Token ids of the context (bos + question) and of the option that continues it.
+
+    The separating space belongs to the option (" option"), as it does in running text with
+    a byte-level BPE, so the option's first token is the one the model saw in pretraining.
+    """
+    context = question.rstrip()
+    gap = question[len(context):] or " "
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    context_ids = head + tokenizer(context, add_special_tokens=False)["input_ids"]
+    option_ids = tokenizer(gap + option.strip(), add_special_tokens=False)["input_ids"]
+    return context_ids, option_ids
+
+
+@torch.no_grad()
+def option_loglikelihoods(model, tokenizer, question: str, options: list[str]) -> list[tuple[float, int]]:
+    """(summed log-likelihood, token count) of each option as the continuation of the question."""
+    pairs = [continuation_ids(tokenizer, question, option) for option in options]
+    logprobs = _token_logprobs(model, [context + option for context, option in pairs], _pad_id(tokenizer))
+    # logprobs[t - 1] scores token t, so the option's tokens start at len(context) - 1
+    return [(float(row[len(context) - 1:].sum()), len(option_ids))
+            for (context, option_ids), row in zip(pairs, logprobs)]
+
+
+def normalised_scores(loglikelihoods: list[tuple[float, int]], options: list[str],
+                      normalise: str = "bytes") -> list[float]:
+    """Divide each summed log-likelihood by the option's length in bytes, tokens, or nothing."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+    lengths = {"bytes": [len(option.strip().encode("utf-8")) for option in options],
+               "tokens": [tokens for _, tokens in loglikelihoods],
+               "none": [1] * len(options)}[normalise]
+    return [total / max(length, 1) for (total, _), length in zip(loglikelihoods, lengths)]
+
+
+def option_scores(model, tokenizer, question: str, options: list[str], normalise: str = "bytes") -> list[float]:
+    """Normalised log-likelihood of each option given the question."""
+    return normalised_scores(option_loglikelihoods(model, tokenizer, question, options), options, normalise)
+
+
+def probe_predictions(model, tokenizer, probes, normalise: str = "bytes") -> list[int]:
+    """Index of the best-scoring option for each probe."""
+    predictions = []
+    for probe in probes:
+        scores = option_scores(model, tokenizer, probe.question, probe.options, normalise)
+        predictions.append(max(range(len(scores)), key=scores.__getitem__))
+    return predictions
+
+
+def probe_accuracy(model, tokenizer, probes, normalise: str = "bytes") -> float:
+    """Fraction of probes whose correct option has the highest normalised log-likelihood."""
+    probes = list(probes)
+    if not probes:
+        raise ValueError("probe_accuracy needs at least one probe")
+    predictions = probe_predictions(model, tokenizer, probes, normalise)
+    return sum(int(p == probe.answer) for p, probe in zip(predictions, probes)) / len(probes)

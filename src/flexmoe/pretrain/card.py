@@ -1,0 +1,360 @@
+"""Measure a pretrained tiny base and write its model card (README.md) and evaluation.json.
+
+Everything in the card is measured here from the model directory, the training log and the
+config; nothing is typed in by hand. `flexmoe pretrain --eval-only --output DIR` re-measures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from flexmoe.eval.knowledge import (
+    NORMALISATIONS,
+    heldout_loss,
+    normalised_scores,
+    option_loglikelihoods,
+)
+from flexmoe.eval.routing import RoutingCounter
+from flexmoe.pretrain.train import TRAIN_LOG, TRAIN_SUMMARY, PretrainConfig, read_documents
+
+EVALUATION = "evaluation.json"
+CARD = "README.md"
+# "dog (noun, animal): ..." -> noun.animal ; "happy (adjective): ..." -> adjective
+_DOMAIN = re.compile(r"^[^()]*\((\w+)(?:, (\w+))?[^)]*\):")
+ROUTING_DOMAINS = 8  # the most frequent held-out domains get a routing row each
+
+
+def document_domain(text: str) -> str:
+    """The WordNet part of speech and lexicographer file a corpus document starts with."""
+    match = _DOMAIN.match(text)
+    if not match:
+        return "other"
+    return f"{match.group(1)}.{match.group(2)}" if match.group(2) else match.group(1)
+
+
+def unigram_loss(tokenizer, train_docs: list[str], heldout_docs: list[str], max_length: int) -> float:
+    """Mean NLL of the held-out tokens under an add-one unigram model of the train tokens.
+
+    The scored tokens are exactly those `heldout_loss` scores: text + eos, after bos, cut to max_length.
+    """
+    eos = tokenizer.eos_token_id
+    counts = Counter()
+    for ids in tokenizer(train_docs, add_special_tokens=False)["input_ids"]:
+        counts.update(ids)
+        counts[eos] += 1
+    total = sum(counts.values()) + len(tokenizer)
+    nll, n = 0.0, 0
+    for ids in tokenizer(heldout_docs, add_special_tokens=False)["input_ids"]:
+        for token in (ids + [eos])[: max_length - 1]:
+            nll -= math.log((counts[token] + 1) / total)
+            n += 1
+    return nll / n
+
+
+def probe_results(model, tokenizer, probes) -> dict:
+    """Accuracy under each length normalisation (one forward pass per probe), overall and by POS."""
+    correct = {name: 0 for name in NORMALISATIONS}
+    by_pos = defaultdict(lambda: [0, 0])
+    for probe in probes:
+        loglikelihoods = option_loglikelihoods(model, tokenizer, probe.question, probe.options)
+        for name in NORMALISATIONS:
+            scores = normalised_scores(loglikelihoods, probe.options, name)
+            hit = max(range(len(scores)), key=scores.__getitem__) == probe.answer
+            correct[name] += hit
+            if name == "bytes":
+                tally = by_pos[probe.domain.split(".")[0]]
+                tally[0] += hit
+                tally[1] += 1
+    return {"probes": len(probes), "chance": 1 / len(probes[0].options),
+            "accuracy": {name: hits / len(probes) for name, hits in correct.items()},
+            "accuracy_by_pos": {pos: hits / n for pos, (hits, n) in sorted(by_pos.items())}}
+
+
+def routing_by_domain(model, tokenizer, docs: list[str], max_length: int, batch_size: int) -> dict:
+    """Per domain of the held-out documents: per-layer expert load, load std and entropy."""
+    groups = defaultdict(list)
+    for doc in docs:
+        groups[document_domain(doc)].append(doc)
+    chosen = sorted(groups, key=lambda d: -len(groups[d]))[:ROUTING_DOMAINS]
+    result = {}
+    for domain in ["all"] + chosen:
+        texts = docs if domain == "all" else groups[domain]
+        with RoutingCounter(model) as routing:
+            for start in range(0, len(texts), batch_size):
+                input_ids, mask = _padded(tokenizer, texts[start:start + batch_size], max_length)
+                routing.observe(input_ids, mask)
+        result[domain] = {"documents": len(texts), "layers": routing.summary()}
+    return result
+
+
+def _padded(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [([tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id])[:max_length]
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def greedy_generations(model, tokenizer, prompts, max_new_tokens: int) -> dict[str, str]:
+    outputs = {}
+    for prompt in prompts:
+        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        outputs[prompt] = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    return outputs
+
+
+def evaluate(model_dir: Path, config: PretrainConfig, log=print) -> dict:
+    """All card measurements for the model in `model_dir`."""
+    from flexmoe.models import load_base
+
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    started = time.time()
+    model, tokenizer = load_base(model_dir)
+    load_seconds = time.time() - started
+    settings = config.eval
+    heldout = read_documents(config.data.heldout, "heldout")
+    loss = heldout_loss(model, tokenizer, heldout, settings.heldout_max_length, settings.batch_size)
+    baseline = unigram_loss(tokenizer, read_documents(config.data.corpus, "train"), heldout,
+                            settings.heldout_max_length)
+    log(f"held-out loss {loss:.4f} (ppl {math.exp(loss):.2f}); unigram {baseline:.4f} (ppl {math.exp(baseline):.2f})")
+    result = {
+        "load_seconds": round(load_seconds, 2),
+        "heldout": {"documents": len(heldout), "loss": loss, "perplexity": math.exp(loss),
+                    "unigram_loss": baseline, "unigram_perplexity": math.exp(baseline),
+                    "perplexity_ratio": math.exp(loss - baseline), "ln_vocab": math.log(len(tokenizer))},
+    }
+    if config.data.probes == "builtin":
+        from flexmoe.data import builtin_probes
+        result["probes"] = probe_results(model, tokenizer, builtin_probes())
+        log(f"probe accuracy {result['probes']['accuracy']}")
+    result["routing"] = routing_by_domain(model, tokenizer, heldout, settings.heldout_max_length,
+                                          settings.batch_size)
+    result["generations"] = greedy_generations(model, tokenizer, settings.generation_prompts,
+                                               settings.max_new_tokens)
+    result["evaluation_seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def evaluate_and_write_card(model_dir: str | Path, config: PretrainConfig, log=print) -> dict:
+    """Measure the model, then write evaluation.json and README.md into its directory."""
+    model_dir = Path(model_dir)
+    evaluation = evaluate(model_dir, config, log)
+    training = _read_json(model_dir / TRAIN_SUMMARY)
+    curve = _heldout_curve(model_dir / TRAIN_LOG)
+    _write_atomic(model_dir / EVALUATION, json.dumps(evaluation, indent=1) + "\n")
+    _write_atomic(model_dir / CARD, render_card(model_dir, config, evaluation, training, curve))
+    return evaluation
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _heldout_curve(path: Path) -> list[tuple[int, float, float]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(r["step"], r["loss"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------- rendering
+
+def render_card(model_dir: Path, config: PretrainConfig, evaluation: dict, training: dict,
+                curve: list[tuple[int, float, float]]) -> str:
+    model_config = _read_json(model_dir / "config.json")
+    sections = [
+        _front_matter(),
+        _overview(model_config, config, model_dir),
+        _data_section(training),
+        _training_section(config, training, curve),
+        _quality_section(evaluation),
+        _routing_section(evaluation["routing"]),
+        _generation_section(evaluation["generations"]),
+        _limits_section(evaluation),
+    ]
+    return "\n".join(sections)
+
+
+def _front_matter() -> str:
+    return ("---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+            "tags: [qwen2_moe, mixture-of-experts, flexmoe, wordnet]\n---\n")
+
+
+def _overview(model_config: dict, config: PretrainConfig, model_dir: Path) -> str:
+    m = config.model
+    size = (model_dir / "model.safetensors").stat().st_size / 1e6 if (model_dir / "model.safetensors").is_file() else 0
+    params = _parameter_counts(model_config)
+    return f"""# flexmoe tiny: a small pretrained qwen2_moe
+
+The default base model of flexmoe: a {params['total'] / 1e6:.2f}M-parameter Mixture-of-Experts
+language model of the qwen2_moe family (the architecture of Qwen1.5-MoE-A2.7B), pretrained from
+scratch on WordNet glosses so that its experts hold knowledge that federated fine-tuning can
+protect or damage. It loads offline with `flexmoe.models.load_base("tiny")` or
+`AutoModelForCausalLM.from_pretrained(<this directory>)`.
+
+| | |
+|---|---|
+| family | `qwen2_moe` (`Qwen2MoeForCausalLM`) |
+| layers | {m.num_hidden_layers}, every one sparse (MoE) |
+| hidden size / heads | {m.hidden_size} / {m.num_attention_heads} (kv heads {m.num_key_value_heads}) |
+| routed experts | {m.num_experts}, top-{m.num_experts_per_tok} (softmax, norm_topk_prob={m.norm_topk_prob}), intermediate {m.moe_intermediate_size} |
+| shared expert | 1 per layer, intermediate {m.shared_expert_intermediate_size}, sigmoid gate |
+| vocabulary | {model_config.get('vocab_size')} (byte-level BPE trained on the corpus; `<|pad|>`=0, `<|bos|>`=1, `<|eos|>`=2) |
+| context | {m.max_position_embeddings} positions (trained on {config.train.seq_len}) |
+| parameters | {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active per token; embeddings tied |
+| storage | bfloat16, model.safetensors {size:.1f} MB |
+
+Text is modelled as `<|bos|> text <|eos|>`; the tokenizer adds no special token by itself, so
+prepend `<|bos|>` (id 1) when scoring or generating, as flexmoe's evaluation does.
+"""
+
+
+def _parameter_counts(c: dict) -> dict:
+    h, layers, e, k = c["hidden_size"], c["num_hidden_layers"], c["num_experts"], c["num_experts_per_tok"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    attention = h * h * 2 + h * kv * 2 + h + 2 * kv  # q, o, k, v (+ q/k/v biases)
+    expert = 3 * h * c["moe_intermediate_size"]
+    shared = 3 * h * c["shared_expert_intermediate_size"] + h
+    per_layer_fixed = attention + shared + e * h + 2 * h  # + router + two norms
+    embed = c["vocab_size"] * h
+    total = embed + h + layers * (per_layer_fixed + e * expert)
+    active = embed + h + layers * (per_layer_fixed + k * expert)
+    return {"total": total, "active": active}
+
+
+def _data_section(training: dict) -> str:
+    return f"""## Data
+
+WordNet 3.0 (Princeton University; license in `flexmoe/assets/wordnet/LICENSE-WordNet.txt`),
+rendered by `flexmoe.data.builtin_corpus` as one short document per synset: lemma, part of
+speech and lexicographer domain, gloss, examples and relations (hypernym, members, antonyms).
+Train split: {training.get('corpus_documents', '?')} documents, {training.get('corpus_tokens', '?')} tokens
+after tokenisation; held-out split: a disjoint 3% of synsets. The knowledge probes ask for the
+gloss of a train-split synset among 4 options.
+"""
+
+
+def _training_section(config: PretrainConfig, training: dict, curve) -> str:
+    t = config.train
+    lines = [f"""## Training
+
+Reproduce with `flexmoe pretrain --config configs/pretrain-tiny.toml --output DIR` (the resolved
+config is stored here as `pretrain-config.toml`). Seed {config.seed}; documents shuffled and packed
+into {t.seq_len}-token sequences (no padding); batch {t.batch_size} sequences; {t.steps} AdamW steps
+(lr {t.lr:g}, betas ({t.beta1}, {t.beta2}), weight decay {t.weight_decay} on matrices, {t.warmup_steps} warm-up steps,
+cosine decay to {t.min_lr_ratio:g}×lr, gradient clipping {t.grad_clip}); router load-balancing loss
+× {config.model.router_aux_loss_coef}; {'bfloat16 autocast' if t.precision == 'bf16' else 'float32'}.
+
+| compute | |
+|---|---|
+| hardware | {training.get('cpu', '?')}, {training.get('cpu_threads', '?')} torch thread(s), CPU only, shared with other jobs |
+| optimiser time | {training.get('train_seconds', 0) / 60:.1f} min |
+| tokens seen | {training.get('tokens_seen', 0) / 1e6:.2f}M ({training.get('epochs', '?')} epochs) |
+| throughput | {training.get('tokens_per_second', '?')} tokens/s |
+| software | torch {training.get('torch', '?')} |
+"""]
+    if curve:
+        lines.append("| step | train loss | held-out loss (first docs) |\n|---:|---:|---:|")
+        lines += [f"| {step} | {train:.3f} | {held:.3f} |" for step, train, held in curve]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _quality_section(evaluation: dict) -> str:
+    h = evaluation["heldout"]
+    target = "met" if h["perplexity_ratio"] <= 0.5 else "missed"
+    text = [f"""## Quality (measured by `flexmoe pretrain --eval-only`)
+
+**Held-out corpus** ({h['documents']} documents, each scored alone as `<|bos|> text <|eos|>`):
+loss {h['loss']:.3f} nats/token, perplexity **{h['perplexity']:.1f}**, against {h['unigram_perplexity']:.1f}
+for an add-one unigram model of the train tokens (loss {h['unigram_loss']:.3f}; ln vocab = {h['ln_vocab']:.3f}).
+Ratio {h['perplexity_ratio']:.3f}; target ≤ 0.5: {target}.
+"""]
+    if "probes" in evaluation:
+        p = evaluation["probes"]
+        acc = p["accuracy"]
+        target = "met" if acc["bytes"] >= 0.40 else "missed"
+        by_pos = ", ".join(f"{pos} {value:.1%}" for pos, value in p["accuracy_by_pos"].items())
+        text.append(f"""**Knowledge probes** ({p['probes']} four-option questions, chance {p['chance']:.0%}): the
+option with the highest log-likelihood as the continuation of the question wins. Reported
+accuracy divides each option's summed log-likelihood by its length in UTF-8 bytes (chosen before
+measuring: tokenizer-independent, no bias towards short options): **{acc['bytes']:.1%}**
+(target ≥ 40%: {target}); by part of speech: {by_pos}. For reference, per-token mean
+{acc['tokens']:.1%}, unnormalised sum {acc['none']:.1%}.
+""")
+    return "\n".join(text)
+
+
+def _routing_section(routing: dict) -> str:
+    layer_names = list(routing["all"]["layers"])
+    num_experts = len(routing["all"]["layers"][layer_names[0]]["load"])
+    max_entropy = routing["all"]["layers"][layer_names[0]]["max_entropy"]
+    header = "| domain | docs | " + " | ".join(f"e{i}" for i in range(num_experts)) + " | entropy | load std |"
+    rule = "|---|---:|" + "---:|" * num_experts + "---:|---:|"
+    lines = [f"""## Expert routing
+
+Share of routed (top-k) selections per expert on the held-out documents, by WordNet domain
+(`flexmoe.eval.routing.RoutingCounter`, padding excluded). Balanced routing would put
+{1 / num_experts:.1%} on every expert, with entropy ln {num_experts} = {max_entropy:.3f}.
+"""]
+    for name in layer_names:
+        lines += [f"**{name}**\n", header, rule]
+        for domain, stats in routing.items():
+            layer = stats["layers"][name]
+            loads = " | ".join(f"{x:.1%}" for x in layer["load"])
+            lines.append(f"| {domain} | {stats['documents']} | {loads} | {layer['entropy']:.3f} | {layer['load_std']:.4f} |")
+        lines.append("")
+    lines.append(_specialisation_summary(routing, layer_names))
+    return "\n".join(lines)
+
+
+def _specialisation_summary(routing: dict, layer_names: list[str]) -> str:
+    """How far each domain's load is from the overall load: mean total-variation distance."""
+    domains = [d for d in routing if d != "all"]
+    parts = []
+    for domain in domains:
+        distances = []
+        for name in layer_names:
+            overall = routing["all"]["layers"][name]["load"]
+            own = routing[domain]["layers"][name]["load"]
+            distances.append(0.5 * sum(abs(a - b) for a, b in zip(own, overall)))
+        parts.append(f"{domain} {sum(distances) / len(distances):.3f}")
+    return ("Domain specialisation, as the total-variation distance between a domain's expert load and "
+            "the overall load, averaged over layers (0 = identical routing): " + ", ".join(parts) + ".\n")
+
+
+def _generation_section(generations: dict[str, str]) -> str:
+    lines = ["## Greedy generations\n", "| prompt | continuation |", "|---|---|"]
+    lines += [f"| `{prompt}` | {text.strip().replace('|', '/')} |" for prompt, text in generations.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _limits_section(evaluation: dict) -> str:
+    return f"""## Limits
+
+A research fixture, not a useful language model: it knows WordNet's vocabulary and the shape of
+its glosses, and recalls part of them; it has never seen other text. Loading took
+{evaluation['load_seconds']:.1f} s; the measurements above took {evaluation['evaluation_seconds']:.0f} s.
+"""

@@ -1,0 +1,490 @@
+"""Pretraining of the shipped tiny qwen2_moe model (`flexmoe pretrain`).
+
+One config file (configs/pretrain-tiny.toml) fixes everything: the corpus, the BPE tokenizer,
+the architecture, the optimisation schedule and the seed. The output is a standard Hugging Face
+model directory (config.json, model.safetensors, tokenizer files) that loads offline.
+
+Documents are packed as `<|bos|> text <|eos|>` back to back into fixed-length sequences, so no
+token is padding. The batch at step s is a pure function of (seed, s): a crashed run resumes from
+its last checkpoint and ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flexmoe.errors import FlexmoeError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
+CHECKPOINT = "checkpoint.pt"
+TRAIN_LOG = "train_log.jsonl"
+TRAIN_SUMMARY = "training_summary.json"
+CONFIG_COPY = "pretrain-config.toml"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    corpus: str = "builtin"  # "builtin" or a UTF-8 text file with one document per line
+    heldout: str = "builtin"
+    probes: str = "builtin"  # "builtin" or "none"
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    vocab_size: int = 6144
+    min_frequency: int = 2
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    num_hidden_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 320
+    shared_expert_intermediate_size: int = 640
+    max_position_embeddings: int = 512
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.01
+    initializer_range: float = 0.02
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # "bf16" (autocast) or "fp32"
+    log_every: int = 10
+    eval_every: int = 250
+    eval_docs: int = 300
+    checkpoint_every: int = 100
+    threads: int = 1  # torch CPU threads; 0 = torch's default. One thread degrades least on a shared CPU
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    heldout_max_length: int = 256
+    batch_size: int = 32
+    generation_prompts: tuple[str, ...] = ("dog (noun, animal):", "violin (noun, artifact):",
+                                           "run (verb, motion):", "happy (adjective):")
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    seed: int = 0
+    data: DataSettings = field(default_factory=DataSettings)
+    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+# ---------------------------------------------------------------- config
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    """Read a pretrain TOML file (None = all defaults) and apply `section.key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise FlexmoeError(f"cannot read pretrain config {path}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise FlexmoeError(f"{path}: invalid TOML ({err})") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(PretrainConfig, raw, where=str(path or "defaults"))
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise FlexmoeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word is a string
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = parsed
+
+
+def _build(cls, raw: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise FlexmoeError(f"{where}: unknown key {key!r} (valid: {', '.join(known)})")
+        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING \
+            else known[key].default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise FlexmoeError(f"{where}: [{key}] must be a table")
+            values[key] = _build(type(default), value, f"{where} [{key}]")
+        else:
+            values[key] = _coerce(value, default, f"{where}: key {key!r}")
+    config = cls(**values)
+    _validate(config, where)
+    return config
+
+
+def _coerce(value, default, where: str):
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise FlexmoeError(f"{where} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _validate(config, where: str) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise FlexmoeError(f"{where}: key {f.name!r} must not be negative, got {value}")
+    if isinstance(config, TrainSettings):
+        if config.precision not in ("bf16", "fp32"):
+            raise FlexmoeError(f"{where}: precision must be 'bf16' or 'fp32', got {config.precision!r}")
+        if min(config.steps, config.batch_size, config.seq_len) < 1:
+            raise FlexmoeError(f"{where}: steps, batch_size and seq_len must be at least 1")
+    if isinstance(config, ModelSettings):
+        if config.hidden_size % config.num_attention_heads:
+            raise FlexmoeError(f"{where}: hidden_size must be a multiple of num_attention_heads")
+        if not 1 <= config.num_experts_per_tok <= config.num_experts:
+            raise FlexmoeError(f"{where}: num_experts_per_tok must be in 1..num_experts")
+    if isinstance(config, TokenizerSettings) and config.vocab_size < 300:
+        raise FlexmoeError(f"{where}: vocab_size must be at least 300 (256 bytes + specials + merges)")
+
+
+def config_to_toml(config: PretrainConfig) -> str:
+    """The resolved config as TOML (stored next to the model so it can be re-run)."""
+    lines = [f"seed = {config.seed}"]
+    for section in ("data", "tokenizer", "model", "train", "eval"):
+        lines.append(f"\n[{section}]")
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+# ---------------------------------------------------------------- data
+
+def read_documents(source: str, split: str) -> list[str]:
+    """Documents of `source`: the builtin WordNet corpus split, or one document per line of a file."""
+    if source == "builtin":
+        from flexmoe.data import builtin_corpus
+        return builtin_corpus(split)
+    path = Path(source)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise FlexmoeError(f"cannot read corpus file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise FlexmoeError(f"corpus file {path} is not UTF-8 text") from None
+    documents = [line.strip() for line in lines if line.strip()]
+    if not documents:
+        raise FlexmoeError(f"corpus file {path} has no documents (one per line expected)")
+    return documents
+
+
+def train_tokenizer(documents: list[str], settings: TokenizerSettings):
+    """Byte-level BPE trained on `documents`, wrapped as a Hugging Face fast tokenizer.
+
+    Byte-level means any text encodes without an unknown token. No special token is added
+    implicitly; callers add <|bos|>/<|eos|> where they need them.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
+        special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD, model_max_length=1 << 30)
+
+
+def pack_documents(documents: list[str], tokenizer, seq_len: int, seed: int) -> torch.Tensor:
+    """Shuffle documents (seeded), encode each as bos + text + eos, cut the stream into rows."""
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
+    encoded = tokenizer([documents[i] for i in order], add_special_tokens=False)["input_ids"]
+    stream = [token for ids in encoded for token in (tokenizer.bos_token_id, *ids, tokenizer.eos_token_id)]
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise FlexmoeError(f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def batch_at(rows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Rows for optimiser step `step`: epoch-wise seeded permutations, a pure function of step."""
+    n = rows.shape[0]
+    picks = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, index = divmod(position, n)
+        picks.append(_epoch_order(n, seed, epoch)[index])
+    return rows[torch.tensor(picks)]
+
+
+_ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _ORDER_CACHE:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+        _ORDER_CACHE[key] = torch.randperm(n, generator=generator).tolist()
+    return _ORDER_CACHE[key]
+
+
+# ---------------------------------------------------------------- model
+
+def build_model(settings: ModelSettings, tokenizer, seed: int):
+    """A freshly initialised qwen2_moe causal LM: every layer sparse, gated shared expert, tied embeddings."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.shared_expert_intermediate_size,  # unused: no dense layer
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        num_key_value_heads=settings.num_key_value_heads,
+        max_position_embeddings=settings.max_position_embeddings,
+        num_experts=settings.num_experts,
+        num_experts_per_tok=settings.num_experts_per_tok,
+        moe_intermediate_size=settings.moe_intermediate_size,
+        shared_expert_intermediate_size=settings.shared_expert_intermediate_size,
+        norm_topk_prob=settings.norm_topk_prob,
+        router_aux_loss_coef=settings.router_aux_loss_coef,
+        initializer_range=settings.initializer_range,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2MoeForCausalLM(config)
+
+
+def lr_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    span = max(1, settings.steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / span)
+    return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and expert tensors only, not on norms, biases or embeddings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(settings.beta1, settings.beta2))
+
+
+def train_step(model, optimizer, batch: torch.Tensor, step: int, settings: TrainSettings) -> dict:
+    """One optimiser step on LM loss + router load-balancing loss; returns the step's metrics."""
+    for group in optimizer.param_groups:
+        group["lr"] = settings.lr * lr_factor(step, settings)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+        out = model(input_ids=batch, labels=batch, output_router_logits=True)
+    out.loss.backward()  # transformers already added router_aux_loss_coef * aux_loss
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    aux = float(out.aux_loss.detach())
+    return {"loss": float(out.loss.detach()) - model.config.router_aux_loss_coef * aux, "aux_loss": aux,
+            "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]}
+
+
+# ---------------------------------------------------------------- run
+
+def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
+             log=print) -> Path:
+    """Train the tokenizer and model of `config` into `output` (an HF model dir); returns it.
+
+    A checkpoint is written every `checkpoint_every` steps; `resume=True` continues from it.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.seed)
+    tokenizer = _tokenizer_for(config, output, resume, log)
+    train_docs = read_documents(config.data.corpus, "train")
+    rows = pack_documents(train_docs, tokenizer, config.train.seq_len, config.seed)
+    heldout_docs = read_documents(config.data.heldout, "heldout")[: config.train.eval_docs]
+    log(f"corpus: {len(train_docs)} documents, {rows.numel()} tokens in {rows.shape[0]} rows "
+        f"of {config.train.seq_len}; vocab {len(tokenizer)}")
+
+    model = build_model(config.model, tokenizer, config.seed)
+    optimizer = make_optimizer(model, config.train)
+    state = _load_checkpoint(output, model, optimizer) if resume else {"step": 0, "seconds": 0.0}
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"starting at step {state['step']} of {config.train.steps}")
+    _train_loop(model, optimizer, rows, heldout_docs, tokenizer, config, output, state, log)
+    _save_model(model, tokenizer, output)
+    _write_summary(output, config, rows, state, train_docs)
+    (output / CHECKPOINT).unlink(missing_ok=True)
+    return output
+
+
+def _tokenizer_for(config: PretrainConfig, output: Path, resume: bool, log):
+    from transformers import AutoTokenizer
+
+    if resume and (output / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(output, local_files_only=True)
+    started = time.time()
+    tokenizer = train_tokenizer(read_documents(config.data.corpus, "train"), config.tokenizer)
+    tokenizer.save_pretrained(output)
+    (output / CONFIG_COPY).write_text(config_to_toml(config), encoding="utf-8")
+    log(f"tokenizer: BPE vocab {len(tokenizer)} trained in {time.time() - started:.1f}s")
+    return tokenizer
+
+
+def _train_loop(model, optimizer, rows, heldout_docs, tokenizer, config, output, state, log) -> None:
+    from flexmoe.eval.knowledge import heldout_loss
+
+    settings = config.train
+    model.train()
+    window_start, window_tokens = time.time(), 0
+    for step in range(state["step"], settings.steps):
+        step_start = time.time()
+        metrics = train_step(model, optimizer, batch_at(rows, step, settings.batch_size, config.seed),
+                             step, settings)
+        state["seconds"] += time.time() - step_start
+        state["step"] = step + 1
+        window_tokens += settings.batch_size * settings.seq_len
+        done = state["step"] == settings.steps
+        if state["step"] % settings.log_every == 0 or done:
+            metrics.update(step=state["step"], tokens_per_s=window_tokens / (time.time() - window_start),
+                           train_seconds=round(state["seconds"], 1))
+            if settings.eval_every and (state["step"] % settings.eval_every == 0 or done):
+                model.eval()
+                metrics["heldout_loss"] = heldout_loss(model, tokenizer, heldout_docs, max_length=settings.seq_len)
+                model.train()
+            _append_log(output, metrics)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            window_start, window_tokens = time.time(), 0
+        if state["step"] % settings.checkpoint_every == 0 and not done:
+            _save_checkpoint(output, model, optimizer, state)
+    model.eval()
+
+
+def _append_log(output: Path, metrics: dict) -> None:
+    with open(output / TRAIN_LOG, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(metrics) + "\n")
+
+
+def _save_checkpoint(output: Path, model, optimizer, state: dict) -> None:
+    temporary = output / (CHECKPOINT + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)},
+               temporary)
+    os.replace(temporary, output / CHECKPOINT)
+
+
+def _load_checkpoint(output: Path, model, optimizer) -> dict:
+    path = output / CHECKPOINT
+    if not path.is_file():
+        raise FlexmoeError(f"--resume: no checkpoint at {path}")
+    checkpoint = torch.load(path, weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["state"]
+
+
+def _save_model(model, tokenizer, output: Path) -> None:
+    """Write bf16 weights + config + tokenizer to a scratch dir, then move each file into place."""
+    scratch = output / ".saving"
+    shutil.rmtree(scratch, ignore_errors=True)
+    model.config.use_cache = True
+    model.to(torch.bfloat16).save_pretrained(scratch)  # bf16 storage halves the shipped size
+    model.to(torch.float32)
+    tokenizer.save_pretrained(scratch)
+    for item in scratch.iterdir():
+        os.replace(item, output / item.name)
+    scratch.rmdir()
+
+
+def _write_summary(output: Path, config: PretrainConfig, rows, state: dict, train_docs) -> None:
+    tokens = config.train.steps * config.train.batch_size * config.train.seq_len
+    summary = {
+        "steps": config.train.steps,
+        "tokens_seen": tokens,
+        "corpus_tokens": rows.numel(),
+        "corpus_documents": len(train_docs),
+        "epochs": round(tokens / rows.numel(), 2),
+        "train_seconds": round(state["seconds"], 1),
+        "tokens_per_second": round(tokens / max(state["seconds"], 1e-9), 1),
+        "precision": config.train.precision,
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    temporary = output / (TRAIN_SUMMARY + ".tmp")
+    temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, output / TRAIN_SUMMARY)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
