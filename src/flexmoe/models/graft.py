@@ -98,7 +98,7 @@ class ExpertGraft(nn.Module):
         self.output_scale = layer.output_scale
         self.clone_input = layer.family.jitters_in_place
         self.enabled = True
-        self.pending_inputs: list[torch.Tensor] = []  # block inputs between the pre- and post-hook
+        self.pending_input: torch.Tensor | None = None  # the block input, from the pre- to the post-hook
 
     @property
     def k(self) -> int:
@@ -479,14 +479,15 @@ def _stash_input(block, args, kwargs):
     if module.enabled:
         x = args[0] if args else next(iter(kwargs.values()))
         # mixtral/phimoe multiply the block input in place in train mode: keep the original
-        module.pending_inputs.append(x.clone() if module.clone_input and block.training else x)
+        module.pending_input = x.clone() if module.clone_input and block.training else x
 
 
 def _add_branch(block, args, kwargs, output):
     module = getattr(block, GRAFT)
-    if not module.enabled or not module.pending_inputs:
+    x, module.pending_input = module.pending_input, None
+    if not module.enabled or x is None:
         return output
-    branch = module(module.pending_inputs.pop())
+    branch = module(x)
     if isinstance(output, tuple):
         return (output[0] + branch, *output[1:])
     return output + branch
