@@ -1,0 +1,194 @@
+"""`flexmoe pretrain` on a tiny synthetic corpus: tokenizer, packing, schedule, resume, card."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexmoe.commands import pretrain as pretrain_command
+from flexmoe.errors import FlexmoeError
+from flexmoe.pretrain.card import document_domain, evaluate_and_write_card, unigram_loss
+from flexmoe.pretrain.train import (
+    EOS,
+    TokenizerSettings,
+    TrainSettings,
+    batch_at,
+    load_config,
+    lr_factor,
+    pack_documents,
+    pretrain,
+    train_tokenizer,
+)
+
+WORDS = ["stone", "river", "light", "bird", "song", "tree", "cold", "bright", "small", "green"]
+DOMAINS = ["animal", "plant", "artifact"]
+
+
+def _documents(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(WORDS)}{i} (noun, {rng.choice(DOMAINS)}): a {rng.choice(WORDS)} "
+            f"{rng.choice(WORDS)} that is {rng.choice(WORDS)}. It is a kind of {rng.choice(WORDS)}."
+            for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    (directory / "train.txt").write_text("\n".join(_documents(300, 0)) + "\n", encoding="utf-8")
+    (directory / "heldout.txt").write_text("\n".join(_documents(40, 1)) + "\n", encoding="utf-8")
+    return directory
+
+
+def _tiny_overrides(corpus_files, steps: int = 6) -> list[str]:
+    return [f"data.corpus={json.dumps(str(corpus_files / 'train.txt'))}",
+            f"data.heldout={json.dumps(str(corpus_files / 'heldout.txt'))}", 'data.probes="none"',
+            "tokenizer.vocab_size=320", "model.hidden_size=32", "model.num_hidden_layers=2",
+            "model.num_attention_heads=2", "model.num_key_value_heads=2", "model.moe_intermediate_size=16",
+            "model.shared_expert_intermediate_size=32", "model.max_position_embeddings=64",
+            f"train.steps={steps}", "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2",
+            "train.log_every=1", "train.eval_every=3", "train.eval_docs=10", "train.checkpoint_every=3",
+            "train.lr=0.01", 'eval.generation_prompts=["stone1 (noun, animal):"]', "eval.max_new_tokens=5",
+            "eval.batch_size=8"]
+
+
+def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    documents = _documents(200, 0)
+    tokenizer = train_tokenizer(documents, TokenizerSettings(vocab_size=300))
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+    assert len(loaded) == 300 and loaded.eos_token == EOS
+    text = "river7 (noun, plant): ünïcode — is byte-level"
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert loaded.decode(ids) == text and 1 not in ids and 2 not in ids
+    again = train_tokenizer(documents, TokenizerSettings(vocab_size=300))
+    assert again.get_vocab() == tokenizer.get_vocab()  # same corpus -> same tokenizer
+
+
+def test_packing_keeps_every_document_whole_and_in_order():
+    documents = _documents(50, 3)
+    tokenizer = train_tokenizer(documents, TokenizerSettings(vocab_size=300))
+    rows = pack_documents(documents, tokenizer, seq_len=16, seed=0)
+    stream = rows.reshape(-1).tolist()
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0)).tolist()
+    expected = []
+    for index in order:
+        expected += [1] + tokenizer(documents[index], add_special_tokens=False)["input_ids"] + [2]
+    assert rows.shape[1] == 16 and stream == expected[: len(stream)] and len(expected) - len(stream) < 16
+
+
+def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch():
+    rows = torch.arange(10).unsqueeze(1)
+    first_epoch = torch.cat([batch_at(rows, step, 2, seed=4) for step in range(5)]).reshape(-1)
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    assert torch.equal(batch_at(rows, 7, 2, seed=4), batch_at(rows, 7, 2, seed=4))
+    assert not torch.equal(first_epoch, torch.cat([batch_at(rows, s, 2, seed=5) for s in range(5)]).reshape(-1))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    settings = TrainSettings(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, settings) == pytest.approx(0.1) and lr_factor(9, settings) == pytest.approx(1.0)
+    assert lr_factor(10, settings) == pytest.approx(1.0) and lr_factor(55, settings) == pytest.approx(0.55)
+    assert lr_factor(100, settings) == pytest.approx(0.1)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(FlexmoeError, match="stepz"):
+        load_config(bad)
+    with pytest.raises(FlexmoeError, match="precision"):
+        load_config(None, ['train.precision="fp8"'])
+    with pytest.raises(FlexmoeError, match="lr"):
+        load_config(None, ['train.lr="fast"'])
+    with pytest.raises(FlexmoeError, match="KEY=VALUE"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(FlexmoeError, match="does-not-exist"):
+        load_config(tmp_path / "does-not-exist.toml")
+    assert load_config(None, ["train.steps=7", "seed=3"]).train.steps == 7
+
+
+def test_shipped_pretrain_config_parses():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pretrain-tiny.toml")
+    assert config.model.num_experts == 8 and config.model.num_experts_per_tok == 2
+    assert config.data.corpus == "builtin" and config.train.precision == "bf16"
+
+
+@pytest.mark.slow
+def test_pretrain_smoke_resume_and_card(corpus_files, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(None, _tiny_overrides(corpus_files))
+    straight = pretrain(config, tmp_path / "straight", log=lambda line: None)
+
+    def crash_at_step_5(line: str) -> None:
+        if "step=5 " in line:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, tmp_path / "resumed", log=crash_at_step_5)
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
+    pretrain(config, tmp_path / "resumed", resume=True, log=lambda line: None)
+    weights = load_file(straight / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert weights.keys() == resumed.keys()
+    assert all(torch.equal(weights[key], resumed[key]) for key in weights)  # resume is exact
+    assert not (straight / "checkpoint.pt").exists()
+
+    model = AutoModelForCausalLM.from_pretrained(straight, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(straight, local_files_only=True)
+    assert model.config.model_type == "qwen2_moe" and model.config.tie_word_embeddings
+    assert next(iter(weights.values())).dtype == torch.bfloat16
+    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(1, 7)) and log[-1]["loss"] < log[0]["loss"]
+
+    evaluation = evaluate_and_write_card(straight, config, log=lambda line: None)
+    card = (straight / "README.md").read_text()
+    assert f"{evaluation['heldout']['perplexity']:.1f}" in card and "qwen2_moe" in card
+    assert evaluation["heldout"]["loss"] < evaluation["heldout"]["ln_vocab"]
+    assert set(evaluation["routing"]) >= {"all", "noun.animal"}
+    assert json.loads((straight / "evaluation.json").read_text())["heldout"]["loss"] == evaluation["heldout"]["loss"]
+    assert len(tokenizer) == 320
+
+
+def test_unigram_baseline_hand_computed(tmp_path):
+    documents = ["stone river", "stone"]
+    tokenizer = train_tokenizer(documents * 5, TokenizerSettings(vocab_size=300))
+    train_ids = [tokenizer(d, add_special_tokens=False)["input_ids"] + [2] for d in documents]
+    counts = {}
+    for ids in train_ids:
+        for token in ids:
+            counts[token] = counts.get(token, 0) + 1
+    total = sum(counts.values()) + len(tokenizer)
+    heldout = tokenizer("stone", add_special_tokens=False)["input_ids"] + [2]
+    import math
+    expected = -sum(math.log((counts.get(t, 0) + 1) / total) for t in heldout) / len(heldout)
+    assert unigram_loss(tokenizer, documents, ["stone"], max_length=64) == pytest.approx(expected)
+
+
+def test_document_domain():
+    assert document_domain("dog (noun, animal): a member") == "noun.animal"
+    assert document_domain("happy (adjective): enjoying") == "adjective"
+    assert document_domain("wag (verb, motion):") == "verb.motion"
+    assert document_domain("no parentheses here") == "other"
+
+
+def test_command_reports_bad_flags_as_flexmoe_errors(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    pretrain_command.add_arguments(parser)
+    args = parser.parse_args(["--output", str(tmp_path), "--eval-only", "--no-eval"])
+    with pytest.raises(FlexmoeError, match="exclude"):
+        pretrain_command.run(args)
+    args = parser.parse_args(["--output", str(tmp_path / "new"), "--resume", "--no-eval",
+                              "--set", "data.corpus=/nonexistent/corpus.txt"])
+    with pytest.raises(FlexmoeError):
+        pretrain_command.run(args)
