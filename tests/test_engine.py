@@ -223,3 +223,43 @@ def test_trainable_state_is_fully_reloaded_per_client(model_dir, tmp_path):
     run(model_dir, tmp_path / "b", "method=flex", "rounds=1", "clients_per_round=4")
     everyone = {r["client"]: r["loss"] for r in metrics(tmp_path / "b") if r["kind"] == "train"}
     assert all(everyone[c] == loss for c, loss in first.items())
+
+
+@pytest.mark.slow
+def test_cli_run_killed_mid_way_resumes_to_the_uninterrupted_metrics(model_dir, tmp_path):
+    """A real `flexmoe run` process, SIGKILLed once round 1 is committed, then `--resume`d."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(e.__dict__) + "\n" for e in synthetic_examples()))
+    settings = [f"model={model_dir}", f"data.source={data}", "rounds=3", "num_clients=4", "clients_per_round=2",
+                "train.local_steps=3", "train.batch_size=4", "train.max_length=64", "lora.r=2",
+                "flex.calibration_examples=4", "eval.max_test_examples=2", "eval.max_new_tokens=4",
+                "eval.knowledge=false", "data.test_fraction=0.2"]
+    command = [sys.executable, "-m", "flexmoe.cli", "run", "--quiet"]
+    for item in settings:
+        command += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    subprocess.run(command + ["--output-dir", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+
+    victim = subprocess.Popen(command + ["--output-dir", str(tmp_path / "cut")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while victim.poll() is None and time.monotonic() < deadline:
+        if log.exists() and '"kind": "server", "lr"' in log.read_text():  # round 1 has committed
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    cut = metrics(tmp_path / "cut")
+    assert cut[-1]["round"] < 3, "the run finished before it could be killed"
+    resumed = subprocess.run([sys.executable, "-m", "flexmoe.cli", "run", "--quiet", "--resume", str(tmp_path / "cut")],
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "report:" in resumed.stdout
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")

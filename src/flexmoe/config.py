@@ -106,6 +106,13 @@ class EvalConfig(_Section):
     knowledge_max_length: int = Field(128, ge=8)
 
 
+class RuntimeConfig(_Section):
+    # torch intra-op threads; 0 = torch's default. One thread is the robust choice for the
+    # tiny models on a shared CPU: two busy-waiting threads competing with other processes
+    # ran 10x slower than one here.
+    threads: int = Field(1, ge=0)
+
+
 class RunConfig(_Section):
     method: Literal[METHODS] = "flex"
     rounds: int = Field(5, ge=1)
@@ -121,6 +128,7 @@ class RunConfig(_Section):
     scaffold: ScaffoldConfig = ScaffoldConfig()
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _clients_fit(self) -> RunConfig:

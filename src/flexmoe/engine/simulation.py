@@ -79,6 +79,15 @@ class Simulation:
     # ---- the run ---------------------------------------------------------------------------
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Train through `config.rounds` (or stop after round `stop_after`); returns the summary."""
+        threads = torch.get_num_threads()
+        if self.config.runtime.threads:
+            torch.set_num_threads(self.config.runtime.threads)
+        try:
+            return self._run(resume, stop_after)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, resume: bool, stop_after: int | None) -> dict:
         started = time.monotonic()
         self._setup()
         if resume:
