@@ -5,6 +5,7 @@ gives the same metrics; a resumed run (after a stop or a crash mid-round) ends i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,7 @@ def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path,
         return blob
 
     monkeypatch.setattr(simulation, "serialize", recording_serialize)
-    run(model_dir, tmp_path, "method=flex")
+    summary = run(model_dir, tmp_path, "method=flex", "eval.knowledge=true", "eval.knowledge_max_docs=4")
     assert sent
     for keys, _ in sent:
         assert keys and all("lora_" in k for k in keys)
@@ -131,9 +132,33 @@ def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path,
     uploads = [len(blob) for _, blob in sent[1:3]]  # round 1 serialises: the download, then two uploads
     assert [r["bytes_up"] for r in train[:2]] == uploads
     assert all(r["bytes_down"] == len(sent[0][1]) for r in train[:2])
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 4
+    for r in evals:  # 8 experts: balanced routing has entropy ln 8
+        assert r["knowledge_loss"] > 0 and 0 <= r["routing_entropy"] <= math.log(8) + 1e-9
+        assert 0 <= r["expert_load_std"] <= 1
+    assert summary["knowledge_loss"] == pytest.approx(sum(r["knowledge_loss"] for r in evals) / 4)
+    assert records[0]["round"] == 0 and records[0]["knowledge_loss_base"] > 0
     for client in range(4):
         personal = tmp_path / "clients" / str(client) / "personal.safetensors"
         assert personal.is_file() and (tmp_path / "clients" / str(client) / "selection.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    ("flex.federate_routers=true",), ("flex.gate=\"none\"",), ("flex.selection=\"random\"", "flex.k=2"),
+    ("flex.selection=\"frequency\"", "flex.aggregator=\"fedadam\""),
+], ids=["routers", "nogate", "random-k2", "frequency-fedadam"])
+def test_flex_options_run_and_keep_personal_state_home(model_dir, tmp_path, monkeypatch, options):
+    sent: list[set] = []
+    monkeypatch.setattr(simulation, "serialize", lambda t, m=None: sent.append(set(t)) or serialize(t, m))
+    run(model_dir, tmp_path, "method=flex", "rounds=1", *options)
+    keys = set().union(*sent)
+    assert not any("graft" in k for k in keys)
+    routers = {k for k in keys if k.endswith("mlp.gate.weight")}
+    assert bool(routers) == ("flex.federate_routers=true" in options)
+    selection = json.loads((tmp_path / "clients" / "0" / "selection.json").read_text())
+    assert selection["k"] == (2 if "flex.k=2" in options else 1)
 
 
 def test_fedprox_with_zero_mu_equals_fedavg(model_dir, tmp_path):

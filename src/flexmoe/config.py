@@ -104,6 +104,7 @@ class EvalConfig(_Section):
     knowledge: bool = True
     knowledge_max_docs: int = Field(64, ge=1)
     knowledge_max_length: int = Field(128, ge=8)
+    routing: bool = True  # expert-load std and routing entropy on the held-out corpus (needs knowledge)
 
 
 class RuntimeConfig(_Section):

@@ -23,11 +23,11 @@ class LogProgress(Progress):
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
+        self.t0 = self.round_t0 = time.monotonic()
         self.rounds = self.first = self.round = 0
 
     def start(self, rounds: int, first_round: int) -> None:
-        self.rounds, self.first, self.t0 = rounds, first_round, time.monotonic()
+        self.rounds, self.first, self.round_t0 = rounds, first_round, time.monotonic()
 
     def round_started(self, round_index: int, clients: list[int]) -> None:
         self.round = round_index
@@ -43,7 +43,7 @@ class LogProgress(Progress):
         done = self.round - self.first
         if done <= 0:
             return ""
-        elapsed = time.monotonic() - self.t0
+        elapsed = time.monotonic() - self.round_t0
         return f" (eta {elapsed / done * (self.rounds - self.round + 1):.0f}s)"
 
     def _print(self, text: str) -> None:

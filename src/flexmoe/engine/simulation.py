@@ -169,8 +169,9 @@ class Simulation:
         cfg = self.config
         for client in self.clients:
             self.progress.message(f"grafting client {client.client_id}")
-            calibration = [torch.tensor(f["input_ids"]).unsqueeze(0)
-                           for f in client.features[: cfg.flex.calibration_examples]]
+            sample = client.features[: cfg.flex.calibration_examples]
+            calibration = [self._collate(sample[i : i + cfg.train.batch_size])  # padding is masked out
+                           for i in range(0, len(sample), cfg.train.batch_size)]
             selection = self.method.personalize(self.model, calibration, seed=derived_seed(cfg.seed, client.client_id))
             self.store.save_selection(client.client_id, selection)
             save_personal(self.model, self.store.dir(client.client_id) / "personal.safetensors")
@@ -179,7 +180,8 @@ class Simulation:
         """Held-out loss of the untouched base, the reference for knowledge retention."""
         if not self.config.eval.knowledge:
             return {}
-        return {"knowledge_loss_base": self._knowledge(self.model)[0]}
+        loss, routing = self._knowledge(self.model)
+        return {"knowledge_loss_base": loss, **{f"{key}_base": value for key, value in routing.items()}}
 
     # ---- one round -------------------------------------------------------------------------
     def _round(self, round_index: int) -> None:
@@ -284,18 +286,30 @@ class Simulation:
         return record
 
     def _knowledge(self, model: nn.Module) -> tuple[float, dict]:
-        """Held-out LM loss on the builtin held-out corpus, with routing statistics of that pass."""
+        """Held-out LM loss on the builtin held-out corpus, plus routing statistics on it."""
         from flexmoe.data import builtin_corpus
         from flexmoe.eval.knowledge import heldout_loss
 
         ev = self.config.eval
         docs = builtin_corpus("heldout")[: ev.knowledge_max_docs]
-        counter = _routing_counter(model)
-        if counter is None:
-            return heldout_loss(model, self.tokenizer, docs, ev.knowledge_max_length, ev.batch_size), {}
-        with counter:
-            loss = heldout_loss(model, self.tokenizer, docs, ev.knowledge_max_length, ev.batch_size)
-        return loss, _routing_summary(counter)
+        loss = heldout_loss(model, self.tokenizer, docs, ev.knowledge_max_length, ev.batch_size)
+        return loss, self._routing(model, docs) if ev.routing else {}
+
+    def _routing(self, model: nn.Module, docs: list[str]) -> dict:
+        """Expert-load std and routing entropy (nats), averaged over MoE layers, padding excluded."""
+        from flexmoe.eval.routing import RoutingCounter
+
+        ev = self.config.eval
+        with RoutingCounter(model) as counter:
+            for start in range(0, len(docs), ev.batch_size):
+                enc = self.tokenizer(docs[start : start + ev.batch_size], return_tensors="pt", padding=True,
+                                     truncation=True, max_length=ev.knowledge_max_length)
+                counter.observe(enc["input_ids"], enc["attention_mask"])
+        names = [layer.name for layer in counter.layers]
+        return {
+            "expert_load_std": _mean([counter.load_std(n) for n in names]),
+            "routing_entropy": _mean([counter.entropy(n) for n in names]),
+        }
 
     # ---- model state -----------------------------------------------------------------------
     def _shared_params(self) -> dict[str, nn.Parameter]:
@@ -342,6 +356,8 @@ class Simulation:
             "rouge_l_avg": last_eval.get("rouge_l_avg"),
             "knowledge_loss": last_eval.get("knowledge_loss"),
             "knowledge_loss_base": base,
+            "expert_load_std": last_eval.get("expert_load_std"),
+            "routing_entropy": last_eval.get("routing_entropy"),
             "bytes_up": sum(r["bytes_up"] for r in servers),
             "bytes_down": sum(r["bytes_down"] for r in servers),
             "train_loss": servers[-1]["train_loss"] if servers else None,
@@ -384,18 +400,7 @@ def _per_client(records: list[dict]) -> dict[str, dict]:
         elif r["kind"] == "eval":
             row = table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
             row["rouge_l"] = r["rouge_l"]
-            if "knowledge_loss" in r:
-                row["knowledge_loss"] = r["knowledge_loss"]
+            for key in ("knowledge_loss", "expert_load_std", "routing_entropy"):
+                if key in r:
+                    row[key] = r[key]
     return table
-
-
-def _routing_counter(model: nn.Module):
-    try:
-        from flexmoe.eval.routing import RoutingCounter
-    except ImportError:  # routing statistics are optional extras of the report
-        return None
-    return RoutingCounter(model)
-
-
-def _routing_summary(counter) -> dict:
-    return {"expert_load_std": float(counter.load_std()), "routing_entropy": float(counter.entropy())}
