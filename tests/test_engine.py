@@ -169,6 +169,7 @@ def test_fedprox_with_zero_mu_equals_fedavg(model_dir, tmp_path):
     assert metrics(tmp_path / "prox") != metrics(tmp_path / "avg")
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(model_dir, tmp_path):
     run(model_dir, tmp_path / "a")
     run(model_dir, tmp_path / "b")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from flexmoe.engine.progress import make_progress
     from flexmoe.engine.simulation import Simulation
 
+    # PEFT calls a transformers method deprecated in 5.x; the warning says nothing to our users
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     progress = make_progress(args.quiet)
     if args.resume:
         if args.config or args.overrides or args.output_dir:

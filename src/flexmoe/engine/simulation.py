@@ -26,7 +26,7 @@ from torch import nn
 from flexmoe.config import RunConfig, load_config, save_config
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.rundir import (
-    ClientStore, MetricsLog, cpu_clone, load_server, save_server, save_tensors_atomic, write_text_atomic,
+    ClientStore, MetricsLog, cpu_clone, is_run_dir, load_server, save_server, save_tensors_atomic, write_text_atomic,
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.comm import deserialize, serialize
@@ -72,7 +72,7 @@ class Simulation:
     @classmethod
     def resume(cls, run_dir: Path, progress: Progress | None = None, stop_after: int | None = None) -> dict:
         run_dir = Path(run_dir)
-        if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / "checkpoints" / "server.safetensors").is_file():
+        if not is_run_dir(run_dir):
             raise FlexmoeError(f"{run_dir}: not a resumable run directory (no {CONFIG_FILE} or checkpoint)")
         return cls(load_config(run_dir / CONFIG_FILE), run_dir, progress).run(resume=True, stop_after=stop_after)
 
