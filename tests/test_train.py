@@ -119,6 +119,14 @@ def test_same_seed_same_training_and_loss_falls():
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
 
 
+def test_bf16_autocast_trains_close_to_fp32():
+    fp32 = sgd_step("train.batch_size=4")
+    bf16 = sgd_step("train.batch_size=4", 'train.precision="bf16"')
+    start = tiny_model("qwen2_moe").lm_head.weight.detach()
+    assert not torch.equal(fp32, bf16)
+    torch.testing.assert_close(bf16 - start, fp32 - start, rtol=0.05, atol=2e-3)
+
+
 def test_cosine_schedule_over_rounds():
     config = train_config("train.lr=0.1", "train.min_lr_ratio=0.1")
     assert cosine_lr(config, 1, 5) == pytest.approx(0.1)

@@ -51,7 +51,7 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(256, ge=8)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = CPU autocast over fp32 weights (~1.5x faster here)
 
 
 class LoraConfig(_Section):

@@ -115,8 +115,7 @@ class Simulation:
         from flexmoe.models import load_base
 
         cfg = self.config
-        dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
-        self.model, self.tokenizer = load_base(cfg.model, dtype=dtype)
+        self.model, self.tokenizer = load_base(cfg.model)
         parts = self._partition()
         self.clients = []
         for part in parts:

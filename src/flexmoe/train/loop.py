@@ -82,7 +82,9 @@ def local_train(
     model.train()
     total_loss, total_tokens = 0.0, 0
     for step in range(1, steps + 1):
-        loss_sum, tokens = _accumulate(model, [collate(next(batches)) for _ in range(config.grad_accum)])
+        micro_batches = [collate(next(batches)) for _ in range(config.grad_accum)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss_sum, tokens = _accumulate(model, micro_batches)
         _apply_hooks(params, hooks, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
