@@ -192,3 +192,13 @@ def test_command_reports_bad_flags_as_flexmoe_errors(tmp_path):
                               "--set", "data.corpus=/nonexistent/corpus.txt"])
     with pytest.raises(FlexmoeError):
         pretrain_command.run(args)
+
+
+def test_resume_refuses_a_missing_checkpoint_or_a_changed_config(corpus_files, tmp_path):
+    config = load_config(None, _tiny_overrides(corpus_files))
+    with pytest.raises(FlexmoeError, match="no checkpoint"):
+        pretrain(config, tmp_path, resume=True)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "pretrain-config.toml").write_text("seed = 99\n")
+    with pytest.raises(FlexmoeError, match="config differs"):
+        pretrain(config, tmp_path, resume=True)

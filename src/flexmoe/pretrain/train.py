@@ -364,6 +364,8 @@ def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
+    if resume:
+        _check_resumable(config, output)
     tokenizer = _tokenizer_for(config, output, resume, log)
     train_docs = read_documents(config.data.corpus, "train")
     rows = pack_documents(train_docs, tokenizer, config.train.seq_len, config.seed)
@@ -381,6 +383,15 @@ def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
     _write_summary(output, config, rows, state, train_docs)
     (output / CHECKPOINT).unlink(missing_ok=True)
     return output
+
+
+def _check_resumable(config: PretrainConfig, output: Path) -> None:
+    """A run resumes only from its own checkpoint, under exactly the config it started with."""
+    if not (output / CHECKPOINT).is_file():
+        raise FlexmoeError(f"--resume: no checkpoint at {output / CHECKPOINT}")
+    stored = output / CONFIG_COPY
+    if not stored.is_file() or stored.read_text(encoding="utf-8") != config_to_toml(config):
+        raise FlexmoeError(f"--resume: the config differs from the one {output} was started with ({stored})")
 
 
 def _tokenizer_for(config: PretrainConfig, output: Path, resume: bool, log):
@@ -438,10 +449,7 @@ def _save_checkpoint(output: Path, model, optimizer, state: dict) -> None:
 
 
 def _load_checkpoint(output: Path, model, optimizer) -> dict:
-    path = output / CHECKPOINT
-    if not path.is_file():
-        raise FlexmoeError(f"--resume: no checkpoint at {path}")
-    checkpoint = torch.load(path, weights_only=True)
+    checkpoint = torch.load(output / CHECKPOINT, weights_only=True)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint["state"]
