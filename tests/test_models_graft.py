@@ -52,7 +52,8 @@ def block_inputs_and_routed_outputs(model, batches):
 
 
 def routed_scale(model) -> float:
-    return getattr(model.config, "routed_scaling_factor", 1.0) if model.config.model_type.startswith("deepseek") else 1.0
+    deepseek = model.config.model_type.startswith("deepseek")
+    return getattr(model.config, "routed_scaling_factor", 1.0) if deepseek else 1.0
 
 
 def restricted_weights(layer, x, subset):

@@ -17,6 +17,7 @@ from flexmoe.models import (
     lora_module_names,
     moe_layers,
     select_experts,
+    set_routers_trainable,
     set_shared_state,
     shared_state,
     split_parameters,
@@ -113,3 +114,16 @@ def test_shared_state_round_trip():
     assert all(torch.equal(v, state[k]) for k, v in shared_state(wrapped).items())
     with pytest.raises(FlexmoeError, match="missing"):
         set_shared_state(wrapped, dict(list(state.items())[1:]))
+
+
+def test_federated_routers_join_the_shared_part(family):
+    model = tiny_model(family)
+    graft(model, select_experts(model, token_batches()))
+    wrapped = add_lora(model, "attention")
+    names = set_routers_trainable(wrapped)
+    router_attr = FAMILIES[family].router
+    assert len(names) == len(moe_layers(wrapped)) and all(f".{router_attr}." in n for n in names)
+    split = split_parameters(wrapped)
+    assert set(names) <= set(split.shared) and not set(names) & set(split.frozen)
+    set_routers_trainable(wrapped, False)
+    assert set(names) <= set(split_parameters(wrapped).frozen)

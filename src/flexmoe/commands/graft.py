@@ -16,7 +16,8 @@ STRATEGIES = ("reconstruction", "random", "frequency")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="local Hugging Face MoE directory, or 'tiny' (default)")
-    parser.add_argument("--data", default=None, help="instruction data file or directory (default: the builtin dataset)")
+    parser.add_argument("--data", default=None,
+                        help="instruction data file or directory (default: the builtin dataset)")
     parser.add_argument("--format", default=None,
                         help="dolly | alpaca | jsonl | json | parquet | hf (default: from the path)")
     parser.add_argument("--k", type=int, default=1, help="experts grafted per layer (default 1)")
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     batches = _batches(examples, tokenizer, args)
     selection = select_experts(model, batches, k=args.k, strategy=args.strategy, max_tokens=args.max_tokens,
                                seed=args.seed)
-    report = {"model": str(args.model), "data": args.data or "builtin", "examples": len(examples), **selection.to_json()}
+    report = {"model": str(args.model), "data": args.data or "builtin", "examples": len(examples),
+              **selection.to_json()}
     if args.json:
         print(json.dumps(report))
     else:

@@ -23,6 +23,7 @@ from flexmoe.models.lora import (
     add_lora,
     check_lora_placement,
     lora_module_names,
+    set_routers_trainable,
     set_shared_state,
     shared_state,
     split_parameters,
@@ -42,6 +43,6 @@ __all__ = [
     "add_lora", "base_fingerprint", "check_lora_placement", "current_selection", "extract_expert",
     "family_of", "graft", "grafts", "grafts_disabled", "load_base", "load_personal", "lora_module_names",
     "moe_layers", "personal_state", "read_personal", "resolve_model_dir", "save_personal",
-    "select_experts", "set_personal_state", "set_shared_state", "shared_state", "split_parameters",
-    "tiny_path", "ungraft", "unwrap",
+    "select_experts", "set_personal_state", "set_routers_trainable", "set_shared_state", "shared_state",
+    "split_parameters", "tiny_path", "ungraft", "unwrap",
 ]

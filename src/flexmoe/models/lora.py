@@ -106,6 +106,18 @@ def _strip_base_layer(name: str) -> str:
     return re.sub(r"(\.base_layer)+$", "", name)
 
 
+def set_routers_trainable(model: nn.Module, trainable: bool = True) -> list[str]:
+    """Make every MoE router trainable (so it joins the shared, federated part) or freeze it.
+    Returns the router parameter names, as `model.named_parameters()` spells them."""
+    routers = {id(p) for layer in moe_layers(model) for p in layer.router.parameters()}
+    names = []
+    for name, param in model.named_parameters():
+        if id(param) in routers:
+            param.requires_grad_(trainable)
+            names.append(name)
+    return names
+
+
 @dataclasses.dataclass
 class ParameterSplit:
     """A model's named parameters by role: shared (sent), personal (kept on the client), frozen."""
