@@ -98,6 +98,7 @@ class ServerConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(0, ge=0)  # evaluate every N rounds; 0 = only after the last round
+    base: bool = True  # also evaluate the untouched base at round 0, as the reference
     max_test_examples: int = Field(16, ge=1)  # per client
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)

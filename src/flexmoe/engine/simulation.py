@@ -152,13 +152,13 @@ class Simulation:
             raise FlexmoeError(f"{self.run_dir} already holds a run; resume it with --resume or pick another directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run_dir / CONFIG_FILE)
-        reference = self._base_reference()  # before grafting: LoRA starts at zero, so this is the base
+        base_evals, reference = self._base_reference()  # before grafting, with LoRA at zero: the base
         if self.method.grafts:
             self._graft_all_clients()
         self.global_weights = cpu_clone(self._shared_params())
         save_tensors_atomic(self.run_dir / INITIAL_WEIGHTS, self.global_weights)
         self.server_state = self.method.init_server_state(self.global_weights)
-        self.metrics.append([{"round": 0, "kind": "server", **reference}])
+        self.metrics.append([*base_evals, {"round": 0, "kind": "server", **reference}])
         save_server(self.run_dir, 0, self.global_weights, self.server_state)
 
     def _graft_all_clients(self) -> None:
@@ -175,12 +175,17 @@ class Simulation:
             self.store.save_selection(client.client_id, selection)
             save_personal(self.model, self.store.dir(client.client_id) / "personal.safetensors")
 
-    def _base_reference(self) -> dict:
-        """Held-out loss of the untouched base, the reference for knowledge retention."""
-        if not self.config.eval.knowledge:
-            return {}
-        loss, routing = self._knowledge(self.model)
-        return {"knowledge_loss_base": loss, **{f"{key}_base": value for key, value in routing.items()}}
+    def _base_reference(self) -> tuple[list[dict], dict]:
+        """The untouched base on every client's test split (ROUGE-L) and on the held-out corpus
+        (knowledge loss, routing): the reference every method is compared with."""
+        ev = self.config.eval
+        evals = [{"round": 0, "kind": "eval", "client": c.client_id, "rouge_l": self._rouge(c)}
+                 for c in self.clients] if ev.base else []
+        reference = {"rouge_l_avg_base": _mean([e["rouge_l"] for e in evals])} if evals else {}
+        if ev.knowledge:
+            loss, routing = self._knowledge(self.model)
+            reference.update({"knowledge_loss_base": loss, **{f"{k}_base": v for k, v in routing.items()}})
+        return evals, reference
 
     # ---- one round -------------------------------------------------------------------------
     def _round(self, round_index: int) -> None:
@@ -273,16 +278,21 @@ class Simulation:
         self._load_personal(cid)
         self._set_shared(self.method.eval_weights(self.global_weights, client_state))
         self.progress.message(f"round {round_index}: evaluating client {cid}")
-        record = {"round": round_index, "kind": "eval", "client": cid}
-        record["rouge_l"] = personalized_rouge_l(
-            self.model, self.tokenizer, client.test, max_examples=cfg.eval.max_test_examples,
-            template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-            max_prompt_length=cfg.train.max_length,
-        )
+        record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self._rouge(client)}
         if cfg.eval.knowledge:
             record["knowledge_loss"], routing = self._knowledge(self.model)
             record.update(routing)
         return record
+
+    def _rouge(self, client: Client) -> float:
+        from flexmoe.eval.rouge import personalized_rouge_l
+
+        cfg = self.config
+        return personalized_rouge_l(
+            self.model, self.tokenizer, client.test, max_examples=cfg.eval.max_test_examples,
+            template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+            max_prompt_length=cfg.train.max_length,
+        )
 
     def _knowledge(self, model: nn.Module) -> tuple[float, dict]:
         """Held-out LM loss on the builtin held-out corpus, plus routing statistics on it."""
@@ -345,7 +355,7 @@ class Simulation:
         servers = [r for r in records if r["kind"] == "server" and r["round"] > 0]
         evaluated = [r for r in servers if "rouge_l_avg" in r]
         last_eval = evaluated[-1] if evaluated else {}
-        base = next((r.get("knowledge_loss_base") for r in records if r["round"] == 0), None)
+        base = next((r for r in records if r["round"] == 0 and r["kind"] == "server"), {})
         summary = {
             "method": self.config.method,
             "seed": self.config.seed,
@@ -354,7 +364,8 @@ class Simulation:
             "num_clients": self.config.num_clients,
             "rouge_l_avg": last_eval.get("rouge_l_avg"),
             "knowledge_loss": last_eval.get("knowledge_loss"),
-            "knowledge_loss_base": base,
+            "rouge_l_avg_base": base.get("rouge_l_avg_base"),
+            "knowledge_loss_base": base.get("knowledge_loss_base"),
             "expert_load_std": last_eval.get("expert_load_std"),
             "routing_entropy": last_eval.get("routing_entropy"),
             "bytes_up": sum(r["bytes_up"] for r in servers),
@@ -396,6 +407,9 @@ def _per_client(records: list[dict]) -> dict[str, dict]:
             row["bytes_up"] += r["bytes_up"]
             row["bytes_down"] += r["bytes_down"]
             row["rounds_trained"] += 1
+        elif r["kind"] == "eval" and r["round"] == 0:
+            table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
+            table[str(r["client"])]["rouge_l_base"] = r["rouge_l"]
         elif r["kind"] == "eval":
             row = table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
             row["rouge_l"] = r["rouge_l"]
