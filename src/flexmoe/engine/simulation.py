@@ -271,8 +271,6 @@ class Simulation:
 
     # ---- evaluation ------------------------------------------------------------------------
     def _evaluate_client(self, client: Client, round_index: int) -> dict:
-        from flexmoe.eval.rouge import personalized_rouge_l
-
         cfg, cid = self.config, client.client_id
         client_state = {k: v for k, v in self.store.load_state(cid).items() if not k.startswith("optim.")}
         self._load_personal(cid)
