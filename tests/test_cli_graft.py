@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -57,3 +58,14 @@ def test_user_mistakes_exit_2_with_one_line(tiny_model_dir, data_file, tmp_path,
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_choices_follow_the_library():
+    from flexmoe.commands import graft as command
+    from flexmoe.models import STRATEGIES
+    from flexmoe.models.graft import DEFAULT_MAX_TOKENS
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.STRATEGIES == STRATEGIES
+    assert parser.get_default("max_tokens") == DEFAULT_MAX_TOKENS
