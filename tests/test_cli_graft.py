@@ -28,13 +28,12 @@ def test_json_report_matches_the_python_api(tiny_model_dir, data_file, capsys):
     model, tokenizer = load_base(tiny_model_dir)
     features = tokenize_examples(load_examples(data_file), tokenizer, max_length=256)
     batches = [collate(features[i : i + 4], tokenizer.pad_token_id) for i in range(0, 12, 4)]
-    batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
     expected = select_experts(model, batches, k=2)
     assert report["examples"] == 12 and report["k"] == 2 and report["strategy"] == "reconstruction"
     assert {name: entry["experts"] for name, entry in report["layers"].items()} == dict(expected)
     for name, entry in report["layers"].items():
         assert entry["margin"] == pytest.approx(expected.margins[name]) and entry["margin"] >= 0
-        assert entry["tokens"] == int(sum(b["attention_mask"].sum() for b in batches))
+        assert entry["tokens"] == int(sum((b["labels"] != -100).sum() for b in batches))  # response tokens
 
 
 def test_table_names_every_layer(tiny_model_dir, data_file, capsys):

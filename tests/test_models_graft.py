@@ -167,6 +167,23 @@ def test_selection_ignores_padding():
                                    rtol=1e-4, atol=1e-7)
 
 
+def test_selection_calibrates_on_supervised_tokens_when_labels_are_given(batches):
+    model = tiny_model("qwen2_moe")
+    labels = [ids.clone() for ids in batches]
+    for label in labels:
+        label[:, :5] = -100  # a masked-out prompt
+    selection = select_experts(model, [{"input_ids": i, "labels": lab} for i, lab in zip(batches, labels)],
+                               max_tokens=ALL_TOKENS)
+    supervised = torch.cat([lab.reshape(-1) != -100 for lab in labels])
+    captured = block_inputs_and_routed_outputs(model, batches)
+    for layer in moe_layers(model):
+        x, r = (t[supervised] for t in captured[layer.name])
+        losses = [brute_force_loss(layer, x, r, [e], 1.0) for e in range(layer.num_experts)]
+        assert selection[layer.name] == [min(range(len(losses)), key=losses.__getitem__)]
+        assert selection.tokens[layer.name] == int(supervised.sum())
+        torch.testing.assert_close(torch.tensor(selection.losses[layer.name]), torch.tensor(losses), rtol=1e-4, atol=0)
+
+
 def test_frequency_picks_the_experts_the_router_chose_most(family, model, batches):
     selection = select_experts(model, batches, k=2, strategy="frequency")
     captured = block_inputs_and_routed_outputs(model, batches)

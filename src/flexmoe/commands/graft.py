@@ -75,8 +75,8 @@ def _batches(examples, tokenizer, args) -> list[dict]:
     features = tokenize_examples(examples, tokenizer, max_length=args.max_length)
     batches = []
     for start in range(0, len(features), args.batch_size):
-        batch = collate(features[start : start + args.batch_size], tokenizer.pad_token_id)
-        batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        # with labels, selection calibrates on the response tokens (the prompt template is shared)
+        batches.append(collate(features[start : start + args.batch_size], tokenizer.pad_token_id))
     return batches
 
 

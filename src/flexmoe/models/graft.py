@@ -31,6 +31,7 @@ GRAFT = "graft"  # attribute of the MoE block holding its graft; every personal 
 STRATEGIES = ("reconstruction", "random", "frequency")
 GATES = ("sigmoid", "none")
 DEFAULT_MAX_TOKENS = 4096
+IGNORE_INDEX = -100  # label of tokens outside the loss (prompt, padding)
 # Expert outputs are computed a chunk of experts at a time so that a chunk's (c, T, 2I)
 # activations stay under this many elements (~32 MB in fp32): measured on CPU, 256 MB chunks
 # ran ~15% slower than 32 MB ones (cache misses on the large temporaries).
@@ -175,8 +176,10 @@ def select_experts(model: nn.Module, batches: Iterable, k: int = 1, strategy: st
     """Choose k experts per MoE layer on a client's data (DESIGN §2 step 2).
 
     batches: input_ids tensors ((B, T) or (T,)) or dicts with "input_ids" and optionally
-    "attention_mask" (padding is excluded). Tokens are uniformly subsampled (seeded) to at
-    most `max_tokens` per layer. The base model runs in eval mode with any graft disabled.
+    "attention_mask" (padding is excluded) and "labels" (then only supervised tokens, labels
+    != -100, are calibration tokens; the whole sequence still flows through the model).
+    Tokens are uniformly subsampled (seeded) to at most `max_tokens` per layer. The base model
+    runs in eval mode with any graft disabled.
     """
     layers = moe_layers(model)
     _check_selection_args(layers, k, strategy, max_tokens)
@@ -328,7 +331,7 @@ def _capture(model, layers, batches, max_tokens, seed, want_tokens: bool) -> dic
                                   layer.num_experts)
         for layer in layers
     }
-    valid: list[torch.Tensor | None] = [None]  # flattened non-padding mask of the current batch
+    valid: list[torch.Tensor | None] = [None]  # flattened calibration-token mask of the current batch
     handles = []
     for layer in layers:
         capture = captures[layer.name]
@@ -341,11 +344,11 @@ def _capture(model, layers, batches, max_tokens, seed, want_tokens: bool) -> dic
     seen = 0
     try:
         with torch.no_grad(), _eval_mode(model), grafts_disabled(model):
-            for input_ids, attention_mask in _iter_batches(batches):
-                valid[0] = None if attention_mask is None else attention_mask.reshape(-1).bool().to(device)
+            for input_ids, attention_mask, calibration in _iter_batches(batches):
+                valid[0] = None if calibration is None else calibration.reshape(-1).to(device)
                 model(input_ids=input_ids.to(device),
                       attention_mask=None if attention_mask is None else attention_mask.to(device), use_cache=False)
-                seen += int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+                seen += int(input_ids.numel() if calibration is None else calibration.sum())
     finally:
         for handle in handles:
             handle.remove()
@@ -384,23 +387,32 @@ def _router_hook(capture: _LayerCapture, valid, layer_name: str):
     return hook
 
 
-def _iter_batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+def _iter_batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """(input_ids, attention_mask, calibration mask) per batch. Calibration tokens are the
+    non-padding ones, and of those only the supervised ones (labels != -100) when the batch
+    carries labels: the prompt template is the same for every client and would blur the choice."""
     for position, batch in enumerate(batches):
-        if isinstance(batch, dict):
-            if "input_ids" not in batch:
-                raise FlexmoeError(f"calibration batch {position} has no 'input_ids'")
-            input_ids, mask = batch["input_ids"], batch.get("attention_mask")
-        else:
-            input_ids, mask = batch, None
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-            mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+        batch = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}
+        if "input_ids" not in batch:
+            raise FlexmoeError(f"calibration batch {position} has no 'input_ids'")
+        tensors = {key: torch.as_tensor(batch[key]) for key in ("input_ids", "attention_mask", "labels")
+                   if batch.get(key) is not None}
+        tensors = {key: t.unsqueeze(0) if t.dim() == 1 else t for key, t in tensors.items()}
+        input_ids = tensors["input_ids"]
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise FlexmoeError(f"calibration batch {position}: expected integer token ids of shape (batch, length), "
                                f"got {input_ids.dtype} {tuple(input_ids.shape)}")
+        for key in ("attention_mask", "labels"):
+            if key in tensors and tensors[key].shape != input_ids.shape:
+                raise FlexmoeError(f"calibration batch {position}: {key} has shape {tuple(tensors[key].shape)}, "
+                                   f"input_ids {tuple(input_ids.shape)}")
+        attention_mask = tensors.get("attention_mask")
+        calibration = None if attention_mask is None else attention_mask.bool()
+        if "labels" in tensors:
+            supervised = tensors["labels"] != IGNORE_INDEX
+            calibration = supervised if calibration is None else calibration & supervised
         if input_ids.numel():
-            yield input_ids.long(), None if mask is None else torch.as_tensor(mask)
+            yield input_ids.long(), attention_mask, calibration
 
 
 @contextlib.contextmanager
