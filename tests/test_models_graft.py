@@ -386,3 +386,20 @@ def test_selection_is_the_same_through_peft(batches):
     plain = select_experts(model, batches, k=2)
     wrapped = select_experts(add_lora(model, "attention"), batches, k=2)
     assert dict(wrapped) == dict(plain) and wrapped.losses == plain.losses
+
+
+def test_training_the_graft_alone_lowers_the_loss(batches):
+    model = tiny_model("qwen3_moe").train()
+    graft(model, select_experts(model, batches))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    ids = batches[0]
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(module.gate.bias.item() != -4.0 for module in grafts(model).values())
