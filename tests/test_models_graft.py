@@ -356,10 +356,12 @@ def test_graft_refuses_bad_selection(selection, message):
         graft(tiny_model("mixtral"), selection)
 
 
-def test_graft_refuses_unknown_gate():
+def test_graft_refuses_unknown_gate_or_infinite_bias():
     model = tiny_model("mixtral")
     with pytest.raises(FlexmoeError, match="unknown graft gate 'relu'"):
         graft(model, some_selection(model), gate="relu")
+    with pytest.raises(FlexmoeError, match="gate_init_bias must be a finite number"):
+        graft(model, some_selection(model), gate_init_bias=float("-inf"))
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES[:1])

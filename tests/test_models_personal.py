@@ -123,6 +123,13 @@ def test_missing_or_foreign_files_are_refused(tmp_path):
         load_personal(model, tmp_path / "other.safetensors")
 
 
+def test_unwritable_destination_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    model = trained_like_graft(tiny_model("mixtral"), selection_of(tiny_model("mixtral"), 0))
+    with pytest.raises(FlexmoeError, match=r"cannot write personal state to '.*file/p.safetensors'"):
+        save_personal(model, tmp_path / "file" / "p.safetensors")
+
+
 def test_ungrafted_model_has_no_personal_state():
     with pytest.raises(FlexmoeError, match="carries no graft"):
         personal_state(tiny_model("mixtral"))

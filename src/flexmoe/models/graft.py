@@ -439,6 +439,8 @@ def graft(model: nn.Module, selection: dict[str, list[int]], gate: str = "sigmoi
     """
     if gate not in GATES:
         raise FlexmoeError(f"unknown graft gate {gate!r}; choose one of {', '.join(GATES)}")
+    if not math.isfinite(gate_init_bias):
+        raise FlexmoeError(f"gate_init_bias must be a finite number, got {gate_init_bias}")
     layers = moe_layers(model)
     k = _check_selection(layers, selection)
     for name, param in unwrap(model).named_parameters():

@@ -91,8 +91,11 @@ def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
         "k": str(module.k),
         "gate": module.gate_kind,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise FlexmoeError(f"cannot write personal state to {str(path)!r}: {err.strerror or err}") from err
     os.close(handle)
     try:
         save_file(tensors, tmp, metadata=metadata)
