@@ -173,7 +173,7 @@ class Selection(dict):
 
 def select_experts(model: nn.Module, batches: Iterable, k: int = 1, strategy: str = "reconstruction",
                    max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0) -> Selection:
-    """Choose k experts per MoE layer on a client's data (DESIGN §2 step 2).
+    """Choose k experts per MoE layer on a client's data (FLEx step 2: grafting by reconstruction).
 
     batches: input_ids tensors ((B, T) or (T,)) or dicts with "input_ids" and optionally
     "attention_mask" (padding is excluded) and "labels" (then only supervised tokens, labels
