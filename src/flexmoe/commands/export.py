@@ -1,0 +1,28 @@
+"""`flexmoe export`: one client's personalised model as a self-contained directory.
+
+Load it with `flexmoe.load_personalized(DIR)`; the shared LoRA is also written in standard PEFT
+format (`DIR/adapter`), or folded into the base weights with --merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", metavar="DIR", required=True, help="run directory written by flexmoe run")
+    parser.add_argument("--client", metavar="ID", type=int, required=True, help="the client whose model to export")
+    parser.add_argument("--out", metavar="DIR", required=True, help="new directory to write (must not exist)")
+    parser.add_argument("--merge", action="store_true", help="fold the LoRA into the base weights (PEFT merge_and_unload)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexmoe.engine.export import export_client, read_manifest
+
+    out = export_client(args.run, args.client, args.out, merge=args.merge)
+    manifest = read_manifest(out)
+    parts = ["model/" + (" (LoRA merged)" if manifest["merged"] else "")]
+    parts += [f"{name}" for name in (manifest["adapter"] and "adapter/ (PEFT)", manifest["personal"]) if name]
+    print(f"exported client {args.client} ({manifest['method']}, round {manifest['round']}) to {out}: {', '.join(parts)}")
+    print(f"load it with: flexmoe.load_personalized({str(out)!r})")
+    return 0

@@ -1,0 +1,238 @@
+"""Using a finished run: `flexmoe generate`, `flexmoe export` + `flexmoe.load_personalized`,
+`flexmoe eval`, on a 2-round run of a tiny random qwen2_moe over a small Dolly-style file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexmoe.errors import FlexmoeError
+
+CATEGORIES = {
+    "animals": ["cat", "dog", "horse", "bird", "fish", "cow"],
+    "food": ["bread", "apple", "rice", "cheese", "soup", "bean"],
+    "tools": ["hammer", "saw", "drill", "wrench", "nail", "rope"],
+    "places": ["city", "river", "hill", "farm", "town", "lake"],
+}
+TEMPLATE_WORDS = (
+    "Below is an instruction that describes a task . Write a response that appropriately completes the request "
+    "### Instruction : Input Response describe name the word what is a an of , paired with input provides further context"
+).split()
+PROMPT = "describe the word cat"
+
+
+def write_dolly(path: Path) -> Path:
+    with path.open("w") as handle:
+        for category, words in CATEGORIES.items():
+            for i in range(10):
+                word, other = words[i % len(words)], words[(i + 1) % len(words)]
+                record = {"instruction": f"describe the word {word}", "context": "",
+                          "response": f"a {word} is a {other} of {category}", "category": category}
+                handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def save_tokenizer(path: Path) -> int:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = sorted({w for ws in CATEGORIES.values() for w in ws} | set(CATEGORIES) | set(TEMPLATE_WORDS))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+    return len(vocab)
+
+
+def save_model(path: Path, seed: int) -> str:
+    from conftest import tiny_model
+
+    vocab = save_tokenizer(path)
+    tiny_model("qwen2_moe", seed=seed, vocab_size=vocab, max_position_embeddings=128).save_pretrained(path)
+    return str(path)
+
+
+def train(model_dir: str, data: Path, out: Path, *overrides: str) -> Path:
+    from flexmoe.config import load_config
+    from flexmoe.engine.simulation import Simulation
+
+    config = load_config(None, [
+        f'model="{model_dir}"', f'data.source="{data}"', "data.by=category", "rounds=2", "num_clients=4",
+        "clients_per_round=4", "seed=5", "train.local_steps=3", "train.batch_size=4", "train.max_length=64",
+        "train.lr=2e-2", "lora.r=2", "flex.calibration_examples=4", "flex.gate_init_bias=2.0",
+        "eval.max_test_examples=2", "eval.max_new_tokens=6", "eval.knowledge_max_docs=3",
+        "eval.knowledge_max_length=32", "data.test_fraction=0.2", *overrides,
+    ])
+    Simulation(config, out).run()
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("usage")
+
+
+@pytest.fixture(scope="module")
+def data_file(workdir) -> Path:
+    return write_dolly(workdir / "dolly.jsonl")
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir) -> str:
+    return save_model(workdir / "base", seed=0)
+
+
+@pytest.fixture(scope="module")
+def flex_run(workdir, model_dir, data_file) -> Path:
+    return train(model_dir, data_file, workdir / "flex-run")
+
+
+def command(name: str, argv: list[str]) -> int:
+    """Parse `argv` with the command's own arguments and run it (what `flexmoe NAME argv` does)."""
+    import importlib
+
+    module = importlib.import_module(f"flexmoe.commands.{name}")
+    parser = argparse.ArgumentParser(prog=f"flexmoe {name}")
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def logits(model, tokenizer, text: str = PROMPT) -> torch.Tensor:
+    enc = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_restored_clients_carry_their_own_graft_and_the_global_lora(flex_run):
+    from flexmoe.engine.restore import restore
+    from flexmoe.models import current_selection, load_base, personal_state, read_personal, shared_state
+
+    first, second = restore(flex_run, 0), restore(flex_run, 1)
+    for restored, cid in ((first, 0), (second, 1)):
+        stored, metadata = read_personal(flex_run / "clients" / str(cid) / "personal.safetensors")
+        assert current_selection(restored.model) == json.loads(metadata["selection"])
+        state = personal_state(restored.model)
+        assert set(state) == set(stored) and all(torch.equal(state[k], stored[k]) for k in stored)
+    shared, global_weights = shared_state(first.model), first.checkpoint.global_weights
+    assert shared and set(shared) == set(global_weights)
+    assert all("lora_" in n and torch.equal(shared[n], global_weights[n]) for n in shared)
+    base, tokenizer = load_base(first.checkpoint.config.model)
+    assert not torch.allclose(logits(first.model, tokenizer), logits(second.model, tokenizer))
+    assert not torch.allclose(logits(first.model, tokenizer), logits(base, tokenizer))
+
+
+def test_generate_streams_the_clients_own_answer(flex_run, capsys):
+    from flexmoe.data import Example
+    from flexmoe.engine.restore import restore
+    from flexmoe.eval.rouge import generate_responses
+
+    answers = {}
+    for cid in range(4):
+        assert command("generate", ["--run", str(flex_run), "--client", str(cid), "--prompt", PROMPT,
+                                    "--max-new-tokens", "8"]) == 0
+        answers[cid] = capsys.readouterr().out.strip()
+        restored = restore(flex_run, cid)
+        expected = generate_responses(restored.model, restored.tokenizer, [Example(PROMPT, "")],
+                                      max_new_tokens=8)[0]
+        assert answers[cid] == expected  # the streamed text is the model's greedy answer
+    assert len(set(answers.values())) > 1, answers  # grafts differ, so do the answers
+
+
+def test_generate_reads_prompt_files_and_the_global_model(flex_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n\ndescribe the word saw\n")
+    assert command("generate", ["--run", str(flex_run), "--global", "--file", str(prompts),
+                                "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("### ") == 2 and f"### {PROMPT}" in out and "### describe the word saw" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--client", "7", "--prompt", "x"], "no client 7"),
+    (["--client", "-1", "--prompt", "x"], "no client -1"),
+    (["--client", "0", "--prompt", "  "], "--prompt is empty"),
+    (["--client", "0", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_generate_refuses_bad_requests(flex_run, argv, message):
+    with pytest.raises(FlexmoeError, match=message):
+        command("generate", ["--run", str(flex_run), *argv])
+
+
+def test_generate_refuses_a_directory_that_is_no_run(tmp_path):
+    with pytest.raises(FlexmoeError, match="not a flexmoe run directory"):
+        command("generate", ["--run", str(tmp_path), "--client", "0", "--prompt", "x"])
+
+
+def test_generate_refuses_a_changed_base_model(flex_run, workdir, tmp_path):
+    other = save_model(workdir / "other-base", seed=1)
+    run_copy = tmp_path / "run"
+    shutil.copytree(flex_run, run_copy)
+    config = run_copy / "config.toml"
+    config.write_text(config.read_text().replace(str(Path(workdir / "base")), other))
+    with pytest.raises(FlexmoeError, match="different base model|trained on base model"):
+        command("generate", ["--run", str(run_copy), "--client", "0", "--prompt", PROMPT])
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_export_round_trip_reproduces_the_clients_logits(flex_run, tmp_path, merge, capsys):
+    import flexmoe
+    from flexmoe.engine.restore import restore
+
+    out = tmp_path / "client2"
+    assert command("export", ["--run", str(flex_run), "--client", "2", "--out", str(out),
+                              *(["--merge"] if merge else [])]) == 0
+    assert "load_personalized" in capsys.readouterr().out
+    manifest = json.loads((out / "flexmoe-export.json").read_text())
+    assert manifest["client"] == 2 and manifest["method"] == "flex" and manifest["round"] == 2
+    assert (out / "personal.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file() != merge
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary directory was renamed into place
+    reference = restore(flex_run, 2)
+    model, tokenizer = flexmoe.load_personalized(out)
+    expected = logits(reference.model, reference.tokenizer)
+    got = logits(model, tokenizer)
+    if merge:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.equal(got, expected)
+
+
+def test_exported_adapter_loads_with_plain_peft(flex_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flexmoe.engine.export import export_client
+    from flexmoe.engine.restore import restore
+    from flexmoe.models import grafts_disabled
+
+    out = export_client(flex_run, 1, tmp_path / "client1")
+    base = AutoModelForCausalLM.from_pretrained(out / "model", local_files_only=True)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    reference = restore(flex_run, 1)
+    with grafts_disabled(reference.model):  # plain PEFT: base + shared LoRA, no graft
+        expected = logits(reference.model, reference.tokenizer)
+    assert torch.equal(logits(peft_model, reference.tokenizer), expected)
+
+
+def test_export_refuses_an_existing_directory_and_a_missing_client(flex_run, tmp_path):
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    with pytest.raises(FlexmoeError, match="already exists"):
+        command("export", ["--run", str(flex_run), "--client", "0", "--out", str(existing)])
+    with pytest.raises(FlexmoeError, match="no client 9"):
+        command("export", ["--run", str(flex_run), "--client", "9", "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
+
+
+def test_load_personalized_refuses_a_directory_that_is_no_export(tmp_path):
+    import flexmoe
+
+    with pytest.raises(FlexmoeError, match="not an exported flexmoe model"):
+        flexmoe.load_personalized(tmp_path)
