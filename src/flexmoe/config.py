@@ -20,6 +20,7 @@ from flexmoe.errors import FlexmoeError
 
 METHODS = (
     "flex", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local",
+    "fcmoe", "flex+fcmoe",
 )
 
 
@@ -70,6 +71,24 @@ class FlexConfig(_Section):
     calibration_max_tokens: int = Field(2048, ge=16)
     federate_routers: bool = False
     aggregator: Literal["fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam"] = "fedavg"
+
+
+class FcmoeConfig(_Section):
+    """FC-MoE (arXiv 2606.15625; methods/fcmoe.py). Its details are known from summaries only,
+    so each choice they leave open is a knob with a stated default.
+
+    c_{i,k} ∝ frequency^frequency_power · ‖update‖^norm_power · examples^size_power, normalised
+    over clients (a power of 0 drops that factor); conflicting updates (cos < 0 with the
+    consensus) are projected; λ = retention re-adds the removed component on the client.
+    """
+
+    # what trains and is shared: expert LoRA with attention LoRA, expert LoRA alone, or everything
+    scope: Literal["attention+experts", "experts", "full"] = "attention+experts"
+    retention: float = Field(0.5, ge=0)  # λ; 0 = no local knowledge retention (and no consensus downlink)
+    frequency_power: float = Field(1.0, ge=0)
+    norm_power: float = Field(1.0, ge=0)
+    size_power: float = Field(1.0, ge=0)
+    groups: Literal["module", "tensor"] = "module"  # projection unit of the non-expert trainables
 
 
 class FedProxConfig(_Section):
@@ -126,6 +145,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
     flex: FlexConfig = FlexConfig()
+    fcmoe: FcmoeConfig = FcmoeConfig()
     fedprox: FedProxConfig = FedProxConfig()
     scaffold: ScaffoldConfig = ScaffoldConfig()
     server: ServerConfig = ServerConfig()

@@ -2,6 +2,7 @@
 
 from flexmoe.config import RunConfig
 from flexmoe.methods.base import LocalRun, Method, Reply, Tensors, TrainHooks
+from flexmoe.methods.fcmoe import Fcmoe, FlexFcmoe
 from flexmoe.methods.fedavg import FedAvg
 from flexmoe.methods.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from flexmoe.methods.fedprox import FedProx
@@ -10,7 +11,9 @@ from flexmoe.methods.local import Local
 from flexmoe.methods.scaffold import Scaffold
 
 METHOD_CLASSES: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Flex, FedAvg, FedProx, Scaffold, FedAvgM, FedAdagrad, FedYogi, FedAdam, Local)
+    cls.name: cls for cls in (
+        Flex, FedAvg, FedProx, Scaffold, FedAvgM, FedAdagrad, FedYogi, FedAdam, Local, Fcmoe, FlexFcmoe,
+    )
 }
 
 
