@@ -8,6 +8,7 @@ from flexmoe.engine.rundir import write_text_atomic
 
 
 def write_report(run_dir: Path, summary: dict, records: list[dict], clients: list) -> None:
+    """`clients`: `flexmoe.engine.core.ClientInfo` rows (what the server knows of each client)."""
     lines = [
         f"# flexmoe run: {summary['method']}",
         "",
@@ -20,9 +21,9 @@ def write_report(run_dir: Path, summary: dict, records: list[dict], clients: lis
     ]
     for client in clients:
         row = summary["per_client"].get(str(client.client_id), {})
-        domains = ", ".join(sorted({e.domain for e in client.train if e.domain})) or "-"
+        domains = ", ".join(client.domains) or "-"
         lines.append(
-            f"| {client.client_id} | {domains} | {len(client.train)} | {len(client.test)} | "
+            f"| {client.client_id} | {domains} | {client.num_train} | {client.num_test} | "
             f"{_fmt(row.get('rouge_l_base'))} | {_fmt(row.get('rouge_l'))} | {_fmt(row.get('knowledge_loss'))} | {_fmt(row.get('expert_load_std'))} | "
             f"{_fmt(row.get('routing_entropy'))} | {row.get('bytes_up', 0):,} | {row.get('bytes_down', 0):,} |"
         )

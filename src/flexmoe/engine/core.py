@@ -1,0 +1,430 @@
+"""The engine-agnostic core of a federated run: the client side and the server side of a round.
+
+Engines are thin shells over these pieces and differ only in transport: the in-process engine
+runs every client on one model instance and passes safetensors blobs; the Flower apps run each
+client in its own process and pass Flower messages. Both call the same `ClientRunner` (load a
+client's personal and persistent state, graft before its first round, train, build the uplink,
+evaluate) and `ServerRunner` (downlink, aggregation, checkpoints, metrics, summary, report), and
+through them the same `flexmoe.methods` code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from flexmoe.config import RunConfig, save_config
+from flexmoe.engine.progress import Progress
+from flexmoe.engine.rundir import (
+    ClientStore, MetricsLog, cpu_clone, load_server, save_server, save_tensors_atomic, write_text_atomic,
+)
+from flexmoe.errors import FlexmoeError
+from flexmoe.methods import LocalRun, Method, Reply, Tensors
+from flexmoe.methods.base import strip_prefix, with_prefix
+from flexmoe.train import cosine_lr, local_train
+from flexmoe.train.loop import num_local_steps
+
+CONFIG_FILE = "config.toml"
+INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights: Local clients start there
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
+    """The clients of a round: a seeded draw without replacement, a function of (seed, round) only."""
+    rng = np.random.default_rng([seed, round_index])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def round_lr(config: RunConfig, round_index: int) -> float:
+    return cosine_lr(config.train, round_index, config.rounds)
+
+
+def evaluates(config: RunConfig, round_index: int) -> bool:
+    every = config.eval.every
+    return round_index == config.rounds or (every > 0 and round_index % every == 0)
+
+
+@dataclass
+class Client:
+    client_id: int
+    train: list
+    test: list
+    features: list[dict]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server's report shows of a client (no examples: they stay on the client)."""
+
+    client_id: int
+    domains: tuple[str, ...]
+    num_train: int
+    num_test: int
+
+
+def describe(client: Client) -> ClientInfo:
+    domains = tuple(sorted({e.domain for e in client.train if e.domain}))
+    return ClientInfo(client.client_id, domains, len(client.train), len(client.test))
+
+
+# ---- building the model and the clients' data ------------------------------------------------
+def load_model(config: RunConfig, method: Method) -> tuple[nn.Module, object]:
+    """The base with the method's trainable shared part, seeded so every process builds the same."""
+    from flexmoe.models import load_base
+
+    model, tokenizer = load_base(config.model)
+    torch.manual_seed(config.seed)  # LoRA initialisation: identical on every client
+    model = method.prepare_model(model)
+    federate_routers(model, config, method)
+    model.eval()
+    return model, tokenizer
+
+
+def federate_routers(model: nn.Module, config: RunConfig, method: Method) -> None:
+    """FLEx with `flex.federate_routers`: the routers join the shared part from the start, and again
+    after every (re-)graft, which freezes all original parameters."""
+    if method.grafts and config.flex.federate_routers:
+        from flexmoe.models import set_routers_trainable
+
+        set_routers_trainable(model)
+
+
+def shared_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    from flexmoe.models import split_parameters
+
+    return split_parameters(model).shared
+
+
+def partition_data(config: RunConfig):
+    """The run's data split into `num_clients` parts (every engine and client derives the same)."""
+    import flexmoe.data
+
+    data = config.data
+    if data.source == "builtin":
+        examples = flexmoe.data.builtin_examples()
+    else:
+        examples = flexmoe.data.load_examples(data.source, format=None if data.format == "auto" else data.format)
+    parts = flexmoe.data.partition(
+        examples, config.num_clients, scheme=data.partition, by=data.by, per_client=data.per_client,
+        alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction,
+    )
+    for part in parts:
+        if not part.train:
+            raise FlexmoeError(
+                f"client {part.client_id} got no training examples (data.partition = {data.partition!r}, "
+                f"num_clients = {config.num_clients}); use fewer clients or another partition"
+            )
+    return parts
+
+
+def make_client(config: RunConfig, part, tokenizer) -> Client:
+    from flexmoe.data import tokenize_examples
+
+    train = part.train[: config.data.max_train_per_client or None]
+    features = tokenize_examples(train, tokenizer, max_length=config.train.max_length, template=config.data.template)
+    return Client(part.client_id, train, part.test, features)
+
+
+# ---- the client side -------------------------------------------------------------------------
+class ClientRunner:
+    """Everything a client does, on a model instance that may serve one client or many in turn.
+
+    Its persistent state lives in `store` (`<root>/<client id>/`): method state and optimiser
+    state, the graft and gate, the selection. `initial_shared` gives the seeded round-0 shared
+    weights (Local clients start from them).
+    """
+
+    def __init__(self, config: RunConfig, method: Method, model: nn.Module, tokenizer, store: ClientStore,
+                 initial_shared: Callable[[], Tensors], progress: Progress | None = None):
+        self.config = config
+        self.method = method
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.initial_shared = initial_shared
+        self.progress = progress or Progress()
+
+    def has_personal(self, client_id: int) -> bool:
+        return self.store.latest(client_id, "personal.safetensors") is not None
+
+    def graft(self, client: Client) -> None:
+        """FLEx step 2, once per client before its first round: select, graft, store."""
+        from flexmoe.models import save_personal
+
+        cfg = self.config
+        self.progress.message(f"grafting client {client.client_id}")
+        sample = client.features[: cfg.flex.calibration_examples]
+        calibration = [self.collate(sample[i : i + cfg.train.batch_size])  # padding is masked out
+                       for i in range(0, len(sample), cfg.train.batch_size)]
+        selection = self.method.personalize(self.model, calibration, seed=derived_seed(cfg.seed, client.client_id))
+        self.store.save_selection(client.client_id, selection)
+        save_personal(self.model, self.store.dir(client.client_id) / "personal.safetensors")
+
+    def train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
+        """One round of local training from the downlink `received`; saves the client's new state
+        as pending and returns (its train record, without bytes; the uplink tensors)."""
+        cfg, cid = self.config, client.client_id
+        lr = round_lr(cfg, round_index)
+        stored = self.store.load_state(cid)
+        optimizer_state = strip_prefix("optim.", stored)
+        client_state = {k: v for k, v in stored.items() if not k.startswith("optim.")}
+        self.load_personal(cid)
+        self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        steps = num_local_steps(cfg.train, len(client.features))
+        self.progress.client_started(cid, steps)
+        result = local_train(
+            self.model, params, client.features, self.collate, cfg.train, lr,
+            seed=derived_seed(cfg.seed, round_index, cid), hooks=self.method.train_hooks(received, client_state),
+            optimizer_state=optimizer_state, on_step=self.progress.step,
+        )
+        trained = cpu_clone(shared_params(self.model))
+        run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features))
+        message, client_state = self.method.uplink(received, trained, client_state, run)
+        self._save(cid, round_index, client_state, result.optimizer_state)
+        self.progress.client_done(cid, result.loss)
+        record = {
+            "round": round_index, "kind": "train", "client": cid, "loss": result.loss, "steps": result.steps,
+            "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr,
+        }
+        return record, message if self.method.communicates else {}
+
+    def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
+        pending = self.store.begin(cid)
+        save_tensors_atomic(pending / "state.safetensors", {**client_state, **with_prefix("optim.", optimizer_state)})
+        if self.method.grafts:
+            from flexmoe.models import save_personal
+
+            save_personal(self.model, pending / "personal.safetensors")
+        self.store.finish(cid, round_index)
+
+    def evaluate(self, client: Client, round_index: int, global_weights: Tensors) -> dict:
+        """The client's personalised model (global shared weights + its own state) on its test split."""
+        cfg, cid = self.config, client.client_id
+        client_state = {k: v for k, v in self.store.load_state(cid).items() if not k.startswith("optim.")}
+        self.load_personal(cid)
+        self.set_shared(self.method.eval_weights(global_weights, client_state))
+        self.progress.message(f"round {round_index}: evaluating client {cid}")
+        record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self.rouge(client)}
+        if cfg.eval.knowledge:
+            record["knowledge_loss"], routing = knowledge(self.model, self.tokenizer, cfg)
+            record.update(routing)
+        return record
+
+    def evaluate_base(self, client: Client) -> dict:
+        """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split."""
+        return {"round": 0, "kind": "eval", "client": client.client_id, "rouge_l": self.rouge(client)}
+
+    def rouge(self, client: Client) -> float:
+        from flexmoe.eval.rouge import personalized_rouge_l
+
+        cfg = self.config
+        return personalized_rouge_l(
+            self.model, self.tokenizer, client.test, max_examples=cfg.eval.max_test_examples,
+            template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+            max_prompt_length=cfg.train.max_length,
+        )
+
+    def set_shared(self, weights: Tensors) -> None:
+        from flexmoe.models import set_shared_state
+
+        set_shared_state(self.model, weights)
+
+    def load_personal(self, cid: int) -> None:
+        if not self.method.grafts:
+            return
+        from flexmoe.models import load_personal
+
+        load_personal(self.model, self.store.latest(cid, "personal.safetensors"), adopt_selection=True)
+        federate_routers(self.model, self.config, self.method)
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        from flexmoe.data import collate
+
+        return collate(features, self.tokenizer.pad_token_id)
+
+
+def knowledge(model: nn.Module, tokenizer, config: RunConfig) -> tuple[float, dict]:
+    """Held-out LM loss on the builtin held-out corpus, plus routing statistics on it."""
+    from flexmoe.data import builtin_corpus
+    from flexmoe.eval.knowledge import heldout_loss
+
+    ev = config.eval
+    docs = builtin_corpus("heldout")[: ev.knowledge_max_docs]
+    loss = heldout_loss(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size)
+    return loss, _routing(model, tokenizer, docs, config) if ev.routing else {}
+
+
+def _routing(model: nn.Module, tokenizer, docs: list[str], config: RunConfig) -> dict:
+    """Expert-load std and routing entropy (nats), averaged over MoE layers, padding excluded."""
+    from flexmoe.eval.routing import RoutingCounter
+
+    ev = config.eval
+    with RoutingCounter(model) as counter:
+        for start in range(0, len(docs), ev.batch_size):
+            enc = tokenizer(docs[start : start + ev.batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=ev.knowledge_max_length)
+            counter.observe(enc["input_ids"], enc["attention_mask"])
+    names = [layer.name for layer in counter.layers]
+    return {
+        "expert_load_std": mean([counter.load_std(n) for n in names]),
+        "routing_entropy": mean([counter.entropy(n) for n in names]),
+    }
+
+
+def base_reference(model: nn.Module, tokenizer, config: RunConfig, base_evals: list[dict]) -> dict:
+    """The round-0 server record: the untouched base's mean ROUGE-L and its knowledge loss and routing."""
+    reference = {"rouge_l_avg_base": mean([e["rouge_l"] for e in base_evals])} if base_evals else {}
+    if config.eval.knowledge:
+        loss, routing = knowledge(model, tokenizer, config)
+        reference.update({"knowledge_loss_base": loss, **{f"{k}_base": v for k, v in routing.items()}})
+    return {"round": 0, "kind": "server", **reference}
+
+
+# ---- the server side -------------------------------------------------------------------------
+class ServerRunner:
+    """The server's state (global weights, server-optimiser state) and the run directory."""
+
+    def __init__(self, config: RunConfig, method: Method, run_dir: Path):
+        self.config = config
+        self.method = method
+        self.run_dir = Path(run_dir)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.global_weights: Tensors = {}
+        self.server_state: Tensors = {}
+        self._initial: Tensors | None = None
+
+    def start(self, initial_weights: Tensors) -> None:
+        """A fresh run directory with the resolved config and the round-0 shared weights."""
+        if (self.run_dir / "metrics.jsonl").exists():
+            raise FlexmoeError(f"{self.run_dir} already holds a run; resume it with --resume or pick another directory")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / CONFIG_FILE)
+        self.global_weights = cpu_clone(initial_weights)
+        save_tensors_atomic(self.run_dir / INITIAL_WEIGHTS, self.global_weights)
+        self.server_state = self.method.init_server_state(self.global_weights)
+
+    def commit_round_zero(self, records: list[dict]) -> None:
+        self.metrics.append(records)
+        save_server(self.run_dir, 0, self.global_weights, self.server_state)
+
+    def resume(self) -> int:
+        """Reload the last committed round; returns its number."""
+        completed, self.global_weights, self.server_state = load_server(self.run_dir)
+        self.metrics.keep_through(completed)
+        return completed
+
+    def initial_weights(self) -> Tensors:
+        if self._initial is None:
+            self._initial = load_file(str(self.run_dir / INITIAL_WEIGHTS))
+        return self._initial
+
+    def downlink(self) -> Tensors | None:
+        """What every sampled client receives this round (None: the method sends nothing)."""
+        return self.method.downlink(self.global_weights, self.server_state) if self.method.communicates else None
+
+    def aggregate(self, replies: list[Reply]) -> dict:
+        if not self.method.communicates:
+            return {}
+        self.global_weights, self.server_state, agg_metrics = self.method.aggregate(
+            self.global_weights, self.server_state, replies)
+        return agg_metrics
+
+    def finish_round(self, round_index: int, sampled: list[int], train_records: list[dict],
+                     agg_metrics: dict, evals: list[dict]) -> None:
+        """Log the round (client records + the server record) and commit its checkpoint."""
+        server = {
+            "round": round_index, "kind": "server", "clients": sampled, "lr": round_lr(self.config, round_index),
+            "train_loss": weighted([r["loss"] for r in train_records], [r["tokens"] for r in train_records]),
+            "bytes_up": sum(r["bytes_up"] for r in train_records),
+            "bytes_down": sum(r["bytes_down"] for r in train_records),
+            **agg_metrics,
+        }
+        if evals:
+            server.update(eval_means(evals))
+        self.metrics.append([*train_records, *evals, server])
+        save_server(self.run_dir, round_index, self.global_weights, self.server_state)
+
+    def write_summary(self, wall_seconds: float | None) -> dict:
+        records = self.metrics.read()
+        servers = [r for r in records if r["kind"] == "server" and r["round"] > 0]
+        evaluated = [r for r in servers if "rouge_l_avg" in r]
+        last_eval = evaluated[-1] if evaluated else {}
+        base = next((r for r in records if r["round"] == 0 and r["kind"] == "server"), {})
+        summary = {
+            "method": self.config.method,
+            "seed": self.config.seed,
+            "rounds": self.config.rounds,
+            "rounds_completed": servers[-1]["round"] if servers else 0,
+            "num_clients": self.config.num_clients,
+            "rouge_l_avg": last_eval.get("rouge_l_avg"),
+            "knowledge_loss": last_eval.get("knowledge_loss"),
+            "rouge_l_avg_base": base.get("rouge_l_avg_base"),
+            "knowledge_loss_base": base.get("knowledge_loss_base"),
+            "expert_load_std": last_eval.get("expert_load_std"),
+            "routing_entropy": last_eval.get("routing_entropy"),
+            "bytes_up": sum(r["bytes_up"] for r in servers),
+            "bytes_down": sum(r["bytes_down"] for r in servers),
+            "train_loss": servers[-1]["train_loss"] if servers else None,
+            "per_client": per_client(records),
+        }
+        if wall_seconds is not None:
+            summary["wall_seconds"] = round(wall_seconds, 2)
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        return summary
+
+    def write_report(self, summary: dict, clients: list[ClientInfo]) -> None:
+        from flexmoe.engine.report import write_report
+
+        write_report(self.run_dir, summary, self.metrics.read(), clients)
+
+
+def weighted(values: list[float], weights: list[int]) -> float:
+    total = sum(weights)
+    return sum(v * w for v, w in zip(values, weights)) / total if total else float("nan")
+
+
+def eval_means(evals: list[dict]) -> dict:
+    out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals])}
+    for key in ("knowledge_loss", "expert_load_std", "routing_entropy"):
+        values = [e[key] for e in evals if key in e]
+        if values:
+            out[key] = mean(values)
+    return out
+
+
+def mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def per_client(records: list[dict]) -> dict[str, dict]:
+    """Per client: last ROUGE-L / knowledge loss and total bytes."""
+    table: dict[str, dict] = {}
+    for r in records:
+        if r["kind"] == "train":
+            row = table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
+            row["bytes_up"] += r["bytes_up"]
+            row["bytes_down"] += r["bytes_down"]
+            row["rounds_trained"] += 1
+        elif r["kind"] == "eval" and r["round"] == 0:
+            table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
+            table[str(r["client"])]["rouge_l_base"] = r["rouge_l"]
+        elif r["kind"] == "eval":
+            row = table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
+            row["rouge_l"] = r["rouge_l"]
+            for key in ("knowledge_loss", "expert_load_std", "routing_entropy"):
+                if key in r:
+                    row[key] = r[key]
+    return table
