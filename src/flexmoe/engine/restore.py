@@ -8,7 +8,7 @@ methods that graft. The engine's own evaluation loads clients through `load_clie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
@@ -32,6 +32,7 @@ class Checkpoint:
     round: int
     global_weights: Tensors
     store: ClientStore
+    server_state: Tensors = field(default_factory=dict)  # e.g. FC-MoE's consensus, for `eval_received`
 
 
 @dataclass
@@ -49,9 +50,9 @@ def open_run(run_dir: str | Path) -> Checkpoint:
     if not is_run_dir(run_dir):
         raise FlexmoeError(f"{run_dir}: not a flexmoe run directory (no {CONFIG_FILE} or server checkpoint)")
     config = load_config(run_dir / CONFIG_FILE)
-    round_index, global_weights, _ = load_server(run_dir)
+    round_index, global_weights, server_state = load_server(run_dir)
     return Checkpoint(run_dir, config, build_method(config), round_index, global_weights,
-                      ClientStore(run_dir / "clients"))
+                      ClientStore(run_dir / "clients"), server_state)
 
 
 def check_client(checkpoint: Checkpoint, client_id: int) -> None:
@@ -122,6 +123,7 @@ def restore(run_dir: str | Path, client_id: int | None, device: str = "cpu") -> 
     if client_id is None:
         load_global(model, checkpoint.method, checkpoint.global_weights)
     else:
-        load_client(model, checkpoint.method, checkpoint.store, checkpoint.global_weights, client_id)
+        received = checkpoint.method.eval_received(checkpoint.global_weights, checkpoint.server_state)
+        load_client(model, checkpoint.method, checkpoint.store, received, client_id)
     model.eval()
     return Restored(model, tokenizer, checkpoint, client_id)

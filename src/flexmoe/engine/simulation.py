@@ -131,4 +131,5 @@ class Simulation:
         return record, reply
 
     def _evaluate_client(self, client: Client, round_index: int) -> dict:
-        return self.runner.evaluate(client, round_index, self.server.global_weights)
+        received = self.method.eval_received(self.server.global_weights, self.server.server_state)
+        return self.runner.evaluate(client, round_index, received)

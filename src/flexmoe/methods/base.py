@@ -122,6 +122,12 @@ class Method:
         """(message to the server, the client's new persistent state)."""
         return trained, client_state
 
+    def eval_received(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
+        """What a client holds after the last aggregation, to build its personalised model from
+        (the `global_weights` argument of `eval_weights`): the global weights, or for FC-MoE the
+        global weights with the broadcast its retention needs."""
+        return global_weights
+
     def eval_weights(self, global_weights: Tensors, client_state: Tensors) -> Tensors:
         """The shared weights of this client's personalised model."""
         return global_weights
