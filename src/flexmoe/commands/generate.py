@@ -24,7 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", metavar="TEXT", help="one instruction")
     source.add_argument("--file", metavar="F", help="a text file with one instruction per line")
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="tokens per answer (default 128)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise FlexmoeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     prompts = _prompts(args)  # before loading the model: a bad file fails fast
-    restored = restore(args.run, None if args.use_global else args.client, device=args.device)
+    restored = restore(args.run, None if args.use_global else args.client)
     template = restored.checkpoint.config.data.template
     if prompts is None:
         _interactive(restored, template, args.max_new_tokens)

@@ -34,6 +34,7 @@ from flexmoe.train.loop import num_local_steps
 
 CONFIG_FILE = "config.toml"
 INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights: Local clients start there
+BASE_METADATA = "base"  # INITIAL_WEIGHTS metadata: fingerprint of the base model the run trains
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
@@ -209,12 +210,17 @@ class ClientRunner:
             save_personal(self.model, pending / "personal.safetensors")
         self.store.finish(cid, round_index)
 
-    def evaluate(self, client: Client, round_index: int, global_weights: Tensors) -> dict:
-        """The client's personalised model (global shared weights + its own state) on its test split."""
-        cfg, cid = self.config, client.client_id
-        client_state = {k: v for k, v in self.store.load_state(cid).items() if not k.startswith("optim.")}
-        self.load_personal(cid)
+    def personalise(self, client_id: int, global_weights: Tensors) -> None:
+        """Make the model client `client_id`'s personalised model: its graft and gate, and the shared
+        weights its method evaluates it with (global shared weights + its own state)."""
+        client_state = {k: v for k, v in self.store.load_state(client_id).items() if not k.startswith("optim.")}
+        self.load_personal(client_id)
         self.set_shared(self.method.eval_weights(global_weights, client_state))
+
+    def evaluate(self, client: Client, round_index: int, global_weights: Tensors) -> dict:
+        """The client's personalised model (see `personalise`) on its test split."""
+        cfg, cid = self.config, client.client_id
+        self.personalise(cid, global_weights)
         self.progress.message(f"round {round_index}: evaluating client {cid}")
         record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self.rouge(client)}
         if cfg.eval.knowledge:
@@ -305,14 +311,15 @@ class ServerRunner:
         self.server_state: Tensors = {}
         self._initial: Tensors | None = None
 
-    def start(self, initial_weights: Tensors) -> None:
-        """A fresh run directory with the resolved config and the round-0 shared weights."""
+    def start(self, initial_weights: Tensors, base: str | None = None) -> None:
+        """A fresh run directory with the resolved config and the round-0 shared weights (tagged
+        with the base model's fingerprint `base`, so a changed base is refused when the run is used)."""
         if (self.run_dir / "metrics.jsonl").exists():
             raise FlexmoeError(f"{self.run_dir} already holds a run; resume it with --resume or pick another directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run_dir / CONFIG_FILE)
         self.global_weights = cpu_clone(initial_weights)
-        save_tensors_atomic(self.run_dir / INITIAL_WEIGHTS, self.global_weights)
+        save_tensors_atomic(self.run_dir / INITIAL_WEIGHTS, self.global_weights, {BASE_METADATA: base} if base else None)
         self.server_state = self.method.init_server_state(self.global_weights)
 
     def commit_round_zero(self, records: list[dict]) -> None:

@@ -2,8 +2,9 @@
 
 A client's personalised model is the base, plus the shared weights its method evaluates it
 with (the global shared part; a Local client's own weights), plus its graft and gate for the
-methods that graft. The engine's own evaluation loads clients through `load_client`, so
-`flexmoe eval`, `flexmoe generate` and `flexmoe export` see exactly the model the run evaluated.
+methods that graft. It is built by the engine's own `ClientRunner.personalise`, the step the
+run's evaluation uses, so `flexmoe eval`, `generate` and `export` see exactly the model the
+run evaluated.
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from flexmoe.config import RunConfig, load_config
+from flexmoe.engine.core import BASE_METADATA, CONFIG_FILE, INITIAL_WEIGHTS, ClientRunner, load_model
 from flexmoe.engine.rundir import ClientStore, is_run_dir, load_server
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods import Method, Tensors, build_method
 
-CONFIG_FILE = "config.toml"
-INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights, tagged with the base fingerprint
 PERSONAL_FILE = "personal.safetensors"
-BASE_KEY = "base"  # metadata key of INITIAL_WEIGHTS holding the base model's fingerprint
 
 
 @dataclass
 class Checkpoint:
-    """What a run directory holds: its config, the last committed round and global weights."""
+    """What a run directory holds: its config, the last committed round, the server's weights."""
 
     run_dir: Path
     config: RunConfig
@@ -34,6 +35,10 @@ class Checkpoint:
     store: ClientStore
     server_state: Tensors = field(default_factory=dict)  # e.g. FC-MoE's consensus, for `eval_received`
 
+    def received(self) -> Tensors:
+        """What every client holds after the last aggregation (its personalised model's starting point)."""
+        return self.method.eval_received(self.global_weights, self.server_state)
+
 
 @dataclass
 class Restored:
@@ -42,6 +47,7 @@ class Restored:
     model: object
     tokenizer: object
     checkpoint: Checkpoint
+    runner: ClientRunner  # the engine's client side on this model: `evaluate`, `personalise`
     client_id: int | None  # None: the global model
 
 
@@ -64,66 +70,33 @@ def check_client(checkpoint: Checkpoint, client_id: int) -> None:
 
 
 def check_base(checkpoint: Checkpoint, model) -> None:
-    """Refuse a base model other than the one the run trained on (the model path may have changed)."""
+    """Refuse a base model other than the one the run trained on (the model path may hold another)."""
     from safetensors import safe_open
 
     from flexmoe.models import base_fingerprint
 
-    path = checkpoint.run_dir / INITIAL_WEIGHTS
-    if not path.is_file():
-        return
-    with safe_open(str(path), "pt") as handle:
-        expected = (handle.metadata() or {}).get(BASE_KEY)
+    with safe_open(str(checkpoint.run_dir / INITIAL_WEIGHTS), "pt") as handle:
+        expected = (handle.metadata() or {}).get(BASE_METADATA)
     found = base_fingerprint(model)
     if expected is not None and expected != found:
         raise FlexmoeError(f"{checkpoint.run_dir}: the run trained on base model {expected}, but "
-                           f"model = {checkpoint.config.model!r} now holds base model {found}")
+                           f"model = {checkpoint.config.model!r} now holds a different base model ({found})")
 
 
-def load_client(model, method: Method, store: ClientStore, global_weights: Tensors, client_id: int) -> None:
-    """Make `model` (a base prepared by `method`) client `client_id`'s personalised model, in place."""
-    from flexmoe.models import grafts, load_personal, set_shared_state
-
-    client_state = {k: v for k, v in store.load_state(client_id).items() if not k.startswith("optim.")}
-    if method.grafts:
-        fresh = not grafts(model)
-        load_personal(model, store.latest(client_id, PERSONAL_FILE), adopt_selection=True)
-        if fresh:  # grafting froze the routers; federated ones belong to the shared part
-            _share_routers(model, method)
-    set_shared_state(model, method.eval_weights(global_weights, client_state))
-
-
-def load_global(model, method: Method, global_weights: Tensors) -> None:
-    """Make `model` (a fresh base prepared by `method`) the global model: base + global shared part."""
-    from flexmoe.models import set_shared_state
-
-    if not method.communicates:
-        raise FlexmoeError(f"method {method.name!r} trains no global model; choose a client")
-    _share_routers(model, method)
-    set_shared_state(model, global_weights)
-
-
-def _share_routers(model, method: Method) -> None:
-    if method.grafts and method.config.flex.federate_routers:
-        from flexmoe.models import set_routers_trainable
-
-        set_routers_trainable(model)
-
-
-def restore(run_dir: str | Path, client_id: int | None, device: str = "cpu") -> Restored:
+def restore(run_dir: str | Path, client_id: int | None) -> Restored:
     """Client `client_id`'s personalised model from a run directory (None: the global model)."""
-    from flexmoe.models import load_base
-
     checkpoint = open_run(run_dir)
     if client_id is not None:
         check_client(checkpoint, client_id)
-    model, tokenizer = load_base(checkpoint.config.model, device=device)
+    elif not checkpoint.method.communicates:
+        raise FlexmoeError(f"method {checkpoint.method.name!r} trains no global model; choose a client")
+    model, tokenizer = load_model(checkpoint.config, checkpoint.method)
     check_base(checkpoint, model)
-    model = checkpoint.method.prepare_model(model)
+    runner = ClientRunner(checkpoint.config, checkpoint.method, model, tokenizer, checkpoint.store,
+                          initial_shared=lambda: load_file(str(checkpoint.run_dir / INITIAL_WEIGHTS)))
     if client_id is None:
-        load_global(model, checkpoint.method, checkpoint.global_weights)
+        runner.set_shared(checkpoint.global_weights)
     else:
-        received = checkpoint.method.eval_received(checkpoint.global_weights, checkpoint.server_state)
-        load_client(model, checkpoint.method, checkpoint.store, received, client_id)
+        runner.personalise(client_id, checkpoint.received())
     model.eval()
-    return Restored(model, tokenizer, checkpoint, client_id)
+    return Restored(model, tokenizer, checkpoint, runner, client_id)

@@ -88,7 +88,9 @@ class Simulation:
                                    self.server.initial_weights, self.progress)
 
     def _start_fresh(self) -> None:
-        self.server.start(shared_params(self.model))
+        from flexmoe.models import base_fingerprint
+
+        self.server.start(shared_params(self.model), base_fingerprint(self.model))
         # before grafting, with LoRA at zero: the untouched base is the reference
         base_evals = [self.runner.evaluate_base(c) for c in self.clients] if self.config.eval.base else []
         reference = base_reference(self.model, self.tokenizer, self.config, base_evals)
