@@ -236,3 +236,67 @@ def test_load_personalized_refuses_a_directory_that_is_no_export(tmp_path):
 
     with pytest.raises(FlexmoeError, match="not an exported flexmoe model"):
         flexmoe.load_personalized(tmp_path)
+
+
+def last_evaluation(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["round"] for r in records if r["kind"] == "eval")
+    return {r["client"]: r for r in records if r["kind"] == "eval" and r["round"] == last}
+
+
+def test_eval_of_a_finished_run_equals_its_own_last_evaluation(flex_run, capsys):
+    assert command("eval", ["--run", str(flex_run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = last_evaluation(flex_run)
+    assert result["round"] == 2 and [r["client"] for r in result["clients"]] == [0, 1, 2, 3]
+    for record in result["clients"]:
+        reference = expected[record["client"]]
+        assert set(record) == set(reference)
+        assert record["rouge_l"] == reference["rouge_l"]
+        for key in ("knowledge_loss", "expert_load_std", "routing_entropy"):
+            assert record[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-9)
+    summary = json.loads((flex_run / "summary.json").read_text())
+    assert result["mean"]["rouge_l_avg"] == pytest.approx(summary["rouge_l_avg"])
+    assert result["mean"]["knowledge_loss"] == pytest.approx(summary["knowledge_loss"], rel=1e-6)
+
+
+def test_eval_on_a_user_file_scores_the_chosen_clients(flex_run, workdir, capsys):
+    from flexmoe.data import load_examples
+    from flexmoe.engine.restore import restore
+    from flexmoe.eval.rouge import personalized_rouge_l
+
+    data = workdir / "dolly.jsonl"
+    assert command("eval", ["--run", str(flex_run), "--clients", "3,1", "--data", str(data)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "round 2" in table[0] and "ROUGE-L" in table[1]
+    rows = {line.split()[0]: line.split() for line in table[2:]}
+    assert set(rows) == {"1", "3", "mean"}
+    restored = restore(flex_run, 3)
+    expected = personalized_rouge_l(restored.model, restored.tokenizer, load_examples(data), max_examples=2,
+                                    max_new_tokens=6, max_prompt_length=64)
+    assert float(rows["3"][1]) == pytest.approx(expected, abs=5e-5)
+
+
+@pytest.mark.parametrize("clients, message", [("0,x", "expected comma-separated"), ("9", "no client 9"), (",", "names no")])
+def test_eval_refuses_bad_client_lists(flex_run, clients, message):
+    with pytest.raises(FlexmoeError, match=message):
+        command("eval", ["--run", str(flex_run), "--clients", clients])
+
+
+def test_a_baseline_run_restores_and_refuses_a_changed_base(workdir, model_dir, data_file, tmp_path, capsys):
+    run_dir = train(model_dir, data_file, tmp_path / "fedavg", "method=fedavg", "rounds=1", "eval.knowledge=false")
+    assert command("eval", ["--run", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {r["client"]: r["rouge_l"] for r in result["clients"]} == \
+        {c: r["rouge_l"] for c, r in last_evaluation(run_dir).items()}
+    config = run_dir / "config.toml"
+    config.write_text(config.read_text().replace(model_dir, save_model(tmp_path / "other", seed=2)))
+    with pytest.raises(FlexmoeError, match="different base model"):
+        command("generate", ["--run", str(run_dir), "--global", "--prompt", PROMPT])
+
+
+def test_local_runs_have_no_global_model(workdir, model_dir, data_file, tmp_path):
+    run_dir = train(model_dir, data_file, tmp_path / "local", "method=local", "rounds=1", "eval.knowledge=false",
+                    "eval.base=false")
+    with pytest.raises(FlexmoeError, match="trains no global model"):
+        command("generate", ["--run", str(run_dir), "--global", "--prompt", PROMPT])
