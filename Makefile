@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# FLEx on the shipped tiny MoE and the builtin dataset; prints where its report is.
 demo: install
-	$(BIN)/flexmoe demo
+	$(BIN)/flexmoe run
 
 test: install
 	$(BIN)/python -m pytest
