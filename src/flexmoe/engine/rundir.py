@@ -116,11 +116,13 @@ class ClientStore:
     def finish(self, client_id: int, round_index: int) -> None:
         write_text_atomic(self.pending(client_id) / ROUND_MARKER, str(round_index))
 
-    def commit(self, completed_round: int) -> None:
-        """Promote pending states of committed rounds; drop those of uncommitted ones."""
+    def commit(self, completed_round: int, client_id: int | None = None) -> None:
+        """Promote pending states of committed rounds; drop those of uncommitted ones. With
+        `client_id`, only that client's (a Flower client may share the root with others)."""
         if not self.root.exists():
             return
-        for client_dir in sorted(self.root.iterdir()):
+        dirs = [self.dir(client_id)] if client_id is not None else sorted(self.root.iterdir())
+        for client_dir in dirs:
             pending = client_dir / "pending"
             if not pending.is_dir():
                 continue
