@@ -25,17 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="F", help="evaluate on this data file instead of each client's test split")
     parser.add_argument("--format", choices=("dolly", "alpaca", "jsonl", "json", "parquet", "hf"),
                         help="format of --data (default: guessed from the file name)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     from flexmoe.engine.restore import check_client, open_run
 
-    checkpoint = open_run(args.run)
+    checkpoint = open_run(args.run, args.state_dir)
     clients = parse_clients(args.clients, checkpoint.config.num_clients)
     for cid in clients:
         check_client(checkpoint, cid)
-    result = evaluate_run(args.run, clients, _load_data(args))
+    result = evaluate_run(args.run, clients, _load_data(args), args.state_dir)
     print(json.dumps(result, indent=2, sort_keys=True) if args.json else _table(result))
     return 0
 
@@ -60,14 +62,14 @@ def _load_data(args: argparse.Namespace):
     return load_examples(args.data, format=args.format)
 
 
-def evaluate_run(run_dir, clients: list[int], examples=None) -> dict:
+def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> dict:
     """{"round", "data", "clients": [one eval record per client], "mean": {...}} for a run's last checkpoint."""
     import torch
 
     from flexmoe.engine.core import Client, eval_means, partition_data
     from flexmoe.engine.restore import restore
 
-    restored = restore(run_dir, clients[0])
+    restored = restore(run_dir, clients[0], state_dir)
     checkpoint, runner = restored.checkpoint, restored.runner
     if examples is None:
         parts = partition_data(checkpoint.config)

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", metavar="TEXT", help="one instruction")
     source.add_argument("--file", metavar="F", help="a text file with one instruction per line")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="tokens per answer (default 128)")
 
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise FlexmoeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     prompts = _prompts(args)  # before loading the model: a bad file fails fast
-    restored = restore(args.run, None if args.use_global else args.client)
+    restored = restore(args.run, None if args.use_global else args.client, args.state_dir)
     template = restored.checkpoint.config.data.template
     if prompts is None:
         _interactive(restored, template, args.max_new_tokens)

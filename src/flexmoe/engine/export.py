@@ -27,14 +27,15 @@ FORMAT = "flexmoe-export/1"
 MODEL_DIR, ADAPTER_DIR, PERSONAL_FILE = "model", "adapter", "personal.safetensors"
 
 
-def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: bool = False) -> Path:
+def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: bool = False,
+                  state_dir: str | Path | None = None) -> Path:
     """Write client `client_id`'s personalised model to `out` (which must not exist yet)."""
     from flexmoe.engine.restore import restore
 
     out = Path(out)
     if out.exists():
         raise FlexmoeError(f"{out} already exists; export writes a new directory")
-    restored = restore(run_dir, client_id)
+    restored = restore(run_dir, client_id, state_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

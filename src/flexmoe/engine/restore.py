@@ -51,14 +51,16 @@ class Restored:
     client_id: int | None  # None: the global model
 
 
-def open_run(run_dir: str | Path) -> Checkpoint:
+def open_run(run_dir: str | Path, state_dir: str | Path | None = None) -> Checkpoint:
+    """A run directory's config and last checkpoint; clients' states under `state_dir` when given
+    (a deployed client keeps them on its own disk), else under `<run_dir>/clients`."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise FlexmoeError(f"{run_dir}: not a flexmoe run directory (no {CONFIG_FILE} or server checkpoint)")
     config = load_config(run_dir / CONFIG_FILE)
     round_index, global_weights, server_state = load_server(run_dir)
     return Checkpoint(run_dir, config, build_method(config), round_index, global_weights,
-                      ClientStore(run_dir / "clients"), server_state)
+                      ClientStore(Path(state_dir) if state_dir else run_dir / "clients"), server_state)
 
 
 def check_client(checkpoint: Checkpoint, client_id: int) -> None:
@@ -83,9 +85,9 @@ def check_base(checkpoint: Checkpoint, model) -> None:
                            f"model = {checkpoint.config.model!r} now holds a different base model ({found})")
 
 
-def restore(run_dir: str | Path, client_id: int | None) -> Restored:
+def restore(run_dir: str | Path, client_id: int | None, state_dir: str | Path | None = None) -> Restored:
     """Client `client_id`'s personalised model from a run directory (None: the global model)."""
-    checkpoint = open_run(run_dir)
+    checkpoint = open_run(run_dir, state_dir)
     if client_id is not None:
         check_client(checkpoint, client_id)
     elif not checkpoint.method.communicates:
