@@ -270,3 +270,28 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
         for name, weight in global_weights.items():
             assert torch.allclose(restored[name], weight + 0.5 * retained[name], atol=1e-6)
     assert max(norms) > 0
+
+
+@pytest.mark.slow
+def test_fcmoe_resumed_run_matches_uninterrupted(model_dir, tmp_path):
+    """Round 2 depends on round 1's consensus (server checkpoint) and each client's stored update."""
+    from test_engine import assert_same_safetensors, metrics
+
+    def run(out, stop_after=None):
+        config = tiny_config(model_dir, "method=fcmoe", "clients_per_round=4", "rounds=2")
+        return simulation.Simulation(config, out).run(stop_after=stop_after)
+
+    run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=1)
+    simulation.Simulation.resume(tmp_path / "cut")
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    for client in range(4):
+        assert_same_safetensors(*(tmp_path / run_dir / "clients" / str(client) / "state.safetensors"
+                                  for run_dir in ("full", "cut")))
+
+
+def test_flex_fcmoe_refuses_another_aggregator():
+    from flexmoe.errors import FlexmoeError
+
+    with pytest.raises(FlexmoeError, match="flex.aggregator"):
+        build_method(load_config(None, ['method="flex+fcmoe"', "flex.aggregator=fedadam"]))

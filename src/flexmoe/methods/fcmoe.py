@@ -218,6 +218,11 @@ class Fcmoe(Method):
 
     name = "fcmoe"
 
+    def __init__(self, config: RunConfig):
+        super().__init__(config)
+        self._model: nn.Module | None = None  # the client's model, whose routing is counted
+        self._counting: ActivationCounter | None = None
+
     @property
     def scope(self) -> str:
         return self.config.fcmoe.scope
@@ -239,11 +244,6 @@ class Fcmoe(Method):
                     param.requires_grad_(False)
         self._model = model
         return model
-
-    def __init__(self, config: RunConfig):
-        super().__init__(config)
-        self._model: nn.Module | None = None  # the client's model, whose routing is counted
-        self._counting: ActivationCounter | None = None
 
     def groups(self, tensors: Tensors) -> list[Group]:
         return build_groups({n: tuple(t.shape) for n, t in tensors.items()}, self.config.lora.r,
@@ -301,10 +301,10 @@ class Fcmoe(Method):
     def train_hooks(self, received: Tensors, client_state: Tensors) -> TrainHooks:
         """Start counting this client's expert selections: local training comes next."""
         self._stop_counting()
-        layers = {expert_layer(n) for n, p in self._model.named_parameters() if p.requires_grad} - {None} \
-            if self._model is not None else set()
-        if layers:
-            self._counting = ActivationCounter(self._model, layers)
+        if self._model is not None:
+            layers = {expert_layer(n) for n, p in self._model.named_parameters() if p.requires_grad} - {None}
+            if layers:
+                self._counting = ActivationCounter(self._model, layers)
         return TrainHooks()
 
     def start_weights(self, received: Tensors, client_state: Tensors, initial: Tensors) -> Tensors:
@@ -357,8 +357,11 @@ class FlexFcmoe(Flex):
     name = "flex+fcmoe"
 
     def __init__(self, config: RunConfig):
-        flex = config.flex.model_copy(update={"aggregator": Fcmoe.name})
-        super().__init__(config.model_copy(update={"flex": flex}))
+        if config.flex.aggregator != "fedavg":
+            raise FlexmoeError(f"flex.aggregator = {config.flex.aggregator!r} does not apply to method "
+                               f"'flex+fcmoe', whose aggregator is FC-MoE's rule (set the fcmoe.* keys)")
+        super().__init__(config)
+        self.aggregator = Fcmoe(config)
 
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return self.aggregator.downlink(global_weights, server_state)
