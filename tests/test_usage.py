@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 from pathlib import Path
@@ -300,3 +301,40 @@ def test_local_runs_have_no_global_model(workdir, model_dir, data_file, tmp_path
                     "eval.base=false")
     with pytest.raises(FlexmoeError, match="trains no global model"):
         command("generate", ["--run", str(run_dir), "--global", "--prompt", PROMPT])
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_generate_is_interactive_on_a_terminal_and_reads_piped_lines(flex_run, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", Terminal(f"{PROMPT}\ndescribe the word saw\n\n"))
+    assert command("generate", ["--run", str(flex_run), "--client", "0", "--max-new-tokens", "4"]) == 0
+    interactive = capsys.readouterr().out
+    assert "client 0" in interactive and interactive.count("> ") == 3  # two answers, then an empty line quits
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PROMPT}\ndescribe the word saw\n"))
+    assert command("generate", ["--run", str(flex_run), "--client", "0", "--max-new-tokens", "4"]) == 0
+    piped = capsys.readouterr().out
+    assert piped.count("### ") == 2 and "> " not in piped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ("method=flex", "flex.federate_routers=true"),  # trained routers travel in model/
+    ("method=fcmoe",),  # LoRA on the fused experts (PEFT target_parameters)
+    ("method=fedavg", "lora.scope=full"),  # no adapter: the trained weights are the model
+], ids=["flex-routers", "fcmoe", "fedavg-full"])
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_export_round_trip_for_other_shared_parts(model_dir, data_file, tmp_path, overrides, merge):
+    import flexmoe
+    from flexmoe.engine.export import export_client
+    from flexmoe.engine.restore import restore
+
+    run_dir = train(model_dir, data_file, tmp_path / "run", *overrides, "rounds=1", "num_clients=2",
+                    "clients_per_round=2", "eval.knowledge=false", "eval.base=false")
+    out = export_client(run_dir, 1, tmp_path / "export", merge=merge)
+    reference = restore(run_dir, 1)
+    model, tokenizer = flexmoe.load_personalized(out)
+    torch.testing.assert_close(logits(model, tokenizer), logits(reference.model, reference.tokenizer),
+                               rtol=1e-4, atol=1e-5)
