@@ -1,0 +1,157 @@
+"""The flexmoe ClientApp: one federated client per SuperNode, running `flexmoe.engine.core`'s
+client step on the node's own data and personal state.
+
+Node config (`flower-supernode --node-config "..."`; simulation sets the first two itself):
+- `partition-id`: this client's id, 0 .. num_clients-1 (its part of the run's data partition);
+- `num-partitions`: if given, must equal the run's `num_clients`;
+- `state-dir`: where this client keeps its personal state (graft, gate, method and optimiser
+  state), as `<state-dir>/<partition-id>/`; default `<run dir>/clients`, the in-process layout;
+- `data-path`: optional; this node's own examples file (any `flexmoe` data format), used whole
+  as its data (split into train/test with `data.test_fraction`) instead of the run's partition.
+
+Each message may start a fresh process, so every call rebuilds the model; personal state lives
+on the node's disk, and `Context.state` holds only small metadata (client id, last round).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flexmoe.engine.flower.messages import (
+    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_from_text, from_arrays, to_arrays,
+)
+from flexmoe.errors import FlexmoeError
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    node = _Node(msg, context)
+    if node.method.grafts and not node.runner.has_personal(node.client.client_id):
+        node.runner.graft(node.client)  # a client that missed round 0
+    received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
+    record, message = node.runner.train(node.client, node.round, received)
+    node.remember(last_trained=node.round)
+    content = _reply(record, node.client.client_id, record["num_examples"])
+    if node.method.communicates:
+        content[ARRAYS] = to_arrays(message)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Round 0 ("phase" = "base"): the untouched base, then grafting; later rounds: the
+    personalised model (what the client received + its own state) and, when the server sends
+    it, the global model, both on this client's test split."""
+    node = _Node(msg, context)
+    client, runner, settings = node.client, node.runner, msg.content[CONFIG]
+    if settings["phase"] == "base":
+        record = runner.evaluate_base(client) if node.config.eval.base else {}
+        if node.method.grafts:
+            runner.graft(client)
+        content = _reply(record, client.client_id, len(client.test))
+        content["info"] = ConfigRecord({"domains": sorted({e.domain for e in client.train if e.domain}),
+                                        "num-train": len(client.train), "num-test": len(client.test)})
+        return Message(content, reply_to=msg)
+    if node.method.grafts and not runner.has_personal(client.client_id):
+        runner.graft(client)
+    base_load = json.loads(str(settings["base-load"]))
+    received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
+    record = runner.evaluate(client, node.round, received, base_load)
+    content = _reply(record, client.client_id, len(client.test))
+    if GLOBAL in msg.content:
+        rouge, measures = runner.evaluate_global([client], node.round, from_arrays(msg.content[GLOBAL]), base_load)
+        content["global"] = ConfigRecord({"record": json.dumps({"rouge_l": rouge[client.client_id], **measures})})
+    return Message(content, reply_to=msg)
+
+
+@app.query()
+def commit(msg: Message, context: Context) -> Message:
+    """The server committed a round: promote this client's pending state (no model needed)."""
+    from flexmoe.engine.rundir import ClientStore
+
+    client_id, root = _identity(msg, context)
+    ClientStore(root).commit(int(msg.content[CONFIG]["committed"]), client_id)
+    return Message(_reply({}, client_id, 0), reply_to=msg)
+
+
+def _reply(record: dict, client_id: int, num_examples: int) -> RecordDict:
+    """The client's metrics record travels as JSON (exact floats, nested values such as the
+    per-layer expert load); `num-examples` and `client` as Flower metrics."""
+    return RecordDict({METRICS: MetricRecord({"num-examples": num_examples, "client": client_id}),
+                       RESULT: ConfigRecord({"record": json.dumps(record)})})
+
+
+def _identity(msg: Message, context: Context) -> tuple[int, Path]:
+    """(client id, personal-state root) from the node config and the server's run directory."""
+    node = context.node_config
+    if "partition-id" not in node:
+        raise FlexmoeError("SuperNode node config lacks 'partition-id' (start it with "
+                           "--node-config \"partition-id=0 state-dir='...'\")")
+    root = node.get("state-dir") or str(Path(str(msg.content[CONFIG]["run-dir"])) / "clients")
+    return int(node["partition-id"]), Path(str(root))
+
+
+class _Node:
+    """This node's client: config from the message, data and state from the node config."""
+
+    def __init__(self, msg: Message, context: Context):
+        import torch
+
+        from flexmoe.engine.core import ClientRunner, cpu_clone, load_model, shared_params
+        from flexmoe.engine.rundir import ClientStore
+        from flexmoe.methods import build_method
+
+        settings = msg.content[CONFIG]
+        self.context = context
+        self.config = config_from_text(str(settings["flexmoe-config"]))
+        self.round = int(settings["round"])
+        if self.config.runtime.threads:
+            torch.set_num_threads(self.config.runtime.threads)
+        client_id, root = _identity(msg, context)
+        self._check_partitions(client_id)
+        store = ClientStore(root)
+        if settings["phase"] != "eval":
+            # promote the rounds the server committed since our last call, drop a failed round's
+            # state; an evaluation reads this round's pending state, so it must leave it be
+            store.commit(int(settings["committed"]), client_id)
+        self.method = build_method(self.config)
+        model, tokenizer = load_model(self.config, self.method)
+        initial = cpu_clone(shared_params(model))  # the seeded round-0 shared weights, as on the server
+        self.client = self._client(client_id, tokenizer)
+        self.runner = ClientRunner(self.config, self.method, model, tokenizer, store, lambda: initial)
+        self.remember()
+
+    def _check_partitions(self, client_id: int) -> None:
+        count = self.context.node_config.get("num-partitions")
+        if count is not None and int(count) != self.config.num_clients:
+            raise FlexmoeError(f"{count} SuperNodes (num-partitions) but the run config has "
+                               f"num_clients = {self.config.num_clients}")
+        if not 0 <= client_id < self.config.num_clients:
+            raise FlexmoeError(f"node config partition-id = {client_id} is outside 0..{self.config.num_clients - 1}")
+
+    def _client(self, client_id: int, tokenizer):
+        import flexmoe.data
+        from flexmoe.engine.core import make_client, partition_data
+
+        data_path = self.context.node_config.get("data-path")
+        if not data_path:
+            return make_client(self.config, partition_data(self.config)[client_id], tokenizer)
+        examples = flexmoe.data.load_examples(str(data_path))
+        part = flexmoe.data.partition(examples, 1, scheme="iid", seed=self.config.seed,
+                                      test_fraction=self.config.data.test_fraction)[0]
+        part = flexmoe.data.ClientData(client_id, part.train, part.test)
+        if not part.train:
+            raise FlexmoeError(f"{data_path}: no training examples for client {client_id}")
+        return make_client(self.config, part, tokenizer)
+
+    def remember(self, **values: int) -> None:
+        """Small metadata only: Context.state over ~100 MB is dropped on a real SuperNode."""
+        state = self.context.state.get("flexmoe")
+        merged = {**(dict(state) if state is not None else {}), "client": self.client.client_id, **values}
+        self.context.state["flexmoe"] = ConfigRecord(merged)

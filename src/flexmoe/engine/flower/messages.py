@@ -1,0 +1,59 @@
+"""What travels between the Flower ServerApp and ClientApps, and how its size is counted.
+
+Tensors travel as one `ArrayRecord` ("arrays"); the resolved flexmoe config, the round and the
+last committed round as a `ConfigRecord` ("config"); a client's metrics record as JSON in a
+`ConfigRecord` ("result"; JSON keeps floats exact and carries nested values), with Flower's
+`num-examples` in a `MetricRecord` ("metrics"). Communication is counted as the bytes of the ArrayRecord as
+Flower serialises it: every distinct object of its tree (each Array, then the record), once,
+because Flower transfers content-addressed objects and sends identical arrays only once.
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+import tomli_w
+import torch
+
+from flexmoe.config import RunConfig
+from flexmoe.errors import FlexmoeError
+from flexmoe.methods import Tensors
+
+ARRAYS, GLOBAL, CONFIG, METRICS, RESULT = "arrays", "global", "config", "metrics", "result"
+
+
+def config_text(config: RunConfig) -> str:
+    return tomli_w.dumps(config.model_dump(mode="json"))
+
+
+def config_from_text(text: str) -> RunConfig:
+    return RunConfig.model_validate(tomllib.loads(text))
+
+
+def to_arrays(tensors: Tensors):
+    """An ArrayRecord of CPU tensors; bfloat16 (which ArrayRecord rejects) travels as float32."""
+    from flwr.app import ArrayRecord
+
+    state = {name: (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().contiguous()
+             for name, t in tensors.items()}
+    return ArrayRecord(state)
+
+
+def from_arrays(record) -> Tensors:
+    return {name: tensor.clone() for name, tensor in record.to_torch_state_dict().items()}
+
+
+def record_bytes(record) -> int:
+    """Serialised bytes of an ArrayRecord as Flower transfers it (distinct objects once)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+
+
+def parse_overrides(text: str) -> list[str]:
+    """The run-config `set` value: `key=value` items separated by ';'."""
+    items = [item.strip() for item in text.split(";") if item.strip()]
+    for item in items:
+        if "=" not in item:
+            raise FlexmoeError(f"run config 'set': {item!r} is not KEY=VALUE (items are separated by ';')")
+    return items

@@ -1,0 +1,208 @@
+"""The flexmoe ServerApp: `flexmoe.engine.core`'s server step driving ClientApps over a Flower Grid.
+
+The round loop is the in-process engine's: the same seeded client sampling, the method's own
+downlink and aggregation (only the shared keys travel; FLEx's graft never leaves a client), the
+same run directory, `metrics.jsonl`, `summary.json`, checkpoints and report. Bytes are those of
+the Flower messages' ArrayRecords (see `messages`).
+
+Run config (`flwr run . --run-config "..."`, defaults in pyproject.toml `[tool.flwr.app.config]`):
+- `config`: a flexmoe run-config TOML file on the server ("" = the defaults);
+- `set`: overrides, `key=value` items separated by ';' (e.g. `rounds=2;seed=1`);
+- `output-dir`: the run directory ("" = `runs/flower-<method>-<timestamp>`);
+- `round-timeout`: seconds a round waits for replies; a client that has not answered by then
+  (failed, killed, unreachable) is skipped for the round;
+- `min-clients`: SuperNodes to wait for before round 0 (0 = `num_clients`);
+- `connect-timeout`: seconds to wait for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from flexmoe.engine.flower.messages import (
+    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_text, from_arrays, parse_overrides, record_bytes, to_arrays,
+)
+from flexmoe.errors import FlexmoeError
+
+app = ServerApp()
+log = logging.getLogger("flexmoe.flower")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from flexmoe.config import load_config
+
+    settings = context.run_config
+    config = load_config(str(settings["config"]) or None, parse_overrides(str(settings.get("set", ""))))
+    run_dir = Path(str(settings["output-dir"]) or f"runs/flower-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    FlowerServer(grid, config, run_dir.resolve(), round_timeout=float(settings["round-timeout"]),
+                 min_clients=int(settings["min-clients"]) or config.num_clients,
+                 connect_timeout=float(settings["connect-timeout"])).run()
+
+
+class FlowerServer:
+    """One run: round 0 (base reference, grafting, client discovery), then `config.rounds` rounds."""
+
+    def __init__(self, grid: Grid, config, run_dir: Path, round_timeout: float, min_clients: int,
+                 connect_timeout: float):
+        from flexmoe.engine.core import ServerRunner
+        from flexmoe.methods import build_method
+
+        self.grid = grid
+        self.config = config
+        self.run_dir = run_dir
+        self.round_timeout = round_timeout
+        self.min_clients = min_clients
+        self.connect_timeout = connect_timeout
+        self.method = build_method(config)
+        self.server = ServerRunner(config, self.method, run_dir)
+        self.nodes: dict[int, int] = {}  # client id -> node id
+        self.infos = []
+
+    def run(self) -> dict:
+        import torch
+
+        from flexmoe.engine.core import evaluates, load_model, shared_params
+
+        started = time.monotonic()
+        if self.config.runtime.threads:
+            torch.set_num_threads(self.config.runtime.threads)
+        model, tokenizer = load_model(self.config, self.method)
+        self.server.start(shared_params(model))
+        self._round_zero(model, tokenizer)
+        del model
+        for round_index in range(1, self.config.rounds + 1):
+            sampled, records, agg_metrics = self._train_round(round_index)
+            evals, global_eval = self._evaluate(round_index) if evaluates(self.config, round_index) else ([], {})
+            self.server.finish_round(round_index, sampled, records, agg_metrics, evals, global_eval)
+            self.server.write_summary(None)
+        self._send(MessageType.QUERY, sorted(self.nodes.values()), self.config.rounds, None)  # clients commit the last round
+        summary = self.server.write_summary(time.monotonic() - started)
+        self.server.write_report(summary, self.infos)
+        log.info("flexmoe: %d rounds done, run directory %s", self.config.rounds, self.run_dir)
+        return summary
+
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.min_clients:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FlexmoeError(f"only {len(nodes)} of min-clients = {self.min_clients} SuperNodes connected "
+                                   f"within {self.connect_timeout:.0f} s")
+            time.sleep(1.0)
+
+    def _round_zero(self, model, tokenizer) -> None:
+        """Every node evaluates the untouched base, grafts, and says which client it is."""
+        from flexmoe.engine.core import ClientInfo, base_reference
+
+        replies = self._send(MessageType.EVALUATE, self._wait_for_nodes(), 0, None, phase="base")
+        base_evals = []
+        for node_id, reply in replies:
+            cid, record, info = _client(reply), _record(reply), reply.content["info"]
+            if cid in self.nodes:
+                raise FlexmoeError(f"two SuperNodes claim partition-id {cid}")
+            self.nodes[cid] = node_id
+            self.infos.append(ClientInfo(cid, tuple(info["domains"]), int(info["num-train"]), int(info["num-test"])))
+            if record:
+                base_evals.append(record)
+        self.infos.sort(key=lambda i: i.client_id)
+        base_evals.sort(key=lambda r: r["client"])
+        self.server.commit_round_zero([*base_evals, base_reference(model, tokenizer, self.config, base_evals)])
+
+    def _train_round(self, round_index: int) -> tuple[list[int], list[dict], dict]:
+        from flexmoe.engine.core import sample_clients
+        from flexmoe.methods import Reply
+
+        cfg = self.config
+        sampled = sample_clients(cfg.seed, round_index, cfg.num_clients, cfg.clients_per_round)
+        missing = [c for c in sampled if c not in self.nodes]
+        if missing:
+            log.warning("round %d: clients %s have no SuperNode; skipped", round_index, missing)
+        down = self.server.downlink()
+        arrays = to_arrays(down) if down is not None else None
+        bytes_down = record_bytes(arrays) if arrays is not None else 0
+        replies = self._send(MessageType.TRAIN, [self.nodes[c] for c in sampled if c in self.nodes],
+                             round_index, arrays)
+        records, uploads = [], []
+        for _, reply in replies:
+            record = _record(reply)
+            record["bytes_down"] = bytes_down
+            record["bytes_up"] = record_bytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
+            records.append(record)
+            if ARRAYS in reply.content:
+                tensors = from_arrays(reply.content[ARRAYS])
+                personal = [k for k in tensors if "graft" in k.split(".")]
+                if personal:  # a client must never send its personal state; refuse to aggregate it
+                    raise FlexmoeError(f"client {record['client']} sent personal state {personal[0]!r}")
+                uploads.append(Reply(tensors, int(reply.content[METRICS]["num-examples"])))
+        if self.method.communicates and not uploads:
+            log.warning("round %d: no client replied; the global model is unchanged", round_index)
+            return sampled, records, {}
+        return sampled, records, self.server.aggregate(uploads)
+
+    def _evaluate(self, round_index: int) -> tuple[list[dict], dict]:
+        """Every client's personalised model and (methods with one) the global model, as the
+        in-process engine evaluates them, each on the client that holds the test split."""
+        from flexmoe.engine.core import base_load, mean
+
+        server = self.server
+        received = self.method.eval_received(server.global_weights, server.server_state)
+        arrays = to_arrays(received) if self.method.communicates else None
+        with_global = self.method.communicates and self.config.eval.global_model
+        extra = {GLOBAL: arrays if received is server.global_weights else to_arrays(server.global_weights)} \
+            if with_global else {}
+        replies = self._send(MessageType.EVALUATE, sorted(self.nodes.values()), round_index, arrays, phase="eval",
+                             extra=extra, base_load=json.dumps(base_load(server.metrics.read())))
+        evals = [_record(reply) for _, reply in replies]
+        if not with_global or not replies:
+            return evals, {}
+        global_records = [json.loads(str(reply.content["global"]["record"])) for _, reply in replies]
+        for record, global_record in zip(evals, global_records):
+            record["rouge_l_global"] = global_record.pop("rouge_l")
+        # the global model's knowledge measures are the same on every client: take the first's
+        global_eval = {**global_records[0], "global_rouge_l_avg": mean([r["rouge_l_global"] for r in evals])}
+        return evals, global_eval
+
+    def _send(self, message_type: str, node_ids: list[int], round_index: int, arrays, phase: str = "",
+              extra: dict | None = None, base_load: str = "null") -> list[tuple[int, Message]]:
+        """One message per node; the successful replies, in client order (aggregation sums in a
+        fixed order, as the in-process engine does). Failed or late clients are skipped."""
+        committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
+        settings = ConfigRecord({"flexmoe-config": config_text(self.config), "round": round_index,
+                                 "committed": committed, "run-dir": str(self.run_dir), "phase": phase,
+                                 "base-load": base_load})
+        messages = []
+        for node_id in node_ids:
+            content = RecordDict({CONFIG: settings})
+            if arrays is not None:
+                content[ARRAYS] = arrays
+            for key, record in (extra or {}).items():
+                content[key] = record
+            messages.append(Message(content, dst_node_id=node_id, message_type=message_type,
+                                    group_id=str(round_index)))
+        replies = []
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
+            if reply.has_error():
+                log.warning("round %d: node %d failed (%s); skipped", round_index, reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            replies.append((reply.metadata.src_node_id, reply))
+        if len(replies) < len(messages):
+            log.warning("round %d: %d of %d clients replied", round_index, len(replies), len(messages))
+        return sorted(replies, key=lambda item: _client(item[1]))
+
+
+def _client(reply: Message) -> int:
+    return int(reply.content[METRICS]["client"])
+
+
+def _record(reply: Message) -> dict:
+    return json.loads(str(reply.content[RESULT]["record"]))
