@@ -295,3 +295,24 @@ def test_flex_fcmoe_refuses_another_aggregator():
 
     with pytest.raises(FlexmoeError, match="flex.aggregator"):
         build_method(load_config(None, ['method="flex+fcmoe"', "flex.aggregator=fedadam"]))
+
+
+@pytest.mark.parametrize("scope", ["experts", "attention+experts", "full"])
+def test_scopes_share_the_experts_and_group_them_per_expert(scope):
+    from conftest import tiny_model
+    from flexmoe.models import split_parameters
+
+    method = build_method(small_config(f'fcmoe.scope="{scope}"'))
+    model = method.prepare_model(tiny_model("qwen2_moe"))
+    shared = {n: p.detach() for n, p in split_parameters(model).shared.items()}
+    attention = [n for n in shared if "self_attn" in n]
+    assert (not attention) == (scope == "experts")
+    expert_groups = [g for g in method.groups(shared) if g.experts]
+    assert len(expert_groups) == 2 and all(g.rows == 8 for g in expert_groups)
+    for group in method.groups(shared):
+        rebuilt = split_matrix(group_matrix(shared, group), group, shared)
+        assert all(torch.equal(rebuilt[n], shared[n]) for n in group.names)
+    if scope == "full":  # expert e's piece of a fused tensor is its slice e
+        fused = next(n for n in expert_groups[0].names if n.endswith("experts.down_proj"))
+        rows = to_expert_rows(fused, shared[fused], 8)
+        assert torch.equal(rows[5], shared[fused][5].reshape(-1))
