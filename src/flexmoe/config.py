@@ -124,7 +124,10 @@ class EvalConfig(_Section):
     knowledge: bool = True
     knowledge_max_docs: int = Field(64, ge=1)
     knowledge_max_length: int = Field(128, ge=8)
-    routing: bool = True  # expert-load std and routing entropy on the held-out corpus (needs knowledge)
+    routing: bool = True  # expert load, its std, entropy and drift from the base on the held-out corpus (needs knowledge)
+    probes: bool = True  # multiple-choice knowledge probe accuracy (needs knowledge)
+    max_probes: int = Field(64, ge=1)  # the first N builtin probes (each costs one forward pass of 4 options)
+    global_model: bool = True  # also evaluate the aggregated global model (shared weights, no graft)
 
 
 class RuntimeConfig(_Section):

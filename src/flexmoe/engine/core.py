@@ -27,6 +27,7 @@ from flexmoe.engine.rundir import (
     ClientStore, MetricsLog, cpu_clone, load_server, save_server, save_tensors_atomic, write_text_atomic,
 )
 from flexmoe.errors import FlexmoeError
+from flexmoe.eval.measures import knowledge_measures
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.methods.base import strip_prefix, with_prefix
 from flexmoe.train import cosine_lr, local_train
@@ -217,20 +218,54 @@ class ClientRunner:
         self.load_personal(client_id)
         self.set_shared(self.method.eval_weights(global_weights, client_state))
 
-    def evaluate(self, client: Client, round_index: int, global_weights: Tensors) -> dict:
-        """The client's personalised model (see `personalise`) on its test split."""
+    def evaluate(self, client: Client, round_index: int, global_weights: Tensors,
+                 base_load: dict | None = None) -> dict:
+        """The client's personalised model (see `personalise`) on its test split (ROUGE-L, test
+        loss) and on the knowledge measures; `base_load`: the base's expert load, for routing drift."""
         cfg, cid = self.config, client.client_id
         self.personalise(cid, global_weights)
         self.progress.message(f"round {round_index}: evaluating client {cid}")
-        record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self.rouge(client)}
+        record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self.rouge(client),
+                  "test_loss": self.test_loss(client)}
         if cfg.eval.knowledge:
-            record["knowledge_loss"], routing = knowledge(self.model, self.tokenizer, cfg)
-            record.update(routing)
+            record.update(knowledge_measures(self.model, self.tokenizer, cfg.eval, base_load))
         return record
+
+    def evaluate_global(self, clients: list[Client], round_index: int, global_weights: Tensors,
+                        base_load: dict | None = None) -> tuple[dict[int, float], dict]:
+        """The aggregated global model (global shared weights, no graft) on every client's test split
+        and on the knowledge measures -> ({client id: ROUGE-L}, {"global_<measure>": value})."""
+        from flexmoe.models import grafts_disabled
+
+        self.progress.message(f"round {round_index}: evaluating the global model")
+        self.set_shared(global_weights)
+        with grafts_disabled(self.model):
+            rouge = {c.client_id: self.rouge(c) for c in clients}
+            measures = {"rouge_l_avg": mean(list(rouge.values()))}
+            if self.config.eval.knowledge:
+                measures.update(knowledge_measures(self.model, self.tokenizer, self.config.eval, base_load))
+        measures.pop("expert_load", None)
+        return rouge, {f"global_{k}": v for k, v in measures.items()}
 
     def evaluate_base(self, client: Client) -> dict:
         """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split."""
-        return {"round": 0, "kind": "eval", "client": client.client_id, "rouge_l": self.rouge(client)}
+        return {"round": 0, "kind": "eval", "client": client.client_id, "rouge_l": self.rouge(client),
+                "test_loss": self.test_loss(client)}
+
+    def test_loss(self, client: Client) -> float:
+        """Mean response-token loss on the evaluated part of the client's test split."""
+        from flexmoe.data import tokenize_examples
+        from flexmoe.train.loop import response_loss
+
+        cfg = self.config
+        features = tokenize_examples(client.test[: cfg.eval.max_test_examples], self.tokenizer,
+                                     max_length=cfg.train.max_length, template=cfg.data.template)
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(features), cfg.eval.batch_size):
+                loss, count = response_loss(self.model, self.collate(features[start : start + cfg.eval.batch_size]))
+                total, tokens = total + float(loss), tokens + count
+        return total / tokens if tokens else float("nan")
 
     def rouge(self, client: Client) -> float:
         from flexmoe.eval.rouge import personalized_rouge_l
@@ -261,41 +296,21 @@ class ClientRunner:
         return collate(features, self.tokenizer.pad_token_id)
 
 
-def knowledge(model: nn.Module, tokenizer, config: RunConfig) -> tuple[float, dict]:
-    """Held-out LM loss on the builtin held-out corpus, plus routing statistics on it."""
-    from flexmoe.data import builtin_corpus
-    from flexmoe.eval.knowledge import heldout_loss
-
-    ev = config.eval
-    docs = builtin_corpus("heldout")[: ev.knowledge_max_docs]
-    loss = heldout_loss(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size)
-    return loss, _routing(model, tokenizer, docs, config) if ev.routing else {}
-
-
-def _routing(model: nn.Module, tokenizer, docs: list[str], config: RunConfig) -> dict:
-    """Expert-load std and routing entropy (nats), averaged over MoE layers, padding excluded."""
-    from flexmoe.eval.routing import RoutingCounter
-
-    ev = config.eval
-    with RoutingCounter(model) as counter:
-        for start in range(0, len(docs), ev.batch_size):
-            enc = tokenizer(docs[start : start + ev.batch_size], return_tensors="pt", padding=True,
-                            truncation=True, max_length=ev.knowledge_max_length)
-            counter.observe(enc["input_ids"], enc["attention_mask"])
-    names = [layer.name for layer in counter.layers]
-    return {
-        "expert_load_std": mean([counter.load_std(n) for n in names]),
-        "routing_entropy": mean([counter.entropy(n) for n in names]),
-    }
-
-
 def base_reference(model: nn.Module, tokenizer, config: RunConfig, base_evals: list[dict]) -> dict:
-    """The round-0 server record: the untouched base's mean ROUGE-L and its knowledge loss and routing."""
+    """The round-0 server record: the untouched base's mean ROUGE-L and test loss, its knowledge
+    measures and its expert load (`expert_load_base`: what routing drift is measured from)."""
     reference = {"rouge_l_avg_base": mean([e["rouge_l"] for e in base_evals])} if base_evals else {}
+    if base_evals and "test_loss" in base_evals[0]:
+        reference["test_loss_base"] = mean([e["test_loss"] for e in base_evals])
     if config.eval.knowledge:
-        loss, routing = knowledge(model, tokenizer, config)
-        reference.update({"knowledge_loss_base": loss, **{f"{k}_base": v for k, v in routing.items()}})
+        measures = knowledge_measures(model, tokenizer, config.eval)
+        reference.update({f"{k}_base": v for k, v in measures.items()})
     return {"round": 0, "kind": "server", **reference}
+
+
+def base_load(records: list[dict]) -> dict | None:
+    """The base model's per-layer expert load, from the round-0 server record (None without one)."""
+    return next((r.get("expert_load_base") for r in records if r["round"] == 0 and r["kind"] == "server"), None)
 
 
 # ---- the server side -------------------------------------------------------------------------
@@ -349,8 +364,9 @@ class ServerRunner:
         return agg_metrics
 
     def finish_round(self, round_index: int, sampled: list[int], train_records: list[dict],
-                     agg_metrics: dict, evals: list[dict]) -> None:
-        """Log the round (client records + the server record) and commit its checkpoint."""
+                     agg_metrics: dict, evals: list[dict], global_eval: dict | None = None) -> None:
+        """Log the round (client records + the server record, with the global model's
+        `global_eval` measures) and commit its checkpoint."""
         server = {
             "round": round_index, "kind": "server", "clients": sampled, "lr": round_lr(self.config, round_index),
             "train_loss": weighted([r["loss"] for r in train_records], [r["tokens"] for r in train_records]),
@@ -360,6 +376,7 @@ class ServerRunner:
         }
         if evals:
             server.update(eval_means(evals))
+        server.update(global_eval or {})
         self.metrics.append([*train_records, *evals, server])
         save_server(self.run_dir, round_index, self.global_weights, self.server_state)
 
@@ -375,12 +392,8 @@ class ServerRunner:
             "rounds": self.config.rounds,
             "rounds_completed": servers[-1]["round"] if servers else 0,
             "num_clients": self.config.num_clients,
-            "rouge_l_avg": last_eval.get("rouge_l_avg"),
-            "knowledge_loss": last_eval.get("knowledge_loss"),
-            "rouge_l_avg_base": base.get("rouge_l_avg_base"),
-            "knowledge_loss_base": base.get("knowledge_loss_base"),
-            "expert_load_std": last_eval.get("expert_load_std"),
-            "routing_entropy": last_eval.get("routing_entropy"),
+            **{key: last_eval.get(key) for key in (*MEASURES, *(f"global_{k}" for k in MEASURES if k != "test_loss"))},
+            **{f"{key}_base": base.get(f"{key}_base") for key in MEASURES if key != "routing_drift"},
             "bytes_up": sum(r["bytes_up"] for r in servers),
             "bytes_down": sum(r["bytes_down"] for r in servers),
             "train_loss": servers[-1]["train_loss"] if servers else None,
@@ -392,9 +405,9 @@ class ServerRunner:
         return summary
 
     def write_report(self, summary: dict, clients: list[ClientInfo]) -> None:
-        from flexmoe.engine.report import write_report
+        from flexmoe.report import write_run_report
 
-        write_report(self.run_dir, summary, self.metrics.read(), clients)
+        write_run_report(self.run_dir, clients)
 
 
 def weighted(values: list[float], weights: list[int]) -> float:
@@ -402,9 +415,15 @@ def weighted(values: list[float], weights: list[int]) -> float:
     return sum(v * w for v, w in zip(values, weights)) / total if total else float("nan")
 
 
+# the per-evaluation measures a summary reports (`rouge_l_avg`: the mean of the clients' `rouge_l`)
+MEASURES = ("rouge_l_avg", "test_loss", "knowledge_loss", "probe_accuracy", "expert_load_std", "routing_entropy",
+            "routing_drift")
+CLIENT_MEASURES = ("rouge_l_global", *MEASURES[1:])
+
+
 def eval_means(evals: list[dict]) -> dict:
     out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals])}
-    for key in ("knowledge_loss", "expert_load_std", "routing_entropy"):
+    for key in CLIENT_MEASURES:
         values = [e[key] for e in evals if key in e]
         if values:
             out[key] = mean(values)
@@ -431,7 +450,7 @@ def per_client(records: list[dict]) -> dict[str, dict]:
         elif r["kind"] == "eval":
             row = table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
             row["rouge_l"] = r["rouge_l"]
-            for key in ("knowledge_loss", "expert_load_std", "routing_entropy"):
+            for key in CLIENT_MEASURES:
                 if key in r:
                     row[key] = r[key]
     return table

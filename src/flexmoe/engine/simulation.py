@@ -20,7 +20,7 @@ import torch
 
 from flexmoe.config import RunConfig, load_config
 from flexmoe.engine.core import (
-    CONFIG_FILE, Client, ClientRunner, ServerRunner, base_reference, derived_seed, describe, evaluates,
+    CONFIG_FILE, Client, ClientRunner, ServerRunner, base_load, base_reference, derived_seed, describe, evaluates,
     load_model, make_client, partition_data, round_lr, sample_clients, shared_params,
 )
 from flexmoe.engine.progress import Progress
@@ -114,8 +114,8 @@ class Simulation:
             if reply is not None:
                 replies.append(reply)
         agg_metrics = self.server.aggregate(replies)
-        evals = [self._evaluate_client(c, round_index) for c in self.clients] if evaluates(cfg, round_index) else []
-        self.server.finish_round(round_index, sampled, records, agg_metrics, evals)
+        evals, global_eval = self._evaluate(round_index) if evaluates(cfg, round_index) else ([], {})
+        self.server.finish_round(round_index, sampled, records, agg_metrics, evals, global_eval)
         self.store.commit(round_index)
         self.server.write_summary(None)
 
@@ -132,6 +132,15 @@ class Simulation:
         record.update(bytes_up=bytes_up, bytes_down=len(down_blob) if down_blob is not None else 0)
         return record, reply
 
-    def _evaluate_client(self, client: Client, round_index: int) -> dict:
+    def _evaluate(self, round_index: int) -> tuple[list[dict], dict]:
+        """Every client's personalised model, then (methods with one) the global model."""
+        reference = base_load(self.server.metrics.read())
         received = self.method.eval_received(self.server.global_weights, self.server.server_state)
-        return self.runner.evaluate(client, round_index, received)
+        evals = [self.runner.evaluate(c, round_index, received, reference) for c in self.clients]
+        if not (self.method.communicates and self.config.eval.global_model):
+            return evals, {}
+        rouge, global_eval = self.runner.evaluate_global(self.clients, round_index, self.server.global_weights,
+                                                         reference)
+        for record in evals:
+            record["rouge_l_global"] = rouge[record["client"]]
+        return evals, global_eval

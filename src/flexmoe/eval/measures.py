@@ -1,0 +1,61 @@
+"""The knowledge and routing measures of one model, as the engine records them per evaluation.
+
+Knowledge retention: held-out LM loss on the builtin held-out corpus and multiple-choice probe
+accuracy (`flexmoe.eval.knowledge`). Routing (`flexmoe.eval.routing`, router hooks, no aux
+loss): per-layer expert load on the held-out corpus, its std across experts (the FLEx paper's
+load-balance measure), its entropy, and its drift from the base model's load: the total-variation
+distance 1/2 Σ_e |load_e − base_e| per layer (0 = same routing, 1 = disjoint experts), averaged
+over MoE layers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+Load = dict[str, list[float]]  # MoE layer name -> each expert's share of the layer's selections
+
+
+def routing_drift(load: Load, base: Load) -> float:
+    """Mean over layers of the total-variation distance between two expert-load distributions."""
+    if set(load) != set(base):
+        raise ValueError("routing_drift needs the loads of the same MoE layers")
+    distances = [0.5 * sum(abs(a - b) for a, b in zip(load[name], base[name], strict=True)) for name in load]
+    return sum(distances) / len(distances)
+
+
+def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None = None) -> dict:
+    """`ev` is the run's `[eval]` section. Returns knowledge_loss, probe_accuracy (eval.probes),
+    and with eval.routing: expert_load_std, routing_entropy, expert_load (per layer) and, given the
+    base's load, routing_drift."""
+    from flexmoe.data import builtin_corpus, builtin_probes
+    from flexmoe.eval.knowledge import heldout_loss, probe_accuracy
+
+    docs = builtin_corpus("heldout")[: ev.knowledge_max_docs]
+    out = {"knowledge_loss": heldout_loss(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size)}
+    if ev.probes:
+        out["probe_accuracy"] = probe_accuracy(model, tokenizer, builtin_probes()[: ev.max_probes])
+    if ev.routing:
+        out.update(routing_measures(model, tokenizer, docs, ev, base_load))
+    return out
+
+
+def routing_measures(model: nn.Module, tokenizer, docs: list[str], ev, base_load: Load | None = None) -> dict:
+    """Expert-load std and routing entropy (nats) averaged over MoE layers, the per-layer load,
+    and the drift from `base_load`; padding tokens are not counted."""
+    from flexmoe.eval.routing import RoutingCounter
+
+    with RoutingCounter(model) as counter:
+        for start in range(0, len(docs), ev.batch_size):
+            enc = tokenizer(docs[start : start + ev.batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=ev.knowledge_max_length)
+            counter.observe(enc["input_ids"], enc["attention_mask"])
+    names = [layer.name for layer in counter.layers]
+    load = {name: [round(x, 6) for x in counter.load(name).tolist()] for name in names}
+    out = {
+        "expert_load_std": sum(counter.load_std(n) for n in names) / len(names),
+        "routing_entropy": sum(counter.entropy(n) for n in names) / len(names),
+        "expert_load": load,
+    }
+    if base_load:
+        out["routing_drift"] = routing_drift(load, base_load)
+    return out

@@ -1,0 +1,130 @@
+"""Markdown tables of runs: one run's clients and rounds, and methods compared over seeds."""
+
+from __future__ import annotations
+
+from flexmoe.report.runs import Run, mean_std
+
+# (metrics key, column title, format) of per-client evaluation values, in table order
+EVAL_COLUMNS = (
+    ("rouge_l", "ROUGE-L", "{:.4f}"),
+    ("rouge_l_global", "ROUGE-L (global model)", "{:.4f}"),
+    ("test_loss", "test loss", "{:.4f}"),
+    ("knowledge_loss", "knowledge loss", "{:.4f}"),
+    ("probe_accuracy", "probe accuracy", "{:.3f}"),
+    ("expert_load_std", "expert-load std", "{:.4f}"),
+    ("routing_entropy", "routing entropy", "{:.3f}"),
+    ("routing_drift", "routing drift", "{:.4f}"),
+)
+
+
+def fmt(value, pattern: str = "{:.4f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def fmt_spread(mu, sd, pattern: str = "{:.4f}") -> str:
+    if mu is None:
+        return "n/a"
+    return pattern.format(mu) if sd is None else f"{pattern.format(mu)} ± {pattern.format(sd)}"
+
+
+def table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
+    align = align or ["---:"] * len(header)
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def client_table(run: Run) -> list[str]:
+    """One row per client at the last evaluation, the base model's ROUGE-L beside it, and bytes."""
+    evals = {r["client"]: r for r in run.evals()}
+    base = {r["client"]: r for r in run.evals(0)}
+    columns = [c for c in EVAL_COLUMNS if any(c[0] in r for r in evals.values())]
+    per_client = run.summary.get("per_client", {})
+    header = ["client", "domains", "train", "test", "ROUGE-L (base)", *(title for _, title, _ in columns),
+              "bytes up", "bytes down"]
+    rows = []
+    for client in run.clients:
+        cid = client["client_id"]
+        record, traffic = evals.get(cid, {}), per_client.get(str(cid), {})
+        rows.append([
+            str(cid), ", ".join(client.get("domains", [])) or "-", str(client.get("num_train", "-")),
+            str(client.get("num_test", "-")), fmt(base.get(cid, {}).get("rouge_l")),
+            *(fmt(record.get(key), pattern) for key, _, pattern in columns),
+            f"{traffic.get('bytes_up', 0):,}", f"{traffic.get('bytes_down', 0):,}",
+        ])
+    means = [mean_std(r.get(key) for r in evals.values())[0] for key, _, _ in columns]
+    rows.append([
+        "**mean**", "", "", "", fmt(mean_std(r.get("rouge_l") for r in base.values())[0]),
+        *(fmt(m, pattern) for m, (_, _, pattern) in zip(means, columns)),
+        f"{run.summary.get('bytes_up', 0):,}", f"{run.summary.get('bytes_down', 0):,}",
+    ])
+    return table(header, rows, ["---:", "---", *["---:"] * (len(header) - 2)])
+
+
+def round_table(run: Run) -> list[str]:
+    """Per round: training loss, evaluation means, bytes and cumulative bytes."""
+    header = ["round", "train loss", "mean ROUGE-L", "knowledge loss", "bytes up", "bytes down", "cumulative bytes"]
+    rows, total = [], 0
+    for r in run.servers():
+        total += r["bytes_up"] + r["bytes_down"]
+        rows.append([str(r["round"]), fmt(r.get("train_loss")), fmt(r.get("rouge_l_avg")), fmt(r.get("knowledge_loss")),
+                     f"{r['bytes_up']:,}", f"{r['bytes_down']:,}", f"{total:,}"])
+    return table(header, rows)
+
+
+def retention_lines(run: Run) -> list[str]:
+    """Knowledge retention: the base before training against the models after it."""
+    base, last = run.base(), (run.servers() or [{}])[-1]
+    lines = []
+    pairs = (("knowledge_loss", "held-out LM loss (nats/token, lower is better)", "{:.4f}"),
+             ("probe_accuracy", "multiple-choice probe accuracy (higher is better)", "{:.3f}"))
+    for key, what, pattern in pairs:
+        if base.get(f"{key}_base") is None and last.get(key) is None:
+            continue
+        text = f"- {what}: base {fmt(base.get(f'{key}_base'), pattern)} → personalised models {fmt(last.get(key), pattern)}"
+        if last.get(f"global_{key}") is not None:
+            text += f", global model {fmt(last.get(f'global_{key}'), pattern)}"
+        lines.append(text)
+    return lines
+
+
+# ---- comparisons ---------------------------------------------------------------------------------
+def _final(run: Run, key: str):
+    return (run.servers() or [{}])[-1].get(key)
+
+
+def compare_table(groups: dict[str, list[Run]]) -> list[str]:
+    """Method × (mean and per-client ROUGE-L, retention, bytes, time, load std), mean ± spread over seeds."""
+    clients = sorted({c["client_id"] for runs in groups.values() for run in runs for c in run.clients})
+    header = ["method", "seeds", "mean ROUGE-L", *(f"client {c}" for c in clients), "knowledge loss",
+              "Δ vs base", "probe acc.", "bytes / round", "wall s", "expert-load std"]
+    rows = []
+    for label, runs in groups.items():
+        per_client = []
+        for cid in clients:
+            per_client.append(fmt_spread(*mean_std(
+                next((r.get("rouge_l") for r in run.evals() if r["client"] == cid), None) for run in runs)))
+        delta = [(_final(run, "knowledge_loss") - run.base()["knowledge_loss_base"])
+                 if _final(run, "knowledge_loss") is not None and run.base().get("knowledge_loss_base") is not None
+                 else None for run in runs]
+        rows.append([
+            label, ",".join(str(run.seed) for run in runs),
+            fmt_spread(*mean_std(_final(run, "rouge_l_avg") for run in runs)), *per_client,
+            fmt_spread(*mean_std(_final(run, "knowledge_loss") for run in runs)),
+            fmt_spread(*mean_std(delta), "{:+.4f}"),
+            fmt_spread(*mean_std(_final(run, "probe_accuracy") for run in runs), "{:.3f}"),
+            f"{mean_std([run.bytes_per_round() for run in runs])[0]:,.0f}",
+            fmt_spread(*mean_std(run.summary.get("wall_seconds") for run in runs), "{:.0f}"),
+            fmt_spread(*mean_std(_final(run, "expert_load_std") for run in runs)),
+        ])
+    return table(header, rows, ["---", "---", *["---:"] * (len(header) - 2)])
+
+
+def base_table(groups: dict[str, list[Run]]) -> list[str]:
+    """The untouched base per seed (identical for every method of a seed: same model, same partitions)."""
+    by_seed: dict[int, dict] = {}
+    for runs in groups.values():
+        for run in runs:
+            by_seed.setdefault(run.seed, run.base())
+    rows = [[str(seed), fmt(base.get("rouge_l_avg_base")), fmt(base.get("knowledge_loss_base")),
+             fmt(base.get("probe_accuracy_base"), "{:.3f}"), fmt(base.get("expert_load_std_base"))]
+            for seed, base in sorted(by_seed.items())]
+    return table(["seed", "mean ROUGE-L", "knowledge loss", "probe acc.", "expert-load std"], rows)
