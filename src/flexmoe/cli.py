@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("flexmoe.commands.run", "run federated fine-tuning (default: FLEx on the shipped tiny MoE)"),
     "graft": ("flexmoe.commands.graft", "select the expert(s) each MoE layer would graft for a data file"),
     "data": ("flexmoe.commands.data", "build, describe and partition instruction datasets"),
+    "eval": ("flexmoe.commands.eval", "re-evaluate a finished run's personalized models"),
+    "generate": ("flexmoe.commands.generate", "generate text with a client's personalized (or the global) model"),
+    "export": ("flexmoe.commands.export", "export a client's personalized model as a self-contained directory"),
     "pretrain": ("flexmoe.commands.pretrain", "pretrain the shipped tiny MoE from its config"),
 }
 
