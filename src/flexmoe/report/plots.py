@@ -78,21 +78,27 @@ def expert_load_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], path:
     plt = _pyplot()
     columns = min(4, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns + 1, 2.4 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     vmax = max(max(max(v) for v in load.values()) for _, load in panels)
     image = None
     for ax, (name, load) in zip(axes.flat, panels):
-        image = ax.imshow([load[layer] for layer in load], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        ax.set(title=name, xlabel="expert", ylabel="MoE layer")
-        ax.title.set_fontsize(8)
+        image = ax.imshow([load[layer] for layer in load], aspect="auto", cmap="viridis", vmin=0, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks(range(len(next(iter(load.values())))))
+        ax.set_yticks(range(len(load)))
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_ylabel("MoE layer", fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="load share")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="load share")
     if title:
         fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)  # no tight_layout: it fights the shared colour bar
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
     return path.name

@@ -24,7 +24,7 @@ def fmt(value, pattern: str = "{:.4f}") -> str:
 def fmt_spread(mu, sd, pattern: str = "{:.4f}") -> str:
     if mu is None:
         return "n/a"
-    return pattern.format(mu) if sd is None else f"{pattern.format(mu)} ± {pattern.format(sd)}"
+    return pattern.format(mu) if sd is None else f"{pattern.format(mu)} ± {pattern.replace('+', '').format(sd)}"
 
 
 def table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
@@ -112,7 +112,7 @@ def compare_table(groups: dict[str, list[Run]]) -> list[str]:
             fmt_spread(*mean_std(delta), "{:+.4f}"),
             fmt_spread(*mean_std(_final(run, "probe_accuracy") for run in runs), "{:.3f}"),
             f"{mean_std([run.bytes_per_round() for run in runs])[0]:,.0f}",
-            fmt_spread(*mean_std(run.summary.get("wall_seconds") for run in runs), "{:.0f}"),
+            fmt_spread(*mean_std(run.summary.get("wall_seconds") for run in runs), "{:.1f}"),
             fmt_spread(*mean_std(_final(run, "expert_load_std") for run in runs)),
         ])
     return table(header, rows, ["---", "---", *["---:"] * (len(header) - 2)])

@@ -1,0 +1,136 @@
+"""Reports from run directories: hand-written fixture runs give tables with hand-computed means
+and spreads, plots, and `flexmoe report` rebuilds them; routing drift and ROUGE-L by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.eval.measures import routing_drift
+from flexmoe.report import find_runs, group_runs, read_run, run_label, write_compare_report, write_run_report
+
+LOAD = {"layers.0.mlp": [0.5, 0.5, 0.0, 0.0], "layers.1.mlp": [0.25, 0.25, 0.25, 0.25]}
+
+
+def write_run(path: Path, method: str, seed: int, rouge: list[float], knowledge: float, extra: str = "") -> Path:
+    """A finished 2-round, 2-client run directory as the engine writes it."""
+    path.mkdir(parents=True)
+    (path / "config.toml").write_text(f'method = "{method}"\nseed = {seed}\nrounds = 2\nnum_clients = 2\n'
+                                      f"clients_per_round = 2\n{extra}")
+    records = [
+        {"round": 0, "kind": "eval", "client": 0, "rouge_l": 0.1},
+        {"round": 0, "kind": "eval", "client": 1, "rouge_l": 0.3},
+        {"round": 0, "kind": "server", "rouge_l_avg_base": 0.2, "knowledge_loss_base": 3.0,
+         "probe_accuracy_base": 0.5, "expert_load_base": LOAD},
+    ]
+    for round_index in (1, 2):
+        records += [{"round": round_index, "kind": "train", "client": c, "loss": 2.0, "bytes_up": 100,
+                     "bytes_down": 50} for c in (0, 1)]
+        server = {"round": round_index, "kind": "server", "train_loss": 2.0 / round_index, "bytes_up": 200,
+                  "bytes_down": 100}
+        if round_index == 2:
+            records += [{"round": 2, "kind": "eval", "client": c, "rouge_l": rouge[c], "knowledge_loss": knowledge,
+                         "probe_accuracy": 0.5, "expert_load_std": 0.1, "routing_drift": 0.0,
+                         "expert_load": LOAD} for c in (0, 1)]
+            server.update(rouge_l_avg=sum(rouge) / 2, knowledge_loss=knowledge, probe_accuracy=0.5,
+                          expert_load_std=0.1)
+        records.append(server)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "summary.json").write_text(json.dumps({"rounds_completed": 2, "wall_seconds": 10.0 + seed,
+                                                   "bytes_up": 400, "bytes_down": 200}))
+    (path / "clients.json").write_text(json.dumps([
+        {"client_id": 0, "domains": ["animals"], "num_train": 9, "num_test": 1},
+        {"client_id": 1, "domains": ["food"], "num_train": 8, "num_test": 2}]))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    return [
+        write_run(tmp_path / "flex" / "seed-0", "flex", 0, [0.4, 0.6], 3.1),
+        write_run(tmp_path / "flex" / "seed-1", "flex", 1, [0.2, 0.4], 3.3),
+        write_run(tmp_path / "fedavg" / "seed-0", "fedavg", 0, [0.1, 0.1], 3.5),
+        write_run(tmp_path / "nogate" / "seed-0", "flex", 0, [0.0, 0.0], 4.0, '[flex]\ngate = "none"\n'),
+    ]
+
+
+def test_run_report_shows_clients_retention_rounds_and_plots(runs):
+    report = write_run_report(runs[0]).read_text()
+    assert "| 0 | animals | 9 | 1 | 0.1000 | 0.4000 |" in report  # base ROUGE-L beside the trained one
+    assert "| **mean** |  |  |  | 0.2000 | 0.5000 |" in report
+    assert "base 3.0000 → personalised models 3.1000" in report
+    assert "| 2 | 1.0000 | 0.5000 | 3.1000 | 200 | 100 | 600 |" in report  # cumulative bytes 300 + 300
+    for name in ("rounds.png", "bytes.png", "expert_load.png"):
+        assert (runs[0] / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_report_means_and_spreads_over_seeds(runs, tmp_path):
+    out = tmp_path / "cmp"
+    text = write_compare_report(runs, out, command="flexmoe compare --methods flex,fedavg").read_text()
+    # flex: run means 0.5 and 0.3 -> mean 0.4, sample std 0.1414; client 0: 0.4, 0.2 -> 0.3 ± 0.1414
+    row = next(line for line in text.splitlines() if line.startswith("| flex | 0,1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:5] == ["0.4000 ± 0.1414", "0.3000 ± 0.1414", "0.5000 ± 0.1414"]
+    assert cells[5:7] == ["3.2000 ± 0.1414", "+0.2000 ± 0.1414"]  # knowledge loss and its rise over the base
+    assert cells[8] == "300" and cells[9] == "10.5 ± 0.7"  # bytes per round (200 up + 100 down); wall s
+    assert "| fedavg | 0 | 0.1000 |" in text and "| flex-nogate | 0 | 0.0000 |" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flex"]["rouge_l_avg"]["mean"] == pytest.approx(0.4)
+    assert summary["flex"]["bytes_per_round"] == 300
+    for name in ("rouge_l.png", "train_loss.png", "bytes.png", "expert_load-flex-nogate.png"):
+        assert (out / "plots" / name).is_file()
+
+
+def test_labels_name_variants_and_duplicate_seeds_are_refused(runs, tmp_path):
+    assert run_label({"method": "flex", "flex": {"k": 3}}) == "flex-k3"
+    assert run_label({"method": "fedavg", "lora": {"scope": "full"}}) == "fedavg+full"
+    twin = write_run(tmp_path / "again", "fedavg", 0, [0.1, 0.1], 3.5)
+    with pytest.raises(FlexmoeError, match="fedavg seed 0 appears twice"):
+        group_runs([read_run(p) for p in [runs[2], twin]])
+
+
+def test_report_command_rebuilds_a_run_and_a_comparison(runs, tmp_path):
+    from flexmoe.commands import report as command
+
+    (runs[0] / "report.md").unlink(missing_ok=True)
+    assert command.run(argparse.Namespace(dirs=[str(runs[0])], output_dir=None)) == 0
+    assert (runs[0] / "report.md").is_file()
+    assert command.run(argparse.Namespace(dirs=[str(tmp_path)], output_dir=None)) == 0
+    assert "| fedavg | 0 |" in (tmp_path / "report.md").read_text()
+    assert len(find_runs([tmp_path])) == 4
+    with pytest.raises(FlexmoeError, match="no run directory"):
+        find_runs([tmp_path / "flex" / "seed-0" / "plots"])
+    with pytest.raises(FlexmoeError, match="--output-dir"):
+        command.run(argparse.Namespace(dirs=[str(runs[0]), str(runs[1])], output_dir=None))
+
+
+def test_a_corrupt_metrics_line_names_the_file_and_line(runs):
+    path = runs[0] / "metrics.jsonl"
+    path.write_text('{"round": 0, "kind": "server"}\n[1, 2]\n')
+    with pytest.raises(FlexmoeError, match=r"metrics.jsonl:2"):
+        read_run(runs[0])
+
+
+def test_routing_drift_is_the_total_variation_distance():
+    base = {"a": [0.5, 0.5, 0.0], "b": [1.0, 0.0, 0.0]}
+    moved = {"a": [0.5, 0.25, 0.25], "b": [0.0, 0.0, 1.0]}
+    # layer a: 1/2 (0 + 0.25 + 0.25) = 0.25; layer b: disjoint = 1
+    assert routing_drift(moved, base) == pytest.approx((0.25 + 1.0) / 2)
+    assert routing_drift(base, base) == 0.0
+
+
+def test_rouge_l_equals_rouge_score_on_fixtures():
+    from rouge_score import rouge_scorer
+
+    from flexmoe.eval.rouge import rouge_l
+
+    pairs = [("a cat is an animal", "the cat was an animal"), ("running fast", "runs quickly and fast"),
+             ("", "something"), ("Hello, World!", "hello world")]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in pairs]
+    assert rouge_l([p for p, _ in pairs], [r for _, r in pairs]) == expected
+    assert expected[1] == pytest.approx(2 * (2 / 2) * (2 / 4) / (2 / 2 + 2 / 4))  # run/fast stem-match
