@@ -13,12 +13,6 @@ import json
 
 from flexmoe.errors import FlexmoeError
 
-# (client record key, mean key, column title)
-COLUMNS = (("rouge_l", "rouge_l_avg", "ROUGE-L"), ("knowledge_loss", "knowledge_loss", "knowledge loss"),
-           ("expert_load_std", "expert_load_std", "expert-load std"),
-           ("routing_entropy", "routing_entropy", "routing entropy"))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="DIR", required=True, help="run directory written by flexmoe run")
     parser.add_argument("--clients", metavar="IDS", help="comma-separated client ids (default: every client)")
@@ -66,8 +60,9 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> 
     """{"round", "data", "clients": [one eval record per client], "mean": {...}} for a run's last checkpoint."""
     import torch
 
-    from flexmoe.engine.core import Client, eval_means, partition_data
+    from flexmoe.engine.core import Client, base_load, eval_means, partition_data
     from flexmoe.engine.restore import restore
+    from flexmoe.engine.rundir import MetricsLog
 
     restored = restore(run_dir, clients[0], state_dir)
     checkpoint, runner = restored.checkpoint, restored.runner
@@ -76,11 +71,12 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> 
         tests = [parts[cid].test for cid in clients]
     else:
         tests = [examples] * len(clients)
+    reference = base_load(MetricsLog(checkpoint.run_dir / "metrics.jsonl").read())  # routing drift is from it
     threads = torch.get_num_threads()
     if checkpoint.config.runtime.threads:  # as the run evaluated: same kernels, same numbers
         torch.set_num_threads(checkpoint.config.runtime.threads)
     try:
-        records = [runner.evaluate(Client(cid, [], test, []), checkpoint.round, checkpoint.received())
+        records = [runner.evaluate(Client(cid, [], test, []), checkpoint.round, checkpoint.received(), reference)
                    for cid, test in zip(clients, tests)]
     finally:
         torch.set_num_threads(threads)
@@ -92,16 +88,13 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> 
 
 
 def _table(result: dict) -> str:
-    shown = [column for column in COLUMNS if any(column[0] in r for r in result["clients"])]
-    header = ["client", *(title for _, _, title in shown)]
-    rows = [[str(r["client"]), *(_fmt(r.get(key)) for key, _, _ in shown)] for r in result["clients"]]
-    rows.append(["mean", *(_fmt(result["mean"].get(key)) for _, key, _ in shown)])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [f"{result['method']} run {result['run']}, round {result['round']}, on {result['data']}",
-             "  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    """The report's per-client evaluation columns, plus the mean over the clients."""
+    from flexmoe.report.tables import EVAL_COLUMNS, fmt, table
 
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    columns = [c for c in EVAL_COLUMNS if any(c[0] in r for r in result["clients"])]
+    rows = [[str(r["client"]), *(fmt(r.get(key), pattern) for key, _, pattern in columns)] for r in result["clients"]]
+    means = result["mean"]
+    rows.append(["mean", *(fmt(means.get("rouge_l_avg" if key == "rouge_l" else key), pattern)
+                          for key, _, pattern in columns)])
+    title = f"{result['method']} run {result['run']}, round {result['round']}, on {result['data']}"
+    return "\n".join([title, "", *table(["client", *(name for _, name, _ in columns)], rows)])
