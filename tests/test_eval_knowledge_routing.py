@@ -160,12 +160,9 @@ def test_routing_excludes_padding_and_changes_nothing():
         plain = model(input_ids=input_ids, attention_mask=mask)
     with RoutingCounter(model) as padded:
         padded.observe(input_ids, mask)
-    with torch.no_grad():
-        hooked_logits = None
-        with RoutingCounter(model):
-            hooked = model(input_ids=input_ids, attention_mask=mask)
-            hooked_logits = hooked.logits
-    assert torch.equal(hooked_logits, plain.logits) and hooked.aux_loss is None
+    with torch.no_grad(), RoutingCounter(model):
+        hooked = model(input_ids=input_ids, attention_mask=mask)
+    assert torch.equal(hooked.logits, plain.logits) and hooked.aux_loss is None
     with RoutingCounter(model) as unpadded:  # the same tokens without the padded tail
         unpadded.observe(input_ids[:1])
         unpadded.observe(input_ids[1:, :5])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,8 +117,6 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_shipped_pretrain_config_parses():
-    from pathlib import Path
-
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pretrain-tiny.toml")
     assert config.model.num_experts == 8 and config.model.num_experts_per_tok == 2
     assert config.data.corpus == "builtin" and config.train.precision == "bf16"
@@ -168,7 +168,6 @@ def test_unigram_baseline_hand_computed(tmp_path):
             counts[token] = counts.get(token, 0) + 1
     total = sum(counts.values()) + len(tokenizer)
     heldout = tokenizer("stone", add_special_tokens=False)["input_ids"] + [2]
-    import math
     expected = -sum(math.log((counts.get(t, 0) + 1) / total) for t in heldout) / len(heldout)
     assert unigram_loss(tokenizer, documents, ["stone"], max_length=64) == pytest.approx(expected)
 
