@@ -31,6 +31,7 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
                   state_dir: str | Path | None = None) -> Path:
     """Write client `client_id`'s personalised model to `out` (which must not exist yet)."""
     from flexmoe.engine.restore import restore
+    from flexmoe.models.load import _quiet_progress  # no per-shard progress bar on stderr
 
     out = Path(out)
     if out.exists():
@@ -39,8 +40,10 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        manifest = _write_parts(restored, tmp, merge)
+        with _quiet_progress():
+            manifest = _write_parts(restored, tmp, merge)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _usual_permissions(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -76,6 +79,14 @@ def _write_parts(restored, directory: Path, merge: bool) -> dict:
         "adapter": ADAPTER_DIR if adapter and not merge else None,
         "personal": PERSONAL_FILE if personal else None,
     }
+
+
+def _usual_permissions(directory: Path) -> None:
+    """Temporary files are private (0600/0700); an export is meant to be shared like any model dir."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def read_manifest(path: str | Path) -> dict:

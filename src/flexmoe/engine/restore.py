@@ -9,6 +9,7 @@ run evaluated.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,9 @@ def restore(run_dir: str | Path, client_id: int | None, state_dir: str | Path | 
         check_client(checkpoint, client_id)
     elif not checkpoint.method.communicates:
         raise FlexmoeError(f"method {checkpoint.method.name!r} trains no global model; choose a client")
-    model, tokenizer = load_model(checkpoint.config, checkpoint.method)
+    with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in 5.x; nothing for users
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model, tokenizer = load_model(checkpoint.config, checkpoint.method)
     check_base(checkpoint, model)
     runner = ClientRunner(checkpoint.config, checkpoint.method, model, tokenizer, checkpoint.store,
                           initial_shared=lambda: load_file(str(checkpoint.run_dir / INITIAL_WEIGHTS)))
