@@ -134,3 +134,22 @@ def test_rouge_l_equals_rouge_score_on_fixtures():
     expected = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in pairs]
     assert rouge_l([p for p, _ in pairs], [r for _, r in pairs]) == expected
     assert expected[1] == pytest.approx(2 * (2 / 2) * (2 / 4) / (2 / 2 + 2 / 4))  # run/fast stem-match
+
+
+def test_fidelity_claims_are_decided_by_the_numbers():
+    from benchmarks.bench_fidelity import claims
+
+    def entry(mean, std=None):
+        return {"mean": mean, "std": std}
+
+    summary = {
+        "flex": {"rouge_l_avg": entry(0.30, 0.01), "knowledge_loss": entry(3.2), "expert_load_std": entry(0.10)},
+        "fedavg": {"rouge_l_avg": entry(0.25, 0.02), "knowledge_loss": entry(3.1), "expert_load_std": entry(0.12)},
+        "flex-nogate": {"rouge_l_avg": entry(0.05), "knowledge_loss": entry(5.0)},
+    }
+    text = claims(summary)
+    assert text[0].startswith("FLEx best average personalised ROUGE-L: FLEx 0.3000 ± 0.0100, best baseline fedavg")
+    assert text[0].endswith("agrees (among 1 baselines).")
+    assert "disagrees" in text[1]  # fedavg kept more knowledge (3.1 < 3.2)
+    assert text[2] == "FLEx best knowledge-probe accuracy: not measured."
+    assert "agrees" in text[3] and "agrees (collapse)" in text[4]

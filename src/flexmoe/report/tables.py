@@ -79,7 +79,8 @@ def retention_lines(run: Run) -> list[str]:
     for key, what, pattern in pairs:
         if base.get(f"{key}_base") is None and last.get(key) is None:
             continue
-        text = f"- {what}: base {fmt(base.get(f'{key}_base'), pattern)} → personalised models {fmt(last.get(key), pattern)}"
+        text = (f"- {what}: base {fmt(base.get(f'{key}_base'), pattern)} → "
+                f"personalised models {fmt(last.get(key), pattern)}")
         if last.get(f"global_{key}") is not None:
             text += f", global model {fmt(last.get(f'global_{key}'), pattern)}"
         lines.append(text)
