@@ -341,3 +341,16 @@ def test_export_round_trip_for_other_shared_parts(model_dir, data_file, tmp_path
     model, tokenizer = flexmoe.load_personalized(out)
     torch.testing.assert_close(logits(model, tokenizer), logits(reference.model, reference.tokenizer),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_state_dir_points_at_clients_kept_elsewhere(flex_run, tmp_path, capsys):
+    run_copy, state = tmp_path / "run", tmp_path / "node-state"
+    shutil.copytree(flex_run, run_copy)
+    (run_copy / "clients").rename(state)
+    argv = ["--run", str(run_copy), "--client", "2", "--prompt", PROMPT, "--max-new-tokens", "4"]
+    with pytest.raises(FlexmoeError, match="client 2 has no personal.safetensors"):
+        command("generate", argv)
+    assert command("generate", [*argv, "--state-dir", str(state)]) == 0
+    moved = capsys.readouterr().out
+    assert command("generate", ["--run", str(flex_run), *argv[2:]]) == 0
+    assert moved == capsys.readouterr().out
