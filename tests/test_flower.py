@@ -1,5 +1,5 @@
-"""flexmoe as a Flower app: a real loopback deployment (SuperLink + 2 SuperNodes started by
-`scripts/flower-deploy.sh`) and a `flwr run . local` simulation, each running FLEx for 2 rounds
+"""flexmoe as a Flower app: a real loopback deployment over TLS (SuperLink + 2 SuperNodes started
+by `scripts/flower-deploy.sh`) and a `flwr run . local` simulation, each running FLEx for 2 rounds
 on a tiny random model; the simulation's metrics are compared with the in-process engine's."""
 
 from __future__ import annotations
@@ -127,6 +127,42 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def make_certificates(directory: Path) -> Path:
+    """A test CA and a loopback server certificate it signs: ca.crt, server.pem, server.key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flexmoe test CA")])
+
+    def certificate(subject, key, issuer_key, extensions):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca = certificate(ca_name, ca_key, ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    server = certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), server_key, ca_key,
+        [(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+          False), (x509.BasicConstraints(ca=False, path_length=None), True)],
+    )
+    (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return directory
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -152,13 +188,15 @@ def assert_flex_run_completed(run_dir: Path, state_dirs: list[Path]) -> list[dic
     return records
 
 
-def test_loopback_deployment_two_supernodes(run_config, tmp_path):
+def test_loopback_deployment_with_tls_two_supernodes(run_config, tmp_path):
+    """SuperLink and SuperNodes over TLS with test-made certificates, as a real deployment."""
     work, home = tmp_path / "deploy", tmp_path / "flwr-home"
     env = flower_env(home)
     script = ROOT / "scripts" / "flower-deploy.sh"
+    certs = make_certificates(tmp_path / "certs")
     try:
-        subprocess.run([str(script), "start", str(work), "2", str(free_base_port())], check=True, env=env,
-                       capture_output=True, text=True, timeout=60)
+        subprocess.run([str(script), "start", str(work), "2", str(free_base_port()), str(certs)], check=True,
+                       env=env, capture_output=True, text=True, timeout=60)
         result = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "flexmoe-deploy", "--stream", "--run-config",
              f"config='{run_config}' output-dir='{tmp_path / 'run'}' round-timeout=300.0 connect-timeout=120.0"],

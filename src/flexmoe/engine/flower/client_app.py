@@ -103,8 +103,8 @@ class _Node:
     def __init__(self, msg: Message, context: Context):
         import torch
 
-        from flexmoe.engine.core import ClientRunner, cpu_clone, load_model, shared_params
-        from flexmoe.engine.rundir import ClientStore
+        from flexmoe.engine.core import ClientRunner, load_model, shared_params
+        from flexmoe.engine.rundir import ClientStore, cpu_clone
         from flexmoe.methods import build_method
 
         settings = msg.content[CONFIG]

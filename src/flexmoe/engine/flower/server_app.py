@@ -69,12 +69,13 @@ class FlowerServer:
         import torch
 
         from flexmoe.engine.core import evaluates, load_model, shared_params
+        from flexmoe.models import base_fingerprint
 
         started = time.monotonic()
         if self.config.runtime.threads:
             torch.set_num_threads(self.config.runtime.threads)
         model, tokenizer = load_model(self.config, self.method)
-        self.server.start(shared_params(model))
+        self.server.start(shared_params(model), base_fingerprint(model))
         self._round_zero(model, tokenizer)
         del model
         for round_index in range(1, self.config.rounds + 1):
@@ -82,7 +83,8 @@ class FlowerServer:
             evals, global_eval = self._evaluate(round_index) if evaluates(self.config, round_index) else ([], {})
             self.server.finish_round(round_index, sampled, records, agg_metrics, evals, global_eval)
             self.server.write_summary(None)
-        self._send(MessageType.QUERY, sorted(self.nodes.values()), self.config.rounds, None)  # clients commit the last round
+        # the last round is committed: clients promote their pending state
+        self._send(MessageType.QUERY, sorted(self.nodes.values()), self.config.rounds, None)
         summary = self.server.write_summary(time.monotonic() - started)
         self.server.write_report(summary, self.infos)
         log.info("flexmoe: %d rounds done, run directory %s", self.config.rounds, self.run_dir)
