@@ -92,13 +92,17 @@ def _free(port: int) -> bool:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """Pids of live processes whose command line contains `text` (our temp dir or ports)."""
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    """Pids of live processes whose full command line contains `text` (our temp dir)."""
     pids = []
-    for line in out.splitlines():
-        pid, stat, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (line, "", "")
-        if text in args and not stat.startswith("Z") and int(pid) != os.getpid():
-            pids.append(int(pid))
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        if text in args and _alive(int(entry.name)):
+            pids.append(int(entry.name))
     return pids
 
 
