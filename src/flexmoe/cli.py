@@ -16,6 +16,8 @@ from flexmoe.errors import FlexmoeError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("flexmoe.commands.run", "run federated fine-tuning (default: FLEx on the shipped tiny MoE)"),
+    "compare": ("flexmoe.commands.compare", "run several methods over several seeds on the same partitions and compare them"),
+    "report": ("flexmoe.commands.report", "rebuild a report (tables and plots) from run directories"),
     "graft": ("flexmoe.commands.graft", "select the expert(s) each MoE layer would graft for a data file"),
     "data": ("flexmoe.commands.data", "build, describe and partition instruction datasets"),
     "eval": ("flexmoe.commands.eval", "re-evaluate a finished run's personalized models"),
