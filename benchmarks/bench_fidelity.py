@@ -97,8 +97,8 @@ def claims(summary: dict) -> list[str]:
         _best(summary, baselines, "expert_load_std", higher=False,
               claim="better load balance (lowest expert-load std)"),
     ]
-    if "flex-nogate" in summary:
-        flex, nogate = _value(summary, "flex", "rouge_l_avg"), _value(summary, "flex-nogate", "rouge_l_avg")
+    flex, nogate = _value(summary, "flex", "rouge_l_avg"), _value(summary, "flex-nogate", "rouge_l_avg")
+    if flex is not None and nogate is not None:
         verdict = "agrees (collapse)" if nogate < 0.5 * flex else "disagrees (no collapse)"
         rouge = [_spread(summary, label, "rouge_l_avg") for label in ("flex-nogate", "flex")]
         loss = [_spread(summary, label, "knowledge_loss") for label in ("flex-nogate", "flex")]
@@ -106,7 +106,7 @@ def claims(summary: dict) -> list[str]:
                    f"knowledge loss {loss[0]} vs {loss[1]}: {verdict} (collapse = below half of FLEx's ROUGE-L).")
     for label, what in (("flex-random", "a random expert instead of the reconstruction-selected one"),
                         ("flex-k2", "k = 2 grafted experts"), ("flex-k3", "k = 3 grafted experts")):
-        if label in summary:
+        if _value(summary, label, "rouge_l_avg") is not None:
             out.append(f"Ablation, {what}: ROUGE-L {_spread(summary, label, 'rouge_l_avg')} vs FLEx "
                        f"{_spread(summary, 'flex', 'rouge_l_avg')}.")
     return out
