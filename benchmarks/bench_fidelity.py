@@ -65,7 +65,7 @@ def write_result(path: pathlib.Path, out: pathlib.Path, methods, seeds, override
     lines += ["Equivalent command:", "", f"    {command}", "", "## The paper's claims against these numbers", ""]
     lines += [f"- {claim}" for claim in claims(summary)]
     lines += ["", "## Results", ""]
-    body = report.split("\n", 1)[1]  # the comparison report without its title
+    body = report[report.index("Each cell"):]  # the comparison report without its title and command
     lines += [line for line in body.splitlines() if not line.startswith("![")]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines).rstrip() + "\n")
@@ -119,6 +119,10 @@ def _best(summary: dict, baselines: list[str], key: str, higher: bool, claim: st
         return f"FLEx {claim}: not measured."
     best = max(others, key=others.get) if higher else min(others, key=others.get)
     wins = flex > others[best] if higher else flex < others[best]
+    # a gap smaller than either seed spread is not evidence either way
+    spread = max(summary["flex"][key].get("std") or 0.0, summary[best][key].get("std") or 0.0)
+    gap = abs(flex - others[best])
+    strength = "larger than" if gap > spread else "within"
     return (f"FLEx {claim}: FLEx {_spread(summary, 'flex', key)}, best baseline {best} "
-            f"{_spread(summary, best, key)} — {'agrees' if wins else 'disagrees'}"
-            f" (among {len(others)} baselines).")
+            f"{_spread(summary, best, key)} — {'agrees' if wins else 'disagrees'}, the gap {gap:.4f} is "
+            f"{strength} the seed spread (among {len(others)} baselines).")

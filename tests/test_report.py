@@ -149,7 +149,7 @@ def test_fidelity_claims_are_decided_by_the_numbers():
     }
     text = claims(summary)
     assert text[0].startswith("FLEx best average personalised ROUGE-L: FLEx 0.3000 ± 0.0100, best baseline fedavg")
-    assert text[0].endswith("agrees (among 1 baselines).")
+    assert text[0].endswith("agrees, the gap 0.0500 is larger than the seed spread (among 1 baselines).")
     assert "disagrees" in text[1]  # fedavg kept more knowledge (3.1 < 3.2)
     assert text[2] == "FLEx best knowledge-probe accuracy: not measured."
     assert "agrees" in text[3] and "agrees (collapse)" in text[4]
