@@ -102,7 +102,8 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         lines += ["Command:", "", f"    {command}", ""]
     lines += [
         "Each cell: mean ± sample standard deviation over seeds (a seed fixes the partition, the LoRA "
-        "initialisation and the sampling, identical for every method). ROUGE-L and knowledge loss are the "
+        "initialisation and the sampling, identical for every method; client columns index each seed's own "
+        "partition, so across seeds they hold different data). ROUGE-L and knowledge loss are the "
         "last evaluation's means over clients; Δ vs base is the change of held-out loss from the untouched "
         "base (positive = knowledge lost); bytes / round counts every serialised message, up and down, of all "
         "sampled clients; wall s is the run's wall-clock time.",
