@@ -123,6 +123,7 @@ def _best(summary: dict, baselines: list[str], key: str, higher: bool, claim: st
     spread = max(summary["flex"][key].get("std") or 0.0, summary[best][key].get("std") or 0.0)
     gap = abs(flex - others[best])
     strength = "larger than" if gap > spread else "within"
+    verdict = "ties" if gap < 1e-12 else "agrees" if wins else "disagrees"
     return (f"FLEx {claim}: FLEx {_spread(summary, 'flex', key)}, best baseline {best} "
-            f"{_spread(summary, best, key)} — {'agrees' if wins else 'disagrees'}, the gap {gap:.4f} is "
+            f"{_spread(summary, best, key)} — {verdict}, the gap {gap:.4f} is "
             f"{strength} the seed spread (among {len(others)} baselines).")
