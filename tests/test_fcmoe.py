@@ -199,10 +199,11 @@ def test_fcmoe_runs_two_rounds_with_experts_and_retention(model_dir, tmp_path, m
     assert all(any(".experts." in k and "lora_" in k for k in keys) for keys in uplinks)
     assert not any("graft" in k for keys in sent for k in keys)
     downlinks = [keys for keys in sent if ROUND in keys]
-    assert len(downlinks) == 2 and any(k.startswith(CONSENSUS) for k in downlinks[1])
     servers = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     fractions = [r["fcmoe_conflict_fraction"] for r in servers if r["kind"] == "server" and r["round"] > 0]
     assert len(fractions) == 2 and all(0.0 <= f <= 1.0 for f in fractions)
+    # the consensus travels only where round 1 had a conflict
+    assert len(downlinks) == 2 and any(k.startswith(CONSENSUS) for k in downlinks[1]) == (fractions[0] > 0)
 
 
 @pytest.mark.slow
@@ -264,11 +265,12 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
     norms = []
     for client in range(4):
         retained = method.retained(received, store.load_state(client))
-        assert retained.keys() == global_weights.keys()  # every client took part: its component is known
+        assert retained and retained.keys() <= global_weights.keys()  # groups with a conflict
         norms.append(sum(float(t.norm()) for t in retained.values()))
         restored = shared_state(restore(tmp_path, client).model)
         for name, weight in global_weights.items():
-            assert torch.allclose(restored[name], weight + 0.5 * retained[name], atol=1e-6)
+            expected = weight + 0.5 * retained[name] if name in retained else weight
+            assert torch.allclose(restored[name], expected, atol=1e-6)
     assert max(norms) > 0
 
 

@@ -16,8 +16,8 @@ The paper is known from summaries only; every choice they leave open is a `fcmoe
    projection removed from its update) to the global model it receives (λ = `fcmoe.retention`,
    0.5 by default). The projection happens on the server, so the client recomputes its removed
    component from its own stored update and the consensus d, which the server broadcasts with
-   the next global model (costing one more copy of the shared weights downstream; nothing
-   when λ = 0). The update is exact when the client took part in the aggregation that d comes
+   the next global model for the groups where some update conflicted (up to one more copy of
+   the shared weights downstream; nothing without conflicts or when λ = 0). The update is exact when the client took part in the aggregation that d comes
    from; a client that missed it (partial participation) re-adds nothing.
 
 Groups. An expert group is one MoE layer's expert-trainable tensors; its row k is expert k's
@@ -271,7 +271,8 @@ class Fcmoe(Method):
                                          fc.frequency_power, fc.norm_power, fc.size_power)
             step, d, conflicting = conflict_aware_step(updates, weights)
             new_global.update(split_matrix(start + step, group, global_weights))
-            direction.update(split_matrix(d, group, {n: global_weights[n].float() for n in group.names}))
+            if conflicting.any():  # elsewhere nothing was removed, so no client needs d
+                direction.update(split_matrix(d, group, {n: global_weights[n].float() for n in group.names}))
             conflicts += int(conflicting.sum())
             pairs += conflicting.numel()
         state = {ROUND: server_state[ROUND] + 1}
@@ -336,6 +337,8 @@ class Fcmoe(Method):
         update, direction = strip_prefix(UPDATE, client_state), strip_prefix(CONSENSUS, received)
         removed = {}
         for group in self.groups(update):
+            if not all(name in direction for name in group.names):  # no conflict there this round
+                continue
             _, gone, _ = project_conflicts(group_matrix(update, group)[None], group_matrix(direction, group))
             removed.update(split_matrix(gone[0], group, update))
         return removed
