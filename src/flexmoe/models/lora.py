@@ -151,14 +151,18 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def set_shared_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy received shared parameters into the model, in place; keys must match exactly."""
-    shared = split_parameters(model).shared
-    if set(shared) != set(state):
-        missing, extra = sorted(set(shared) - set(state)), sorted(set(state) - set(shared))
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise FlexmoeError(f"shared state does not fit this model: {what}")
+    copy_checked(split_parameters(model).shared, state, "shared state", "this model")
+
+
+def copy_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str, owner: str) -> None:
+    """Copy `state` into `targets` in place, refusing a missing or extra key or a shape mismatch."""
+    missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+    if missing or extra:
+        problem = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise FlexmoeError(f"{what} does not fit {owner}: {problem}")
     with torch.no_grad():
-        for name, param in shared.items():
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise FlexmoeError(f"shared state {name}: shape {tuple(state[name].shape)}, "
-                                   f"the model has {tuple(param.shape)}")
-            param.copy_(state[name])
+        for name, target in targets.items():
+            if tuple(state[name].shape) != tuple(target.shape):
+                raise FlexmoeError(f"{what} {name}: shape {tuple(state[name].shape)}, "
+                                   f"{owner} has {tuple(target.shape)}")
+            target.copy_(state[name])

@@ -23,6 +23,7 @@ from torch import nn
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import moe_layers, unwrap
 from flexmoe.models.graft import GRAFT, current_selection, graft, grafts
+from flexmoe.models.lora import copy_checked
 
 FORMAT = "flexmoe-personal/1"
 _SAMPLES_PER_TENSOR = 4096
@@ -66,17 +67,7 @@ def set_personal_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         raise FlexmoeError("the model carries no graft: call flexmoe.models.graft first")
     targets = {f"{layer}.{GRAFT}.{key}": value
                for layer, module in modules.items() for key, value in module.state_dict().items()}
-    missing = sorted(set(targets) - set(state))
-    extra = sorted(set(state) - set(targets))
-    if missing or extra:
-        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise FlexmoeError(f"personal state does not fit this model's grafts: {what}")
-    with torch.no_grad():
-        for key, target in targets.items():
-            if tuple(state[key].shape) != tuple(target.shape):
-                raise FlexmoeError(f"personal state {key}: shape {tuple(state[key].shape)}, "
-                                   f"the model's graft has {tuple(target.shape)}")
-            target.copy_(state[key])
+    copy_checked(targets, state, "personal state", "this model's grafts")
 
 
 def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
