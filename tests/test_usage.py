@@ -13,17 +13,9 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexmoeError
+from test_engine import DOMAINS, build_tokenizer
 
-CATEGORIES = {
-    "animals": ["cat", "dog", "horse", "bird", "fish", "cow"],
-    "food": ["bread", "apple", "rice", "cheese", "soup", "bean"],
-    "tools": ["hammer", "saw", "drill", "wrench", "nail", "rope"],
-    "places": ["city", "river", "hill", "farm", "town", "lake"],
-}
-TEMPLATE_WORDS = (
-    "Below is an instruction that describes a task . Write a response that appropriately completes the request "
-    "### Instruction : Input Response describe name the word what is a an of , paired with input provides further context"
-).split()
+CATEGORIES = DOMAINS  # the engine tests' word lists, used here as Dolly categories
 PROMPT = "describe the word cat"
 
 
@@ -38,24 +30,10 @@ def write_dolly(path: Path) -> Path:
     return path
 
 
-def save_tokenizer(path: Path) -> int:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = sorted({w for ws in CATEGORIES.values() for w in ws} | set(CATEGORIES) | set(TEMPLATE_WORDS))
-    vocab = {token: i for i, token in enumerate(specials + words)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    return len(vocab)
-
-
 def save_model(path: Path, seed: int) -> str:
     from conftest import tiny_model
 
-    vocab = save_tokenizer(path)
+    vocab = build_tokenizer(path)
     tiny_model("qwen2_moe", seed=seed, vocab_size=vocab, max_position_embeddings=128).save_pretrained(path)
     return str(path)
 
