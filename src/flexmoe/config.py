@@ -182,9 +182,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raw = _read_toml(Path(path))
         _check_keys(raw, source=str(path))
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         _check_keys(_nest(key, value), source="--set")
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return _validate(raw)
 
 
@@ -205,7 +205,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise FlexmoeError(f"{path}: invalid TOML: {err}") from None
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -219,11 +219,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    _set_dotted(out, dotted, value)
+    set_dotted(out, dotted, value)
     return out
 
 
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
         child = target.setdefault(part, {})

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from flexmoe.config import parse_override, set_dotted
 from flexmoe.errors import FlexmoeError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -121,18 +122,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainC
 
 
 def _apply_override(raw: dict, item: str) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise FlexmoeError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value  # a bare word is a string
-    *parents, leaf = key.strip().split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = parsed
+    key, value = parse_override(item)  # the same `--set` syntax as `flexmoe run`
+    set_dotted(raw, key, value)
 
 
 def _build(cls, raw: dict, where: str):
