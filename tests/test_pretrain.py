@@ -69,6 +69,7 @@ def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
     text = "river7 (noun, plant): ünïcode — is byte-level"
     ids = loaded(text, add_special_tokens=False)["input_ids"]
     assert loaded.decode(ids) == text and 1 not in ids and 2 not in ids
+    assert loaded(text)["input_ids"] == [1] + ids  # encoding prepends bos, as pretraining documents start
     again = train_tokenizer(documents, TokenizerSettings(vocab_size=300))
     assert again.get_vocab() == tokenizer.get_vocab()  # same corpus -> same tokenizer
 

@@ -38,6 +38,8 @@ def test_loads_offline_in_seconds(monkeypatch):
     assert time.time() - started < 30  # ~1 s alone; generous for a loaded CI machine
     assert model.dtype == torch.float32 and not model.training
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    # prompts start with bos, as every pretraining document did
+    assert tokenizer("dog (noun)")["input_ids"] == [1] + tokenizer("dog (noun)", add_special_tokens=False)["input_ids"]
 
 
 def test_is_a_qwen2_moe_with_every_layer_sparse(tiny):

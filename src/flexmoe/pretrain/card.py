@@ -231,8 +231,9 @@ protect or damage. It loads offline with `flexmoe.models.load_base("tiny")` or
 | parameters | {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active per token; embeddings tied |
 | storage | bfloat16, model.safetensors {size:.1f} MB |
 
-Text is modelled as `<|bos|> text <|eos|>`; the tokenizer adds no special token by itself, so
-prepend `<|bos|>` (id 1) when scoring or generating, as flexmoe's evaluation does.
+Text is modelled as `<|bos|> text <|eos|>`; the tokenizer prepends `<|bos|>` (id 1) when it
+encodes (pass `add_special_tokens=False` to build sequences yourself), and generation stops at
+`<|eos|>`.
 """
 
 

@@ -225,10 +225,12 @@ def read_documents(source: str, split: str) -> list[str]:
 def train_tokenizer(documents: list[str], settings: TokenizerSettings):
     """Byte-level BPE trained on `documents`, wrapped as a Hugging Face fast tokenizer.
 
-    Byte-level means any text encodes without an unknown token. No special token is added
-    implicitly; callers add <|bos|>/<|eos|> where they need them.
+    Byte-level means any text encodes without an unknown token. Encoding prepends <|bos|>, as
+    every pretraining document starts with it, so prompts in fine-tuning, evaluation and
+    generation look like the text the model learned; code that builds sequences itself (packing,
+    scoring) passes `add_special_tokens=False`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -239,6 +241,9 @@ def train_tokenizer(documents: list[str], settings: TokenizerSettings):
         special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False)
     tokenizer.train_from_iterator(documents, trainer=trainer)
+    bos = (BOS, tokenizer.token_to_id(BOS))
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                             special_tokens=[bos])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS,
                                    pad_token=PAD, model_max_length=1 << 30)
 
