@@ -17,6 +17,7 @@ from flexmoe.eval.knowledge import (
     normalised_scores,
     option_loglikelihoods,
     probe_accuracy,
+    probes_loglikelihoods,
 )
 from flexmoe.eval.routing import RoutingCounter
 from flexmoe.models import moe_layers
@@ -86,6 +87,18 @@ def test_option_loglikelihoods_on_a_hand_built_bigram_model(word_tokenizer):
     assert result[0][0] == pytest.approx(logprobs[6, 7].item(), abs=1e-5) and result[0][1] == 1
     expected = logprobs[6, 8] + logprobs[8, 9] + logprobs[9, 10]
     assert result[1][0] == pytest.approx(expected.item(), abs=1e-5) and result[1][1] == 3
+
+
+def test_probes_batched_across_questions_score_as_each_question_alone(word_tokenizer):
+    """Rows of different probes and lengths share padded batches; the scores must not notice."""
+    model = tiny_model("qwen2_moe", seed=3)
+    model.eval()
+    questions = [("w5 w6", ["w7", "w8 w9 w10"]), ("w11", ["w12 w13", "w14"]), ("w15 w16 w17 w18", ["w19", "w20"])]
+    batched = probes_loglikelihoods(model, word_tokenizer, questions, batch_size=4)
+    for (question, options), scores in zip(questions, batched):
+        alone = [option_loglikelihoods(model, word_tokenizer, question, [option])[0] for option in options]
+        assert [n for _, n in scores] == [n for _, n in alone]
+        assert [ll for ll, _ in scores] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
 
 
 def test_normalisations_pick_different_options_on_a_hand_built_case():

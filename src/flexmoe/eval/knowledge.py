@@ -79,11 +79,28 @@ def continuation_ids(tokenizer, question: str, option: str) -> tuple[list[int], 
 @torch.no_grad()
 def option_loglikelihoods(model, tokenizer, question: str, options: list[str]) -> list[tuple[float, int]]:
     """(summed log-likelihood, token count) of each option as the continuation of the question."""
-    pairs = [continuation_ids(tokenizer, question, option) for option in options]
-    logprobs = _token_logprobs(model, [context + option for context, option in pairs], _pad_id(tokenizer))
-    # logprobs[t - 1] scores token t, so the option's tokens start at len(context) - 1
-    return [(float(row[len(context) - 1:].sum()), len(option_ids))
-            for (context, option_ids), row in zip(pairs, logprobs)]
+    return probes_loglikelihoods(model, tokenizer, [(question, options)])[0]
+
+
+@torch.no_grad()
+def probes_loglikelihoods(model, tokenizer, questions: list[tuple[str, list[str]]],
+                          batch_size: int = 32) -> list[list[tuple[float, int]]]:
+    """`option_loglikelihoods` of many (question, options), their rows batched by length."""
+    pairs = [(q, continuation_ids(tokenizer, question, option))
+             for q, (question, options) in enumerate(questions) for option in options]
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1][0]) + len(pairs[i][1][1]))
+    scored: dict[int, tuple[float, int]] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        rows = [pairs[i][1][0] + pairs[i][1][1] for i in batch]
+        for i, logprobs in zip(batch, _token_logprobs(model, rows, _pad_id(tokenizer))):
+            context, option_ids = pairs[i][1]
+            # logprobs[t - 1] scores token t, so the option's tokens start at len(context) - 1
+            scored[i] = (float(logprobs[len(context) - 1:].sum()), len(option_ids))
+    out: list[list[tuple[float, int]]] = [[] for _ in questions]
+    for i, (q, _) in enumerate(pairs):
+        out[q].append(scored[i])
+    return out
 
 
 def normalised_scores(loglikelihoods: list[tuple[float, int]], options: list[str],
@@ -104,9 +121,10 @@ def option_scores(model, tokenizer, question: str, options: list[str], normalise
 
 def probe_predictions(model, tokenizer, probes, normalise: str = "bytes") -> list[int]:
     """Index of the best-scoring option for each probe."""
+    loglikelihoods = probes_loglikelihoods(model, tokenizer, [(p.question, p.options) for p in probes])
     predictions = []
-    for probe in probes:
-        scores = option_scores(model, tokenizer, probe.question, probe.options, normalise)
+    for probe, option_lls in zip(probes, loglikelihoods):
+        scores = normalised_scores(option_lls, probe.options, normalise)
         predictions.append(max(range(len(scores)), key=scores.__getitem__))
     return predictions
 
