@@ -190,10 +190,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config as TOML, atomically; `load_config` reads it back identically."""
-    text = tomli_w.dumps(config.model_dump(mode="json"))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from flexmoe.files import write_text_atomic  # imports torch: not at module top, `--help` stays fast
+
+    write_text_atomic(path, tomli_w.dumps(config.model_dump(mode="json")))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from flexmoe.config import RunConfig, save_config
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.rundir import (
-    ClientStore, MetricsLog, cpu_clone, load_server, save_server, save_tensors_atomic, write_text_atomic,
+    ClientStore, MetricsLog, cpu_clone, load_server, save_server,
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.measures import knowledge_measures
+from flexmoe.files import load_checked, save_checked, write_text_atomic
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.methods.base import strip_prefix, with_prefix
 from flexmoe.train import cosine_lr, local_train
@@ -204,7 +204,7 @@ class ClientRunner:
 
     def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
         pending = self.store.begin(cid)
-        save_tensors_atomic(pending / "state.safetensors", {**client_state, **with_prefix("optim.", optimizer_state)})
+        save_checked(pending / "state.safetensors", {**client_state, **with_prefix("optim.", optimizer_state)})
         if self.method.grafts:
             from flexmoe.models import save_personal
 
@@ -331,10 +331,9 @@ class ServerRunner:
         with the base model's fingerprint `base`, so a changed base is refused when the run is used)."""
         if (self.run_dir / "metrics.jsonl").exists():
             raise FlexmoeError(f"{self.run_dir} already holds a run; resume it with --resume or pick another directory")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run_dir / CONFIG_FILE)
         self.global_weights = cpu_clone(initial_weights)
-        save_tensors_atomic(self.run_dir / INITIAL_WEIGHTS, self.global_weights, {BASE_METADATA: base} if base else None)
+        save_checked(self.run_dir / INITIAL_WEIGHTS, self.global_weights, {BASE_METADATA: base} if base else None)
         self.server_state = self.method.init_server_state(self.global_weights)
 
     def commit_round_zero(self, records: list[dict]) -> None:
@@ -349,7 +348,7 @@ class ServerRunner:
 
     def initial_weights(self) -> Tensors:
         if self._initial is None:
-            self._initial = load_file(str(self.run_dir / INITIAL_WEIGHTS))
+            self._initial = load_checked(self.run_dir / INITIAL_WEIGHTS)[0]
         return self._initial
 
     def downlink(self) -> Tensors | None:

@@ -13,12 +13,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from flexmoe.config import RunConfig, load_config
 from flexmoe.engine.core import BASE_METADATA, CONFIG_FILE, INITIAL_WEIGHTS, ClientRunner, load_model
 from flexmoe.engine.rundir import ClientStore, is_run_dir, load_server
 from flexmoe.errors import FlexmoeError
+from flexmoe.files import load_checked
 from flexmoe.methods import Method, Tensors, build_method
 
 PERSONAL_FILE = "personal.safetensors"
@@ -74,12 +73,9 @@ def check_client(checkpoint: Checkpoint, client_id: int) -> None:
 
 def check_base(checkpoint: Checkpoint, model) -> None:
     """Refuse a base model other than the one the run trained on (the model path may hold another)."""
-    from safetensors import safe_open
-
     from flexmoe.models import base_fingerprint
 
-    with safe_open(str(checkpoint.run_dir / INITIAL_WEIGHTS), "pt") as handle:
-        expected = (handle.metadata() or {}).get(BASE_METADATA)
+    expected = load_checked(checkpoint.run_dir / INITIAL_WEIGHTS)[1].get(BASE_METADATA)
     found = base_fingerprint(model)
     if expected is not None and expected != found:
         raise FlexmoeError(f"{checkpoint.run_dir}: the run trained on base model {expected}, but "
@@ -98,7 +94,7 @@ def restore(run_dir: str | Path, client_id: int | None, state_dir: str | Path | 
         model, tokenizer = load_model(checkpoint.config, checkpoint.method)
     check_base(checkpoint, model)
     runner = ClientRunner(checkpoint.config, checkpoint.method, model, tokenizer, checkpoint.store,
-                          initial_shared=lambda: load_file(str(checkpoint.run_dir / INITIAL_WEIGHTS)))
+                          initial_shared=lambda: load_checked(checkpoint.run_dir / INITIAL_WEIGHTS)[0])
     if client_id is None:
         runner.set_shared(checkpoint.global_weights)
     else:

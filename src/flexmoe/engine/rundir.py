@@ -4,7 +4,8 @@ A round commits when `checkpoints/server.safetensors` (global weights, server-op
 and the round number, in one file) is replaced. Clients write their new state to
 `clients/<id>/pending/` during the round; once the checkpoint commits, pending files are
 moved into `clients/<id>/`. On resume, pending states of a round that never committed are
-dropped, so every file matches the checkpoint's round.
+dropped, so every file matches the checkpoint's round. Every tensor file carries a checksum
+(`flexmoe.files`): a truncated or corrupted one is refused, never loaded.
 """
 
 from __future__ import annotations
@@ -14,26 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
+from flexmoe.errors import FlexmoeError
+from flexmoe.files import load_checked, save_checked, write_text_atomic
 from flexmoe.methods.base import Tensors, strip_prefix, with_prefix
 
 SERVER_CHECKPOINT = "checkpoints/server.safetensors"
 ROUND_MARKER = "ROUND"  # written last into a pending dir: the pending state is complete
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_tensors_atomic(path: Path, tensors: Tensors, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -43,11 +30,16 @@ class MetricsLog:
         self.path = path
 
     def append(self, records: list[dict]) -> None:
-        with self.path.open("a") as handle:
-            for record in records:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """One write per call: a failed one leaves at most a cut last line, which `read` drops
+        and a resume removes with the rest of the uncommitted round."""
+        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        try:
+            with self.path.open("a") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise FlexmoeError(f"cannot write {str(self.path)!r}: {err.strerror or err}") from None
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -68,17 +60,12 @@ class MetricsLog:
 
 def save_server(run_dir: Path, round_index: int, global_weights: Tensors, server_state: Tensors) -> None:
     tensors = {**with_prefix("global.", global_weights), **with_prefix("state.", server_state)}
-    save_tensors_atomic(run_dir / SERVER_CHECKPOINT, tensors, {"round": str(round_index)})
+    save_checked(run_dir / SERVER_CHECKPOINT, tensors, {"round": str(round_index)})
 
 
 def load_server(run_dir: Path) -> tuple[int, Tensors, Tensors]:
-    from safetensors import safe_open
-
-    path = run_dir / SERVER_CHECKPOINT
-    with safe_open(str(path), "pt") as handle:
-        round_index = int(handle.metadata()["round"])
-    tensors = load_file(str(path))
-    return round_index, strip_prefix("global.", tensors), strip_prefix("state.", tensors)
+    tensors, metadata = load_checked(run_dir / SERVER_CHECKPOINT)
+    return int(metadata["round"]), strip_prefix("global.", tensors), strip_prefix("state.", tensors)
 
 
 class ClientStore:
@@ -104,7 +91,7 @@ class ClientStore:
 
     def load_state(self, client_id: int) -> Tensors:
         path = self.latest(client_id, "state.safetensors")
-        return load_file(str(path)) if path else {}
+        return load_checked(path)[0] if path else {}
 
     def begin(self, client_id: int) -> Path:
         """A fresh pending directory for this round's new state."""
@@ -112,6 +99,10 @@ class ClientStore:
         shutil.rmtree(pending, ignore_errors=True)
         pending.mkdir(parents=True)
         return pending
+
+    def discard(self, client_id: int) -> None:
+        """Drop the client's pending state (its round failed): it keeps its last committed state."""
+        shutil.rmtree(self.pending(client_id), ignore_errors=True)
 
     def finish(self, client_id: int, round_index: int) -> None:
         write_text_atomic(self.pending(client_id) / ROUND_MARKER, str(round_index))

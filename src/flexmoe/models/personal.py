@@ -2,7 +2,7 @@
 
 One safetensors file holds the graft tensors (keys `<layer>.graft.<name>`, independent of any
 PEFT wrapper) and, as metadata, the fingerprint of the base model it was grafted onto, the
-selection, k and the gate kind. Loading into another base, or into a model grafted with another
+selection, k, the gate kind and the tensors' checksum (a truncated or corrupted file is refused). Loading into another base, or into a model grafted with another
 selection, is refused. In memory, `personal_state` / `set_personal_state` swap clients on one
 shared model instance.
 """
@@ -13,14 +13,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.files import load_checked, save_checked
 from flexmoe.models.families import moe_layers, unwrap
 from flexmoe.models.graft import GRAFT, current_selection, graft, grafts
 from flexmoe.models.lora import copy_checked
@@ -82,36 +81,23 @@ def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
         "k": str(module.k),
         "gate": module.gate_kind,
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise FlexmoeError(f"cannot write personal state to {str(path)!r}: {err.strerror or err}") from err
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_checked(path, tensors, metadata, what="personal state")
 
 
 def read_personal(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a personal state file, checked to be one."""
+    """(tensors, metadata) of a personal state file, checked to be one and to be intact."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FlexmoeError(f"personal state file {str(path)!r} does not exist")
     try:
         with safe_open(path, framework="pt") as reader:
             metadata = reader.metadata() or {}
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
     except (SafetensorError, OSError) as err:
         raise FlexmoeError(f"{path}: not a readable safetensors file ({err})") from err
     if metadata.get("format") != FORMAT:
         raise FlexmoeError(f"{path}: not a flexmoe personal state file (metadata format "
                            f"{metadata.get('format')!r}, expected {FORMAT!r})")
-    return tensors, metadata
+    return load_checked(path)
 
 
 def load_personal(model: nn.Module, path: str | os.PathLike, adopt_selection: bool = False) -> nn.Module:
