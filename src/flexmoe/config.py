@@ -137,6 +137,30 @@ class RuntimeConfig(_Section):
     threads: int = Field(1, ge=0)
 
 
+class ValidationConfig(_Section):
+    """Checks of every client update at the server, before aggregation (engine/validation.py):
+    keys, shapes and dtypes must be what the method expects and every value finite; an update
+    failing a check is rejected and logged, and the round aggregates the rest."""
+
+    max_update_norm: float = Field(0.0, ge=0)  # reject an update whose L2 norm (vs the global model) exceeds this; 0 = no bound
+
+
+class PrivacyConfig(_Section):
+    """Central differential privacy for the shared part (engine/privacy.py): the server clips
+    each client's update to L2 norm `clip_norm`, averages them uniformly and adds Gaussian noise
+    of std noise_multiplier * clip_norm / (updates averaged), as Flower's
+    DifferentialPrivacyServerSideFixedClipping; (epsilon, delta) from an RDP accountant."""
+
+    noise_multiplier: float = Field(0.0, ge=0)  # z; 0 = off (no clipping, no noise)
+    clip_norm: float = Field(1.0, gt=0)  # C
+    delta: float = Field(1e-5, gt=0, lt=1)  # the delta epsilon is reported at
+
+
+# methods whose reply is the client's new shared weights, aggregated by a (weighted) mean and a
+# server optimiser: the update can be clipped and the mean noised before the optimiser
+PRIVATE_METHODS = ("flex", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
+
+
 class RunConfig(_Section):
     method: Literal[METHODS] = "flex"
     rounds: int = Field(5, ge=1)
@@ -154,6 +178,8 @@ class RunConfig(_Section):
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    validation: ValidationConfig = ValidationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _clients_fit(self) -> RunConfig:
@@ -161,6 +187,13 @@ class RunConfig(_Section):
             raise ValueError(
                 f"clients_per_round = {self.clients_per_round} must be at most num_clients = {self.num_clients}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> RunConfig:
+        if self.privacy.noise_multiplier > 0 and self.method not in PRIVATE_METHODS:
+            raise ValueError(f"privacy.noise_multiplier > 0 needs a method whose reply is the shared weights "
+                             f"({', '.join(PRIVATE_METHODS)}); method = {self.method!r}")
         return self
 
 
