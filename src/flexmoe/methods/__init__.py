@@ -1,7 +1,7 @@
 """Federated methods: one module each, a client side and a server side (see `base`)."""
 
 from flexmoe.config import RunConfig
-from flexmoe.methods.base import LocalRun, Method, Reply, Tensors, TrainHooks
+from flexmoe.methods.base import LocalRun, Method, Reply, Tensors, TensorSpec, TrainHooks
 from flexmoe.methods.fcmoe import Fcmoe, FlexFcmoe
 from flexmoe.methods.fedavg import FedAvg
 from flexmoe.methods.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
@@ -21,4 +21,4 @@ def build_method(config: RunConfig) -> Method:
     return METHOD_CLASSES[config.method](config)
 
 
-__all__ = ["METHOD_CLASSES", "LocalRun", "Method", "Reply", "Tensors", "TrainHooks", "build_method"]
+__all__ = ["METHOD_CLASSES", "LocalRun", "Method", "Reply", "TensorSpec", "Tensors", "TrainHooks", "build_method"]

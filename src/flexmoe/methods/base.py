@@ -28,6 +28,16 @@ class Reply:
 
     tensors: Tensors
     num_examples: int
+    client: int = -1  # the sender's client id, for logging a rejected update (-1: unknown)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the server expects of one tensor of a reply."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    required: bool = True
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,14 @@ class Method:
         self, global_weights: Tensors, server_state: Tensors, replies: list[Reply]
     ) -> tuple[Tensors, Tensors, dict]:
         return self.average(replies), server_state, {}
+
+    def reply_spec(self, global_weights: Tensors) -> dict[str, TensorSpec]:
+        """The tensors a valid reply carries (the server rejects any other reply)."""
+        return {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in global_weights.items()}
+
+    def reply_update(self, tensors: Tensors, global_weights: Tensors) -> Tensors:
+        """The model update a (valid) reply carries: what its norm bound and clipping apply to."""
+        return {name: tensors[name].float() - x.float() for name, x in global_weights.items()}
 
     def average(self, replies: list[Reply]) -> Tensors:
         uniform = self.config.server.weighting == "uniform"

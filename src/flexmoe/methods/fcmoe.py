@@ -45,7 +45,7 @@ from torch import nn
 
 from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
-from flexmoe.methods.base import LocalRun, Method, Reply, Tensors, TrainHooks, strip_prefix, with_prefix
+from flexmoe.methods.base import LocalRun, Method, Reply, Tensors, TensorSpec, TrainHooks, strip_prefix, with_prefix
 from flexmoe.methods.flex import Flex
 
 EXPERTS = ".experts."  # fused routed experts; "shared_experts." does not match
@@ -279,6 +279,17 @@ class Fcmoe(Method):
         if self.retention > 0:
             state.update(with_prefix(CONSENSUS, direction))
         return new_global, state, {"fcmoe_conflict_fraction": conflicts / max(pairs, 1)}
+
+    def reply_spec(self, global_weights: Tensors) -> dict[str, TensorSpec]:
+        """The shared weights, plus (when the client counted them) its per-expert activation counts."""
+        spec = super().reply_spec(global_weights)
+        rank = self.config.lora.r
+        for name, tensor in global_weights.items():
+            layer = expert_layer(name)
+            if layer is not None:
+                rows = num_experts(name, tuple(tensor.shape), rank)
+                spec[ACTIVATION + layer] = TensorSpec((rows,), torch.float32, required=False)
+        return spec
 
     def _stop_counting(self) -> Tensors:
         counting, self._counting = self._counting, None

@@ -11,7 +11,7 @@ optimiser step (`train.optimizer = "sgd"` gives the published algorithm exactly)
 import torch
 
 from flexmoe.methods.base import (
-    LocalRun, Method, Reply, Tensors, TrainHooks, strip_prefix, weighted_mean, with_prefix,
+    LocalRun, Method, Reply, Tensors, TensorSpec, TrainHooks, strip_prefix, weighted_mean, with_prefix,
 )
 
 
@@ -48,6 +48,13 @@ class Scaffold(Method):
             delta_c[name] = new_c[name] - c_i
         message = {**with_prefix("delta.", delta_y), **with_prefix("control_delta.", delta_c)}
         return message, with_prefix("control.", new_c)
+
+    def reply_spec(self, global_weights: Tensors) -> dict[str, TensorSpec]:
+        spec = {n: TensorSpec(tuple(t.shape), torch.float32) for n, t in global_weights.items()}
+        return {**with_prefix("delta.", spec), **with_prefix("control_delta.", spec)}
+
+    def reply_update(self, tensors: Tensors, global_weights: Tensors) -> Tensors:
+        return {name: t.float() for name, t in strip_prefix("delta.", tensors).items()}
 
     def aggregate(
         self, global_weights: Tensors, server_state: Tensors, replies: list[Reply]
