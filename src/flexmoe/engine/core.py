@@ -11,6 +11,7 @@ through them the same `flexmoe.methods` code.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from flexmoe.engine.rundir import (
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.measures import knowledge_measures
-from flexmoe.files import load_checked, save_checked, write_text_atomic
+from flexmoe.files import load_checked, one_line, save_checked, write_text_atomic
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.methods.base import strip_prefix, with_prefix
 from flexmoe.train import cosine_lr, local_train
 from flexmoe.train.loop import num_local_steps
+
+log = logging.getLogger("flexmoe.engine")
 
 CONFIG_FILE = "config.toml"
 INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights: Local clients start there
@@ -175,7 +178,15 @@ class ClientRunner:
 
     def train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
         """One round of local training from the downlink `received`; saves the client's new state
-        as pending and returns (its train record, without bytes; the uplink tensors)."""
+        as pending and returns (its train record, without bytes; the uplink tensors). If it fails,
+        the round's pending state is dropped: the client keeps its last committed state."""
+        try:
+            return self._train(client, round_index, received)
+        except BaseException:
+            self.store.discard(client.client_id)
+            raise
+
+    def _train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
         cfg, cid = self.config, client.client_id
         lr = round_lr(cfg, round_index)
         stored = self.store.load_state(cid)
@@ -325,6 +336,8 @@ class ServerRunner:
         self.global_weights: Tensors = {}
         self.server_state: Tensors = {}
         self._initial: Tensors | None = None
+        self.completed = 0  # the last committed round; the round in progress is the next one
+        self._failures: list[dict] = []  # this round's failed clients, logged with the round
 
     def start(self, initial_weights: Tensors, base: str | None = None) -> None:
         """A fresh run directory with the resolved config and the round-0 shared weights (tagged
@@ -344,6 +357,7 @@ class ServerRunner:
         """Reload the last committed round; returns its number."""
         completed, self.global_weights, self.server_state = load_server(self.run_dir)
         self.metrics.keep_through(completed)
+        self.completed = completed
         return completed
 
     def initial_weights(self) -> Tensors:
@@ -355,12 +369,40 @@ class ServerRunner:
         """What every sampled client receives this round (None: the method sends nothing)."""
         return self.method.downlink(self.global_weights, self.server_state) if self.method.communicates else None
 
+    def client_failed(self, round_index: int, client_id: int, error: BaseException) -> None:
+        """A sampled client raised (or its engine reports it lost): the round goes on without it.
+        Logged now and as a `"kind": "failure"` record of the round."""
+        reason = f"{type(error).__name__}: {one_line(error)}"
+        log.warning("round %d: client %d failed (%s); the round goes on without it", round_index, client_id, reason)
+        self._failures.append({"round": round_index, "kind": "failure", "client": client_id, "error": reason})
+
     def aggregate(self, replies: list[Reply]) -> dict:
+        """The round in progress: check every reply (engine/validation.py), then aggregate the valid ones, through the
+        differential-privacy release when `privacy.noise_multiplier` > 0. With no valid reply the
+        global model and server state stay as they are."""
+        from flexmoe.engine import privacy
+        from flexmoe.engine.validation import split_valid
+
         if not self.method.communicates:
             return {}
-        self.global_weights, self.server_state, agg_metrics = self.method.aggregate(
-            self.global_weights, self.server_state, replies)
-        return agg_metrics
+        round_index = self.completed + 1
+        accepted, rejected = split_valid(self.method, self.config.validation, self.global_weights, replies)
+        for item in rejected:
+            log.warning("round %d: update of client %d rejected: %s", round_index, item["client"], item["reason"])
+        agg_metrics = {"rejected": rejected} if rejected else {}
+        if privacy.enabled(self.config.privacy):
+            agg_metrics["dp_epsilon"] = privacy.epsilon(self.config, round_index)
+        if not accepted:
+            log.warning("round %d: no valid update; the global model is unchanged", round_index)
+            return agg_metrics
+        if privacy.enabled(self.config.privacy):
+            release, dp_metrics = privacy.private_release(self.method, self.global_weights, accepted,
+                                                          self.config.privacy, self.config.seed, round_index)
+            accepted = [release]
+            agg_metrics.update(dp_metrics)
+        self.global_weights, self.server_state, method_metrics = self.method.aggregate(
+            self.global_weights, self.server_state, accepted)
+        return {**method_metrics, **agg_metrics}
 
     def finish_round(self, round_index: int, sampled: list[int], train_records: list[dict],
                      agg_metrics: dict, evals: list[dict], global_eval: dict | None = None) -> None:
@@ -373,11 +415,15 @@ class ServerRunner:
             "bytes_down": sum(r["bytes_down"] for r in train_records),
             **agg_metrics,
         }
+        failures, self._failures = [f for f in self._failures if f["round"] == round_index], []
+        if failures:
+            server["failed"] = [f["client"] for f in failures]
         if evals:
             server.update(eval_means(evals))
         server.update(global_eval or {})
-        self.metrics.append([*train_records, *evals, server])
+        self.metrics.append([*train_records, *failures, *evals, server])
         save_server(self.run_dir, round_index, self.global_weights, self.server_state)
+        self.completed = round_index
 
     def write_summary(self, wall_seconds: float | None) -> dict:
         records = self.metrics.read()
@@ -398,6 +444,9 @@ class ServerRunner:
             "train_loss": servers[-1]["train_loss"] if servers else None,
             "per_client": per_client(records),
         }
+        if self.config.privacy.noise_multiplier > 0:
+            summary.update(dp_epsilon=servers[-1].get("dp_epsilon") if servers else 0.0,
+                           dp_delta=self.config.privacy.delta)
         if wall_seconds is not None:
             summary["wall_seconds"] = round(wall_seconds, 2)
         write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

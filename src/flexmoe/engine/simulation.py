@@ -9,6 +9,8 @@ The client and server steps themselves are `flexmoe.engine.core`'s, shared with 
 
 Every random choice derives from (seed, round, client), and every round ends with an atomic
 checkpoint, so `resume()` continues a killed run to exactly the metrics of an uninterrupted one.
+A client that raises is skipped for the round (logged, its pending state dropped); the server
+checks every update before aggregating it (`ServerRunner.aggregate`).
 """
 
 from __future__ import annotations
@@ -108,8 +110,14 @@ class Simulation:
         down_blob = serialize(down) if down is not None else None
         records, replies = [], []
         for client_id in sampled:
-            record, reply = self._train_client(self.clients[client_id], round_index, round_lr(cfg, round_index),
-                                               down_blob)
+            try:
+                record, reply = self._train_client(self.clients[client_id], round_index, round_lr(cfg, round_index),
+                                                   down_blob)
+            except FlexmoeError:  # a user mistake (bad file, bad setting) stops the run with its one line
+                raise
+            except Exception as error:  # one client's crash must not cost the others their round
+                self.server.client_failed(round_index, client_id, error)
+                continue
             records.append(record)
             if reply is not None:
                 replies.append(reply)
@@ -128,7 +136,7 @@ class Simulation:
             up_blob = serialize(message, {"num_examples": str(record["num_examples"])})
             bytes_up = len(up_blob)
             tensors, meta = deserialize(up_blob)
-            reply = Reply(tensors, int(meta["num_examples"]))
+            reply = Reply(tensors, int(meta["num_examples"]), client=client.client_id)
         record.update(bytes_up=bytes_up, bytes_down=len(down_blob) if down_blob is not None else 0)
         return record, reply
 
