@@ -36,8 +36,8 @@ def write_run(path: Path, method: str, seed: int, rouge: list[float], knowledge:
             records += [{"round": 2, "kind": "eval", "client": c, "rouge_l": rouge[c], "knowledge_loss": knowledge,
                          "probe_accuracy": 0.5, "expert_load_std": 0.1, "routing_drift": 0.0,
                          "expert_load": LOAD} for c in (0, 1)]
-            server.update(rouge_l_avg=sum(rouge) / 2, knowledge_loss=knowledge, probe_accuracy=0.5,
-                          expert_load_std=0.1)
+            server.update(rouge_l_avg=sum(rouge) / 2, rouge_l_global=rouge[0] / 2, knowledge_loss=knowledge,
+                          probe_accuracy=0.5, expert_load_std=0.1)
         records.append(server)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (path / "summary.json").write_text(json.dumps({"rounds_completed": 2, "wall_seconds": 10.0 + seed,
@@ -75,8 +75,9 @@ def test_compare_report_means_and_spreads_over_seeds(runs, tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| flex | 0,1 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:5] == ["0.4000 ± 0.1414", "0.3000 ± 0.1414", "0.5000 ± 0.1414"]
-    assert cells[5:7] == ["3.2000 ± 0.1414", "+0.2000 ± 0.1414"]  # knowledge loss and its rise over the base
-    assert cells[8] == "300" and cells[9] == "10.5 ± 0.7"  # bytes per round (200 up + 100 down); wall s
+    assert cells[5] == "0.1500 ± 0.0707"  # the global model: 0.4 / 2 and 0.2 / 2
+    assert cells[6:8] == ["3.2000 ± 0.1414", "+0.2000 ± 0.1414"]  # knowledge loss and its rise over the base
+    assert cells[9] == "300" and cells[10] == "10.5 ± 0.7"  # bytes per round (200 up + 100 down); wall s
     assert "| fedavg | 0 | 0.1000 |" in text and "| flex-nogate | 0 | 0.0000 |" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flex"]["rouge_l_avg"]["mean"] == pytest.approx(0.4)
@@ -153,3 +154,34 @@ def test_fidelity_claims_are_decided_by_the_numbers():
     assert "disagrees" in text[1]  # fedavg kept more knowledge (3.1 < 3.2)
     assert text[2] == "FLEx best knowledge-probe accuracy: not measured."
     assert "agrees" in text[3] and "agrees (collapse)" in text[4]
+
+
+def test_fcmoe_fidelity_claims_compare_with_the_right_reference(tmp_path):
+    import json
+
+    from benchmarks.bench_fidelity import claims, conflict_fractions, fcmoe_claims
+
+    def entry(mean, std=None):
+        return {"mean": mean, "std": std}
+
+    runs = []
+    for seed, fractions in enumerate(([0.0, 0.5], [0.25])):
+        run = tmp_path / f"seed-{seed}"
+        run.mkdir()
+        records = [{"round": r + 1, "kind": "server", "fcmoe_conflict_fraction": f} for r, f in enumerate(fractions)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"kind": "client"}, *records]))
+        runs.append(str(run))
+    summary = {
+        "fcmoe": {"runs": runs, "rouge_l_avg": entry(0.20, 0.01), "knowledge_loss": entry(3.0, 0.1)},
+        "fedavg+experts": {"runs": [], "rouge_l_avg": entry(0.10, 0.01), "knowledge_loss": entry(3.05, 0.1)},
+        "flex+fcmoe": {"runs": [], "rouge_l_avg": entry(0.1), "knowledge_loss": entry(2.9)},
+    }
+    conflicts = conflict_fractions(summary)
+    assert conflicts == {"fcmoe": pytest.approx(0.25)}  # mean of 0.0, 0.5 and 0.25
+    text = fcmoe_claims(summary, conflicts)
+    assert text[0].startswith("fcmoe vs fedavg+experts, rouge_l_avg (higher is better): 0.2000 ± 0.0100 vs")
+    assert "— better, the gap 0.1000 is larger than the seed spread" in text[0]
+    assert "— better, the gap 0.0500 is within the seed spread" in text[1]
+    assert len(text) == 3 and "25.0%" in text[2]  # flex+fcmoe has no flex reference here
+    # flex+fcmoe is FLEx with another aggregator: never a baseline FLEx is judged against
+    assert "flex+fcmoe" not in " ".join(claims({"flex": summary["flex+fcmoe"], **summary}))

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
 
-# variant name -> (method, config overrides): the FLEx paper's ablations
+# variant name -> (method, config overrides): the FLEx paper's ablations, and MoE + FedAvg with
+# LoRA on attention and the experts (FC-MoE's trainables, aggregated plainly)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flex-nogate": ("flex", ("flex.gate=none",)),
     "flex-random": ("flex", ("flex.selection=random",)),
     "flex-k2": ("flex", ("flex.k=2",)),
     "flex-k3": ("flex", ("flex.k=3",)),
+    "fedavg+experts": ("fedavg", ("lora.scope=attention+experts",)),
 }
 
 

@@ -93,9 +93,10 @@ def _final(run: Run, key: str):
 
 
 def compare_table(groups: dict[str, list[Run]]) -> list[str]:
-    """Method × (mean and per-client ROUGE-L, retention, bytes, time, load std), mean ± spread over seeds."""
+    """Method × (mean and per-client ROUGE-L, the global model's ROUGE-L, retention, bytes, time, load
+    std), mean ± spread over seeds."""
     clients = sorted({c["client_id"] for runs in groups.values() for run in runs for c in run.clients})
-    header = ["method", "seeds", "mean ROUGE-L", *(f"client {c}" for c in clients), "knowledge loss",
+    header = ["method", "seeds", "mean ROUGE-L", *(f"client {c}" for c in clients), "global model", "knowledge loss",
               "Δ vs base", "probe acc.", "bytes / round", "wall s", "expert-load std"]
     rows = []
     for label, runs in groups.items():
@@ -109,6 +110,7 @@ def compare_table(groups: dict[str, list[Run]]) -> list[str]:
         rows.append([
             label, ",".join(str(run.seed) for run in runs),
             fmt_spread(*mean_std(_final(run, "rouge_l_avg") for run in runs)), *per_client,
+            fmt_spread(*mean_std(_final(run, "rouge_l_global") for run in runs)),
             fmt_spread(*mean_std(_final(run, "knowledge_loss") for run in runs)),
             fmt_spread(*mean_std(delta), "{:+.4f}"),
             fmt_spread(*mean_std(_final(run, "probe_accuracy") for run in runs), "{:.3f}"),

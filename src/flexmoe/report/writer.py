@@ -104,7 +104,8 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         "Each cell: mean ± sample standard deviation over seeds (a seed fixes the partition, the LoRA "
         "initialisation and the sampling, identical for every method; client columns index each seed's own "
         "partition, so across seeds they hold different data). ROUGE-L and knowledge loss are the "
-        "last evaluation's means over clients; Δ vs base is the change of held-out loss from the untouched "
+        "last evaluation's means over clients (global model: the aggregated shared weights alone, without "
+        "any client's personal part, on every client's test split); Δ vs base is the change of held-out loss from the untouched "
         "base (positive = knowledge lost); bytes / round counts every serialised message, up and down, of all "
         "sampled clients; wall s is the run's wall-clock time.",
         "",
@@ -141,7 +142,7 @@ def _compare_summary(groups: dict[str, list[Run]]) -> dict:
     out = {}
     for label, runs in groups.items():
         row = {"seeds": [run.seed for run in runs], "runs": [str(run.path) for run in runs]}
-        for key in ("rouge_l_avg", "knowledge_loss", "probe_accuracy", "expert_load_std", "routing_entropy",
+        for key in ("rouge_l_avg", "rouge_l_global", "knowledge_loss", "probe_accuracy", "expert_load_std", "routing_entropy",
                     "routing_drift"):
             mu, sd = mean_std((run.servers() or [{}])[-1].get(key) for run in runs)
             if mu is not None:
