@@ -4,6 +4,7 @@ on a tiny random model; the simulation's metrics are compared with the in-proces
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -171,7 +172,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_flex_run_completed(run_dir: Path, state_dirs: list[Path]) -> list[dict]:
+def committed_rounds(run_dir: Path) -> list[int]:
+    """Rounds whose server record is in the run's metrics (0 = round zero) so far."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r["round"] for r in lines if r["kind"] == "server"]
+
+
+def client_dir(state_root: Path, run_dir: Path, client: int) -> Path:
+    """Where a SuperNode started with `state-dir=state_root` keeps client `client`'s state of a run."""
+    from flexmoe.engine.flower.client_app import run_key
+
+    return state_root / run_key(run_dir) / str(client)
+
+
+def assert_flex_run_completed(run_dir: Path, client_dirs: list[Path]) -> list[dict]:
     records = read_metrics(run_dir)
     servers = [r for r in records if r["kind"] == "server"]
     assert [r["round"] for r in servers] == [0, 1, 2]
@@ -183,43 +200,34 @@ def assert_flex_run_completed(run_dir: Path, state_dirs: list[Path]) -> list[dic
     assert summary["rounds_completed"] == 2 and 0.0 <= summary["rouge_l_avg"] <= 1.0
     assert (run_dir / "report.md").is_file()
     # what the server aggregated is exactly what it received: shared LoRA keys, never a graft
-    with safe_open(str(run_dir / "checkpoints" / "server.safetensors"), "pt") as handle:
-        keys = list(handle.keys())
-    assert keys and all("lora_" in k and "graft" not in k for k in keys)
-    for client, state in enumerate(state_dirs):  # the personal state stayed on the client's disk
-        assert (state / str(client) / "personal.safetensors").is_file()
-        assert not (state / str(client) / "pending").exists()  # the last round was committed
+    assert server_keys(run_dir) and all("lora_" in k and "graft" not in k for k in server_keys(run_dir))
+    for state in client_dirs:  # the personal state stayed on the client's disk
+        assert (state / "personal.safetensors").is_file()
+        assert not (state / "pending").exists()  # the last round was committed
     return records
 
 
-def test_loopback_deployment_with_tls_two_supernodes(run_config, tmp_path):
-    """SuperLink and SuperNodes over TLS with test-made certificates, as a real deployment."""
-    work, home = tmp_path / "deploy", tmp_path / "flwr-home"
-    env = flower_env(home)
-    script = ROOT / "scripts" / "flower-deploy.sh"
-    certs = make_certificates(tmp_path / "certs")
-    try:
-        subprocess.run([str(script), "start", str(work), "2", str(free_base_port()), str(certs)], check=True,
-                       env=env, capture_output=True, text=True, timeout=60)
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", ".", "flexmoe-deploy", "--stream", "--run-config",
-             f"config='{run_config}' output-dir='{tmp_path / 'run'}' round-timeout=300.0 connect-timeout=120.0"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert_flex_run_completed(tmp_path / "run", [work / f"node-{i}" / "state" for i in range(2)])
-    finally:
-        pids = [int(p.read_text()) for p in work.glob("*.pid")]
-        subprocess.run([str(script), "stop", str(work)], env=env, timeout=60)
-        stop(processes_mentioning(str(tmp_path)))  # anything Flower started on our behalf
-        assert pids and not any(_alive(pid) for pid in pids)
-        assert not processes_mentioning(str(tmp_path))
+def server_keys(run_dir: Path) -> list[str]:
+    with safe_open(str(run_dir / "checkpoints" / "server.safetensors"), "pt") as handle:
+        return list(handle.keys())
 
 
-def test_flwr_run_local_simulation_matches_in_process_engine(run_config, tmp_path):
+def without_bytes(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("bytes_")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def in_process_metrics(run_config, tmp_path_factory) -> list[dict]:
+    """The run config through the in-process engine: what every Flower run must reproduce."""
     from flexmoe.config import load_config
     from flexmoe.engine.simulation import Simulation
 
+    run_dir = tmp_path_factory.mktemp("inproc") / "run"
+    Simulation(load_config(run_config), run_dir).run()
+    return read_metrics(run_dir)
+
+
+def test_flwr_run_local_simulation_matches_in_process_engine(run_config, in_process_metrics, tmp_path):
     home = tmp_path / "flwr-home"
     try:
         result = subprocess.run(
@@ -232,12 +240,207 @@ def test_flwr_run_local_simulation_matches_in_process_engine(run_config, tmp_pat
     finally:  # `flwr run . local` leaves a background SuperLink running: stop it (and its children)
         stop(processes_mentioning(str(home)))
         assert not processes_mentioning(str(home))
-    flower = assert_flex_run_completed(tmp_path / "flower", [tmp_path / "flower" / "clients"])
+    flower = assert_flex_run_completed(tmp_path / "flower", [tmp_path / "flower" / "clients" / c for c in "01"])
+    assert [(r["round"], r["kind"], r.get("client")) for r in flower] == \
+        [(r["round"], r["kind"], r.get("client")) for r in in_process_metrics]
+    assert without_bytes(flower) == without_bytes(in_process_metrics)
 
-    Simulation(load_config(run_config), tmp_path / "inproc").run()
-    in_process = read_metrics(tmp_path / "inproc")
-    assert len(flower) == len(in_process)
-    for a, b in zip(flower, in_process):
-        assert (a["round"], a["kind"], a.get("client")) == (b["round"], b["kind"], b.get("client"))
-        bytes_free = {k: v for k, v in a.items() if not k.startswith("bytes_")}
-        assert bytes_free == {k: v for k, v in b.items() if not k.startswith("bytes_")}
+
+# ---- deployments: a SuperLink and SuperNodes started by scripts/flower-deploy.sh ------------------
+class Deployment:
+    """A loopback deployment in `work`, its processes known by their pid files; `flwr` talks to it
+    through the connection the script writes into this deployment's own FLWR_HOME."""
+
+    script = ROOT / "scripts" / "flower-deploy.sh"
+
+    def __init__(self, work: Path, audit: bool = False):
+        self.work = work
+        self.env = {**flower_env(work / "flwr-home"), **({"FLEXMOE_AUDIT": "1"} if audit else {})}
+
+    def deploy(self, *args: str) -> None:
+        subprocess.run([str(self.script), *args], check=True, env=self.env, capture_output=True, text=True,
+                       timeout=180)
+
+    def pid(self, name: str) -> int:
+        return int((self.work / f"{name}.pid").read_text())
+
+    def state(self, node: int) -> Path:
+        return self.work / f"node-{node}" / "state"
+
+    def submit(self, log: Path, run_config: str) -> subprocess.Popen:
+        """`flwr run . flexmoe-deploy` in the background, its output streamed into `log`."""
+        with log.open("w") as out:
+            return subprocess.Popen(
+                [str(BIN / "flwr"), "run", ".", "flexmoe-deploy", "--stream", "--run-config",
+                 f"connect-timeout=120.0 round-timeout=150.0 {run_config}"],
+                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def run(self, log: Path, run_config: str, timeout: float = 420) -> str:
+        process = self.submit(log, run_config)
+        try:
+            assert process.wait(timeout=timeout) == 0, log.read_text()[-4000:]
+        finally:
+            stop_process(process)
+        return log.read_text()
+
+    def stop(self) -> None:
+        pids = [int(p.read_text()) for p in self.work.glob("*.pid")]
+        subprocess.run([str(self.script), "stop", str(self.work)], env=self.env, timeout=60)
+        stop(processes_mentioning(str(self.work)))  # anything Flower started on our behalf
+        assert pids and not any(_alive(pid) for pid in pids)
+        assert not processes_mentioning(str(self.work))
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        stop([process.pid])
+        process.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of the live processes below `pid` (children, their children, ...)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().split(")")[-1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier and _alive(p)]
+        found += children
+        frontier = children
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """TLS with test-made certificates and SuperNode authentication: SuperNodes 0 and 1 registered
+    (their key pairs made by the script), each keeping an audit copy of what it sends; SuperNode 2
+    has a key pair that was never registered."""
+    root = tmp_path_factory.mktemp("secured")
+    deployment = Deployment(root / "deploy", audit=True)
+    certs = make_certificates(root / "certs")
+    try:
+        deployment.deploy("start", str(deployment.work), "2", str(free_base_port()), str(certs), "auth")
+        deployment.deploy("node", str(deployment.work), "2")
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture(scope="module")
+def secured_run(secured, run_config, tmp_path_factory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("secured-run") / "run"
+    log = secured.run(run_dir.parent / "flwr.log", f"config='{run_config}' output-dir='{run_dir}'")
+    return run_dir, log
+
+
+def test_tls_supernode_auth_registered_nodes_train_unregistered_is_refused(secured, secured_run, in_process_metrics):
+    run_dir, log = secured_run
+    records = assert_flex_run_completed(run_dir, [client_dir(secured.state(c), run_dir, c) for c in (0, 1)])
+    assert without_bytes(records) == without_bytes(in_process_metrics)
+    # the unregistered SuperNode was refused at activation and gave up: it never got a message
+    intruder = secured.work / "node-2"
+    assert not _alive(secured.pid("supernode-2"))
+    assert "Failed to activate SuperNode" in (intruder / "supernode.log").read_text()
+    assert "No SuperNode found with the given public key" in (secured.work / "superlink.log").read_text()
+    assert not (intruder / "audit").exists() and not any((intruder / "state").iterdir())
+    listed = subprocess.run([str(BIN / "flwr"), "supernode", "list", "flexmoe-deploy", "--format", "json"],
+                            cwd=ROOT, env=secured.env, capture_output=True, text=True, timeout=120, check=True)
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert len(nodes) == 2 and all(n["status"] == "online" for n in nodes)
+    assert "failed" not in log  # no client failed: only the two registered nodes took part
+
+
+def audited_messages(audit: Path) -> list[tuple[dict[str, bytes], object]]:
+    """Every message an audited SuperNode sent: (its objects by id, the Message inflated from them)."""
+    from flwr.supercore.inflatable.inflatable_object import get_object_type_from_object_content
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    messages = []
+    for folder in sorted(audit.glob("*/*")):
+        objects = {path.name: path.read_bytes() for path in folder.iterdir()}
+        assert all(hashlib.sha256(content).hexdigest() == oid for oid, content in objects.items())
+        top = [oid for oid, content in objects.items() if get_object_type_from_object_content(content) == "Message"]
+        assert len(top) == 1
+        messages.append((objects, inflate_object_from_contents(top[0], dict(objects), keep_object_contents=True)))
+    return messages
+
+
+def fingerprints(tensor) -> list[bytes]:
+    """Byte patterns that would betray `tensor` on the wire: all of it and each of its rows, as stored
+    and as float32 (the dtype tensors travel in); rows too short or too uniform to be telling are left out."""
+    import torch
+
+    patterns = []
+    for version in {tensor.dtype: tensor, torch.float32: tensor.float()}.values():
+        flat = version.contiguous()
+        patterns.append(flat.numpy().tobytes())
+        for row in flat.reshape(-1, flat.shape[-1]) if flat.dim() > 1 else []:
+            if row.numel() * row.element_size() >= 32 and row.unique().numel() > 4:
+                patterns.append(row.numpy().tobytes())
+    return patterns
+
+
+def test_no_personal_tensor_leaves_a_client(secured, secured_run):
+    """Every message each SuperNode sent, captured as Flower transfers it, holds no grafted expert or
+    gate: no key naming a graft, and none of the bytes of any personal tensor or of any of its rows."""
+    import torch
+
+    from flexmoe.models.personal import read_personal
+
+    run_dir, _ = secured_run
+    uploads, wire = {}, {}
+    for client in (0, 1):
+        messages = audited_messages(secured.work / f"node-{client}" / "audit")
+        assert len(messages) == 5  # round-0 evaluation, 2 trainings, final evaluation, final commit
+        personal, _ = read_personal(client_dir(secured.state(client), run_dir, client) / "personal.safetensors")
+        secrets = [p for key, t in personal.items() if t.is_floating_point() for p in fingerprints(t)]
+        assert len(secrets) > 10
+        for objects, message in messages:
+            wire.setdefault(client, []).extend(objects.values())
+            for content in objects.values():
+                assert b"graft" not in content
+                assert not any(secret in content for secret in secrets)
+            arrays = {key: torch.from_numpy(array.numpy().copy())
+                      for record in message.content.array_records.values() for key, array in record.items()}
+            assert not [key for key in arrays if "graft" in key]
+            result = json.loads(str(message.content["result"]["record"]))
+            if result.get("kind") == "train" and result["round"] == 2:
+                uploads[client] = arrays
+    # the capture is what the server aggregated: its last global weights are the example-weighted
+    # mean of the two clients' last uploads (FedAvg)
+    train = [r for r in read_metrics(run_dir) if r["kind"] == "train" and r["round"] == 2]
+    weights = {r["client"]: r["num_examples"] / sum(t["num_examples"] for t in train) for r in train}
+    from safetensors.torch import load_file
+
+    global_weights = {k.removeprefix("global."): v for k, v in
+                      load_file(str(run_dir / "checkpoints" / "server.safetensors")).items() if k.startswith("global.")}
+    assert set(uploads[0]) == set(uploads[1]) == set(global_weights)
+    # and the byte scan sees tensors that did travel: every row of every upload is in the captured bytes
+    for client, arrays in uploads.items():
+        for tensor in arrays.values():
+            assert all(any(p in content for content in wire[client]) for p in fingerprints(tensor))
+    for key, value in global_weights.items():
+        torch.testing.assert_close(value, weights[0] * uploads[0][key] + weights[1] * uploads[1][key])

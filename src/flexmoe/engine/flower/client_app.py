@@ -5,9 +5,13 @@ Node config (`flower-supernode --node-config "..."`; simulation sets the first t
 - `partition-id`: this client's id, 0 .. num_clients-1 (its part of the run's data partition);
 - `num-partitions`: if given, must equal the run's `num_clients`;
 - `state-dir`: where this client keeps its personal state (graft, gate, method and optimiser
-  state), as `<state-dir>/<partition-id>/`; default `<run dir>/clients`, the in-process layout;
+  state), as `<state-dir>/<run>/<partition-id>/` (`<run>`: the run directory's name and a hash of
+  its path, so runs sharing a SuperNode never mix states and a resumed run finds its own);
+  default `<run dir>/clients`, the in-process layout;
 - `data-path`: optional; this node's own examples file (any `flexmoe` data format), used whole
-  as its data (split into train/test with `data.test_fraction`) instead of the run's partition.
+  as its data (split into train/test with `data.test_fraction`) instead of the run's partition;
+- `audit-dir`: optional; a copy of every message this node sends, exactly as Flower transfers it
+  (see `audit_outgoing`).
 
 Each message may start a fresh process, so every call rebuilds the model; personal state lives
 on the node's disk, and `Context.state` holds only small metadata (client id, last round).
@@ -15,7 +19,9 @@ on the node's disk, and `Context.state` holds only small metadata (client id, la
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,7 +32,27 @@ from flexmoe.engine.flower.messages import (
 )
 from flexmoe.errors import FlexmoeError
 
-app = ClientApp()
+
+def audit_outgoing(msg: Message, context: Context, call_next) -> Message:
+    """With node config `audit-dir`, keep a copy of every reply this node sends: the content-addressed
+    objects Flower transfers for it (the message, its records, each array), one file per object
+    named by its id (the sha256 of its bytes), in `<audit-dir>/<run id>/<instruction id>/`, so an
+    organisation can check what left its machine."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    reply = call_next(msg, context)
+    directory = context.node_config.get("audit-dir")
+    if directory:
+        target = Path(str(directory)) / str(msg.metadata.run_id) / msg.metadata.message_id
+        target.mkdir(parents=True, exist_ok=True)
+        for object_id, obj in get_all_nested_objects(reply).items():
+            temporary = target / f"{object_id}.tmp"
+            temporary.write_bytes(obj.deflate())
+            os.replace(temporary, target / object_id)
+    return reply
+
+
+app = ClientApp(mods=[audit_outgoing])
 
 
 @app.train()
@@ -55,8 +81,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         if node.method.grafts:
             runner.graft(client)
         content = _reply(record, client.client_id, len(client.test))
-        content["info"] = ConfigRecord({"domains": sorted({e.domain for e in client.train if e.domain}),
-                                        "num-train": len(client.train), "num-test": len(client.test)})
+        content["info"] = _info(client.train, client.test)
         return Message(content, reply_to=msg)
     if node.method.grafts and not runner.has_personal(client.client_id):
         runner.graft(client)
@@ -72,12 +97,20 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def commit(msg: Message, context: Context) -> Message:
-    """The server committed a round: promote this client's pending state (no model needed)."""
+    """The server committed a round: promote this client's pending state (no model needed). With
+    "phase" = "identify" (a SuperNode the server has not seen: restarted, late, or a resumed run),
+    also say which client this node is."""
     from flexmoe.engine.rundir import ClientStore
 
+    settings = msg.content[CONFIG]
     client_id, root = _identity(msg, context)
-    ClientStore(root).commit(int(msg.content[CONFIG]["committed"]), client_id)
-    return Message(_reply({}, client_id, 0), reply_to=msg)
+    ClientStore(root).commit(int(settings["committed"]), client_id)
+    content = _reply({}, client_id, 0)
+    if settings["phase"] == "identify":
+        config = config_from_text(str(settings["flexmoe-config"]))
+        part = _client_data(config, context.node_config, client_id)
+        content["info"] = _info(part.train[: config.data.max_train_per_client or None], part.test)
+    return Message(content, reply_to=msg)
 
 
 def _reply(record: dict, client_id: int, num_examples: int) -> RecordDict:
@@ -87,14 +120,43 @@ def _reply(record: dict, client_id: int, num_examples: int) -> RecordDict:
                        RESULT: ConfigRecord({"record": json.dumps(record)})})
 
 
+def _info(train: list, test: list) -> ConfigRecord:
+    """What the server's report shows of this client (counts and domains, no examples)."""
+    return ConfigRecord({"domains": sorted({e.domain for e in train if e.domain}), "num-train": len(train),
+                         "num-test": len(test)})
+
+
 def _identity(msg: Message, context: Context) -> tuple[int, Path]:
     """(client id, personal-state root) from the node config and the server's run directory."""
     node = context.node_config
     if "partition-id" not in node:
         raise FlexmoeError("SuperNode node config lacks 'partition-id' (start it with "
                            "--node-config \"partition-id=0 state-dir='...'\")")
-    root = node.get("state-dir") or str(Path(str(msg.content[CONFIG]["run-dir"])) / "clients")
-    return int(node["partition-id"]), Path(str(root))
+    run_dir = Path(str(msg.content[CONFIG]["run-dir"]))
+    if not node.get("state-dir"):
+        return int(node["partition-id"]), run_dir / "clients"
+    return int(node["partition-id"]), Path(str(node["state-dir"])) / run_key(run_dir)
+
+
+def run_key(run_dir: Path) -> str:
+    """A SuperNode's folder for one run: the run directory's name and a hash of its full path."""
+    return f"{run_dir.name}-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]}"
+
+
+def _client_data(config, node_config, client_id: int):
+    """This client's `ClientData`: its part of the run's partition, or the node's own `data-path`."""
+    import flexmoe.data
+    from flexmoe.engine.core import partition_data
+
+    data_path = node_config.get("data-path")
+    if not data_path:
+        return partition_data(config)[client_id]
+    examples = flexmoe.data.load_examples(str(data_path))
+    part = flexmoe.data.partition(examples, 1, scheme="iid", seed=config.seed,
+                                  test_fraction=config.data.test_fraction)[0]
+    if not part.train:
+        raise FlexmoeError(f"{data_path}: no training examples for client {client_id}")
+    return flexmoe.data.ClientData(client_id, part.train, part.test)
 
 
 class _Node:
@@ -136,19 +198,9 @@ class _Node:
             raise FlexmoeError(f"node config partition-id = {client_id} is outside 0..{self.config.num_clients - 1}")
 
     def _client(self, client_id: int, tokenizer):
-        import flexmoe.data
-        from flexmoe.engine.core import make_client, partition_data
+        from flexmoe.engine.core import make_client
 
-        data_path = self.context.node_config.get("data-path")
-        if not data_path:
-            return make_client(self.config, partition_data(self.config)[client_id], tokenizer)
-        examples = flexmoe.data.load_examples(str(data_path))
-        part = flexmoe.data.partition(examples, 1, scheme="iid", seed=self.config.seed,
-                                      test_fraction=self.config.data.test_fraction)[0]
-        part = flexmoe.data.ClientData(client_id, part.train, part.test)
-        if not part.train:
-            raise FlexmoeError(f"{data_path}: no training examples for client {client_id}")
-        return make_client(self.config, part, tokenizer)
+        return make_client(self.config, _client_data(self.config, self.context.node_config, client_id), tokenizer)
 
     def remember(self, **values: int) -> None:
         """Small metadata only: Context.state over ~100 MB is dropped on a real SuperNode."""

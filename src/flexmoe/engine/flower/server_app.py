@@ -12,7 +12,13 @@ Run config (`flwr run . --run-config "..."`, defaults in pyproject.toml `[tool.f
 - `round-timeout`: seconds a round waits for replies; a client that has not answered by then
   (failed, killed, unreachable) is skipped for the round;
 - `min-clients`: SuperNodes to wait for before round 0 (0 = `num_clients`);
-- `connect-timeout`: seconds to wait for them.
+- `connect-timeout`: seconds to wait for them;
+- `resume`: continue the run in `output-dir` from its last committed round (its own config;
+  `config` and `set` must be empty), e.g. after the ServerApp was killed.
+
+Every round starts from the SuperNodes online now: a client whose node is gone is skipped, and a
+node the server has not seen (a restarted SuperNode gets a new node id unless SuperNode
+authentication is on) is asked which client it is and takes that client's place.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from flexmoe.engine.flower.messages import (
     ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_text, from_arrays, parse_overrides, record_bytes, to_arrays,
 )
+from flexmoe.engine.core import CONFIG_FILE
 from flexmoe.errors import FlexmoeError
 
 app = ServerApp()
@@ -39,11 +46,29 @@ def main(grid: Grid, context: Context) -> None:
     from flexmoe.config import load_config
 
     settings = context.run_config
-    config = load_config(str(settings["config"]) or None, parse_overrides(str(settings.get("set", ""))))
-    run_dir = Path(str(settings["output-dir"]) or f"runs/flower-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    resume = bool(settings.get("resume", False))
+    if resume:
+        run_dir = _resumable(settings)
+        config = load_config(run_dir / CONFIG_FILE)
+    else:
+        config = load_config(str(settings["config"]) or None, parse_overrides(str(settings.get("set", ""))))
+        run_dir = Path(str(settings["output-dir"]) or f"runs/flower-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     FlowerServer(grid, config, run_dir.resolve(), round_timeout=float(settings["round-timeout"]),
                  min_clients=int(settings["min-clients"]) or config.num_clients,
-                 connect_timeout=float(settings["connect-timeout"])).run()
+                 connect_timeout=float(settings["connect-timeout"])).run(resume)
+
+
+def _resumable(settings) -> Path:
+    from flexmoe.engine.rundir import is_run_dir
+
+    if str(settings.get("config", "")) or str(settings.get("set", "")):
+        raise FlexmoeError("run config: resume=true continues the run with its own config; leave 'config' and 'set' empty")
+    if not str(settings["output-dir"]):
+        raise FlexmoeError("run config: resume=true needs output-dir, the run directory to continue")
+    run_dir = Path(str(settings["output-dir"]))
+    if not is_run_dir(run_dir):
+        raise FlexmoeError(f"{run_dir}: not a resumable run directory (no {CONFIG_FILE} or checkpoint)")
+    return run_dir
 
 
 class FlowerServer:
@@ -65,30 +90,70 @@ class FlowerServer:
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.infos = []
 
-    def run(self) -> dict:
+    def run(self, resume: bool = False) -> dict:
         import torch
 
-        from flexmoe.engine.core import evaluates, load_model, shared_params
-        from flexmoe.models import base_fingerprint
+        from flexmoe.engine.core import evaluates
 
         started = time.monotonic()
         if self.config.runtime.threads:
             torch.set_num_threads(self.config.runtime.threads)
-        model, tokenizer = load_model(self.config, self.method)
-        self.server.start(shared_params(model), base_fingerprint(model))
-        self._round_zero(model, tokenizer)
-        del model
-        for round_index in range(1, self.config.rounds + 1):
+        completed = self._resume() if resume else self._start()
+        for round_index in range(completed + 1, self.config.rounds + 1):
             sampled, records, agg_metrics = self._train_round(round_index)
             evals, global_eval = self._evaluate(round_index) if evaluates(self.config, round_index) else ([], {})
             self.server.finish_round(round_index, sampled, records, agg_metrics, evals, global_eval)
             self.server.write_summary(None)
         # the last round is committed: clients promote their pending state
-        self._send(MessageType.QUERY, sorted(self.nodes.values()), self.config.rounds, None)
+        self._send(MessageType.QUERY, sorted(self._online(self.config.rounds).values()), self.config.rounds, None,
+                   phase="commit")
         summary = self.server.write_summary(time.monotonic() - started)
         self.server.write_report(summary, self.infos)
         log.info("flexmoe: %d rounds done, run directory %s", self.config.rounds, self.run_dir)
         return summary
+
+    def _start(self) -> int:
+        from flexmoe.engine.core import load_model, shared_params
+        from flexmoe.models import base_fingerprint
+
+        model, tokenizer = load_model(self.config, self.method)
+        self.server.start(shared_params(model), base_fingerprint(model))
+        self._round_zero(model, tokenizer)
+        return 0
+
+    def _resume(self) -> int:
+        """Reload the last committed round; every node says which client it is and drops the
+        state of the round that never committed."""
+        completed = self.server.resume()
+        self._identify(self._wait_for_nodes(), completed)
+        log.info("flexmoe: resuming %s after round %d", self.run_dir, completed)
+        return completed
+
+    def _online(self, committed: int) -> dict[int, int]:
+        """Client id -> node id of the clients whose SuperNode is online now; a node not seen
+        before is asked which client it is (a restarted SuperNode may come back as a new node)."""
+        online = set(self.grid.get_node_ids())
+        unknown = sorted(online - set(self.nodes.values()))
+        if unknown:
+            self._identify(unknown, committed)
+        return {cid: node for cid, node in self.nodes.items() if node in online}
+
+    def _identify(self, node_ids: list[int], committed: int) -> None:
+        from flexmoe.engine.core import ClientInfo
+
+        online = set(self.grid.get_node_ids())
+        for node_id, reply in self._send(MessageType.QUERY, node_ids, committed, None, phase="identify"):
+            cid, info = _client(reply), reply.content["info"]
+            previous = self.nodes.get(cid)
+            if previous is not None and previous != node_id and previous in online:
+                log.warning("node %d claims client %d, which node %d serves; ignored", node_id, cid, previous)
+                continue
+            if previous is not None:
+                log.info("client %d is back, on node %d", cid, node_id)
+            self.nodes[cid] = node_id
+            if all(i.client_id != cid for i in self.infos):
+                self.infos.append(ClientInfo(cid, tuple(info["domains"]), int(info["num-train"]), int(info["num-test"])))
+                self.infos.sort(key=lambda i: i.client_id)
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.connect_timeout
@@ -125,14 +190,14 @@ class FlowerServer:
 
         cfg = self.config
         sampled = sample_clients(cfg.seed, round_index, cfg.num_clients, cfg.clients_per_round)
-        missing = [c for c in sampled if c not in self.nodes]
+        online = self._online(round_index - 1)
+        missing = [c for c in sampled if c not in online]
         if missing:
-            log.warning("round %d: clients %s have no SuperNode; skipped", round_index, missing)
+            log.warning("round %d: clients %s have no SuperNode online; skipped", round_index, missing)
         down = self.server.downlink()
         arrays = to_arrays(down) if down is not None else None
         bytes_down = record_bytes(arrays) if arrays is not None else 0
-        replies = self._send(MessageType.TRAIN, [self.nodes[c] for c in sampled if c in self.nodes],
-                             round_index, arrays)
+        replies = self._send(MessageType.TRAIN, [online[c] for c in sampled if c in online], round_index, arrays)
         records, uploads = [], []
         for _, reply in replies:
             record = _record(reply)
@@ -161,7 +226,8 @@ class FlowerServer:
         with_global = self.method.communicates and self.config.eval.global_model
         extra = {GLOBAL: arrays if received is server.global_weights else to_arrays(server.global_weights)} \
             if with_global else {}
-        replies = self._send(MessageType.EVALUATE, sorted(self.nodes.values()), round_index, arrays, phase="eval",
+        replies = self._send(MessageType.EVALUATE, sorted(self._online(round_index - 1).values()), round_index, arrays,
+                             phase="eval",
                              extra=extra, base_load=json.dumps(base_load(server.metrics.read())))
         evals = [_record(reply) for _, reply in replies]
         if not with_global or not replies:
@@ -191,10 +257,12 @@ class FlowerServer:
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type,
                                     group_id=str(round_index)))
         replies = []
+        clients = {node: cid for cid, node in self.nodes.items()}
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
             if reply.has_error():
-                log.warning("round %d: node %d failed (%s); skipped", round_index, reply.metadata.src_node_id,
-                            reply.error.reason)
+                node = reply.metadata.src_node_id
+                log.warning("round %d: client %s (node %d) failed: %s; skipped", round_index, clients.get(node, "?"),
+                            node, reply.error.reason)
                 continue
             replies.append((reply.metadata.src_node_id, reply))
         if len(replies) < len(messages):
