@@ -60,7 +60,17 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are -100 anyway
     moe_layers(model)  # refuses a layout we cannot graft
+    _check_vocabulary(path, model, tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def _check_vocabulary(path: pathlib.Path, model, tokenizer) -> None:
+    """A tokenizer with ids the model has no embedding for is not this model's tokenizer (a
+    smaller one is fine: embedding tables are often padded)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise FlexmoeError(f"{str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the model embeds only "
+                           f"{rows}: tokenizer and model do not match")
 
 
 def _check_device(device: str | torch.device) -> torch.device:
