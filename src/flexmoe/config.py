@@ -25,7 +25,7 @@ METHODS = (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no setting means NaN or inf
 
 
 class DataConfig(_Section):
@@ -233,6 +233,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise FlexmoeError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise FlexmoeError(f"{path}: cannot read the config file: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise FlexmoeError(f"{path}: config file is not UTF-8 text (byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise FlexmoeError(f"{path}: invalid TOML: {err}") from None
 
