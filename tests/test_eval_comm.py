@@ -62,3 +62,31 @@ def test_real_shapes_match_their_published_sizes():
     sizes = method_message_sizes(load_config(None, ["method=flex"]), real_shape_model("Qwen1.5-MoE-A2.7B"))
     assert sizes["shared_params"] == 24 * 4 * 8 * 4096
     assert 4 * sizes["shared_params"] < sizes["up"] < 4 * sizes["shared_params"] * 1.01
+
+
+@pytest.mark.parametrize("method", ["fcmoe", "flex+fcmoe"])
+def test_busiest_downlink_is_the_downlink_after_a_round_where_every_group_conflicted(method):
+    from conftest import tiny_model
+
+    from flexmoe.eval.comm import _graft_like_flex
+    from flexmoe.methods import Reply, build_method
+    from flexmoe.methods.fcmoe import ACTIVATION
+    from flexmoe.models import split_parameters
+
+    config = load_config(None, [f"method={method}", "lora.r=2"])
+    fc = build_method(config)
+    model = fc.prepare_model(tiny_model("qwen2_moe"))
+    if fc.grafts:
+        _graft_like_flex(model, config)
+    shared = {name: p.detach().clone() for name, p in split_parameters(model).shared.items()}
+    torch.manual_seed(0)
+    step = {name: torch.randn_like(t) for name, t in shared.items()}
+    counts = {name: torch.ones(spec.shape) for name, spec in fc.reply_spec(shared).items() if name.startswith(ACTIVATION)}
+    # updates u and -2u: importance 1/3 and 2/3 (norms), consensus -u, so the first conflicts in every group
+    replies = [Reply({**{n: shared[n] + scale * step[n] for n in shared}, **counts}, num_examples=10)
+               for scale in (1.0, -2.0)]
+    new_global, state, metrics = fc.aggregate(shared, fc.init_server_state(shared), replies)
+    assert metrics["fcmoe_conflict_fraction"] == 0.5
+    after = len(serialize(fc.downlink(new_global, state)))
+    sizes = method_message_sizes(config, tiny_model("qwen2_moe"), measure=_real_bytes)
+    assert sizes["down_max"] == after > 2 * sizes["down"]  # the consensus doubles the downlink, about

@@ -66,7 +66,9 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
     `model` is a fresh base (meta tensors are fine: nothing is computed). It goes through the
     method's own `prepare_model` / `personalize` / `downlink` / `uplink`, exactly as the engine
     calls them, so the tensors counted are the ones a run would send. Returns
-    {"down": server -> client, "up": client -> server, "shared_params": trainable shared numel}.
+    {"down": server -> client in round 1, "down_max": the largest downlink of any round (FC-MoE's
+    grows by its consensus direction from round 2), "up": client -> server, "shared_params":
+    trainable shared numel}.
     `measure(tensors, metadata)` sizes a message (`lambda t, m=None: len(serialize(t, m))` on a
     real model gives the bytes themselves).
     """
@@ -79,13 +81,14 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
         _graft_like_flex(model, config)
     shared = {name: p.detach() for name, p in split_parameters(model).shared.items()}
     if not method.communicates:
-        return {"down": 0, "up": 0, "shared_params": sum(t.numel() for t in shared.values())}
+        return {"down": 0, "down_max": 0, "up": 0, "shared_params": sum(t.numel() for t in shared.values())}
     server_state = method.init_server_state(shared)
     down = method.downlink(shared, server_state)
     method.train_hooks(down, {})  # the engine's call order: some methods start counting here
     message, _ = method.uplink(down, shared, {}, LocalRun(steps=1, lr=1.0, num_examples=num_examples))
     return {
         "down": measure(down),
+        "down_max": measure(method.busiest_downlink(shared)),
         "up": measure(message, {"num_examples": str(num_examples)}),
         "shared_params": sum(t.numel() for t in shared.values()),
     }

@@ -108,6 +108,10 @@ class Method:
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return global_weights
 
+    def busiest_downlink(self, global_weights: Tensors) -> Tensors:
+        """The largest downlink any round can send (communication bounds; round 1's by default)."""
+        return self.downlink(global_weights, self.init_server_state(global_weights))
+
     def aggregate(
         self, global_weights: Tensors, server_state: Tensors, replies: list[Reply]
     ) -> tuple[Tensors, Tensors, dict]:

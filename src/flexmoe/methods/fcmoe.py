@@ -256,6 +256,14 @@ class Fcmoe(Method):
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return {**global_weights, **server_state} if self.retention > 0 else global_weights
 
+    def busiest_downlink(self, global_weights: Tensors) -> Tensors:
+        """After a round in which every group had a conflicting update: the consensus of every
+        group travels with the global weights."""
+        state = self.init_server_state(global_weights)
+        state.update(with_prefix(CONSENSUS, {name: torch.zeros_like(t, dtype=torch.float32)
+                                             for name, t in global_weights.items()}))
+        return self.downlink(global_weights, state)
+
     def aggregate(
         self, global_weights: Tensors, server_state: Tensors, replies: list[Reply]
     ) -> tuple[Tensors, Tensors, dict]:
@@ -379,6 +387,9 @@ class FlexFcmoe(Flex):
 
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return self.aggregator.downlink(global_weights, server_state)
+
+    def busiest_downlink(self, global_weights: Tensors) -> Tensors:
+        return self.aggregator.busiest_downlink(global_weights)
 
     def start_weights(self, received: Tensors, client_state: Tensors, initial: Tensors) -> Tensors:
         return self.aggregator.start_weights(received, client_state, initial)
