@@ -2,7 +2,8 @@
 
 Each module exposes `main(results_dir: pathlib.Path) -> None` and writes its own result
 file (markdown or JSON) named after itself and the date, with the machine described.
-`python -m benchmarks NAME ...` runs only the named ones (e.g. `selection`).
+`python -m benchmarks NAME ...` runs only the named ones (e.g. `selection`). With no names it
+runs all but the fidelity study, which trains dozens of runs for hours and is run by name.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import pathlib
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+BY_NAME_ONLY = {"fidelity"}
 
 
 def main(argv: list[str]) -> int:
     here = pathlib.Path(__file__).resolve().parent
     names = sorted(p.stem.removeprefix("bench_") for p in here.glob("bench_*.py"))
-    chosen = argv or names
+    chosen = argv or [name for name in names if name not in BY_NAME_ONLY]
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         print(f"benchmarks: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(names)}", file=sys.stderr)
