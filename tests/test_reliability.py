@@ -487,3 +487,17 @@ def test_dp_run_reports_epsilon_and_zero_noise_changes_nothing(model_dir, tmp_pa
     numel = sum(t.numel() for t in initial.values())
     noise_norm = 0.8 * 0.05 / 2 * math.sqrt(2 * numel)  # two rounds of noise, std 0.02 per element
     assert abs(update - noise_norm) < 2 * 0.05 + 0.1 * noise_norm
+
+
+def test_the_reliability_doc_names_only_tests_that_exist():
+    import re
+
+    root = Path(__file__).resolve().parent
+    text = (root.parent / "docs" / "reliability.md").read_text()
+    named, current = [], None
+    for file, test in re.findall(r"`(?:tests/)?(test_\w+\.py)?::(test_\w+)", text):
+        current = file or current
+        named.append((current, test))
+    assert len(named) > 30
+    for file, test in named:
+        assert re.search(rf"^def {test}\(", (root / file).read_text(), flags=re.M), f"{file}::{test}"
