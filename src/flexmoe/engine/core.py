@@ -377,9 +377,9 @@ class ServerRunner:
         self._failures.append({"round": round_index, "kind": "failure", "client": client_id, "error": reason})
 
     def aggregate(self, replies: list[Reply]) -> dict:
-        """The round in progress: check every reply (engine/validation.py), then aggregate the valid ones, through the
-        differential-privacy release when `privacy.noise_multiplier` > 0. With no valid reply the
-        global model and server state stay as they are."""
+        """Aggregate the round in progress: check every reply (engine/validation.py), then combine
+        the valid ones, through the differential-privacy release when `privacy.noise_multiplier`
+        > 0 (engine/privacy.py). With no valid reply the global model and server state stay."""
         from flexmoe.engine import privacy
         from flexmoe.engine.validation import split_valid
 
