@@ -341,13 +341,14 @@ def _capture(model, layers, batches, max_tokens, seed, want_tokens: bool) -> dic
             handles.append(layer.block.get_submodule(layer.family.router).register_forward_hook(
                 _router_hook(capture, valid, layer.name)))
     device = next(unwrap(model).parameters()).device
+    decoder = unwrap(model).get_decoder()  # the LM head's vocabulary-sized logits are not needed here
     seen = 0
     try:
         with torch.no_grad(), _eval_mode(model), grafts_disabled(model):
             for input_ids, attention_mask, calibration in _iter_batches(batches):
                 valid[0] = None if calibration is None else calibration.reshape(-1).to(device)
-                model(input_ids=input_ids.to(device),
-                      attention_mask=None if attention_mask is None else attention_mask.to(device), use_cache=False)
+                decoder(input_ids=input_ids.to(device),
+                        attention_mask=None if attention_mask is None else attention_mask.to(device), use_cache=False)
                 seen += int(input_ids.numel() if calibration is None else calibration.sum())
     finally:
         for handle in handles:
