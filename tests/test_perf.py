@@ -3,6 +3,11 @@ full logits, and the `flexmoe bench` command."""
 
 from __future__ import annotations
 
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -69,3 +74,48 @@ def test_response_only_head_gives_transformers_loss_and_gradient(family):
     for name, param in ours.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+def bench_args(*argv: str):
+    import argparse
+
+    from flexmoe.commands import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench, parser.parse_args(list(argv))
+
+
+def test_bench_refuses_a_directory_without_benchmarks(tmp_path):
+    from flexmoe.errors import FlexmoeError
+
+    bench, args = bench_args("--root", str(tmp_path))
+    with pytest.raises(FlexmoeError, match=f"no benchmarks/ in {tmp_path}"):
+        bench.run(args)
+
+
+def fake_checkout(root):
+    """A checkout whose benchmarks/ is the real runner plus one quick benchmark."""
+    real = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    (root / "benchmarks").mkdir()
+    for name in ("__init__.py", "__main__.py"):
+        shutil.copy(real / name, root / "benchmarks" / name)
+    (root / "benchmarks" / "bench_quick.py").write_text(
+        "def main(results_dir):\n    (results_dir / 'quick.md').write_text('measured')\n")
+    return root
+
+
+def test_bench_runs_the_named_benchmark_of_the_checkout(tmp_path):
+    from flexmoe.errors import FlexmoeError
+
+    root = fake_checkout(tmp_path)
+    bench, args = bench_args("quick", "--root", str(root))
+    assert bench.run(args) == 0
+    assert (root / "benchmarks" / "results" / "quick.md").read_text() == "measured"
+    with pytest.raises(FlexmoeError, match="unknown benchmark 'slow'; available: quick"):
+        bench.run(bench_args("slow", "--root", str(root))[1])
+
+
+def test_bench_module_imports_no_torch():
+    code = "import sys, flexmoe.commands.bench; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
