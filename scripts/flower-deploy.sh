@@ -28,6 +28,12 @@ if [[ -z "$command" || -z "$workdir" ]]; then
     exit 2
 fi
 
+# whether process $1 runs (an exited process its parent has not reaped yet does not)
+alive() {
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) && [[ "$state" != Z* ]]
+}
+
 stop_all() {
     shopt -s nullglob
     local pidfile pid
@@ -37,7 +43,7 @@ stop_all() {
     done
     for pidfile in "$workdir"/*.pid; do
         pid=$(cat "$pidfile")
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
         rm -f "$pidfile"
     done
@@ -46,7 +52,7 @@ stop_all() {
 # SuperNode $1 in the background, its pid in WORKDIR/supernode-$1.pid
 start_node() {
     local i=$1 node="$workdir/node-$1" pidfile="$workdir/supernode-$1.pid"
-    if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    if [[ -f "$pidfile" ]] && alive "$(cat "$pidfile")"; then
         echo "flower-deploy.sh: SuperNode $i is running (pid $(cat "$pidfile"))" >&2
         exit 2
     fi

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -258,8 +259,8 @@ class Deployment:
         self.env = {**flower_env(work / "flwr-home"), **({"FLEXMOE_AUDIT": "1"} if audit else {})}
 
     def deploy(self, *args: str) -> None:
-        subprocess.run([str(self.script), *args], check=True, env=self.env, capture_output=True, text=True,
-                       timeout=180)
+        done = subprocess.run([str(self.script), *args], env=self.env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
 
     def pid(self, name: str) -> int:
         return int((self.work / f"{name}.pid").read_text())
@@ -444,3 +445,104 @@ def test_no_personal_tensor_leaves_a_client(secured, secured_run):
             assert all(any(p in content for content in wire[client]) for p in fingerprints(tensor))
     for key, value in global_weights.items():
         torch.testing.assert_close(value, weights[0] * uploads[0][key] + weights[1] * uploads[1][key])
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """An insecure loopback deployment with SuperNodes 0 and 1 (a restarted node gets a new node id)."""
+    deployment = Deployment(tmp_path_factory.mktemp("plain") / "deploy")
+    try:
+        deployment.deploy("start", str(deployment.work), "2", str(free_base_port()))
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def clientapps_of(supernode: int) -> list[int]:
+    return [p for p in descendants(supernode) if "flwr-clientapp" in command_line(p)]
+
+
+def kill_machine(pid: int) -> None:
+    """SIGKILL a SuperNode and everything below it, as when its machine dies."""
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_killed_supernode_is_skipped_then_rejoins_with_its_personal_state(plain, run_config, tmp_path):
+    """Round 1: SuperNode 1 is killed (SIGKILL, with its ClientApp) once it started its training, and
+    restarted with the same node config; the round completes with client 0. Round 2: client 0's
+    ClientApp raises (its personal state was corrupted) and is skipped; client 1 is back, on a new
+    node id, and trains from the graft it made before the kill (not grafted again)."""
+    run_dir = tmp_path / "run"
+    process = plain.submit(tmp_path / "flwr.log", f"config='{run_config}' output-dir='{run_dir}'")
+    try:
+        wait_until(lambda: 0 in committed_rounds(run_dir), 300, "round 0")
+        node = plain.pid("supernode-1")
+        wait_until(lambda: clientapps_of(node), 120, "SuperNode 1's round-1 ClientApp")
+        graft_dir = client_dir(plain.state(1), run_dir, 1)
+        selection = graft_dir / "selection.json"
+        before = selection.read_bytes(), selection.stat().st_mtime_ns, sha256(graft_dir / "personal.safetensors")
+        kill_machine(node)
+        wait_until(lambda: not _alive(node), 10, "the killed SuperNode to exit")
+        plain.deploy("node", str(plain.work), "1")
+        wait_until(lambda: 1 in committed_rounds(run_dir), 300, "round 1")
+        corrupt_latest_personal(client_dir(plain.state(0), run_dir, 0))
+        assert process.wait(timeout=420) == 0
+    finally:
+        stop_process(process)
+    log = (tmp_path / "flwr.log").read_text()
+    node_ids = {c: node_ids_in_log(plain.work / f"node-{c}" / "supernode.log")[-2 if c else -1] for c in (0, 1)}
+    restarted = node_ids_in_log(plain.work / "node-1" / "supernode.log")[-1]
+    records = read_metrics(run_dir)
+    assert [(r["round"], r["client"]) for r in records if r["kind"] == "train"] == [(1, 0), (2, 1)]
+    servers = [r for r in records if r["kind"] == "server"]
+    assert [(r["round"], r.get("clients")) for r in servers] == [(0, None), (1, [0, 1]), (2, [0, 1])]
+    assert [r["client"] for r in records if r["kind"] == "eval" and r["round"] == 2] == [1]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 2
+    assert f"round 1 train: client 1 (node {node_ids[1]}) failed: Error: Node Unavailable" in log, log[-4000:]
+    assert f"round 2 train: client 0 (node {node_ids[0]}) failed" in log and "not a readable safetensors" in log
+    assert restarted != node_ids[1] and f"client 1 is back, on node {restarted} (was node {node_ids[1]})" in log
+    # client 1 kept its graft: the selection was not made again, and round 2 trained the graft further
+    assert (selection.read_bytes(), selection.stat().st_mtime_ns) == before[:2]
+    assert sha256(graft_dir / "personal.safetensors") != before[2] and not (graft_dir / "pending").exists()
+
+
+def node_ids_in_log(path: Path) -> list[str]:
+    """The node ids a SuperNode's log announces, one per start."""
+    return re.findall(r"SuperNode ID: (\d+)", path.read_text())
+
+
+def corrupt_latest_personal(client: Path) -> None:
+    """Cut client's newest personal-state file (its round-1 state, pending until its next call) in half."""
+    for path in (client / "pending" / "personal.safetensors", client / "personal.safetensors"):
+        try:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+            return
+        except FileNotFoundError:  # promoted meanwhile
+            continue
+    raise AssertionError(f"no personal state in {client}")
+
+
+def test_killed_serverapp_resumes_to_the_uninterrupted_metrics(plain, run_config, in_process_metrics, tmp_path):
+    """The ServerApp is killed (SIGKILL) while round 1 trains; `flwr run` with resume=true finishes the
+    run from its last checkpoint (round 0), the clients drop their uncommitted round-1 state, and the
+    metrics equal those of the uninterrupted in-process run."""
+    run_dir = tmp_path / "run"
+    process = plain.submit(tmp_path / "first.log", f"config='{run_config}' output-dir='{run_dir}'")
+    try:
+        wait_until(lambda: 0 in committed_rounds(run_dir), 300, "round 0")
+        wait_until(lambda: any(clientapps_of(plain.pid(f"supernode-{c}")) for c in (0, 1)), 120, "round 1")
+        servers = [p for p in descendants(plain.pid("superlink")) if "flwr-serverapp" in command_line(p)]
+        assert len(servers) == 1
+        os.kill(servers[0], signal.SIGKILL)
+        process.wait(timeout=120)
+    finally:
+        stop_process(process)
+    assert committed_rounds(run_dir) == [0]
+    plain.run(tmp_path / "resume.log", f"resume=true output-dir='{run_dir}'")
+    records = assert_flex_run_completed(run_dir, [client_dir(plain.state(c), run_dir, c) for c in (0, 1)])
+    assert without_bytes(records) == without_bytes(in_process_metrics)

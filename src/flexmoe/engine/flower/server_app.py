@@ -148,8 +148,8 @@ class FlowerServer:
             if previous is not None and previous != node_id and previous in online:
                 log.warning("node %d claims client %d, which node %d serves; ignored", node_id, cid, previous)
                 continue
-            if previous is not None:
-                log.info("client %d is back, on node %d", cid, node_id)
+            if previous is not None:  # a restarted SuperNode without authentication: a new node id
+                log.warning("client %d is back, on node %d (was node %d)", cid, node_id, previous)
             self.nodes[cid] = node_id
             if all(i.client_id != cid for i in self.infos):
                 self.infos.append(ClientInfo(cid, tuple(info["domains"]), int(info["num-train"]), int(info["num-test"])))
@@ -260,13 +260,16 @@ class FlowerServer:
         clients = {node: cid for cid, node in self.nodes.items()}
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
             if reply.has_error():
-                node = reply.metadata.src_node_id
-                log.warning("round %d: client %s (node %d) failed: %s; skipped", round_index, clients.get(node, "?"),
-                            node, reply.error.reason)
+                # the SuperLink itself answers for a node that went away: name the node we wrote to
+                sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+                node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                log.warning("round %d %s: client %s (node %d) failed: %s; skipped", round_index, message_type,
+                            clients.get(node, "?"), node, reply.error.reason)
                 continue
             replies.append((reply.metadata.src_node_id, reply))
         if len(replies) < len(messages):
-            log.warning("round %d: %d of %d clients replied", round_index, len(replies), len(messages))
+            log.warning("round %d %s: %d of %d clients replied", round_index, message_type, len(replies),
+                        len(messages))
         return sorted(replies, key=lambda item: _client(item[1]))
 
 
