@@ -119,3 +119,22 @@ def test_bench_runs_the_named_benchmark_of_the_checkout(tmp_path):
 def test_bench_module_imports_no_torch():
     code = "import sys, flexmoe.commands.bench; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_bf16_training_keeps_attention_in_fp32_and_restores_the_implementation():
+    from flexmoe.config import load_config
+    from flexmoe.data import collate
+    from flexmoe.models import add_lora
+    from flexmoe.train import local_train
+
+    model = add_lora(tiny_model("qwen2_moe"), scope="attention", r=2, seed=0)
+    seen = []
+    o_proj = model.get_base_model().model.layers[0].self_attn.o_proj
+    o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    ids = torch.randint(3, 96, (4, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    features = [{"input_ids": row, "labels": [-100] * 5 + row[5:]} for row in ids]
+    config = load_config(None, ['train.precision="bf16"', "train.local_steps=2", "train.batch_size=2"]).train
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    local_train(model, params, features, lambda f: collate(f, 0), config, lr=1e-3, seed=0)
+    assert seen == [torch.float32, torch.float32]  # the attention output entering o_proj, once per step
+    assert model.get_base_model().config._attn_implementation == "sdpa"

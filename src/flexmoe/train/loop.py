@@ -101,17 +101,19 @@ def local_train(
     steps = num_local_steps(config, len(features))
     model.train()
     total_loss, total_tokens = 0.0, 0
-    for step in range(1, steps + 1):
-        micro_batches = [collate(next(batches)) for _ in range(config.grad_accum)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            loss_sum, tokens = _accumulate(model, micro_batches)
-        _apply_hooks(params, hooks, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        total_loss += loss_sum
-        total_tokens += tokens
-        if on_step is not None:
-            on_step(step, steps, loss_sum / max(tokens, 1))
+    bf16 = config.precision == "bf16"
+    with _fp32_attention(model) if bf16 else contextlib.nullcontext():
+        for step in range(1, steps + 1):
+            micro_batches = [collate(next(batches)) for _ in range(config.grad_accum)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss_sum, tokens = _accumulate(model, micro_batches)
+            _apply_hooks(params, hooks, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total_loss += loss_sum
+            total_tokens += tokens
+            if on_step is not None:
+                on_step(step, steps, loss_sum / max(tokens, 1))
     model.eval()
     return TrainResult(
         loss=total_loss / max(total_tokens, 1),
@@ -119,6 +121,40 @@ def local_train(
         tokens=total_tokens,
         optimizer_state=_dump_optimizer_state(optimizer, params),
     )
+
+
+def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention computed in fp32 even inside bf16 autocast."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast("cpu", enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+
+
+FP32_SDPA = "flexmoe_sdpa_fp32"
+
+
+@contextlib.contextmanager
+def _fp32_attention(model: nn.Module):
+    """Under bf16 autocast, run sdpa attention in fp32: on this CPU the bf16 flash-attention
+    backward ran 2.5x slower than the fp32 one, and the whole bf16 step 13% slower (measured,
+    benchmarks/results/fastpaths-*.md); fp32 attention is also the more exact. Other attention
+    implementations are left as they are."""
+    from transformers import AttentionInterface
+
+    from flexmoe.models.families import unwrap
+
+    base = unwrap(model)
+    previous = base.config._attn_implementation
+    if previous != "sdpa":
+        yield
+        return
+    AttentionInterface.register(FP32_SDPA, _sdpa_in_fp32)
+    base.set_attn_implementation(FP32_SDPA)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
 
 
 def _accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
