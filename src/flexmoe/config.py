@@ -131,9 +131,11 @@ class EvalConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    # torch intra-op threads; 0 = torch's default. One thread is the robust choice for the
-    # tiny models on a shared CPU: two busy-waiting threads competing with other processes
-    # ran 10x slower than one here.
+    # torch intra-op threads; 0 = torch's default. One thread is the default: on a
+    # shared CPU two busy-waiting threads competing with other processes ran up to 10x slower
+    # than one, and the thread count changes float summation order, so results are bitwise
+    # reproducible only at a fixed count (never chosen from the machine's load). On a machine
+    # of your own, more threads can pay: benchmarks/results/fastpaths-*.md.
     threads: int = Field(1, ge=0)
 
 
