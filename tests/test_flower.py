@@ -1,6 +1,10 @@
-"""flexmoe as a Flower app: a real loopback deployment over TLS (SuperLink + 2 SuperNodes started
-by `scripts/flower-deploy.sh`) and a `flwr run . local` simulation, each running FLEx for 2 rounds
-on a tiny random model; the simulation's metrics are compared with the in-process engine's."""
+"""flexmoe as a Flower app, FLEx for 2 rounds on a tiny random model: a `flwr run . local`
+simulation; a loopback deployment over TLS with SuperNode authentication (2 registered SuperNodes
+and an unregistered one, which is refused), whose SuperNodes keep an audit copy of every message
+they send (no personal tensor in it); an insecure deployment where a SuperNode is killed and
+restarted, a ClientApp raises, and the ServerApp is killed and the run resumed. Every run's
+metrics are compared with the in-process engine's. Deployments are started by
+`scripts/flower-deploy.sh`, shared by the tests of a module fixture, and stopped by pid."""
 
 from __future__ import annotations
 
@@ -247,6 +251,22 @@ def test_flwr_run_local_simulation_matches_in_process_engine(run_config, in_proc
     assert without_bytes(flower) == without_bytes(in_process_metrics)
 
 
+def test_a_client_drops_the_state_of_a_round_the_server_counts_as_failed(tmp_path):
+    """A client whose reply was lost (killed after training, too late) must not keep that round's
+    state: `settle` drops it when the server names the round as failed, else promotes it."""
+    from flexmoe.engine.flower.client_app import settle
+    from flexmoe.engine.rundir import ClientStore
+
+    for failed_round, kept in ((1, b"round 0"), (-1, b"round 1")):
+        store = ClientStore(tmp_path / str(failed_round))
+        store.dir(0).mkdir(parents=True)
+        (store.dir(0) / "state.safetensors").write_bytes(b"round 0")
+        (store.begin(0) / "state.safetensors").write_bytes(b"round 1")
+        store.finish(0, 1)
+        settle(store, 0, {"failed-round": failed_round, "phase": "train", "committed": 1})
+        assert (store.dir(0) / "state.safetensors").read_bytes() == kept and not store.pending(0).exists()
+
+
 # ---- deployments: a SuperLink and SuperNodes started by scripts/flower-deploy.sh ------------------
 class Deployment:
     """A loopback deployment in `work`, its processes known by their pid files; `flwr` talks to it
@@ -287,9 +307,10 @@ class Deployment:
     def stop(self) -> None:
         pids = [int(p.read_text()) for p in self.work.glob("*.pid")]
         subprocess.run([str(self.script), "stop", str(self.work)], env=self.env, timeout=60)
-        stop(processes_mentioning(str(self.work)))  # anything Flower started on our behalf
+        root = str(self.work.parent)  # holds the certificates a ServerApp's command line names
+        stop(processes_mentioning(root))  # anything Flower started on our behalf
         assert pids and not any(_alive(pid) for pid in pids)
-        assert not processes_mentioning(str(self.work))
+        assert not processes_mentioning(root)
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -499,7 +520,10 @@ def test_killed_supernode_is_skipped_then_rejoins_with_its_personal_state(plain,
     records = read_metrics(run_dir)
     assert [(r["round"], r["client"]) for r in records if r["kind"] == "train"] == [(1, 0), (2, 1)]
     servers = [r for r in records if r["kind"] == "server"]
-    assert [(r["round"], r.get("clients")) for r in servers] == [(0, None), (1, [0, 1]), (2, [0, 1])]
+    assert [(r["round"], r.get("clients"), r.get("failed")) for r in servers] == \
+        [(0, None, None), (1, [0, 1], [1]), (2, [0, 1], [0])]
+    failures = [(r["round"], r["client"], r["error"]) for r in records if r["kind"] == "failure"]
+    assert [f[:2] for f in failures] == [(1, 1), (2, 0)] and "Node Unavailable" in failures[0][2]
     assert [r["client"] for r in records if r["kind"] == "eval" and r["round"] == 2] == [1]
     assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 2
     assert f"round 1 train: client 1 (node {node_ids[1]}) failed: Error: Node Unavailable" in log, log[-4000:]
@@ -539,8 +563,7 @@ def test_killed_serverapp_resumes_to_the_uninterrupted_metrics(plain, run_config
         servers = [p for p in descendants(plain.pid("superlink")) if "flwr-serverapp" in command_line(p)]
         assert len(servers) == 1
         os.kill(servers[0], signal.SIGKILL)
-        process.wait(timeout=120)
-    finally:
+    finally:  # `flwr run` only streams the dead run's log now
         stop_process(process)
     assert committed_rounds(run_dir) == [0]
     plain.run(tmp_path / "resume.log", f"resume=true output-dir='{run_dir}'")

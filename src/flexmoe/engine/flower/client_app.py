@@ -104,7 +104,7 @@ def commit(msg: Message, context: Context) -> Message:
 
     settings = msg.content[CONFIG]
     client_id, root = _identity(msg, context)
-    ClientStore(root).commit(int(settings["committed"]), client_id)
+    settle(ClientStore(root), client_id, settings)
     content = _reply({}, client_id, 0)
     if settings["phase"] == "identify":
         config = config_from_text(str(settings["flexmoe-config"]))
@@ -118,6 +118,21 @@ def _reply(record: dict, client_id: int, num_examples: int) -> RecordDict:
     per-layer expert load); `num-examples` and `client` as Flower metrics."""
     return RecordDict({METRICS: MetricRecord({"num-examples": num_examples, "client": client_id}),
                        RESULT: ConfigRecord({"record": json.dumps(record)})})
+
+
+def settle(store, client_id: int, settings) -> None:
+    """Bring the client's stored state in line with the server before anything reads it: drop the
+    pending state of the round the server counts as failed for this client (its reply was lost or
+    came too late: the in-process engine drops a failed client's state too); then, except for an
+    evaluation (which reads this round's pending state), promote the rounds the server committed
+    since our last call and drop those it never committed."""
+    from flexmoe.engine.rundir import ROUND_MARKER
+
+    marker = store.pending(client_id) / ROUND_MARKER
+    if marker.exists() and int(marker.read_text()) == int(settings["failed-round"]):
+        store.discard(client_id)
+    if settings["phase"] != "eval":
+        store.commit(int(settings["committed"]), client_id)
 
 
 def _info(train: list, test: list) -> ConfigRecord:
@@ -178,10 +193,7 @@ class _Node:
         client_id, root = _identity(msg, context)
         self._check_partitions(client_id)
         store = ClientStore(root)
-        if settings["phase"] != "eval":
-            # promote the rounds the server committed since our last call, drop a failed round's
-            # state; an evaluation reads this round's pending state, so it must leave it be
-            store.commit(int(settings["committed"]), client_id)
+        settle(store, client_id, settings)
         self.method = build_method(self.config)
         model, tokenizer = load_model(self.config, self.method)
         initial = cpu_clone(shared_params(model))  # the seeded round-0 shared weights, as on the server

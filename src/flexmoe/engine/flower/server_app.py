@@ -88,6 +88,7 @@ class FlowerServer:
         self.method = build_method(config)
         self.server = ServerRunner(config, self.method, run_dir)
         self.nodes: dict[int, int] = {}  # client id -> node id
+        self.failed_round: dict[int, int] = {}  # client id -> the last round its training failed
         self.infos = []
 
     def run(self, resume: bool = False) -> dict:
@@ -125,6 +126,7 @@ class FlowerServer:
         """Reload the last committed round; every node says which client it is and drops the
         state of the round that never committed."""
         completed = self.server.resume()
+        self.failed_round = {r["client"]: r["round"] for r in self.server.metrics.read() if r["kind"] == "failure"}
         self._identify(self._wait_for_nodes(), completed)
         log.info("flexmoe: resuming %s after round %d", self.run_dir, completed)
         return completed
@@ -185,19 +187,24 @@ class FlowerServer:
         self.server.commit_round_zero([*base_evals, base_reference(model, tokenizer, self.config, base_evals)])
 
     def _train_round(self, round_index: int) -> tuple[list[int], list[dict], dict]:
+        """The sampled clients train; one that fails, is gone or does not answer within the round
+        timeout is reported to the server (`ServerRunner.client_failed`, as in process) and the round
+        aggregates the rest, through the server's update validation."""
         from flexmoe.engine.core import sample_clients
         from flexmoe.methods import Reply
 
         cfg = self.config
         sampled = sample_clients(cfg.seed, round_index, cfg.num_clients, cfg.clients_per_round)
         online = self._online(round_index - 1)
-        missing = [c for c in sampled if c not in online]
-        if missing:
-            log.warning("round %d: clients %s have no SuperNode online; skipped", round_index, missing)
         down = self.server.downlink()
         arrays = to_arrays(down) if down is not None else None
         bytes_down = record_bytes(arrays) if arrays is not None else 0
-        replies = self._send(MessageType.TRAIN, [online[c] for c in sampled if c in online], round_index, arrays)
+        replies, failures = self._exchange(MessageType.TRAIN, [online[c] for c in sampled if c in online],
+                                           round_index, arrays)
+        failures.update({c: "no SuperNode of this client is online" for c in sampled if c not in online})
+        for client in sorted(failures):
+            self.server.client_failed(round_index, client, ClientFailed(failures[client]))
+            self.failed_round[client] = round_index
         records, uploads = [], []
         for _, reply in replies:
             record = _record(reply)
@@ -205,14 +212,8 @@ class FlowerServer:
             record["bytes_up"] = record_bytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
             records.append(record)
             if ARRAYS in reply.content:
-                tensors = from_arrays(reply.content[ARRAYS])
-                personal = [k for k in tensors if "graft" in k.split(".")]
-                if personal:  # a client must never send its personal state; refuse to aggregate it
-                    raise FlexmoeError(f"client {record['client']} sent personal state {personal[0]!r}")
-                uploads.append(Reply(tensors, int(reply.content[METRICS]["num-examples"])))
-        if self.method.communicates and not uploads:
-            log.warning("round %d: no client replied; the global model is unchanged", round_index)
-            return sampled, records, {}
+                uploads.append(Reply(from_arrays(reply.content[ARRAYS]), int(reply.content[METRICS]["num-examples"]),
+                                     client=record["client"]))
         return sampled, records, self.server.aggregate(uploads)
 
     def _evaluate(self, round_index: int) -> tuple[list[dict], dict]:
@@ -241,36 +242,49 @@ class FlowerServer:
 
     def _send(self, message_type: str, node_ids: list[int], round_index: int, arrays, phase: str = "",
               extra: dict | None = None, base_load: str = "null") -> list[tuple[int, Message]]:
-        """One message per node; the successful replies, in client order (aggregation sums in a
-        fixed order, as the in-process engine does). Failed or late clients are skipped."""
+        return self._exchange(message_type, node_ids, round_index, arrays, phase, extra, base_load)[0]
+
+    def _exchange(self, message_type: str, node_ids: list[int], round_index: int, arrays, phase: str = "",
+                  extra: dict | None = None, base_load: str = "null") -> tuple[list[tuple[int, Message]], dict]:
+        """One message per node -> (the successful replies as (node id, reply), in client order, as
+        aggregation sums in a fixed order in process too; {client id: why} for each known client
+        whose node failed or did not reply within the round timeout, logged and skipped)."""
         committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
-        settings = ConfigRecord({"flexmoe-config": config_text(self.config), "round": round_index,
-                                 "committed": committed, "run-dir": str(self.run_dir), "phase": phase,
-                                 "base-load": base_load})
+        settings = {"flexmoe-config": config_text(self.config), "round": round_index, "committed": committed,
+                    "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load}
+        clients = {node: cid for cid, node in self.nodes.items()}
         messages = []
         for node_id in node_ids:
-            content = RecordDict({CONFIG: settings})
+            failed = self.failed_round.get(clients.get(node_id, -1), -1)
+            content = RecordDict({CONFIG: ConfigRecord({**settings, "failed-round": failed})})
             if arrays is not None:
                 content[ARRAYS] = arrays
             for key, record in (extra or {}).items():
                 content[key] = record
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type,
                                     group_id=str(round_index)))
-        replies = []
-        clients = {node: cid for cid, node in self.nodes.items()}
+        replies, errors = [], {}
         for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
             if reply.has_error():
                 # the SuperLink itself answers for a node that went away: name the node we wrote to
                 sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-                node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                errors[sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)] = reply.error.reason
+            else:
+                replies.append((reply.metadata.src_node_id, reply))
+        answered = {node for node, _ in replies}
+        failures = {}
+        for node in node_ids:
+            if node not in answered:
+                why = errors.get(node, f"no reply within round-timeout = {self.round_timeout:g} s")
                 log.warning("round %d %s: client %s (node %d) failed: %s; skipped", round_index, message_type,
-                            clients.get(node, "?"), node, reply.error.reason)
-                continue
-            replies.append((reply.metadata.src_node_id, reply))
-        if len(replies) < len(messages):
-            log.warning("round %d %s: %d of %d clients replied", round_index, message_type, len(replies),
-                        len(messages))
-        return sorted(replies, key=lambda item: _client(item[1]))
+                            clients.get(node, "?"), node, why)
+                if node in clients:
+                    failures[clients[node]] = why
+        return sorted(replies, key=lambda item: _client(item[1])), failures
+
+
+class ClientFailed(Exception):
+    """A client's ClientApp raised, its SuperNode went away, or it did not answer in time."""
 
 
 def _client(reply: Message) -> int:
