@@ -66,6 +66,7 @@ class CrashingClients(Progress):
             raise RuntimeError(f"simulated crash of client {self.client}")
 
 
+@pytest.mark.slow
 def test_crashing_clients_are_skipped_logged_and_keep_their_state(model_dir, tmp_path, monkeypatch, caplog):
     uploads: dict[int, bytes] = {}
 
