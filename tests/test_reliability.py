@@ -297,7 +297,8 @@ def test_norm_bound_is_off_by_default_and_inclusive(tmp_path):
     norm = update_norm(server.method.reply_update(reply.tensors, server.global_weights))
     assert norm == pytest.approx(0.5 * math.sqrt(24), rel=1e-6)
     server = server_with(tmp_path, "method=fedavg", f"validation.max_update_norm={norm!r}")
-    assert "rejected" not in server.aggregate([reply])  # norm = bound exactly
+    agg = server.aggregate([reply])
+    assert "rejected" not in agg and agg["update_norms"] == {"0": norm}  # norm = bound exactly: accepted
     server = server_with(tmp_path, "method=fedavg", f"validation.max_update_norm={norm * (1 - 1e-9)!r}")
     assert server.aggregate([reply])["rejected"][0]["client"] == 0
 

@@ -381,7 +381,7 @@ class ServerRunner:
         the valid ones, through the differential-privacy release when `privacy.noise_multiplier`
         > 0 (engine/privacy.py). With no valid reply the global model and server state stay."""
         from flexmoe.engine import privacy
-        from flexmoe.engine.validation import split_valid
+        from flexmoe.engine.validation import split_valid, update_norm
 
         if not self.method.communicates:
             return {}
@@ -390,6 +390,8 @@ class ServerRunner:
         for item in rejected:
             log.warning("round %d: update of client %d rejected: %s", round_index, item["client"], item["reason"])
         agg_metrics = {"rejected": rejected} if rejected else {}
+        norms = {str(r.client): update_norm(self.method.reply_update(r.tensors, self.global_weights)) for r in accepted}
+        agg_metrics["update_norms"] = norms  # what validation.max_update_norm and privacy.clip_norm are chosen from
         if privacy.enabled(self.config.privacy):
             agg_metrics["dp_epsilon"] = privacy.epsilon(self.config, round_index)
         if not accepted:

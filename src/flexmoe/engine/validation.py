@@ -61,5 +61,6 @@ def problem(method: Method, spec: dict, settings: ValidationConfig, global_weigh
 
 
 def update_norm(update: Tensors) -> float:
-    """L2 norm of all tensors together, accumulated in float64."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
+    """L2 norm of all tensors together, accumulated in float64 in name order (the same value
+    whatever order the dict was built in, e.g. after a resume)."""
+    return math.sqrt(sum(float(update[name].double().pow(2).sum()) for name in sorted(update)))
