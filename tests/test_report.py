@@ -185,3 +185,20 @@ def test_fcmoe_fidelity_claims_compare_with_the_right_reference(tmp_path):
     assert len(text) == 3 and "25.0%" in text[2]  # flex+fcmoe has no flex reference here
     # flex+fcmoe is FLEx with another aggregator: never a baseline FLEx is judged against
     assert "flex+fcmoe" not in " ".join(claims({"flex": summary["flex+fcmoe"], **summary}))
+
+
+def test_run_report_counts_failures_rejections_and_states_the_privacy_spent(runs):
+    run_dir = runs[0]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    servers = [r for r in records if r["kind"] == "server" and r["round"] > 0]
+    servers[0].update(failed=[1], rejected=[{"client": 0, "reason": "NaN"}, {"client": 1, "reason": "norm"}])
+    servers[1].update(failed=[0])
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "dp_epsilon": 12.3, "dp_delta": 1e-5}))
+    with (run_dir / "config.toml").open("a") as f:
+        f.write("[privacy]\nnoise_multiplier = 1.0\nclip_norm = 0.5\n")
+    report = write_run_report(run_dir).read_text()
+    assert "Client failures skipped: 2; updates rejected by the server's validation: 2" in report
+    assert "noise multiplier 1.0, clip norm 0.5; (ε, δ) = (12.3, 1e-05) after 2 rounds" in report
+    assert "Failures, rejections" not in write_run_report(runs[1]).read_text()  # nothing to say

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['method']}: {summary['rounds_completed']} rounds, ROUGE-L {_fmt(summary['rouge_l_avg'])}, "
         f"knowledge loss {_fmt(summary['knowledge_loss'])} (base {_fmt(summary['knowledge_loss_base'])}), "
         f"{summary['bytes_up']:,} bytes up / {summary['bytes_down']:,} down"
+        + (f", (ε, δ) = ({summary['dp_epsilon']:.3g}, {summary['dp_delta']:g})" if summary.get("dp_epsilon") else "")
     )
     print(f"report: {run_dir / 'report.md'}")
     return 0

@@ -70,6 +70,24 @@ def round_table(run: Run) -> list[str]:
     return table(header, rows)
 
 
+def reliability_lines(run: Run) -> list[str]:
+    """Failed clients, rejected updates and the privacy spent, when there were any."""
+    servers = run.servers()
+    failed = sum(len(r.get("failed", [])) for r in servers)
+    rejected = sum(len(r.get("rejected", [])) for r in servers)
+    lines = []
+    if failed or rejected:
+        lines.append(f"Client failures skipped: {failed}; updates rejected by the server's validation: {rejected} "
+                     "(reasons in metrics.jsonl).")
+    epsilon = run.summary.get("dp_epsilon")
+    if epsilon is not None:
+        privacy = run.config.get("privacy", {})
+        lines.append(f"Differential privacy: noise multiplier {privacy.get('noise_multiplier')}, clip norm "
+                     f"{privacy.get('clip_norm')}; (ε, δ) = ({epsilon:.3g}, {run.summary.get('dp_delta'):g}) after "
+                     f"{run.summary.get('rounds_completed')} rounds (RDP accountant, client level).")
+    return lines
+
+
 def retention_lines(run: Run) -> list[str]:
     """Knowledge retention: the base before training against the models after it."""
     base, last = run.base(), (run.servers() or [{}])[-1]

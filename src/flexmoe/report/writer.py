@@ -49,6 +49,9 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         "the model's and the base's expert-load distributions, averaged over MoE layers.",
         "",
     ]
+    reliability = tables.reliability_lines(run)
+    if reliability:
+        lines += ["## Failures, rejections and privacy", "", *reliability, ""]
     retention = tables.retention_lines(run)
     if retention:
         lines += ["## Knowledge retention", "", *retention, ""]
