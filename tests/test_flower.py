@@ -306,10 +306,12 @@ class Deployment:
 
     def stop(self) -> None:
         pids = [int(p.read_text()) for p in self.work.glob("*.pid")]
+        # ClientApps name neither our directory nor their SuperNode: find them below it before it goes
+        below = [child for pid in pids for child in descendants(pid)]
         subprocess.run([str(self.script), "stop", str(self.work)], env=self.env, timeout=60)
         root = str(self.work.parent)  # holds the certificates a ServerApp's command line names
-        stop(processes_mentioning(root))  # anything Flower started on our behalf
-        assert pids and not any(_alive(pid) for pid in pids)
+        stop(below + processes_mentioning(root))  # anything Flower started on our behalf
+        assert pids and not any(_alive(pid) for pid in pids + below)
         assert not processes_mentioning(root)
 
 
