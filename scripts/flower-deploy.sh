@@ -18,7 +18,8 @@
 # $FLWR_HOME/config.toml (default ~/.flwr), so that `flwr run . flexmoe-deploy` submits a run.
 # node: (re)start SuperNode I with the settings of `start` (same node config, state and key),
 # e.g. after it crashed; it continues with its personal state.
-# stop: terminates every process whose pid file is in WORKDIR (SIGTERM, then SIGKILL).
+# stop: terminates every process whose pid file is in WORKDIR and every process below them (their
+# SuperExecs and ClientApps, which outlive a SuperNode), SIGTERM, then SIGKILL.
 set -euo pipefail
 
 command=${1:-}
@@ -34,19 +35,30 @@ alive() {
     state=$(ps -o stat= -p "$1" 2>/dev/null) && [[ "$state" != Z* ]]
 }
 
+# the pids of every process below process $1
+descendants() {
+    local child
+    for child in $(ps -o pid= --ppid "$1"); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+
 stop_all() {
     shopt -s nullglob
-    local pidfile pid
+    local pidfile pid pids=()
     for pidfile in "$workdir"/*.pid; do
         pid=$(cat "$pidfile")
+        pids+=("$pid" $(descendants "$pid"))
+    done
+    for pid in "${pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
-    for pidfile in "$workdir"/*.pid; do
-        pid=$(cat "$pidfile")
+    for pid in "${pids[@]}"; do
         for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true
-        rm -f "$pidfile"
     done
+    rm -f "$workdir"/*.pid
 }
 
 # SuperNode $1 in the background, its pid in WORKDIR/supernode-$1.pid
