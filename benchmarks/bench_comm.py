@@ -10,12 +10,11 @@ tests/test_eval_comm.py). Weights travel in fp32 (what the engines send), LoRA r
 
 from __future__ import annotations
 
-import datetime
 import os
 import pathlib
 import time
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, write_result
 
 # rows: (label, run-config overrides)
 ROWS = (
@@ -55,11 +54,7 @@ def main(results_dir: pathlib.Path) -> None:
               f"- FLEx / FedAvg-full bytes up at the {TARGET_SHAPE} shape: 1/{1 / ratio:,.0f} "
               f"(target <= 1/{1 / TARGET_RATIO:,.0f}: {'met' if ratio <= TARGET_RATIO else 'missed'}).", "",
               f"Computed in {time.monotonic() - started:.0f} s (load average {os.getloadavg()[0]:.1f})."]
-    path = results_dir / f"comm-{datetime.date.today().isoformat()}.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    print(f"wrote {path}")
+    write_result(results_dir, "comm", lines, echo=False)
 
 
 def _tiny_base():

@@ -13,14 +13,13 @@ of this process with one intra-op thread.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import pathlib
 import statistics
 
 import torch
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, write_result
 
 IMPLEMENTATIONS = ("grouped_mm", "eager")
 BF16_WEIGHTS = "grouped_mm, frozen experts stored in bf16"  # bf16 only: grouped_mm is not autocast-enabled
@@ -86,8 +85,4 @@ def _run(results_dir: pathlib.Path) -> None:
         f"bf16 expert weights / fp32 expert weights under bf16 autocast: "
         f"{medians[(BF16_WEIGHTS, 'bf16')] / medians[('grouped_mm', 'bf16')]:.2f}x.", "",
         f"Load average when done: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine).", ""]
-    path = results_dir / f"experts-{datetime.date.today().isoformat()}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    print("\n".join(lines))
+    write_result(results_dir, "experts", lines)

@@ -12,7 +12,6 @@ so the wall time is the figure that shows whether the second thread pays).
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pathlib
@@ -23,7 +22,7 @@ import tarfile
 import tempfile
 import time
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (label, commit, intra-op threads): each fast path's commit, and the last one with two threads
@@ -132,11 +131,7 @@ def main(results_dir: pathlib.Path) -> None:
               + ", ".join(f"{name} {after[name][1] / medians[VARIANTS[4][0]][name][1]:.2f}x" for name in after) + ".",
               "", f"Load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f} on "
               f"{os.cpu_count()} cores (shared machine).", ""]
-    path = results_dir / f"fastpaths-{datetime.date.today().isoformat()}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    print("\n".join(lines))
+    write_result(results_dir, "fastpaths", lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import os
 import pathlib
 import shlex
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, write_result
 
 METHODS = ("flex", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local",
            "fcmoe", "flex+fcmoe", "flex-nogate", "flex-random", "flex-k2", "flex-k3")
@@ -58,11 +58,11 @@ def main(results_dir: pathlib.Path) -> None:
                                            "overrides": [*overrides, *FCMOE_SETTING], "output_dir": str(out / FCMOE_DIR)})
         compare.run(fcmoe_args)
         commands.append(compare._command(fcmoe_args))
-    write_result(results_dir / f"fidelity-{day}.md", out, methods, fcmoe_methods, seeds, overrides, commands)
+    write_fidelity(results_dir, out, methods, fcmoe_methods, seeds, overrides, commands)
 
 
-def write_result(path: pathlib.Path, out: pathlib.Path, methods, fcmoe_methods, seeds, overrides,
-                 commands: list[str]) -> None:
+def write_fidelity(results_dir: pathlib.Path, out: pathlib.Path, methods, fcmoe_methods, seeds, overrides,
+                   commands: list[str]) -> None:
     summary = json.loads((out / "summary.json").read_text())
     report = (out / "report.md").read_text()
     reduced = (set(methods) != set(METHODS) or set(fcmoe_methods) != set(FCMOE_METHODS) or len(seeds) < len(SEEDS)
@@ -90,10 +90,7 @@ def write_result(path: pathlib.Path, out: pathlib.Path, methods, fcmoe_methods, 
         lines += ["", "## FC-MoE in its own setting (Dirichlet α = 0.1 over domains)", ""]
         lines += [f"- {claim}" for claim in fcmoe_claims(fcmoe_summary, conflict_fractions(fcmoe_summary))]
         lines += [""] + _report_body((fcmoe_out / "report.md").read_text())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n")
-    tmp.replace(path)
-    print(f"wrote {path}")
+    write_result(results_dir, "fidelity", lines, echo=False)
 
 
 def _report_body(report: str) -> list[str]:

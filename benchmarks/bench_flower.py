@@ -14,7 +14,6 @@ the comparable figure.
 
 from __future__ import annotations
 
-import datetime
 import os
 import pathlib
 import resource
@@ -25,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(sys.executable).parent
@@ -154,8 +153,4 @@ def main(results_dir: pathlib.Path) -> None:
               f"Load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
               "cores: the machine was shared with other jobs, so wall times are noisy (a negative or tiny "
               "'one more round' means the noise exceeded a round's work).", ""]
-    path = results_dir / f"flower-{datetime.date.today().isoformat()}.md"
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    tmp_path.write_text("\n".join(lines))
-    tmp_path.replace(path)
-    print("\n".join(lines))
+    write_result(results_dir, "flower", lines)

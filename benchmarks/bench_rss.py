@@ -13,7 +13,6 @@ client should cost about its personal state, not a model copy.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pathlib
@@ -22,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, write_result
 
 CLIENTS = (2, 8, 16)
 REPEATS = 2  # fresh processes per client count; the smallest peak is kept (allocator noise only adds)
@@ -80,11 +79,7 @@ def main(results_dir: pathlib.Path) -> None:
               f"{', '.join(map(str, CLIENTS))} clients): {slope / 1e6:.2f} MB = {ratio:.2f}x the personal state "
               f"(target <= {TARGET:g}x: {'met' if ratio <= TARGET else 'missed'}).", "",
               f"Load average when done: {os.getloadavg()[0]:.1f} (shared machine; RSS does not depend on load).", ""]
-    path = results_dir / f"rss-{datetime.date.today().isoformat()}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    print("\n".join(lines))
+    write_result(results_dir, "rss", lines)
 
 
 def least_squares_slope(xs: list[float], ys: list[float]) -> float:

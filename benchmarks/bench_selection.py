@@ -15,7 +15,6 @@ CPU seconds of this process (robust to other processes sharing the machine) and 
 
 from __future__ import annotations
 
-import datetime
 import os
 import pathlib
 import statistics
@@ -24,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, run_with_threads, write_result
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 60, 2048, 1408, 4
 TOKEN_COUNTS = (32, 256)  # a small calibration batch, where per-expert matmuls are small, and a larger one
@@ -82,12 +81,7 @@ def timed(fn, *args) -> tuple[float, float, torch.Tensor]:
 
 
 def main(results_dir: pathlib.Path) -> None:
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        _run(results_dir)
-    finally:
-        torch.set_num_threads(previous_threads)
+    run_with_threads(THREADS, _run, results_dir)
 
 
 def _run(results_dir: pathlib.Path) -> None:
@@ -115,11 +109,7 @@ def _run(results_dir: pathlib.Path) -> None:
     lines += ["", "## Selection vs one local round (tiny base, FLEx, client 0)", "", *_selection_vs_round()]
     lines += ["", f"Load average when done: {os.getloadavg()[0]:.1f} (the machine was shared with other jobs; "
               "CPU seconds are the comparable figure).", ""]
-    path = results_dir / f"selection-{datetime.date.today().isoformat()}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    print("\n".join(lines))
+    write_result(results_dir, "selection", lines)
 
 
 SELECTION_TARGET = 0.05  # selection <= 5% of one local round

@@ -16,7 +16,6 @@ bf16-vs-fp32 gap with the fp32 seed-to-seed spread.
 
 from __future__ import annotations
 
-import datetime
 import os
 import pathlib
 import statistics
@@ -25,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.machine import header_markdown
+from benchmarks.machine import header_markdown, run_with_threads, write_result
 
 METHODS = (
     ("flex", ["method=flex"]),
@@ -117,12 +116,7 @@ def matmul_peak(dtype: torch.dtype, size: int = PEAK_SIZE, repeats: int = 5) -> 
 
 
 def main(results_dir: pathlib.Path) -> None:
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        _run(results_dir)
-    finally:
-        torch.set_num_threads(previous_threads)
+    run_with_threads(THREADS, _run, results_dir)
 
 
 def _run(results_dir: pathlib.Path) -> None:
@@ -210,8 +204,4 @@ def _loss_curves() -> list[str]:
 
 
 def _write(results_dir: pathlib.Path, name: str, lines: list[str]) -> None:
-    path = results_dir / f"{name}-{datetime.date.today().isoformat()}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    print("\n".join(lines))
+    write_result(results_dir, name, lines)

@@ -26,6 +26,27 @@ def describe() -> dict[str, str]:
     }
 
 
+def run_with_threads(threads: int, fn, *args):
+    """`fn(*args)` with torch limited to `threads` intra-op threads, the previous count restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def write_result(results_dir, name: str, lines: list[str], echo: bool = True):
+    """Write `results_dir/<name>-<date>.md` atomically (a temporary file renamed) and echo it."""
+    text = "\n".join(lines).rstrip() + "\n"
+    path = results_dir / f"{name}-{datetime.date.today().isoformat()}.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(text if echo else f"wrote {path}", end="" if echo else "\n")
+    return path
+
+
 def header_markdown(title: str, command: str) -> str:
     lines = [f"# {title}", "", f"Command: `{command}`", ""]
     lines += [f"- {k}: {v}" for k, v in describe().items()]
