@@ -10,7 +10,8 @@ against FLEx, with the measured fraction of conflicting updates.
 
 The full set takes hours on a small CPU; FLEXMOE_FIDELITY_METHODS, FLEXMOE_FIDELITY_FCMOE_METHODS
 ("none" skips the second comparison), FLEXMOE_FIDELITY_SEEDS and FLEXMOE_FIDELITY_SET
-(";"-separated KEY=VALUE run-config overrides) run a reduced set, and the result file then says so.
+(";"-separated KEY=VALUE run-config overrides) run a reduced set, and the result file then says so;
+FLEXMOE_FIDELITY_NOTE adds a paragraph on how the runs were made.
 """
 
 from __future__ import annotations
@@ -79,10 +80,13 @@ def write_fidelity(results_dir: pathlib.Path, out: pathlib.Path, methods, fcmoe_
                   + (f"; not run: {', '.join(missing)}" if missing else "")
                   + (f"; config overrides: {', '.join(overrides)}" if overrides else "; default run config")
                   + ". The full set is `python -m benchmarks fidelity` with no environment variables.", ""]
+    note = os.environ.get("FLEXMOE_FIDELITY_NOTE", "")
+    if note:  # how the runs were made, when that is not the single command above
+        lines += [note, ""]
     lines += ["Equivalent commands:", "", *(f"    {command}" for command in commands), "",
               "## The paper's claims against these numbers", ""]
     lines += [f"- {claim}" for claim in claims(summary)]
-    lines += ["", "## Results: the paper's setting (default run config)", ""]
+    lines += ["", "## Results: the paper's setting (pathological non-IID clients, one domain each)", ""]
     lines += _report_body(report)
     if fcmoe_methods:
         fcmoe_out = out / FCMOE_DIR
@@ -94,8 +98,9 @@ def write_fidelity(results_dir: pathlib.Path, out: pathlib.Path, methods, fcmoe_
 
 
 def _report_body(report: str) -> list[str]:
-    """The comparison report without its title, command and plots."""
-    return [line for line in report[report.index("Each cell"):].splitlines() if not line.startswith("![")]
+    """The comparison report without its title, command and plots (nor the blank lines around them)."""
+    lines = [line for line in report[report.index("Each cell"):].splitlines() if not line.startswith("![")]
+    return [line for i, line in enumerate(lines) if line or (i > 0 and lines[i - 1])]
 
 
 def conflict_fractions(summary: dict) -> dict[str, float]:
