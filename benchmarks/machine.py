@@ -8,6 +8,8 @@ import platform
 
 import torch
 
+from flexmoe.files import write_text_atomic
+
 
 def describe() -> dict[str, str]:
     cpu = platform.processor() or "unknown"
@@ -39,10 +41,7 @@ def run_with_threads(threads: int, fn, *args):
 def write_result(results_dir, name: str, lines: list[str], echo: bool = True):
     """Write `results_dir/<name>-<date>.md` atomically (a temporary file renamed) and echo it."""
     text = "\n".join(lines).rstrip() + "\n"
-    path = results_dir / f"{name}-{datetime.date.today().isoformat()}.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    path = write_text_atomic(results_dir / f"{name}-{datetime.date.today().isoformat()}.md", text)
     print(text if echo else f"wrote {path}", end="" if echo else "\n")
     return path
 

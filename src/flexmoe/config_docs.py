@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
-import os
 import sys
 import tokenize
 import typing
@@ -23,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from flexmoe.config import RunConfig
+from flexmoe.files import write_text_atomic
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out} is out of date: run python -m flexmoe.config_docs", file=sys.stderr)
             return 1
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, text)
     print(f"wrote {args.out}")
     return 0
 

@@ -15,12 +15,14 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open  # without torch: text writers stay light
 
 from flexmoe.errors import FlexmoeError
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKSUM = "flexmoe.sha256"  # metadata key: sha256 of the tensors (names, dtypes, shapes, bytes)
 
@@ -28,6 +30,8 @@ CHECKSUM = "flexmoe.sha256"  # metadata key: sha256 of the tensors (names, dtype
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor in name order: its name, dtype, shape and raw bytes. Independent
     of the file layout, so it is computed the same from the tensors written and those read."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
@@ -58,12 +62,18 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None], what: st
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None, what: str = "") -> Path:
     """Write `tensors` atomically as safetensors, with their checksum in the metadata."""
+    from safetensors.torch import save_file
+
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     stamped = {**(metadata or {}), CHECKSUM: tensors_digest(flat)}
     return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=stamped), what)
@@ -75,7 +85,7 @@ def load_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     path = Path(path)
     if not path.is_file():
         raise FlexmoeError(f"{path}: file not found")
-    try:
+    try:  # framework="pt" imports torch only now
         with safe_open(str(path), framework="pt") as reader:
             metadata = dict(reader.metadata() or {})
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}

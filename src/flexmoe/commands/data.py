@@ -123,10 +123,10 @@ def _partition(args) -> int:
 def _write_partition(out: Path, parts, stats: dict) -> None:
     from dataclasses import asdict
 
-    from flexmoe.data.build import write_atomic
+    from flexmoe.files import write_bytes_atomic
 
     for part in parts:
         for split in ("train", "test"):
             lines = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in getattr(part, split))
-            write_atomic(out / f"client_{part.client_id}" / f"{split}.jsonl", lines.encode("utf-8"))
-    write_atomic(out / "partition.json", (json.dumps(stats, indent=1) + "\n").encode("utf-8"))
+            write_bytes_atomic(out / f"client_{part.client_id}" / f"{split}.jsonl", lines.encode("utf-8"))
+    write_bytes_atomic(out / "partition.json", (json.dumps(stats, indent=1) + "\n").encode("utf-8"))

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from flexmoe.data import wordnet
 from flexmoe.data.builtin import ASSET_DIR, CORPUS_FILES, INSTRUCTION_FILE, PROBE_FILE
 from flexmoe.data.example import Example, Probe
-from flexmoe.errors import FlexmoeError
+from flexmoe.files import write_bytes_atomic
 
 LICENSE_FILE = "LICENSE-WordNet.txt"
 DATASHEET_FILE = "DATASHEET.md"
@@ -34,7 +32,7 @@ def build_builtin(wordnet_dir: str | Path, out_dir: str | Path = ASSET_DIR) -> l
         LICENSE_FILE: (ASSET_DIR / LICENSE_FILE).read_bytes(),
     }
     for name, data in outputs.items():
-        write_atomic(out_dir / name, data)
+        write_bytes_atomic(out_dir / name, data)
     return [out_dir / name for name in outputs]
 
 
@@ -47,19 +45,6 @@ def _xz_jsonl(records: list[dict]) -> bytes:
     """xz-compressed JSON lines; same records → same bytes."""
     payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     return lzma.compress(payload.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename: never a half-written file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; shipped files must be readable
-        os.replace(temp_name, path)
-    except OSError as err:
-        raise FlexmoeError(f"cannot write {path}: {err}") from None
 
 
 # ---------------------------------------------------------------- datasheet

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections import Counter, defaultdict
@@ -23,6 +22,7 @@ from flexmoe.eval.knowledge import (
     option_loglikelihoods,
 )
 from flexmoe.eval.routing import RoutingCounter
+from flexmoe.files import write_text_atomic
 from flexmoe.pretrain.train import TRAIN_LOG, TRAIN_SUMMARY, PretrainConfig, read_documents
 
 EVALUATION = "evaluation.json"
@@ -162,8 +162,8 @@ def evaluate_and_write_card(model_dir: str | Path, config: PretrainConfig, log=p
     evaluation = evaluate(model_dir, config, log)
     training = _read_json(model_dir / TRAIN_SUMMARY)
     curve = _heldout_curve(model_dir / TRAIN_LOG)
-    _write_atomic(model_dir / EVALUATION, json.dumps(evaluation, indent=1) + "\n")
-    _write_atomic(model_dir / CARD, render_card(model_dir, config, evaluation, training, curve))
+    write_text_atomic(model_dir / EVALUATION, json.dumps(evaluation, indent=1) + "\n")
+    write_text_atomic(model_dir / CARD, render_card(model_dir, config, evaluation, training, curve))
     return evaluation
 
 
@@ -176,12 +176,6 @@ def _heldout_curve(path: Path) -> list[tuple[int, float, float]]:
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [(r["step"], r["loss"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------- rendering

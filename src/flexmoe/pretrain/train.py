@@ -26,6 +26,7 @@ import torch
 
 from flexmoe.config import parse_override, set_dotted
 from flexmoe.errors import FlexmoeError
+from flexmoe.files import write_atomic, write_text_atomic
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
@@ -438,10 +439,8 @@ def _append_log(output: Path, metrics: dict) -> None:
 
 
 def _save_checkpoint(output: Path, model, optimizer, state: dict) -> None:
-    temporary = output / (CHECKPOINT + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)},
-               temporary)
-    os.replace(temporary, output / CHECKPOINT)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}
+    write_atomic(output / CHECKPOINT, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def _load_checkpoint(output: Path, model, optimizer) -> dict:
@@ -479,9 +478,7 @@ def _write_summary(output: Path, config: PretrainConfig, rows, state: dict, trai
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    temporary = output / (TRAIN_SUMMARY + ".tmp")
-    temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, output / TRAIN_SUMMARY)
+    write_text_atomic(output / TRAIN_SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 def _cpu_name() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from flexmoe.files import write_atomic
 from flexmoe.report.runs import Run, mean_std
 
 
@@ -17,14 +18,15 @@ def _pyplot():
     return plt
 
 
+def _save_png(fig, path: Path) -> None:
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+
+
 def _save(fig, path: Path) -> str:
     plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
-    tmp.replace(path)
     return path.name
 
 
@@ -96,11 +98,8 @@ def expert_load_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], path:
     fig.colorbar(image, ax=axes, shrink=0.8, label="load share")
     if title:
         fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    _save_png(fig, path)
     plt.close(fig)
-    tmp.replace(path)
     return path.name
 
 

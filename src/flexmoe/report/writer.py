@@ -7,17 +7,9 @@ import json
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.files import write_text_atomic
 from flexmoe.report import plots, tables
 from flexmoe.report.runs import CLIENTS_FILE, Run, mean_std, read_run
-
-
-def _write_text(path: Path, text: str) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
@@ -29,7 +21,7 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
     run_dir = Path(run_dir)
     if clients is not None:
         rows = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c) for c in clients]
-        _write_text(run_dir / CLIENTS_FILE, json.dumps(rows, indent=1) + "\n")
+        write_text_atomic(run_dir / CLIENTS_FILE, json.dumps(rows, indent=1) + "\n")
     run = read_run(run_dir)
     summary, config = run.summary, run.config
     lines = [
@@ -57,7 +49,7 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         lines += ["## Knowledge retention", "", *retention, ""]
     lines += ["## Rounds", "", *tables.round_table(run), ""]
     lines += _run_plots(run)
-    _write_text(run_dir / "report.md", "\n".join(lines))
+    write_text_atomic(run_dir / "report.md", "\n".join(lines))
     return run_dir / "report.md"
 
 
@@ -131,8 +123,8 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         name = f"expert_load-{_slug(label)}.png"
         if plots.expert_load_heatmaps(_load_panels(runs[0]), plot_dir / name, title=f"{label}, seed {runs[0].seed}"):
             lines += [f"![expert load per client, {label}](plots/{name})", ""]
-    _write_text(out_dir / "report.md", "\n".join(lines))
-    _write_text(out_dir / "summary.json", json.dumps(_compare_summary(groups), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "report.md", "\n".join(lines))
+    write_text_atomic(out_dir / "summary.json", json.dumps(_compare_summary(groups), indent=2, sort_keys=True) + "\n")
     return out_dir / "report.md"
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -31,6 +30,7 @@ from flexmoe.engine.flower.messages import (
     ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_from_text, from_arrays, to_arrays,
 )
 from flexmoe.errors import FlexmoeError
+from flexmoe.files import write_bytes_atomic
 
 
 def audit_outgoing(msg: Message, context: Context, call_next) -> Message:
@@ -46,9 +46,7 @@ def audit_outgoing(msg: Message, context: Context, call_next) -> Message:
         target = Path(str(directory)) / str(msg.metadata.run_id) / msg.metadata.message_id
         target.mkdir(parents=True, exist_ok=True)
         for object_id, obj in get_all_nested_objects(reply).items():
-            temporary = target / f"{object_id}.tmp"
-            temporary.write_bytes(obj.deflate())
-            os.replace(temporary, target / object_id)
+            write_bytes_atomic(target / object_id, obj.deflate())
     return reply
 
 
