@@ -26,7 +26,7 @@ from flexmoe.engine.progress import Progress
 from flexmoe.engine.simulation import Simulation
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.comm import deserialize, serialize
-from flexmoe.files import CHECKSUM, load_checked, save_checked, tensors_digest
+from flexmoe.files import CHECKSUM, load_checked, save_checked, tensors_digest, unpack_metadata
 from flexmoe.methods import Reply, build_method
 from flexmoe.methods.base import weighted_mean
 
@@ -144,10 +144,36 @@ def test_checksummed_file_round_trips(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:  # the stored digest is sha256 of the tensors, recomputable
-        assert handle.metadata()[CHECKSUM] == tensors_digest(tensors)
+        assert unpack_metadata(handle.metadata())[CHECKSUM] == tensors_digest(tensors)
     changed = dict(tensors, w=tensors["w"].clone())
     changed["w"][3, 5] += 1e-6
     assert tensors_digest(changed) != tensors_digest(tensors)
+
+
+_WRITE_IN_A_NEW_PROCESS = """
+import sys, torch
+from flexmoe.files import save_checked
+torch.manual_seed(0)
+tensors = {name: torch.randn(3, 5) for name in ("b", "a", "layer.0.w", "layer.10.w")}
+save_checked(sys.argv[1], tensors, {"round": "3", "base": "abc", "selection": "[1, 2]", "k": "1", "gate": "sigmoid"})
+"""
+
+
+def test_two_processes_write_identical_bytes(tmp_path):
+    """Checkpoints and personal state are byte-reproducible: the same tensors and metadata give the
+    same file (and sha256) in every process, whatever its hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    paths = [tmp_path / f"{seed}.safetensors" for seed in ("1", "2", "3")]
+    for seed, path in zip(("1", "2", "3"), paths):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", _WRITE_IN_A_NEW_PROCESS, str(path)], env=env, check=True)
+    blobs = [path.read_bytes() for path in paths]
+    assert blobs[0] == blobs[1] == blobs[2]
+    assert load_checked(paths[0])[1] == {"round": "3", "base": "abc", "selection": "[1, 2]", "k": "1",
+                                         "gate": "sigmoid"}
 
 
 @pytest.mark.parametrize("offset", [0, 1, 100, -1])

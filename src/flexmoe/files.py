@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,8 @@ from flexmoe.errors import FlexmoeError
 if TYPE_CHECKING:
     import torch
 
-CHECKSUM = "flexmoe.sha256"  # metadata key: sha256 of the tensors (names, dtypes, shapes, bytes)
+METADATA = "flexmoe"  # the one metadata key: canonical JSON of every metadata item and the checksum
+CHECKSUM = "flexmoe.sha256"  # the checksum's item: sha256 of the tensors (names, dtypes, shapes, bytes)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -71,12 +73,28 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def save_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None, what: str = "") -> Path:
-    """Write `tensors` atomically as safetensors, with their checksum in the metadata."""
+    """Write `tensors` atomically as safetensors, with their checksum in the metadata.
+
+    safetensors writes several metadata keys in hash-map order, which differs between processes;
+    one key holding canonical JSON makes the same tensors and metadata the same bytes everywhere."""
     from safetensors.torch import save_file
 
     flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    stamped = {**(metadata or {}), CHECKSUM: tensors_digest(flat)}
+    stamped = {METADATA: json.dumps({**(metadata or {}), CHECKSUM: tensors_digest(flat)}, sort_keys=True)}
     return write_atomic(path, lambda tmp: save_file(flat, tmp, metadata=stamped), what)
+
+
+def unpack_metadata(raw: dict[str, str] | None) -> dict[str, str]:
+    """The metadata items of a file `save_checked` wrote (files of flexmoe 0.1's first layout, one
+    safetensors key per item, read too)."""
+    raw = dict(raw or {})
+    if METADATA not in raw:
+        return raw
+    try:
+        items = json.loads(raw[METADATA])
+    except json.JSONDecodeError:
+        return raw
+    return {str(k): str(v) for k, v in items.items()} if isinstance(items, dict) else raw
 
 
 def load_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -87,7 +105,7 @@ def load_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise FlexmoeError(f"{path}: file not found")
     try:  # framework="pt" imports torch only now
         with safe_open(str(path), framework="pt") as reader:
-            metadata = dict(reader.metadata() or {})
+            metadata = unpack_metadata(reader.metadata())
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise FlexmoeError(f"{path}: unreadable or truncated safetensors file ({one_line(err)})") from None

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.files import load_checked, save_checked
+from flexmoe.files import load_checked, save_checked, unpack_metadata
 from flexmoe.models.families import moe_layers, unwrap
 from flexmoe.models.graft import GRAFT, current_selection, graft, grafts
 from flexmoe.models.lora import copy_checked
@@ -91,7 +91,7 @@ def read_personal(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         raise FlexmoeError(f"personal state file {str(path)!r} does not exist")
     try:
         with safe_open(path, framework="pt") as reader:
-            metadata = reader.metadata() or {}
+            metadata = unpack_metadata(reader.metadata())
     except (SafetensorError, OSError) as err:
         raise FlexmoeError(f"{path}: not a readable safetensors file ({err})") from err
     if metadata.get("format") != FORMAT:
