@@ -64,7 +64,7 @@ def _tiny_base():
 
 
 def _real_bytes(tensors, metadata=None) -> int:
-    from flexmoe.eval.comm import serialize
+    from flexmoe.wire import serialize
 
     return len(serialize(tensors, metadata))
 

@@ -46,7 +46,9 @@ def child(threads: int, steps: int = STEPS) -> dict:
 
     from flexmoe.config import load_config
     from flexmoe.data import collate
-    from flexmoe.engine.core import load_model, make_client, partition_data
+    from flexmoe.data.clients import make_client, partition_data
+    from flexmoe.engine.core import load_model
+    from flexmoe.models import apply_roles
     from flexmoe.methods import build_method
     from flexmoe.models import select_experts
     from flexmoe.train import local_train
@@ -63,8 +65,8 @@ def child(threads: int, steps: int = STEPS) -> dict:
     def select():
         select_experts(model, calibration, k=1, max_tokens=config.flex.calibration_max_tokens, seed=0)
 
-    method.personalize(model, calibration, seed=0)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    method.select_and_graft(model, calibration, seed=0)
+    params = apply_roles(model, method.roles).trainable
 
     def train(precision: str):
         train_config = config.train.model_copy(update={"precision": precision})

@@ -64,8 +64,10 @@ class Setup:
 
     def __init__(self, overrides: list[str], seed: int = 0):
         from flexmoe.config import load_config
-        from flexmoe.engine.core import ClientRunner, load_model, make_client, partition_data
-        from flexmoe.engine.rundir import ClientStore
+        from flexmoe.data.clients import make_client, partition_data
+        from flexmoe.engine.core import ClientRunner, load_model
+        from flexmoe.models import split_parameters
+        from flexmoe.rundir import ClientStore
         from flexmoe.methods import build_method
 
         self.config = load_config(None, [*overrides, f"seed={seed}"])
@@ -79,7 +81,7 @@ class Setup:
                 runner = ClientRunner(self.config, method, self.model, tokenizer, ClientStore(pathlib.Path(store)),
                                       initial_shared=dict)
                 runner.graft(client)
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.params = split_parameters(self.model, method.roles).trainable
 
     def train(self, precision: str, steps: int, seed: int = 1, on_step=None):
         """(CPU s, wall s, non-padding tokens, positions, per-step losses) of one local round."""

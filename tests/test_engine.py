@@ -13,9 +13,10 @@ import torch
 
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
-from flexmoe.engine.simulation import Simulation, sample_clients
-from flexmoe.eval.comm import serialize
-from flexmoe.methods import METHOD_CLASSES
+from flexmoe.engine.core import sample_clients
+from flexmoe.engine.simulation import InProcess, Simulation
+from flexmoe.wire import serialize
+from flexmoe.methods import registered
 
 DOMAINS = {
     "animals": ["cat", "dog", "horse", "bird", "fish", "cow"],
@@ -93,7 +94,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHOD_CLASSES))
+@pytest.mark.parametrize("method", sorted(registered()))
 def test_every_method_runs_two_rounds(model_dir, tmp_path, method):
     summary = run(model_dir, tmp_path, f"method={method}")
     assert summary["method"] == method and summary["rounds_completed"] == 2
@@ -210,7 +211,7 @@ def assert_same_safetensors(a: Path, b: Path) -> None:
 def test_resume_after_crash_mid_round_matches_uninterrupted(model_dir, tmp_path, monkeypatch):
     overrides = ("method=scaffold", "rounds=3", "clients_per_round=3")
     run(model_dir, tmp_path / "full", *overrides)
-    original = Simulation._train_client
+    original = InProcess._train_client
     calls = {"n": 0}
 
     def crash_on_fifth_client(self, *args):
@@ -219,11 +220,11 @@ def test_resume_after_crash_mid_round_matches_uninterrupted(model_dir, tmp_path,
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(Simulation, "_train_client", crash_on_fifth_client)
+    monkeypatch.setattr(InProcess, "_train_client", crash_on_fifth_client)
     with pytest.raises(KeyboardInterrupt):
         run(model_dir, tmp_path / "cut", *overrides)
     assert list((tmp_path / "cut").glob("clients/*/pending"))
-    monkeypatch.setattr(Simulation, "_train_client", original)
+    monkeypatch.setattr(InProcess, "_train_client", original)
     Simulation.resume(tmp_path / "cut")
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
 

@@ -10,17 +10,15 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from flexmoe.config import load_config
-from flexmoe.eval.comm import (
-    REAL_SHAPES, meta_model, method_message_sizes, real_shape_model, serialize, serialized_size,
-)
-from flexmoe.methods import METHOD_CLASSES
+from flexmoe.eval.comm import REAL_SHAPES, meta_model, method_message_sizes, real_shape_model, serialized_size
+from flexmoe.methods import registered
+from flexmoe.wire import serialize
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
           torch.uint8, torch.bool, torch.int16]
 names = st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=24).filter(lambda s: s != "__metadata__")
 tensor_specs = st.dictionaries(
     names, st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)), max_size=8)
-
 
 @settings(max_examples=150, deadline=None)
 @given(specs=tensor_specs, metadata=st.one_of(st.none(), st.dictionaries(names, names, max_size=3)))
@@ -31,12 +29,10 @@ def test_serialized_size_equals_the_real_message(specs, metadata):
     meta = {name: t.to("meta") for name, t in tensors.items()}
     assert serialized_size(meta, metadata) == len(serialize(tensors, metadata))
 
-
 def _real_bytes(tensors, metadata=None) -> int:
     return len(serialize(tensors, metadata))
 
-
-@pytest.mark.parametrize("method", sorted(METHOD_CLASSES))
+@pytest.mark.parametrize("method", sorted(registered()))
 def test_meta_model_sizes_equal_real_bytes_on_a_tiny_model(method):
     from conftest import tiny_config, tiny_model
 
@@ -46,11 +42,10 @@ def test_meta_model_sizes_equal_real_bytes_on_a_tiny_model(method):
     fields.pop("model_type")
     meta = method_message_sizes(config, meta_model("qwen2_moe", **fields), num_examples=37)
     assert meta == real
-    if METHOD_CLASSES[method].communicates:
+    if registered()[method].cls.communicates:
         assert real["up"] > 4 * real["shared_params"]  # at least the fp32 payload
     else:
         assert real["up"] == real["down"] == 0
-
 
 def test_real_shapes_match_their_published_sizes():
     # total parameters of the published checkpoints: 14.3B, 6.9B, 46.7B
@@ -63,22 +58,20 @@ def test_real_shapes_match_their_published_sizes():
     assert sizes["shared_params"] == 24 * 4 * 8 * 4096
     assert 4 * sizes["shared_params"] < sizes["up"] < 4 * sizes["shared_params"] * 1.01
 
-
 @pytest.mark.parametrize("method", ["fcmoe", "flex+fcmoe"])
 def test_busiest_downlink_is_the_downlink_after_a_round_where_every_group_conflicted(method):
     from conftest import tiny_model
 
-    from flexmoe.eval.comm import _graft_like_flex
     from flexmoe.methods import Reply, build_method
     from flexmoe.methods.fcmoe import ACTIVATION
-    from flexmoe.models import split_parameters
+    from flexmoe.models import graft, moe_layers, split_parameters
 
     config = load_config(None, [f"method={method}", "lora.r=2"])
     fc = build_method(config)
     model = fc.prepare_model(tiny_model("qwen2_moe"))
     if fc.grafts:
-        _graft_like_flex(model, config)
-    shared = {name: p.detach().clone() for name, p in split_parameters(model).shared.items()}
+        graft(model, {layer.name: [0] for layer in moe_layers(model)})
+    shared = {name: p.detach().clone() for name, p in split_parameters(model, fc.roles).shared.items()}
     torch.manual_seed(0)
     step = {name: torch.randn_like(t) for name, t in shared.items()}
     counts = {name: torch.ones(spec.shape) for name, spec in fc.reply_spec(shared).items() if name.startswith(ACTIVATION)}

@@ -19,7 +19,7 @@ from flexmoe.eval.knowledge import (
     probe_accuracy,
     probes_loglikelihoods,
 )
-from flexmoe.eval.routing import RoutingCounter
+from flexmoe.models.routing import RoutingCounter
 from flexmoe.models import moe_layers
 
 

@@ -10,12 +10,11 @@ import torch
 
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
-from flexmoe.eval.comm import serialize
+from flexmoe.wire import serialize
 from flexmoe.methods import LocalRun, Reply, build_method
-from flexmoe.methods.fcmoe import (
-    ACTIVATION, CONSENSUS, ROUND, UPDATE, UPDATE_ROUND, build_groups, conflict_aware_step, from_expert_rows,
-    group_matrix, importance_weights, project_conflicts, split_matrix, to_expert_rows,
-)
+from flexmoe.methods.conflict import conflict_aware_step, importance_weights, project_conflicts
+from flexmoe.methods.fcmoe import ACTIVATION, CONSENSUS, ROUND, UPDATE, UPDATE_ROUND
+from flexmoe.methods.groups import build_groups, from_expert_rows, group_matrix, split_matrix, to_expert_rows
 from test_engine import builtin_is_synthetic, model_dir, tiny_config  # noqa: F401  (fixtures)
 
 EXPERT_A = "m.layers.0.mlp.experts.lora_A.default.weight"
@@ -220,18 +219,18 @@ def test_flex_fcmoe_runs_two_rounds_and_keeps_grafts_home(model_dir, tmp_path, m
 
 def test_activation_counts_cover_the_training_forwards_without_padding():
     from conftest import tiny_model
-    from flexmoe.methods.fcmoe import ActivationCounter
+    from flexmoe.models.routing import ExpertCounts
 
     model = build_method(small_config()).prepare_model(tiny_model("qwen2_moe"))
     input_ids = torch.randint(3, 90, (2, 7))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
-    counter = ActivationCounter(model, {"base_model.model.model.layers.0.mlp", "base_model.model.model.layers.1.mlp"})
-    model(input_ids=input_ids, attention_mask=mask)
-    model(input_ids=input_ids[:1], attention_mask=mask[:1])
-    counts = counter.close()
+    with ExpertCounts(model, {"base_model.model.model.layers.0.mlp", "base_model.model.model.layers.1.mlp"}) as counter:
+        model(input_ids=input_ids, attention_mask=mask)
+        model(input_ids=input_ids[:1], attention_mask=mask[:1])
+    counts = counter.counts
     model(input_ids=input_ids, attention_mask=mask)  # after close: not counted
-    assert sorted(counts) == [ACTIVATION + "base_model.model.model.layers.0.mlp",
-                              ACTIVATION + "base_model.model.model.layers.1.mlp"]
+    assert counts == counter.counts
+    assert sorted(counts) == ["base_model.model.model.layers.0.mlp", "base_model.model.model.layers.1.mlp"]
     top_k = model.config.num_experts_per_tok
     assert all(c.shape == (8,) and int(c.sum()) == top_k * (11 + 7) for c in counts.values())
 
@@ -241,7 +240,7 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
     """Client 0 turns its update around (and triples it), so the round has conflicts; every
     client's restored model is the global one plus λ times exactly its removed component."""
     from flexmoe.engine.restore import restore
-    from flexmoe.engine.rundir import ClientStore, load_server
+    from flexmoe.rundir import ClientStore, load_server
     from flexmoe.methods.fcmoe import Fcmoe
     from flexmoe.models import shared_state
 
@@ -306,7 +305,7 @@ def test_scopes_share_the_experts_and_group_them_per_expert(scope):
 
     method = build_method(small_config(f'fcmoe.scope="{scope}"'))
     model = method.prepare_model(tiny_model("qwen2_moe"))
-    shared = {n: p.detach() for n, p in split_parameters(model).shared.items()}
+    shared = {n: p.detach() for n, p in split_parameters(model, method.roles).shared.items()}
     attention = [n for n in shared if "self_attn" in n]
     assert (not attention) == (scope == "experts")
     expert_groups = [g for g in method.groups(shared) if g.experts]

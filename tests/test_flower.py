@@ -253,18 +253,38 @@ def test_flwr_run_local_simulation_matches_in_process_engine(run_config, in_proc
 
 def test_a_client_drops_the_state_of_a_round_the_server_counts_as_failed(tmp_path):
     """A client whose reply was lost (killed after training, too late) must not keep that round's
-    state: `settle` drops it when the server names the round as failed, else promotes it."""
+    state: `settle` promotes pending state only of the round the server last counted for it."""
     from flexmoe.engine.flower.client_app import settle
-    from flexmoe.engine.rundir import ClientStore
+    from flexmoe.rundir import ClientStore
 
-    for failed_round, kept in ((1, b"round 0"), (-1, b"round 1")):
-        store = ClientStore(tmp_path / str(failed_round))
+    for counted, kept in ((0, b"round 0"), (1, b"round 1")):
+        store = ClientStore(tmp_path / str(counted))
         store.dir(0).mkdir(parents=True)
         (store.dir(0) / "state.safetensors").write_bytes(b"round 0")
         (store.begin(0) / "state.safetensors").write_bytes(b"round 1")
         store.finish(0, 1)
-        settle(store, 0, {"failed-round": failed_round, "phase": "train", "committed": 1})
+        settle(store, 0, {"counted-round": counted, "phase": "train", "committed": 1})
         assert (store.dir(0) / "state.safetensors").read_bytes() == kept and not store.pending(0).exists()
+
+
+def test_a_client_that_failed_a_round_and_missed_the_next_rejoins_without_that_state(tmp_path):
+    """The deployment sequence: a client saves its round-2 state and is killed before replying
+    (the server counts round 2 as failed), misses round 3 (offline: failed again), and rejoins
+    for round 4. Every message tells it the last round the server counted from it (1), so the
+    round-2 state is dropped, whichever message comes first, and it trains on from round 1."""
+    from flexmoe.engine.flower.client_app import settle
+    from flexmoe.rundir import ClientStore
+
+    for first in ("identify", "train", "eval"):
+        store = ClientStore(tmp_path / first)
+        store.dir(0).mkdir(parents=True)
+        (store.dir(0) / "state.safetensors").write_bytes(b"round 1")  # committed after round 1
+        (store.begin(0) / "state.safetensors").write_bytes(b"round 2")  # written, then killed
+        store.finish(0, 2)
+        # round 4 begins: rounds 1-3 are committed, and the server last counted client 0 in round 1
+        settle(store, 0, {"counted-round": 1, "phase": first, "committed": 3})
+        assert not store.pending(0).exists(), first
+        assert (store.dir(0) / "state.safetensors").read_bytes() == b"round 1", first
 
 
 # ---- deployments: a SuperLink and SuperNodes started by scripts/flower-deploy.sh ------------------

@@ -117,7 +117,7 @@ def test_fedyogi_matches_hand_computed_steps():
 
 def test_fedyogi_shrinks_v_when_it_exceeds_the_squared_delta():
     yogi = method("fedyogi")
-    m, v, _ = yogi.step(torch.tensor([0.1]), torch.tensor([0.0]), torch.tensor([0.5]))
+    m, v, _ = yogi.rule.step(torch.tensor([0.1]), torch.tensor([0.0]), torch.tensor([0.5]))
     assert v.item() == pytest.approx(0.5 - (1 - B2) * 0.01)
 
 

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model, token_batches
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.models.roles import Roles, apply_roles, set_shared_state, shared_state, split_parameters
 from flexmoe.models import (
     FAMILIES,
     add_lora,
@@ -17,10 +18,6 @@ from flexmoe.models import (
     lora_module_names,
     moe_layers,
     select_experts,
-    set_routers_trainable,
-    set_shared_state,
-    shared_state,
-    split_parameters,
 )
 
 
@@ -97,33 +94,49 @@ def test_split_parameters_by_role():
     model = tiny_model("deepseek_v2")
     graft(model, select_experts(model, batches))
     wrapped = add_lora(model, "attention")
-    split = split_parameters(wrapped)
+    roles = Roles(shared=("attention_lora",), personal=("graft",))
+    split = apply_roles(wrapped, roles)
     assert split.shared and all("lora_" in n for n in split.shared)
     assert split.personal and all(".graft." in n for n in split.personal)
     assert not any(p.requires_grad for p in split.frozen.values())
+    assert all(p.requires_grad for p in (*split.shared.values(), *split.personal.values()))
     everything = dict(wrapped.named_parameters())
     assert set(split.shared) | set(split.personal) | set(split.frozen) == set(everything)
+    assert list(split.trainable) == [n for n in everything if n in split.shared or n in split.personal]
     assert split.numel("shared") + split.numel("personal") + split.numel("frozen") == sum(
         p.numel() for p in everything.values())
 
 
+def test_roles_not_requires_grad_decide_the_split():
+    """Roles are read from the model's structure: a parameter switched on by hand stays frozen."""
+    wrapped = add_lora(tiny_model("qwen2_moe"), "attention")
+    roles = Roles(shared=("attention_lora",))
+    router = next(p for n, p in wrapped.named_parameters() if n.endswith("mlp.gate.weight"))
+    router.requires_grad_(True)
+    split = split_parameters(wrapped, roles)
+    assert all("lora_" in n for n in split.shared) and any(p is router for p in split.frozen.values())
+    apply_roles(wrapped, roles)
+    assert not router.requires_grad
+
+
 def test_shared_state_round_trip():
     wrapped = add_lora(tiny_model("granitemoe"), "attention", seed=1)
-    state = {k: v + 1.0 for k, v in shared_state(wrapped).items()}
-    set_shared_state(wrapped, state)
-    assert all(torch.equal(v, state[k]) for k, v in shared_state(wrapped).items())
+    roles = Roles(shared=("attention_lora",))
+    state = {k: v + 1.0 for k, v in shared_state(wrapped, roles).items()}
+    set_shared_state(wrapped, roles, state)
+    assert all(torch.equal(v, state[k]) for k, v in shared_state(wrapped, roles).items())
     with pytest.raises(FlexmoeError, match="missing"):
-        set_shared_state(wrapped, dict(list(state.items())[1:]))
+        set_shared_state(wrapped, roles, dict(list(state.items())[1:]))
 
 
 def test_federated_routers_join_the_shared_part(family):
     model = tiny_model(family)
     graft(model, select_experts(model, token_batches()))
     wrapped = add_lora(model, "attention")
-    names = set_routers_trainable(wrapped)
+    split = apply_roles(wrapped, Roles(shared=("attention_lora", "routers"), personal=("graft",)))
+    names = [n for n in split.shared if "lora_" not in n]
     router_attr = FAMILIES[family].router
     assert len(names) == len(moe_layers(wrapped)) and all(f".{router_attr}." in n for n in names)
-    split = split_parameters(wrapped)
-    assert set(names) <= set(split.shared) and not set(names) & set(split.frozen)
-    set_routers_trainable(wrapped, False)
-    assert set(names) <= set(split_parameters(wrapped).frozen)
+    assert all(wrapped.get_parameter(n).requires_grad for n in names)
+    split = apply_roles(wrapped, Roles(shared=("attention_lora",), personal=("graft",)))
+    assert set(names) <= set(split.frozen) and not any(wrapped.get_parameter(n).requires_grad for n in names)

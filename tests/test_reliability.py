@@ -25,7 +25,7 @@ from flexmoe.engine.core import ServerRunner
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.simulation import Simulation
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.comm import deserialize, serialize
+from flexmoe.wire import deserialize, serialize
 from flexmoe.files import CHECKSUM, load_checked, save_checked, tensors_digest, unpack_metadata
 from flexmoe.methods import Reply, build_method
 from flexmoe.methods.base import weighted_mean
@@ -64,6 +64,25 @@ class CrashingClients(Progress):
     def _crash_at(self, moment: str) -> None:
         if self.crashes.get((self.round, self.client)) == moment:
             raise RuntimeError(f"simulated crash of client {self.client}")
+
+
+@pytest.mark.slow
+def test_a_client_that_failed_after_saving_and_missed_the_next_round_trains_on_from_its_last_counted_round(
+        model_dir, tmp_path):
+    """The deployment sequence in process: client 1 fails round 2 after its new state is on disk,
+    fails round 3 too, and trains again in round 4. It must continue from its round-1 state, so
+    the run equals one where its round-2 failure came before anything was saved."""
+    config = tiny_config(model_dir, "method=flex", "rounds=4", "clients_per_round=4", "eval.base=false")
+    after_saving = CrashingClients({(2, 1): "done", (3, 1): "step"}, tmp_path / "a")
+    before_saving = CrashingClients({(2, 1): "step", (3, 1): "step"}, tmp_path / "b")
+    Simulation(config, tmp_path / "a", after_saving).run()
+    Simulation(config, tmp_path / "b", before_saving).run()
+    records = metrics(tmp_path / "a")
+    assert [(r["round"], r["client"]) for r in records if r["kind"] == "failure"] == [(2, 1), (3, 1)]
+    assert any(r["kind"] == "train" and (r["round"], r["client"]) == (4, 1) for r in records)
+    assert records == metrics(tmp_path / "b")
+    for name in ("state.safetensors", "personal.safetensors"):
+        assert (tmp_path / "a/clients/1" / name).read_bytes() == (tmp_path / "b/clients/1" / name).read_bytes()
 
 
 @pytest.mark.slow

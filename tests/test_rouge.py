@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexmoe.eval.comm import deserialize, serialize
+from flexmoe.wire import deserialize, serialize
 from flexmoe.eval.rouge import generate_responses, rouge_l
 
 

@@ -11,7 +11,7 @@ import torch
 
 from flexmoe.data import builtin_corpus
 from flexmoe.eval.knowledge import heldout_loss
-from flexmoe.eval.routing import RoutingCounter
+from flexmoe.models.routing import RoutingCounter
 from flexmoe.models import load_base, moe_layers, tiny_path
 
 SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md")

@@ -18,12 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flexmoe.errors import FlexmoeError
 
-METHODS = (
-    "flex", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local",
-    "fcmoe", "flex+fcmoe",
-)
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no setting means NaN or inf
 
@@ -158,13 +152,8 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)  # the delta epsilon is reported at
 
 
-# methods whose reply is the client's new shared weights, aggregated by a (weighted) mean and a
-# server optimiser: the update can be clipped and the mean noised before the optimiser
-PRIVATE_METHODS = ("flex", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
-
-
 class RunConfig(_Section):
-    method: Literal[METHODS] = "flex"
+    method: str = "flex"  # a name from the method registry (flexmoe.methods.registry)
     rounds: int = Field(5, ge=1)
     num_clients: int = Field(4, ge=1)
     clients_per_round: int = Field(4, ge=1)
@@ -192,10 +181,18 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _privacy_fits(self) -> RunConfig:
-        if self.privacy.noise_multiplier > 0 and self.method not in PRIVATE_METHODS:
+    def _method_known(self) -> RunConfig:
+        # the registry imports every method module (and torch): read only when a config is validated
+        from flexmoe.methods.registry import registered
+
+        methods = registered()
+        if self.method not in methods:
+            raise ValueError(f"method = {self.method!r} is not a method; choose one of {', '.join(methods)}")
+        private = [name for name, info in methods.items() if info.private]
+        if self.privacy.noise_multiplier > 0 and self.method not in private:
+            # only a reply that is the shared weights can be clipped and its mean noised
             raise ValueError(f"privacy.noise_multiplier > 0 needs a method whose reply is the shared weights "
-                             f"({', '.join(PRIVATE_METHODS)}); method = {self.method!r}")
+                             f"({', '.join(private)}); method = {self.method!r}")
         return self
 
 

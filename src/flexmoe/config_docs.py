@@ -118,6 +118,10 @@ def meaning(section: str, name: str, model: type[BaseModel]) -> str | None:
 
 def value_kind(field) -> str:
     annotation = field.annotation
+    if field is RunConfig.model_fields["method"]:  # a name from the method registry
+        from flexmoe.methods import registered
+
+        return " \\| ".join(f"`{name}`" for name in registered())
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
     kind = getattr(annotation, "__name__", str(annotation))

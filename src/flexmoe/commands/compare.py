@@ -40,14 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_methods(text: str) -> list[str]:
-    from flexmoe.config import METHODS
+    from flexmoe.methods import registered
 
+    methods = tuple(registered())
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise FlexmoeError("--methods: name at least one method")
     for name in names:
-        if name not in METHODS and name not in VARIANTS:
-            raise FlexmoeError(f"--methods: unknown method {name!r}; choose from {', '.join((*METHODS, *VARIANTS))}")
+        if name not in methods and name not in VARIANTS:
+            raise FlexmoeError(f"--methods: unknown method {name!r}; choose from {', '.join((*methods, *VARIANTS))}")
     if len(set(names)) != len(names):
         raise FlexmoeError(f"--methods: {next(n for n in names if names.count(n) > 1)!r} is listed twice")
     return names
@@ -81,7 +82,7 @@ def run_one(run_dir: Path, config, progress) -> None:
     import json
 
     from flexmoe.config import load_config
-    from flexmoe.engine.rundir import is_run_dir
+    from flexmoe.rundir import is_run_dir
     from flexmoe.engine.simulation import Simulation
 
     if not is_run_dir(run_dir):

@@ -58,11 +58,11 @@ def _load_data(args: argparse.Namespace):
 
 def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> dict:
     """{"round", "data", "clients": [one eval record per client], "mean": {...}} for a run's last checkpoint."""
-    import torch
-
-    from flexmoe.engine.core import Client, base_load, eval_means, partition_data
+    from flexmoe.data.clients import Client, partition_data
+    from flexmoe.engine.core import base_load, torch_threads
     from flexmoe.engine.restore import restore
-    from flexmoe.engine.rundir import MetricsLog
+    from flexmoe.report.summary import eval_means
+    from flexmoe.rundir import METRICS_FILE, MetricsLog
 
     restored = restore(run_dir, clients[0], state_dir)
     checkpoint, runner = restored.checkpoint, restored.runner
@@ -71,15 +71,10 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> 
         tests = [parts[cid].test for cid in clients]
     else:
         tests = [examples] * len(clients)
-    reference = base_load(MetricsLog(checkpoint.run_dir / "metrics.jsonl").read())  # routing drift is from it
-    threads = torch.get_num_threads()
-    if checkpoint.config.runtime.threads:  # as the run evaluated: same kernels, same numbers
-        torch.set_num_threads(checkpoint.config.runtime.threads)
-    try:
+    reference = base_load(MetricsLog(checkpoint.run_dir / METRICS_FILE).read())  # routing drift is from it
+    with torch_threads(checkpoint.config):  # as the run evaluated: same kernels, same numbers
         records = [runner.evaluate(Client(cid, [], test, []), checkpoint.round, checkpoint.received(), reference)
                    for cid, test in zip(clients, tests)]
-    finally:
-        torch.set_num_threads(threads)
     return {
         "run": str(checkpoint.run_dir), "method": checkpoint.config.method, "round": checkpoint.round,
         "data": "test splits" if examples is None else f"{len(examples)} examples",

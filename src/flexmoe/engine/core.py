@@ -1,20 +1,16 @@
-"""The engine-agnostic core of a federated run: the client side and the server side of a round.
+"""What both engines share about clients and servers: the client's side of a round
+(`ClientRunner`: load its personal and persistent state, graft before its first round, train,
+build the uplink, evaluate) and the server's (`ServerRunner`: downlink, validated aggregation,
+checkpoints, metrics), the seeded schedule, and the model every process builds the same way.
 
-Engines are thin shells over these pieces and differ only in transport: the in-process engine
-runs every client on one model instance and passes safetensors blobs; the Flower apps run each
-client in its own process and pass Flower messages. Both call the same `ClientRunner` (load a
-client's personal and persistent state, graft before its first round, train, build the uplink,
-evaluate) and `ServerRunner` (downlink, aggregation, checkpoints, metrics, summary, report), and
-through them the same `flexmoe.methods` code.
+The round loop itself is `flexmoe.engine.driver`'s; engines only move messages.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +18,26 @@ import torch
 from torch import nn
 
 from flexmoe.config import RunConfig, save_config
+from flexmoe.data.clients import Client
 from flexmoe.engine.progress import Progress
-from flexmoe.engine.rundir import (
-    ClientStore, MetricsLog, cpu_clone, load_server, save_server,
-)
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.measures import knowledge_measures
-from flexmoe.files import load_checked, one_line, save_checked, write_text_atomic
+from flexmoe.files import load_checked, one_line, save_checked
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
-from flexmoe.methods.base import strip_prefix, with_prefix
+from flexmoe.models.roles import apply_roles, set_shared_state, split_parameters
+from flexmoe.report.summary import eval_means, mean, weighted
+from flexmoe.rundir import (
+    BASE_METADATA, CONFIG_FILE, INITIAL_WEIGHTS, METRICS_FILE, PERSONAL_FILE, STATE_FILE, ClientStore, MetricsLog,
+    load_server, save_server,
+)
+from flexmoe.tensors import cpu_clone, strip_prefix, with_prefix
 from flexmoe.train import cosine_lr, local_train
 from flexmoe.train.loop import num_local_steps
 
 log = logging.getLogger("flexmoe.engine")
 
-CONFIG_FILE = "config.toml"
-INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights: Local clients start there
-BASE_METADATA = "base"  # INITIAL_WEIGHTS metadata: fingerprint of the base model the run trains
 
-
+# ---- the schedule ---------------------------------------------------------------------------
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
     """The clients of a round: a seeded draw without replacement, a function of (seed, round) only."""
     rng = np.random.default_rng([seed, round_index])
@@ -60,85 +57,77 @@ def evaluates(config: RunConfig, round_index: int) -> bool:
     return round_index == config.rounds or (every > 0 and round_index % every == 0)
 
 
-@dataclass
-class Client:
-    client_id: int
-    train: list
-    test: list
-    features: list[dict]
+def use_threads(config: RunConfig) -> int:
+    """Set `runtime.threads` torch intra-op threads (0: keep torch's default); returns the previous count."""
+    previous = torch.get_num_threads()
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    return previous
 
 
-@dataclass(frozen=True)
-class ClientInfo:
-    """What the server's report shows of a client (no examples: they stay on the client)."""
-
-    client_id: int
-    domains: tuple[str, ...]
-    num_train: int
-    num_test: int
-
-
-def describe(client: Client) -> ClientInfo:
-    domains = tuple(sorted({e.domain for e in client.train if e.domain}))
-    return ClientInfo(client.client_id, domains, len(client.train), len(client.test))
+@contextlib.contextmanager
+def torch_threads(config: RunConfig):
+    """`use_threads` for the block, the previous count restored after it."""
+    previous = use_threads(config)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
-# ---- building the model and the clients' data ------------------------------------------------
+# ---- the model ------------------------------------------------------------------------------
 def load_model(config: RunConfig, method: Method) -> tuple[nn.Module, object]:
-    """The base with the method's trainable shared part, seeded so every process builds the same."""
+    """The base with the method's trainable shared part and its roles, seeded so every process
+    builds the same."""
     from flexmoe.models import load_base
 
     model, tokenizer = load_base(config.model)
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every client
     model = method.prepare_model(model)
-    federate_routers(model, config, method)
+    apply_roles(model, method.roles)
     model.eval()
     return model, tokenizer
 
 
-def federate_routers(model: nn.Module, config: RunConfig, method: Method) -> None:
-    """FLEx with `flex.federate_routers`: the routers join the shared part from the start, and again
-    after every (re-)graft, which freezes all original parameters."""
-    if method.grafts and config.flex.federate_routers:
-        from flexmoe.models import set_routers_trainable
-
-        set_routers_trainable(model)
+def shared_params(model: nn.Module, method: Method) -> dict[str, nn.Parameter]:
+    return split_parameters(model, method.roles).shared
 
 
-def shared_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    from flexmoe.models import split_parameters
-
-    return split_parameters(model).shared
-
-
-def partition_data(config: RunConfig):
-    """The run's data split into `num_clients` parts (every engine and client derives the same)."""
-    import flexmoe.data
-
-    data = config.data
-    if data.source == "builtin":
-        examples = flexmoe.data.builtin_examples()
-    else:
-        examples = flexmoe.data.load_examples(data.source, format=None if data.format == "auto" else data.format)
-    parts = flexmoe.data.partition(
-        examples, config.num_clients, scheme=data.partition, by=data.by, per_client=data.per_client,
-        alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction,
-    )
-    for part in parts:
-        if not part.train:
-            raise FlexmoeError(
-                f"client {part.client_id} got no training examples (data.partition = {data.partition!r}, "
-                f"num_clients = {config.num_clients}); use fewer clients or another partition"
-            )
-    return parts
+def base_knowledge(model: nn.Module, tokenizer, config: RunConfig) -> dict:
+    """The untouched base's knowledge measures and expert load (`expert_load_base`: what routing
+    drift is measured from), as the round-0 server record spells them."""
+    if not config.eval.knowledge:
+        return {}
+    return {f"{k}_base": v for k, v in knowledge_measures(model, tokenizer, config.eval).items()}
 
 
-def make_client(config: RunConfig, part, tokenizer) -> Client:
-    from flexmoe.data import tokenize_examples
+def base_reference(base_evals: list[dict], knowledge: dict) -> dict:
+    """The round-0 server record: the untouched base's mean ROUGE-L and test loss over the
+    clients' `base_evals`, with its `knowledge` (`base_knowledge`)."""
+    reference = {"rouge_l_avg_base": mean([e["rouge_l"] for e in base_evals])} if base_evals else {}
+    if base_evals and "test_loss" in base_evals[0]:
+        reference["test_loss_base"] = mean([e["test_loss"] for e in base_evals])
+    return {"round": 0, "kind": "server", **reference, **knowledge}
 
-    train = part.train[: config.data.max_train_per_client or None]
-    features = tokenize_examples(train, tokenizer, max_length=config.train.max_length, template=config.data.template)
-    return Client(part.client_id, train, part.test, features)
+
+def base_load(records: list[dict]) -> dict | None:
+    """The base model's per-layer expert load, from the round-0 server record (None without one)."""
+    return next((r.get("expert_load_base") for r in records if r["round"] == 0 and r["kind"] == "server"), None)
+
+
+def global_knowledge(model: nn.Module, tokenizer, config: RunConfig, method: Method, global_weights: Tensors,
+                     reference: dict | None) -> dict:
+    """The aggregated global model's (global shared weights, no graft) knowledge measures, as
+    `global_<measure>`: computed once per evaluation, by whoever holds a model (the driver)."""
+    from flexmoe.models import grafts_disabled
+
+    if not config.eval.knowledge:
+        return {}
+    set_shared_state(model, method.roles, global_weights)
+    with grafts_disabled(model):
+        measures = knowledge_measures(model, tokenizer, config.eval, reference)
+    measures.pop("expert_load", None)
+    return {f"global_{k}": v for k, v in measures.items()}
 
 
 # ---- the client side -------------------------------------------------------------------------
@@ -161,7 +150,7 @@ class ClientRunner:
         self.progress = progress or Progress()
 
     def has_personal(self, client_id: int) -> bool:
-        return self.store.latest(client_id, "personal.safetensors") is not None
+        return self.store.latest(client_id, PERSONAL_FILE) is not None
 
     def graft(self, client: Client) -> None:
         """FLEx step 2, once per client before its first round: select, graft, store."""
@@ -172,9 +161,11 @@ class ClientRunner:
         sample = client.features[: cfg.flex.calibration_examples]
         calibration = [self.collate(sample[i : i + cfg.train.batch_size])  # padding is masked out
                        for i in range(0, len(sample), cfg.train.batch_size)]
-        selection = self.method.personalize(self.model, calibration, seed=derived_seed(cfg.seed, client.client_id))
+        selection = self.method.select_and_graft(self.model, calibration,
+                                                 seed=derived_seed(cfg.seed, client.client_id))
+        apply_roles(self.model, self.method.roles)
         self.store.save_selection(client.client_id, selection)
-        save_personal(self.model, self.store.dir(client.client_id) / "personal.safetensors")
+        save_personal(self.model, self.store.dir(client.client_id) / PERSONAL_FILE)
 
     def train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
         """One round of local training from the downlink `received`; saves the client's new state
@@ -194,16 +185,18 @@ class ClientRunner:
         client_state = {k: v for k, v in stored.items() if not k.startswith("optim.")}
         self.load_personal(cid)
         self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        split = split_parameters(self.model, self.method.roles)
         steps = num_local_steps(cfg.train, len(client.features))
         self.progress.client_started(cid, steps)
         result = local_train(
-            self.model, params, client.features, self.collate, cfg.train, lr,
+            self.model, split.trainable, client.features, self.collate, cfg.train, lr,
             seed=derived_seed(cfg.seed, round_index, cid), hooks=self.method.train_hooks(received, client_state),
             optimizer_state=optimizer_state, on_step=self.progress.step,
+            count_experts=self._counted_layers(split.shared) if self.method.counts_experts else frozenset(),
         )
-        trained = cpu_clone(shared_params(self.model))
-        run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features))
+        trained = cpu_clone(split.shared)
+        run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features),
+                       expert_counts=result.expert_counts)
         message, client_state = self.method.uplink(received, trained, client_state, run)
         self._save(cid, round_index, client_state, result.optimizer_state)
         self.progress.client_done(cid, result.loss)
@@ -213,50 +206,50 @@ class ClientRunner:
         }
         return record, message if self.method.communicates else {}
 
+    @staticmethod
+    def _counted_layers(shared: dict) -> frozenset[str]:
+        """The MoE layers whose experts are shared (trainable): FC-MoE counts their routing."""
+        from flexmoe.methods.groups import expert_layer
+
+        return frozenset(expert_layer(name) for name in shared) - {None}
+
     def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
         pending = self.store.begin(cid)
-        save_checked(pending / "state.safetensors", {**client_state, **with_prefix("optim.", optimizer_state)})
+        save_checked(pending / STATE_FILE, {**client_state, **with_prefix("optim.", optimizer_state)})
         if self.method.grafts:
             from flexmoe.models import save_personal
 
-            save_personal(self.model, pending / "personal.safetensors")
+            save_personal(self.model, pending / PERSONAL_FILE)
         self.store.finish(cid, round_index)
 
-    def personalise(self, client_id: int, global_weights: Tensors) -> None:
+    def load_client_model(self, client_id: int, global_weights: Tensors) -> None:
         """Make the model client `client_id`'s personalised model: its graft and gate, and the shared
-        weights its method evaluates it with (global shared weights + its own state)."""
+        weights its method evaluates it with (global shared weights + its own state; the initial
+        weights when nothing was received)."""
         client_state = {k: v for k, v in self.store.load_state(client_id).items() if not k.startswith("optim.")}
         self.load_personal(client_id)
-        self.set_shared(self.method.eval_weights(global_weights, client_state))
+        self.set_shared(self.method.eval_weights(global_weights or self.initial_shared(), client_state))
 
-    def evaluate(self, client: Client, round_index: int, global_weights: Tensors,
-                 base_load: dict | None = None) -> dict:
-        """The client's personalised model (see `personalise`) on its test split (ROUGE-L, test
-        loss) and on the knowledge measures; `base_load`: the base's expert load, for routing drift."""
+    def evaluate(self, client: Client, round_index: int, received: Tensors, base_load: dict | None = None,
+                 global_weights: Tensors | None = None) -> dict:
+        """The client's personalised model (see `load_client_model`) on its test split (ROUGE-L, test
+        loss) and on the knowledge measures (`base_load`: the base's expert load, for routing drift);
+        with `global_weights`, also the global model (shared weights, no graft) on its test split
+        (`rouge_l_global`)."""
+        from flexmoe.models import grafts_disabled
+
         cfg, cid = self.config, client.client_id
-        self.personalise(cid, global_weights)
+        self.load_client_model(cid, received)
         self.progress.message(f"round {round_index}: evaluating client {cid}")
         record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self.rouge(client),
                   "test_loss": self.test_loss(client)}
         if cfg.eval.knowledge:
             record.update(knowledge_measures(self.model, self.tokenizer, cfg.eval, base_load))
+        if global_weights is not None:
+            self.set_shared(global_weights)
+            with grafts_disabled(self.model):
+                record["rouge_l_global"] = self.rouge(client)
         return record
-
-    def evaluate_global(self, clients: list[Client], round_index: int, global_weights: Tensors,
-                        base_load: dict | None = None) -> tuple[dict[int, float], dict]:
-        """The aggregated global model (global shared weights, no graft) on every client's test split
-        and on the knowledge measures -> ({client id: ROUGE-L}, {"global_<measure>": value})."""
-        from flexmoe.models import grafts_disabled
-
-        self.progress.message(f"round {round_index}: evaluating the global model")
-        self.set_shared(global_weights)
-        with grafts_disabled(self.model):
-            rouge = {c.client_id: self.rouge(c) for c in clients}
-            measures = {"rouge_l_avg": mean(list(rouge.values()))}
-            if self.config.eval.knowledge:
-                measures.update(knowledge_measures(self.model, self.tokenizer, self.config.eval, base_load))
-        measures.pop("expert_load", None)
-        return rouge, {f"global_{k}": v for k, v in measures.items()}
 
     def evaluate_base(self, client: Client) -> dict:
         """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split."""
@@ -289,39 +282,20 @@ class ClientRunner:
         )
 
     def set_shared(self, weights: Tensors) -> None:
-        from flexmoe.models import set_shared_state
-
-        set_shared_state(self.model, weights)
+        set_shared_state(self.model, self.method.roles, weights)
 
     def load_personal(self, cid: int) -> None:
         if not self.method.grafts:
             return
         from flexmoe.models import load_personal
 
-        load_personal(self.model, self.store.latest(cid, "personal.safetensors"), adopt_selection=True)
-        federate_routers(self.model, self.config, self.method)
+        load_personal(self.model, self.store.latest(cid, PERSONAL_FILE), adopt_selection=True)
+        apply_roles(self.model, self.method.roles)
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         from flexmoe.data import collate
 
         return collate(features, self.tokenizer.pad_token_id)
-
-
-def base_reference(model: nn.Module, tokenizer, config: RunConfig, base_evals: list[dict]) -> dict:
-    """The round-0 server record: the untouched base's mean ROUGE-L and test loss, its knowledge
-    measures and its expert load (`expert_load_base`: what routing drift is measured from)."""
-    reference = {"rouge_l_avg_base": mean([e["rouge_l"] for e in base_evals])} if base_evals else {}
-    if base_evals and "test_loss" in base_evals[0]:
-        reference["test_loss_base"] = mean([e["test_loss"] for e in base_evals])
-    if config.eval.knowledge:
-        measures = knowledge_measures(model, tokenizer, config.eval)
-        reference.update({f"{k}_base": v for k, v in measures.items()})
-    return {"round": 0, "kind": "server", **reference}
-
-
-def base_load(records: list[dict]) -> dict | None:
-    """The base model's per-layer expert load, from the round-0 server record (None without one)."""
-    return next((r.get("expert_load_base") for r in records if r["round"] == 0 and r["kind"] == "server"), None)
 
 
 # ---- the server side -------------------------------------------------------------------------
@@ -332,7 +306,7 @@ class ServerRunner:
         self.config = config
         self.method = method
         self.run_dir = Path(run_dir)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
         self.global_weights: Tensors = {}
         self.server_state: Tensors = {}
         self._initial: Tensors | None = None
@@ -342,7 +316,7 @@ class ServerRunner:
     def start(self, initial_weights: Tensors, base: str | None = None) -> None:
         """A fresh run directory with the resolved config and the round-0 shared weights (tagged
         with the base model's fingerprint `base`, so a changed base is refused when the run is used)."""
-        if (self.run_dir / "metrics.jsonl").exists():
+        if (self.run_dir / METRICS_FILE).exists():
             raise FlexmoeError(f"{self.run_dir} already holds a run; resume it with --resume or pick another directory")
         save_config(self.config, self.run_dir / CONFIG_FILE)
         self.global_weights = cpu_clone(initial_weights)
@@ -369,10 +343,9 @@ class ServerRunner:
         """What every sampled client receives this round (None: the method sends nothing)."""
         return self.method.downlink(self.global_weights, self.server_state) if self.method.communicates else None
 
-    def client_failed(self, round_index: int, client_id: int, error: BaseException) -> None:
-        """A sampled client raised (or its engine reports it lost): the round goes on without it.
-        Logged now and as a `"kind": "failure"` record of the round."""
-        reason = f"{type(error).__name__}: {one_line(error)}"
+    def client_failed(self, round_index: int, client_id: int, reason: str) -> None:
+        """A sampled client raised, its node went away or it did not answer: the round goes on
+        without it. Logged now and as a `"kind": "failure"` record of the round."""
         log.warning("round %d: client %d failed (%s); the round goes on without it", round_index, client_id, reason)
         self._failures.append({"round": round_index, "kind": "failure", "client": client_id, "error": reason})
 
@@ -427,80 +400,6 @@ class ServerRunner:
         save_server(self.run_dir, round_index, self.global_weights, self.server_state)
         self.completed = round_index
 
-    def write_summary(self, wall_seconds: float | None) -> dict:
-        records = self.metrics.read()
-        servers = [r for r in records if r["kind"] == "server" and r["round"] > 0]
-        evaluated = [r for r in servers if "rouge_l_avg" in r]
-        last_eval = evaluated[-1] if evaluated else {}
-        base = next((r for r in records if r["round"] == 0 and r["kind"] == "server"), {})
-        summary = {
-            "method": self.config.method,
-            "seed": self.config.seed,
-            "rounds": self.config.rounds,
-            "rounds_completed": servers[-1]["round"] if servers else 0,
-            "num_clients": self.config.num_clients,
-            **{key: last_eval.get(key) for key in (*MEASURES, *(f"global_{k}" for k in MEASURES if k != "test_loss"))},
-            **{f"{key}_base": base.get(f"{key}_base") for key in MEASURES if key != "routing_drift"},
-            "bytes_up": sum(r["bytes_up"] for r in servers),
-            "bytes_down": sum(r["bytes_down"] for r in servers),
-            "train_loss": servers[-1]["train_loss"] if servers else None,
-            "per_client": per_client(records),
-        }
-        if self.config.privacy.noise_multiplier > 0:
-            summary.update(dp_epsilon=servers[-1].get("dp_epsilon") if servers else 0.0,
-                           dp_delta=self.config.privacy.delta)
-        if wall_seconds is not None:
-            summary["wall_seconds"] = round(wall_seconds, 2)
-        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        return summary
 
-    def write_report(self, summary: dict, clients: list[ClientInfo]) -> None:
-        from flexmoe.report import write_run_report
-
-        write_run_report(self.run_dir, clients)
-
-
-def weighted(values: list[float], weights: list[int]) -> float:
-    total = sum(weights)
-    return sum(v * w for v, w in zip(values, weights)) / total if total else float("nan")
-
-
-# the per-evaluation measures a summary reports (`rouge_l_avg`: the mean of the clients' `rouge_l`)
-MEASURES = ("rouge_l_avg", "test_loss", "knowledge_loss", "probe_accuracy", "expert_load_std", "routing_entropy",
-            "routing_drift")
-CLIENT_MEASURES = ("rouge_l_global", *MEASURES[1:])
-
-
-def eval_means(evals: list[dict]) -> dict:
-    out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals])}
-    for key in CLIENT_MEASURES:
-        values = [e[key] for e in evals if key in e]
-        if values:
-            out[key] = mean(values)
-    return out
-
-
-def mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
-
-
-def per_client(records: list[dict]) -> dict[str, dict]:
-    """Per client: last ROUGE-L / knowledge loss and total bytes."""
-    table: dict[str, dict] = {}
-    for r in records:
-        if r["kind"] == "train":
-            row = table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
-            row["bytes_up"] += r["bytes_up"]
-            row["bytes_down"] += r["bytes_down"]
-            row["rounds_trained"] += 1
-        elif r["kind"] == "eval" and r["round"] == 0:
-            table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
-            table[str(r["client"])]["rouge_l_base"] = r["rouge_l"]
-        elif r["kind"] == "eval":
-            row = table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
-            row["rouge_l"] = r["rouge_l"]
-            for key in CLIENT_MEASURES:
-                if key in r:
-                    row[key] = r[key]
-    return table
+def failure_reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {one_line(error)}"

@@ -2,7 +2,7 @@
 
 A client's personalised model is the base, plus the shared weights its method evaluates it
 with (the global shared part; a Local client's own weights), plus its graft and gate for the
-methods that graft. It is built by the engine's own `ClientRunner.personalise`, the step the
+methods that graft. It is built by the engine's own `ClientRunner.load_client_model`, the step the
 run's evaluation uses, so `flexmoe eval`, `generate` and `export` see exactly the model the
 run evaluated.
 """
@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
-from flexmoe.engine.core import BASE_METADATA, CONFIG_FILE, INITIAL_WEIGHTS, ClientRunner, load_model
-from flexmoe.engine.rundir import ClientStore, is_run_dir, load_server
+from flexmoe.engine.core import ClientRunner, load_model
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked
 from flexmoe.methods import Method, Tensors, build_method
-
-PERSONAL_FILE = "personal.safetensors"
+from flexmoe.rundir import (
+    BASE_METADATA, CLIENTS_DIR, CONFIG_FILE, INITIAL_WEIGHTS, PERSONAL_FILE, ClientStore, is_run_dir, load_server,
+)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Restored:
     model: object
     tokenizer: object
     checkpoint: Checkpoint
-    runner: ClientRunner  # the engine's client side on this model: `evaluate`, `personalise`
+    runner: ClientRunner  # the engine's client side on this model: `evaluate`, `load_client_model`
     client_id: int | None  # None: the global model
 
 
@@ -60,7 +60,7 @@ def open_run(run_dir: str | Path, state_dir: str | Path | None = None) -> Checkp
     config = load_config(run_dir / CONFIG_FILE)
     round_index, global_weights, server_state = load_server(run_dir)
     return Checkpoint(run_dir, config, build_method(config), round_index, global_weights,
-                      ClientStore(Path(state_dir) if state_dir else run_dir / "clients"), server_state)
+                      ClientStore(Path(state_dir) if state_dir else run_dir / CLIENTS_DIR), server_state)
 
 
 def check_client(checkpoint: Checkpoint, client_id: int) -> None:
@@ -98,6 +98,6 @@ def restore(run_dir: str | Path, client_id: int | None, state_dir: str | Path | 
     if client_id is None:
         runner.set_shared(checkpoint.global_weights)
     else:
-        runner.personalise(client_id, checkpoint.received())
+        runner.load_client_model(client_id, checkpoint.received())
     model.eval()
     return Restored(model, tokenizer, checkpoint, runner, client_id)

@@ -1,133 +1,76 @@
-"""In-process federated simulation.
+"""In-process federated simulation: the round driver (`engine/driver.py`) over an in-process transport.
 
-The frozen base is loaded once; one model instance serves every client in turn: before a
-client trains, its shared weights (what the method says it starts from), its personal state
-(FLEx graft and gate) and its optimiser state are loaded into that instance, and afterwards
-written back under `clients/<id>/`. Messages between server and clients go through
-`flexmoe.eval.comm` as real safetensors bytes, which is what communication accounting counts.
-The client and server steps themselves are `flexmoe.engine.core`'s, shared with the Flower apps.
+The frozen base is loaded once; one model instance serves every client in turn (and the driver):
+before a client trains, its shared weights (what the method says it starts from), its personal
+state (FLEx graft and gate) and its optimiser state are loaded into that instance, and afterwards
+written back under `clients/<id>/`. Messages between server and clients are real safetensors
+bytes (`flexmoe.wire`), which is what communication accounting counts.
 
 Every random choice derives from (seed, round, client), and every round ends with an atomic
-checkpoint, so `resume()` continues a killed run to exactly the metrics of an uninterrupted one.
-A client that raises is skipped for the round (logged, its pending state dropped); the server
-checks every update before aggregating it (`ServerRunner.aggregate`).
+checkpoint, so a resumed run continues a killed one to exactly the metrics of an uninterrupted one.
+A client that raises is skipped for the round (logged, its pending state dropped); a user
+mistake (`FlexmoeError`) stops the run with its one line.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
-
 from flexmoe.config import RunConfig, load_config
-from flexmoe.engine.core import (
-    CONFIG_FILE, Client, ClientRunner, ServerRunner, base_load, base_reference, derived_seed, describe, evaluates,
-    load_model, make_client, partition_data, round_lr, sample_clients, shared_params,
-)
+from flexmoe.data.clients import Client, ClientInfo, describe, make_client, partition_data
+from flexmoe.engine.core import ClientRunner, failure_reason, load_model
+from flexmoe.engine.driver import RoundDriver
 from flexmoe.engine.progress import Progress
-from flexmoe.engine.rundir import ClientStore, is_run_dir
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.comm import deserialize, serialize
-from flexmoe.methods import Reply, build_method
+from flexmoe.methods import Method, Reply, Tensors, build_method
+from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, ClientStore, is_run_dir
+from flexmoe.wire import deserialize, serialize
 
-__all__ = ["Simulation", "derived_seed", "sample_clients"]
+__all__ = ["InProcess", "Simulation"]
 
 
-class Simulation:
-    """One run directory, from round 0 (or its last checkpoint) to `config.rounds`."""
+class InProcess:
+    """The transport of the in-process engine: every client on the one model instance."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, progress: Progress | None = None):
+    def __init__(self, config: RunConfig, method: Method, runner: ClientRunner, clients: list[Client]):
         self.config = config
-        self.run_dir = Path(run_dir)
-        self.progress = progress or Progress()
-        self.method = build_method(config)
-        self.server = ServerRunner(config, self.method, self.run_dir)
-        self.store = ClientStore(self.run_dir / "clients")
+        self.method = method
+        self.runner = runner
+        self.clients = clients
 
-    @classmethod
-    def resume(cls, run_dir: Path, progress: Progress | None = None, stop_after: int | None = None) -> dict:
-        run_dir = Path(run_dir)
-        if not is_run_dir(run_dir):
-            raise FlexmoeError(f"{run_dir}: not a resumable run directory (no {CONFIG_FILE} or checkpoint)")
-        return cls(load_config(run_dir / CONFIG_FILE), run_dir, progress).run(resume=True, stop_after=stop_after)
+    def infos(self) -> list[ClientInfo]:
+        return [describe(c.client_id, c.train, c.test) for c in self.clients]
 
-    # ---- the run ---------------------------------------------------------------------------
-    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
-        """Train through `config.rounds` (or stop after round `stop_after`); returns the summary."""
-        threads = torch.get_num_threads()
-        if self.config.runtime.threads:
-            torch.set_num_threads(self.config.runtime.threads)
-        try:
-            return self._run(resume, stop_after)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(self, resume: bool, stop_after: int | None) -> dict:
-        started = time.monotonic()
-        self._setup()
-        if resume:
-            completed = self.server.resume()
-            self.store.commit(completed)
-        else:
-            self._start_fresh()
-            completed = 0
-        last = min(self.config.rounds, stop_after or self.config.rounds)
-        self.progress.start(self.config.rounds, completed + 1)
-        try:
-            for round_index in range(completed + 1, last + 1):
-                self._round(round_index)
-        finally:
-            self.progress.close()
-        summary = self.server.write_summary(time.monotonic() - started)
-        self.server.write_report(summary, [describe(c) for c in self.clients])
-        return summary
-
-    def _setup(self) -> None:
-        self.model, self.tokenizer = load_model(self.config, self.method)
-        self.clients = [make_client(self.config, part, self.tokenizer) for part in partition_data(self.config)]
-        self.runner = ClientRunner(self.config, self.method, self.model, self.tokenizer, self.store,
-                                   self.server.initial_weights, self.progress)
-
-    def _start_fresh(self) -> None:
-        from flexmoe.models import base_fingerprint
-
-        self.server.start(shared_params(self.model), base_fingerprint(self.model))
+    def round_zero(self, evaluate_base: bool) -> tuple[list[dict], list[ClientInfo]]:
         # before grafting, with LoRA at zero: the untouched base is the reference
-        base_evals = [self.runner.evaluate_base(c) for c in self.clients] if self.config.eval.base else []
-        reference = base_reference(self.model, self.tokenizer, self.config, base_evals)
+        base_evals = [self.runner.evaluate_base(c) for c in self.clients] if evaluate_base else []
         if self.method.grafts:
             for client in self.clients:
                 self.runner.graft(client)
-        self.server.commit_round_zero([*base_evals, reference])
+        return base_evals, self.infos()
 
-    # ---- one round -------------------------------------------------------------------------
-    def _round(self, round_index: int) -> None:
-        cfg = self.config
-        sampled = sample_clients(cfg.seed, round_index, cfg.num_clients, cfg.clients_per_round)
-        self.progress.round_started(round_index, sampled)
-        down = self.server.downlink()
-        down_blob = serialize(down) if down is not None else None
-        records, replies = [], []
+    def resume(self, completed: int, counted: dict[int, int]) -> list[ClientInfo]:
+        self.runner.store.commit(completed)
+        return self.infos()
+
+    def train(self, round_index: int, sampled: list[int], downlink: Tensors | None,
+              counted: dict[int, int]) -> tuple[list[dict], list[Reply], dict[int, str]]:
+        down_blob = serialize(downlink) if downlink is not None else None
+        records, replies, failures = [], [], {}
         for client_id in sampled:
             try:
-                record, reply = self._train_client(self.clients[client_id], round_index, round_lr(cfg, round_index),
-                                                   down_blob)
+                record, reply = self._train_client(self.clients[client_id], round_index, down_blob)
             except FlexmoeError:  # a user mistake (bad file, bad setting) stops the run with its one line
                 raise
             except Exception as error:  # one client's crash must not cost the others their round
-                self.server.client_failed(round_index, client_id, error)
+                failures[client_id] = failure_reason(error)
                 continue
             records.append(record)
             if reply is not None:
                 replies.append(reply)
-        agg_metrics = self.server.aggregate(replies)
-        evals, global_eval = self._evaluate(round_index) if evaluates(cfg, round_index) else ([], {})
-        self.server.finish_round(round_index, sampled, records, agg_metrics, evals, global_eval)
-        self.store.commit(round_index)
-        self.server.write_summary(None)
+        return records, replies, failures
 
-    def _train_client(self, client: Client, round_index: int, lr: float, down_blob: bytes | None):
+    def _train_client(self, client: Client, round_index: int, down_blob: bytes | None):
         """One client's round through real bytes: the downlink blob in, the uplink blob out."""
         received = deserialize(down_blob)[0] if down_blob is not None else {}
         record, message = self.runner.train(client, round_index, received)
@@ -140,15 +83,37 @@ class Simulation:
         record.update(bytes_up=bytes_up, bytes_down=len(down_blob) if down_blob is not None else 0)
         return record, reply
 
-    def _evaluate(self, round_index: int) -> tuple[list[dict], dict]:
-        """Every client's personalised model, then (methods with one) the global model."""
-        reference = base_load(self.server.metrics.read())
-        received = self.method.eval_received(self.server.global_weights, self.server.server_state)
-        evals = [self.runner.evaluate(c, round_index, received, reference) for c in self.clients]
-        if not (self.method.communicates and self.config.eval.global_model):
-            return evals, {}
-        rouge, global_eval = self.runner.evaluate_global(self.clients, round_index, self.server.global_weights,
-                                                         reference)
-        for record in evals:
-            record["rouge_l_global"] = rouge[record["client"]]
-        return evals, global_eval
+    def evaluate(self, round_index: int, received: Tensors, global_weights: Tensors | None,
+                 base_load: dict | None, counted: dict[int, int]) -> list[dict]:
+        return [self.runner.evaluate(c, round_index, received, base_load, global_weights) for c in self.clients]
+
+    def commit(self, round_index: int, counted: dict[int, int]) -> None:
+        self.runner.store.commit(round_index)
+
+
+class Simulation:
+    """One run directory, run in this process."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, progress: Progress | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress or Progress()
+        self.method = build_method(config)
+
+    @classmethod
+    def resume(cls, run_dir: Path, progress: Progress | None = None, stop_after: int | None = None) -> dict:
+        run_dir = Path(run_dir)
+        if not is_run_dir(run_dir):
+            raise FlexmoeError(f"{run_dir}: not a resumable run directory (no {CONFIG_FILE} or checkpoint)")
+        return cls(load_config(run_dir / CONFIG_FILE), run_dir, progress).run(resume=True, stop_after=stop_after)
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train through `config.rounds` (or stop after round `stop_after`); returns the summary."""
+        model, tokenizer = load_model(self.config, self.method)
+        clients = [make_client(self.config, part, tokenizer) for part in partition_data(self.config)]
+        driver = RoundDriver(self.config, self.run_dir, transport=None, progress=self.progress, method=self.method,
+                             model=model, tokenizer=tokenizer)
+        runner = ClientRunner(self.config, self.method, model, tokenizer, ClientStore(self.run_dir / CLIENTS_DIR),
+                              driver.server.initial_weights, self.progress)
+        driver.transport = InProcess(self.config, self.method, runner, clients)
+        return driver.run(resume=resume, stop_after=stop_after)

@@ -1,8 +1,8 @@
-"""Exact communication accounting.
+"""Exact communication accounting without sending anything.
 
-Everything that travels between server and clients is one safetensors blob (tensors plus
-string metadata). Engines send these bytes; the size counted is `len(blob)`, i.e. exactly
-what is serialised, headers included.
+A message is one safetensors blob (`flexmoe.wire`); its size is `len(blob)`, headers included.
+`serialized_size` computes that length from names, dtypes and shapes alone, so the same
+accounting covers models too large to materialise (meta tensors).
 """
 
 from __future__ import annotations
@@ -10,21 +10,6 @@ from __future__ import annotations
 import json
 
 import torch
-from safetensors.torch import load, save
-
-
-def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """One message as bytes; tensors are made contiguous CPU copies (safetensors requires it)."""
-    flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return save(flat, metadata=metadata)
-
-
-def deserialize(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Inverse of `serialize`: (tensors, metadata)."""
-    tensors = load(blob)
-    header_len = int.from_bytes(blob[:8], "little")  # safetensors layout: u64 header size, JSON header
-    header = json.loads(blob[8 : 8 + header_len])
-    return tensors, header.get("__metadata__", {})
 
 
 # ---- sizes without bytes: the same accounting for models too large to materialise ---------------
@@ -64,8 +49,9 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
     """Bytes of one round's messages per client for `config.method` on `model`, without training.
 
     `model` is a fresh base (meta tensors are fine: nothing is computed). It goes through the
-    method's own `prepare_model` / `personalize` / `downlink` / `uplink`, exactly as the engine
-    calls them, so the tensors counted are the ones a run would send. Returns
+    method's own `prepare_model`, `roles`, `downlink` and `uplink`, as the engine calls them (a
+    graft of the configured k for methods that graft: which experts are grafted changes no sent
+    tensor), so the tensors counted are the ones a run would send. Returns
     {"down": server -> client in round 1, "down_max": the largest downlink of any round (FC-MoE's
     grows by its consensus direction from round 2), "up": client -> server, "shared_params":
     trainable shared numel}.
@@ -73,19 +59,24 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
     real model gives the bytes themselves).
     """
     from flexmoe.methods import LocalRun, build_method
-    from flexmoe.models import split_parameters
+    from flexmoe.models import graft, moe_layers, split_parameters
 
     method = build_method(config)
     model = method.prepare_model(model)
     if method.grafts:
-        _graft_like_flex(model, config)
-    shared = {name: p.detach() for name, p in split_parameters(model).shared.items()}
+        flex = config.flex
+        with torch.device(next(model.parameters()).device):  # meta: the graft takes no memory
+            graft(model, {layer.name: list(range(flex.k)) for layer in moe_layers(model)}, gate=flex.gate,
+                  gate_init_bias=flex.gate_init_bias)
+    split = split_parameters(model, method.roles)
+    shared = {name: p.detach() for name, p in split.shared.items()}
     if not method.communicates:
         return {"down": 0, "down_max": 0, "up": 0, "shared_params": sum(t.numel() for t in shared.values())}
     server_state = method.init_server_state(shared)
     down = method.downlink(shared, server_state)
-    method.train_hooks(down, {})  # the engine's call order: some methods start counting here
-    message, _ = method.uplink(down, shared, {}, LocalRun(steps=1, lr=1.0, num_examples=num_examples))
+    counts = _expert_counts(model, shared) if method.counts_experts else {}
+    run = LocalRun(steps=1, lr=1.0, num_examples=num_examples, expert_counts=counts)
+    message, _ = method.uplink(down, shared, {}, run)
     return {
         "down": measure(down),
         "down_max": measure(method.busiest_downlink(shared)),
@@ -94,18 +85,15 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
     }
 
 
-def _graft_like_flex(model: torch.nn.Module, config) -> None:
-    """What `Flex.personalize` does to the parameter roles (the graft is personal, originals
-    frozen, routers shared with `flex.federate_routers`), with any expert choice: which experts
-    are grafted changes no sent tensor. The graft is built on the model's device (meta: no memory)."""
-    from flexmoe.models import graft, moe_layers, set_routers_trainable
+def _expert_counts(model: torch.nn.Module, shared: dict) -> dict[str, torch.Tensor]:
+    """Per-expert counts of the MoE layers whose experts are shared, as local training reports them."""
+    from flexmoe.methods.groups import expert_layer
+    from flexmoe.models import moe_layers
 
-    flex = config.flex
-    with torch.device(next(model.parameters()).device):
-        graft(model, {layer.name: list(range(flex.k)) for layer in moe_layers(model)}, gate=flex.gate,
-              gate_init_bias=flex.gate_init_bias)
-    if flex.federate_routers:
-        set_routers_trainable(model)
+    sizes = {layer.name: layer.num_experts for layer in moe_layers(model)}
+    layers = {expert_layer(name) for name in shared} - {None}
+    return {layer: torch.zeros(next(n for name, n in sizes.items() if layer == name or layer.endswith("." + name)))
+            for layer in layers}
 
 
 # Published configs (config.json on the Hugging Face hub) of real MoE checkpoints: only the

@@ -1,7 +1,7 @@
 """The knowledge and routing measures of one model, as the engine records them per evaluation.
 
 Knowledge retention: held-out LM loss on the builtin held-out corpus and multiple-choice probe
-accuracy (`flexmoe.eval.knowledge`). Routing (`flexmoe.eval.routing`, router hooks, no aux
+accuracy (`flexmoe.eval.knowledge`). Routing (`flexmoe.models.routing`, router hooks, no aux
 loss): per-layer expert load on the held-out corpus, its std across experts (the FLEx paper's
 load-balance measure), its entropy, and its drift from the base model's load: the total-variation
 distance 1/2 Σ_e |load_e − base_e| per layer (0 = same routing, 1 = disjoint experts), averaged
@@ -42,7 +42,7 @@ def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None =
 def routing_measures(model: nn.Module, tokenizer, docs: list[str], ev, base_load: Load | None = None) -> dict:
     """Expert-load std and routing entropy (nats) averaged over MoE layers, the per-layer load,
     and the drift from `base_load`; padding tokens are not counted."""
-    from flexmoe.eval.routing import RoutingCounter
+    from flexmoe.models.routing import RoutingCounter
 
     with RoutingCounter(model) as counter:
         for start in range(0, len(docs), ev.batch_size):

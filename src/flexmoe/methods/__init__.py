@@ -1,24 +1,18 @@
-"""Federated methods: one module each, a client side and a server side (see `base`)."""
+"""Federated methods: one module each, a client side and a server side (see `base`); each
+declares itself once in the registry (`registry.register_method`)."""
 
 from flexmoe.config import RunConfig
-from flexmoe.methods.base import LocalRun, Method, Reply, Tensors, TensorSpec, TrainHooks
-from flexmoe.methods.fcmoe import Fcmoe, FlexFcmoe
-from flexmoe.methods.fedavg import FedAvg
-from flexmoe.methods.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from flexmoe.methods.fedprox import FedProx
-from flexmoe.methods.flex import Flex
-from flexmoe.methods.local import Local
-from flexmoe.methods.scaffold import Scaffold
-
-METHOD_CLASSES: dict[str, type[Method]] = {
-    cls.name: cls for cls in (
-        Flex, FedAvg, FedProx, Scaffold, FedAvgM, FedAdagrad, FedYogi, FedAdam, Local, Fcmoe, FlexFcmoe,
-    )
-}
+# importing a method module registers it; this order is the order the CLI and the docs list them in
+from flexmoe.methods import flex, fedavg, fedprox, scaffold, fedopt, local, fcmoe  # noqa: F401, I001
+from flexmoe.methods.base import LocalRun, Method, TensorSpec, TrainHooks
+from flexmoe.methods.registry import MethodInfo, register_method, registered
+from flexmoe.methods.rules import Reply, ServerRule
+from flexmoe.tensors import Tensors
 
 
 def build_method(config: RunConfig) -> Method:
-    return METHOD_CLASSES[config.method](config)
+    return registered()[config.method].cls(config)
 
 
-__all__ = ["METHOD_CLASSES", "LocalRun", "Method", "Reply", "TensorSpec", "Tensors", "TrainHooks", "build_method"]
+__all__ = ["LocalRun", "Method", "MethodInfo", "Reply", "ServerRule", "TensorSpec", "Tensors", "TrainHooks",
+           "build_method", "register_method", "registered"]

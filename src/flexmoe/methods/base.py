@@ -1,12 +1,13 @@
 """The method interface shared by every engine.
 
-A method is two small pieces: the client side (where training starts, which terms it adds
-to local training, what it sends back and what it keeps) and the server side (what it sends
-down, how it combines replies). Both take and return flat `{name: tensor}` dicts plus
-JSON-able metrics, so the in-process engine and the Flower apps call the very same code.
+A method declares, once, what of the model is shared, personal and frozen (`roles`) and which
+server rule combines the replies (`rule`, `flexmoe.methods.rules`); its client side says where
+training starts, which terms it adds to local training, what it sends back and what it keeps.
+Everything takes and returns flat `{name: tensor}` dicts plus JSON-able metrics, so the
+in-process engine and the Flower apps call the very same code.
 
-Weight names are the model's trainable shared parameter names; control variates, deltas and
-optimiser moments reuse them behind a prefix ("control.", "delta.", "m.", ...).
+Weight names are the model's shared parameter names; control variates, deltas and optimiser
+moments reuse them behind a prefix ("control.", "delta.", "m.", ...).
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ import torch
 from torch import nn
 
 from flexmoe.config import RunConfig
+from flexmoe.methods.rules import Reply, ServerRule, WeightedMean, weighted_mean
+from flexmoe.models.roles import Roles
+from flexmoe.tensors import Tensors, strip_prefix, with_prefix
 
-Tensors = dict[str, torch.Tensor]
+__all__ = ["LocalRun", "Method", "Reply", "TensorSpec", "Tensors", "TrainHooks", "strip_prefix", "weighted_mean",
+           "with_prefix"]
 
-
-@dataclass(frozen=True)
-class Reply:
-    """One client's upload, as the server sees it."""
-
-    tensors: Tensors
-    num_examples: int
-    client: int = -1  # the sender's client id, for logging a rejected update (-1: unknown)
+# the model parts each LoRA scope trains and shares (`lora.scope`, `fcmoe.scope`)
+SCOPE_PARTS: dict[str, tuple[str, ...]] = {
+    "attention": ("attention_lora",),
+    "attention+experts": ("attention_lora", "expert_lora"),
+    "experts": ("expert_lora",),  # LoRA is added on attention too, but stays at its zero start, frozen and unsent
+    "full": ("base",),
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class LocalRun:
     steps: int  # optimiser steps taken
     lr: float  # local learning rate of this round
     num_examples: int  # size of the client's training set
+    expert_counts: Tensors = field(default_factory=dict)  # per MoE layer, tokens routed to each expert (if asked)
 
 
 @dataclass(frozen=True)
@@ -58,52 +63,44 @@ class TrainHooks:
     grad_correction: Tensors = field(default_factory=dict)  # SCAFFOLD: added to each gradient
 
 
-def with_prefix(prefix: str, tensors: Tensors) -> Tensors:
-    return {prefix + name: t for name, t in tensors.items()}
-
-
-def strip_prefix(prefix: str, tensors: Tensors) -> Tensors:
-    return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-
-
-def weighted_mean(dicts: list[Tensors], weights: list[float]) -> Tensors:
-    """Per-key weighted mean in float32 (then back to each tensor's dtype)."""
-    total = float(sum(weights))
-    if not dicts or total <= 0:
-        raise ValueError("weighted_mean needs at least one reply with positive weight")
-    out = {}
-    for name, first in dicts[0].items():
-        acc = sum(d[name].float() * (w / total) for d, w in zip(dicts, weights))
-        out[name] = acc.to(first.dtype)
-    return out
-
-
 class Method:
     """FedAvg-shaped defaults; subclasses override the pieces that differ."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by `register_method`
     communicates: ClassVar[bool] = True  # False: clients never exchange anything (local)
     grafts: ClassVar[bool] = False  # True: clients hold a personal grafted expert (FLEx)
+    counts_experts: ClassVar[bool] = False  # True: local training reports per-expert activation counts
+    rule_class: ClassVar[type[ServerRule]] = WeightedMean
 
     def __init__(self, config: RunConfig):
         self.config = config
+        self.rule = self.make_rule()
+
+    def make_rule(self) -> ServerRule:
+        return self.rule_class(self.config)
 
     @property
     def scope(self) -> str:
-        """Which part of the model trains and is shared."""
+        """Which part of the model trains and is shared (a key of `SCOPE_PARTS`)."""
         return self.config.lora.scope
 
+    @property
+    def roles(self) -> Roles:
+        """What of the model is shared, personal and frozen: the one place a method says it."""
+        return Roles(shared=SCOPE_PARTS[self.scope])
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Make the shared part trainable (LoRA for the LoRA scopes); identical on every client."""
+        """Add the trainable shared part (LoRA for the LoRA scopes); identical on every client."""
         from flexmoe.models import add_lora
 
         lora = self.config.lora
-        return add_lora(model, scope=self.scope, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+        lora_scope = "attention+experts" if self.scope == "experts" else self.scope
+        return add_lora(model, scope=lora_scope, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                         seed=self.config.seed)
 
     # ---- server side -------------------------------------------------------------------
     def init_server_state(self, global_weights: Tensors) -> Tensors:
-        return {}
+        return self.rule.init_state(global_weights)
 
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return global_weights
@@ -115,7 +112,7 @@ class Method:
     def aggregate(
         self, global_weights: Tensors, server_state: Tensors, replies: list[Reply]
     ) -> tuple[Tensors, Tensors, dict]:
-        return self.average(replies), server_state, {}
+        return self.rule.aggregate(global_weights, server_state, replies)
 
     def reply_spec(self, global_weights: Tensors) -> dict[str, TensorSpec]:
         """The tensors a valid reply carries (the server rejects any other reply)."""
@@ -124,11 +121,6 @@ class Method:
     def reply_update(self, tensors: Tensors, global_weights: Tensors) -> Tensors:
         """The model update a (valid) reply carries: what its norm bound and clipping apply to."""
         return {name: tensors[name].float() - x.float() for name, x in global_weights.items()}
-
-    def average(self, replies: list[Reply]) -> Tensors:
-        uniform = self.config.server.weighting == "uniform"
-        weights = [1.0 if uniform else float(r.num_examples) for r in replies]
-        return weighted_mean([r.tensors for r in replies], weights)
 
     # ---- client side -------------------------------------------------------------------
     def start_weights(self, received: Tensors, client_state: Tensors, initial: Tensors) -> Tensors:

@@ -2,7 +2,9 @@
 them, weighted by training examples (or uniformly, `server.weighting`)."""
 
 from flexmoe.methods.base import Method
+from flexmoe.methods.registry import register_method
 
 
+@register_method("fedavg", section="server", private=True)
 class FedAvg(Method):
-    name = "fedavg"
+    pass

@@ -2,10 +2,10 @@
 client's loss, which keeps local models near the global one on non-IID data."""
 
 from flexmoe.methods.base import Method, Tensors, TrainHooks
+from flexmoe.methods.registry import register_method
 
 
+@register_method("fedprox", section="fedprox", private=True)
 class FedProx(Method):
-    name = "fedprox"
-
     def train_hooks(self, received: Tensors, client_state: Tensors) -> TrainHooks:
         return TrainHooks(proximal_mu=self.config.fedprox.mu, proximal_anchor=received)

@@ -1,20 +1,17 @@
 """Local-only training: every client trains its own copy and nothing is exchanged; the
 personalised model of a client is simply its own weights."""
 
-from flexmoe.methods.base import LocalRun, Method, Reply, Tensors, strip_prefix, with_prefix
+from flexmoe.methods.base import LocalRun, Method, Tensors
+from flexmoe.methods.registry import register_method
+from flexmoe.tensors import strip_prefix, with_prefix
 
 
+@register_method("local")
 class Local(Method):
-    name = "local"
-    communicates = False
+    communicates = False  # the engines neither send nor aggregate anything
 
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return {}
-
-    def aggregate(
-        self, global_weights: Tensors, server_state: Tensors, replies: list[Reply]
-    ) -> tuple[Tensors, Tensors, dict]:
-        return global_weights, server_state, {}
 
     def start_weights(self, received: Tensors, client_state: Tensors, initial: Tensors) -> Tensors:
         return strip_prefix("weights.", client_state) or initial

@@ -10,16 +10,33 @@ optimiser step (`train.optimizer = "sgd"` gives the published algorithm exactly)
 
 import torch
 
-from flexmoe.methods.base import (
-    LocalRun, Method, Reply, Tensors, TensorSpec, TrainHooks, strip_prefix, weighted_mean, with_prefix,
-)
+from flexmoe.methods.base import LocalRun, Method, Tensors, TensorSpec, TrainHooks
+from flexmoe.methods.registry import register_method
+from flexmoe.methods.rules import Reply, ServerRule, weighted_mean
+from flexmoe.tensors import strip_prefix, with_prefix
 
 
-class Scaffold(Method):
-    name = "scaffold"
+class ScaffoldRule(ServerRule):
+    """x += eta_g * mean(dy); c += |S|/N * mean(dc), uniform means as published."""
 
-    def init_server_state(self, global_weights: Tensors) -> Tensors:
+    def init_state(self, global_weights: Tensors) -> Tensors:
         return with_prefix("control.", {n: torch.zeros_like(t, dtype=torch.float32) for n, t in global_weights.items()})
+
+    def aggregate(self, global_weights: Tensors, state: Tensors, replies: list[Reply]) -> tuple[Tensors, Tensors, dict]:
+        ones = [1.0] * len(replies)
+        mean_dy = weighted_mean([strip_prefix("delta.", r.tensors) for r in replies], ones)
+        mean_dc = weighted_mean([strip_prefix("control_delta.", r.tensors) for r in replies], ones)
+        eta_g = self.config.scaffold.server_lr
+        fraction = len(replies) / self.config.num_clients
+        new_global = {n: (x.float() + eta_g * mean_dy[n]).to(x.dtype) for n, x in global_weights.items()}
+        server_c = strip_prefix("control.", state)
+        new_c = {n: c + fraction * mean_dc[n] for n, c in server_c.items()}
+        return new_global, with_prefix("control.", new_c), {}
+
+
+@register_method("scaffold", section="scaffold")
+class Scaffold(Method):
+    rule_class = ScaffoldRule
 
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return {**global_weights, **server_state}
@@ -55,16 +72,3 @@ class Scaffold(Method):
 
     def reply_update(self, tensors: Tensors, global_weights: Tensors) -> Tensors:
         return {name: t.float() for name, t in strip_prefix("delta.", tensors).items()}
-
-    def aggregate(
-        self, global_weights: Tensors, server_state: Tensors, replies: list[Reply]
-    ) -> tuple[Tensors, Tensors, dict]:
-        ones = [1.0] * len(replies)
-        mean_dy = weighted_mean([strip_prefix("delta.", r.tensors) for r in replies], ones)
-        mean_dc = weighted_mean([strip_prefix("control_delta.", r.tensors) for r in replies], ones)
-        eta_g = self.config.scaffold.server_lr
-        fraction = len(replies) / self.config.num_clients
-        new_global = {n: (x.float() + eta_g * mean_dy[n]).to(x.dtype) for n, x in global_weights.items()}
-        server_c = strip_prefix("control.", server_state)
-        new_c = {n: c + fraction * mean_dc[n] for n, c in server_c.items()}
-        return new_global, with_prefix("control.", new_c), {}

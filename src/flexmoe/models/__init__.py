@@ -17,17 +17,8 @@ from flexmoe.models.graft import (
     ungraft,
 )
 from flexmoe.models.load import load_base, resolve_model_dir, tiny_path
-from flexmoe.models.lora import (
-    SCOPES,
-    ParameterSplit,
-    add_lora,
-    check_lora_placement,
-    lora_module_names,
-    set_routers_trainable,
-    set_shared_state,
-    shared_state,
-    split_parameters,
-)
+from flexmoe.models.lora import SCOPES, add_lora, check_lora_placement, lora_module_names
+from flexmoe.models.roles import PARTS, ModelSplit, Roles, apply_roles, set_shared_state, shared_state, split_parameters
 from flexmoe.models.personal import (
     base_fingerprint,
     load_personal,
@@ -39,10 +30,10 @@ from flexmoe.models.personal import (
 
 __all__ = [
     "FAMILIES", "GATES", "SCOPES", "STRATEGIES",
-    "ExpertGraft", "ExpertMLP", "Family", "MoELayer", "ParameterSplit", "Selection",
-    "add_lora", "base_fingerprint", "check_lora_placement", "current_selection", "extract_expert",
+    "ExpertGraft", "ExpertMLP", "Family", "ModelSplit", "MoELayer", "PARTS", "Roles", "Selection",
+    "add_lora", "apply_roles", "base_fingerprint", "check_lora_placement", "current_selection", "extract_expert",
     "family_of", "graft", "grafts", "grafts_disabled", "load_base", "load_personal", "lora_module_names",
     "moe_layers", "personal_state", "read_personal", "resolve_model_dir", "save_personal",
-    "select_experts", "set_personal_state", "set_routers_trainable", "set_shared_state", "shared_state",
+    "select_experts", "set_personal_state", "set_shared_state", "shared_state",
     "split_parameters", "tiny_path", "ungraft", "unwrap",
 ]

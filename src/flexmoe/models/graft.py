@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexmoe.data.tokens import IGNORE_INDEX
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import MoELayer, moe_layers, unwrap
 
@@ -31,7 +32,6 @@ GRAFT = "graft"  # attribute of the MoE block holding its graft; every personal 
 STRATEGIES = ("reconstruction", "random", "frequency")
 GATES = ("sigmoid", "none")
 DEFAULT_MAX_TOKENS = 4096
-IGNORE_INDEX = -100  # label of tokens outside the loss (prompt, padding)
 # Expert outputs are computed a chunk of experts at a time so that a chunk's (c, T, 2I)
 # activations stay under this many elements (~32 MB in fp32): measured on CPU, 256 MB chunks
 # ran ~15% slower than 32 MB ones (cache misses on the large temporaries).
@@ -177,7 +177,7 @@ def select_experts(model: nn.Module, batches: Iterable, k: int = 1, strategy: st
 
     batches: input_ids tensors ((B, T) or (T,)) or dicts with "input_ids" and optionally
     "attention_mask" (padding is excluded) and "labels" (then only supervised tokens, labels
-    != -100, are calibration tokens; the whole sequence still flows through the model).
+    != IGNORE_INDEX, are calibration tokens; the whole sequence still flows through the model).
     Tokens are uniformly subsampled (seeded) to at most `max_tokens` per layer. The base model
     runs in eval mode with any graft disabled.
     """
@@ -390,7 +390,7 @@ def _router_hook(capture: _LayerCapture, valid, layer_name: str):
 
 def _iter_batches(batches) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """(input_ids, attention_mask, calibration mask) per batch. Calibration tokens are the
-    non-padding ones, and of those only the supervised ones (labels != -100) when the batch
+    non-padding ones, and of those only the supervised ones (labels != IGNORE_INDEX) when the batch
     carries labels: the prompt template is the same for every client and would blur the choice."""
     for position, batch in enumerate(batches):
         batch = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}

@@ -1,5 +1,5 @@
-"""The shared, federated part of the model: LoRA (PEFT) on a chosen scope, and the split of a
-model's parameters into shared (sent to the server), personal (kept: the graft) and frozen.
+"""LoRA (PEFT) on a chosen scope of the model: the trainable part methods share (which
+parameters are shared, personal or frozen is `flexmoe.models.roles`).
 
 Scopes:
 - "attention": LoRA on the family's attention projections, named explicitly (FLEx). PEFT's
@@ -11,7 +11,6 @@ Scopes:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
@@ -104,65 +103,3 @@ def check_lora_placement(model: nn.Module, scope: str) -> None:
 def _strip_base_layer(name: str) -> str:
     # PEFT nests one ParamWrapper per targeted parameter: experts.base_layer.base_layer...
     return re.sub(r"(\.base_layer)+$", "", name)
-
-
-def set_routers_trainable(model: nn.Module, trainable: bool = True) -> list[str]:
-    """Make every MoE router trainable (so it joins the shared, federated part) or freeze it.
-    Returns the router parameter names, as `model.named_parameters()` spells them."""
-    routers = {id(p) for layer in moe_layers(model) for p in layer.router.parameters()}
-    names = []
-    for name, param in model.named_parameters():
-        if id(param) in routers:
-            param.requires_grad_(trainable)
-            names.append(name)
-    return names
-
-
-@dataclasses.dataclass
-class ParameterSplit:
-    """A model's named parameters by role: shared (sent), personal (kept on the client), frozen."""
-
-    shared: dict[str, nn.Parameter]
-    personal: dict[str, nn.Parameter]
-    frozen: dict[str, nn.Parameter]
-
-    def numel(self, part: str) -> int:
-        return sum(p.numel() for p in getattr(self, part).values())
-
-
-def split_parameters(model: nn.Module) -> ParameterSplit:
-    """Shared: trainable and not part of a graft (LoRA, or all of "full"); personal: the graft
-    (names contain "graft"); frozen: the rest. Names are the model's own (PEFT prefixes included)."""
-    shared, personal, frozen = {}, {}, {}
-    for name, param in model.named_parameters():
-        if GRAFT in name.split("."):
-            personal[name] = param
-        elif param.requires_grad:
-            shared[name] = param
-        else:
-            frozen[name] = param
-    return ParameterSplit(shared, personal, frozen)
-
-
-def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the shared (sent) parameters."""
-    return {name: param.detach().clone() for name, param in split_parameters(model).shared.items()}
-
-
-def set_shared_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy received shared parameters into the model, in place; keys must match exactly."""
-    copy_checked(split_parameters(model).shared, state, "shared state", "this model")
-
-
-def copy_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str, owner: str) -> None:
-    """Copy `state` into `targets` in place, refusing a missing or extra key or a shape mismatch."""
-    missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-    if missing or extra:
-        problem = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise FlexmoeError(f"{what} does not fit {owner}: {problem}")
-    with torch.no_grad():
-        for name, target in targets.items():
-            if tuple(state[name].shape) != tuple(target.shape):
-                raise FlexmoeError(f"{what} {name}: shape {tuple(state[name].shape)}, "
-                                   f"{owner} has {tuple(target.shape)}")
-            target.copy_(state[name])

@@ -22,7 +22,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked, save_checked, unpack_metadata
 from flexmoe.models.families import moe_layers, unwrap
 from flexmoe.models.graft import GRAFT, current_selection, graft, grafts
-from flexmoe.models.lora import copy_checked
+from flexmoe.models.roles import copy_checked
 
 FORMAT = "flexmoe-personal/1"
 _SAMPLES_PER_TENSOR = 4096

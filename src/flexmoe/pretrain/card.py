@@ -21,7 +21,7 @@ from flexmoe.eval.knowledge import (
     normalised_scores,
     option_loglikelihoods,
 )
-from flexmoe.eval.routing import RoutingCounter
+from flexmoe.models.routing import RoutingCounter
 from flexmoe.files import write_text_atomic
 from flexmoe.pretrain.train import TRAIN_LOG, TRAIN_SUMMARY, PretrainConfig, read_documents
 
@@ -317,7 +317,7 @@ def _routing_section(routing: dict) -> str:
     lines = [f"""## Expert routing
 
 Share of routed (top-k) selections per expert on the held-out documents, by WordNet domain
-(`flexmoe.eval.routing.RoutingCounter`, padding excluded). Balanced routing would put
+(`flexmoe.models.routing.RoutingCounter`, padding excluded). Balanced routing would put
 {1 / num_experts:.1%} on every expert, with entropy ln {num_experts} = {max_entropy:.3f}.
 """]
     for name in layer_names:

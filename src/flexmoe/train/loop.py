@@ -2,7 +2,7 @@
 
 AdamW (or SGD) over the trainable parameters, a learning rate fixed within a round and
 decayed by a cosine over rounds, gradient accumulation, clipping, and a loss on response
-tokens only (prompt tokens carry label -100). Method terms enter through `TrainHooks`:
+tokens only (prompt tokens carry label IGNORE_INDEX). Method terms enter through `TrainHooks`:
 FedProx's proximal gradient is part of the objective (added before clipping); SCAFFOLD's
 correction is part of the update rule (added after clipping, as in its Algorithm 1).
 """
@@ -10,6 +10,7 @@ correction is part of the update rule (added after clipping, as in its Algorithm
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.config import TrainConfig
-from flexmoe.methods.base import Tensors, TrainHooks
+from flexmoe.data.tokens import IGNORE_INDEX
+from flexmoe.methods.base import TrainHooks
+from flexmoe.tensors import Tensors
 
 StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -30,6 +33,7 @@ class TrainResult:
     steps: int
     tokens: int  # response tokens trained on
     optimizer_state: Tensors
+    expert_counts: Tensors = dataclasses.field(default_factory=dict)  # see `count_experts`
 
 
 def cosine_lr(config: TrainConfig, round_index: int, rounds: int) -> float:
@@ -55,7 +59,7 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     out, so that is ~10% of the positions of the builtin data, and the vocabulary-sized logits
     (head matmul, log-softmax, their gradients and copies) were the largest cost of a step."""
     targets = batch["labels"][:, 1:]
-    predicts = targets != -100
+    predicts = targets != IGNORE_INDEX
     with _head_rows(model, predicts):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = F.cross_entropy(logits.float(), targets[predicts], reduction="sum")
@@ -88,8 +92,13 @@ def local_train(
     hooks: TrainHooks = TrainHooks(),
     optimizer_state: Tensors | None = None,
     on_step: StepCallback | None = None,
+    count_experts: set[str] = frozenset(),
 ) -> TrainResult:
-    """Train `params` (name -> parameter) in place on `features`; deterministic given `seed`."""
+    """Train `params` (name -> parameter) in place on `features`; deterministic given `seed`.
+    `count_experts`: MoE layers (name prefixes of their expert tensors) whose per-expert token
+    counts over this training the result reports (`flexmoe.models.routing.ExpertCounts`)."""
+    from flexmoe.models.routing import ExpertCounts
+
     if not features:
         raise ValueError("local_train needs at least one training example")
     optimizer = _make_optimizer(params, config, lr)
@@ -102,7 +111,8 @@ def local_train(
     model.train()
     total_loss, total_tokens = 0.0, 0
     bf16 = config.precision == "bf16"
-    with _fp32_attention(model) if bf16 else contextlib.nullcontext():
+    counting = ExpertCounts(model, set(count_experts))
+    with _fp32_attention(model) if bf16 else contextlib.nullcontext(), counting:
         for step in range(1, steps + 1):
             micro_batches = [collate(next(batches)) for _ in range(config.grad_accum)]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -120,6 +130,7 @@ def local_train(
         steps=steps,
         tokens=total_tokens,
         optimizer_state=_dump_optimizer_state(optimizer, params),
+        expert_counts=counting.counts,
     )
 
 
@@ -159,7 +170,7 @@ def _fp32_attention(model: nn.Module):
 
 def _accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """Backward over the micro-batches, normalised by the response tokens of all of them."""
-    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     loss_sum = 0.0
     for batch in micro_batches:
         loss, _ = response_loss(model, batch)

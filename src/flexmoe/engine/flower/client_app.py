@@ -85,12 +85,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         runner.graft(client)
     base_load = json.loads(str(settings["base-load"]))
     received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
-    record = runner.evaluate(client, node.round, received, base_load)
-    content = _reply(record, client.client_id, len(client.test))
-    if GLOBAL in msg.content:
-        rouge, measures = runner.evaluate_global([client], node.round, from_arrays(msg.content[GLOBAL]), base_load)
-        content["global"] = ConfigRecord({"record": json.dumps({"rouge_l": rouge[client.client_id], **measures})})
-    return Message(content, reply_to=msg)
+    global_weights = from_arrays(msg.content[GLOBAL]) if GLOBAL in msg.content else None
+    record = runner.evaluate(client, node.round, received, base_load, global_weights)
+    return Message(_reply(record, client.client_id, len(client.test)), reply_to=msg)
 
 
 @app.query()
@@ -98,7 +95,7 @@ def commit(msg: Message, context: Context) -> Message:
     """The server committed a round: promote this client's pending state (no model needed). With
     "phase" = "identify" (a SuperNode the server has not seen: restarted, late, or a resumed run),
     also say which client this node is."""
-    from flexmoe.engine.rundir import ClientStore
+    from flexmoe.rundir import ClientStore
 
     settings = msg.content[CONFIG]
     client_id, root = _identity(msg, context)
@@ -119,18 +116,12 @@ def _reply(record: dict, client_id: int, num_examples: int) -> RecordDict:
 
 
 def settle(store, client_id: int, settings) -> None:
-    """Bring the client's stored state in line with the server before anything reads it: drop the
-    pending state of the round the server counts as failed for this client (its reply was lost or
-    came too late: the in-process engine drops a failed client's state too); then, except for an
-    evaluation (which reads this round's pending state), promote the rounds the server committed
-    since our last call and drop those it never committed."""
-    from flexmoe.engine.rundir import ROUND_MARKER
-
-    marker = store.pending(client_id) / ROUND_MARKER
-    if marker.exists() and int(marker.read_text()) == int(settings["failed-round"]):
-        store.discard(client_id)
-    if settings["phase"] != "eval":
-        store.commit(int(settings["committed"]), client_id)
+    """Bring the client's stored state in line with the server before anything reads it
+    (`ClientStore.settle`): promote pending state only of the round the server last counted for
+    this client (`counted-round`), drop it otherwise; an evaluation keeps the state of the round in
+    progress, which it reads."""
+    store.settle(client_id, committed=int(settings["committed"]), counted=int(settings["counted-round"]),
+                 keep_in_progress=settings["phase"] == "eval")
 
 
 def _info(train: list, test: list) -> ConfigRecord:
@@ -159,7 +150,7 @@ def run_key(run_dir: Path) -> str:
 def _client_data(config, node_config, client_id: int):
     """This client's `ClientData`: its part of the run's partition, or the node's own `data-path`."""
     import flexmoe.data
-    from flexmoe.engine.core import partition_data
+    from flexmoe.data.clients import partition_data
 
     data_path = node_config.get("data-path")
     if not data_path:
@@ -176,25 +167,23 @@ class _Node:
     """This node's client: config from the message, data and state from the node config."""
 
     def __init__(self, msg: Message, context: Context):
-        import torch
-
-        from flexmoe.engine.core import ClientRunner, load_model, shared_params
-        from flexmoe.engine.rundir import ClientStore, cpu_clone
+        from flexmoe.engine.core import ClientRunner, load_model, shared_params, use_threads
         from flexmoe.methods import build_method
+        from flexmoe.rundir import ClientStore
+        from flexmoe.tensors import cpu_clone
 
         settings = msg.content[CONFIG]
         self.context = context
         self.config = config_from_text(str(settings["flexmoe-config"]))
         self.round = int(settings["round"])
-        if self.config.runtime.threads:
-            torch.set_num_threads(self.config.runtime.threads)
+        use_threads(self.config)  # this process serves this client alone
         client_id, root = _identity(msg, context)
         self._check_partitions(client_id)
         store = ClientStore(root)
         settle(store, client_id, settings)
         self.method = build_method(self.config)
         model, tokenizer = load_model(self.config, self.method)
-        initial = cpu_clone(shared_params(model))  # the seeded round-0 shared weights, as on the server
+        initial = cpu_clone(shared_params(model, self.method))  # the seeded round-0 shared weights, as on the server
         self.client = self._client(client_id, tokenizer)
         self.runner = ClientRunner(self.config, self.method, model, tokenizer, store, lambda: initial)
         self.remember()
@@ -208,7 +197,7 @@ class _Node:
             raise FlexmoeError(f"node config partition-id = {client_id} is outside 0..{self.config.num_clients - 1}")
 
     def _client(self, client_id: int, tokenizer):
-        from flexmoe.engine.core import make_client
+        from flexmoe.data.clients import make_client
 
         return make_client(self.config, _client_data(self.config, self.context.node_config, client_id), tokenizer)
 

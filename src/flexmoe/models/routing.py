@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from flexmoe.models import moe_layers
+from flexmoe.models.families import moe_layers
 
 
 class RoutingCounter:
@@ -115,3 +115,34 @@ def _selected_indices(output, name: str) -> torch.Tensor:
             return item
     raise TypeError(f"router of {name} returned no integer expert indices "
                     f"(got {type(output).__name__}); expected (logits, weights, indices)")
+
+
+class ExpertCounts:
+    """Counts, while open, how many non-padding tokens each named MoE layer routes to each expert
+    (FC-MoE's activation frequencies: the tokens whose gradients form each expert's update).
+    `layers` are name prefixes of the layers' expert tensors, as the shared weights spell them
+    (PEFT prefixes included); `counts` maps each of them to its per-expert counts (float32)."""
+
+    def __init__(self, model, layers: set[str]):
+        self.model = model
+        self.routing = RoutingCounter(model)
+        self.names = {}
+        for layer in sorted(layers):
+            name = next((n for n in self.routing.counts if layer == n or layer.endswith("." + n)), None)
+            if name is None:
+                raise ValueError(f"no MoE layer of the model matches the expert tensors under {layer!r}")
+            self.names[layer] = name
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> ExpertCounts:
+        self.routing.__enter__()
+        self._mask_hook = self.model.register_forward_pre_hook(self._read_mask, with_kwargs=True)
+        return self
+
+    def _read_mask(self, module, args, kwargs):
+        self.routing.attention_mask = kwargs.get("attention_mask")
+
+    def __exit__(self, *exc) -> None:
+        self._mask_hook.remove()
+        self.routing.__exit__()
+        self.counts = {layer: self.routing.counts[name].float() for layer, name in self.names.items()}

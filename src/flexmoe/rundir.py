@@ -1,4 +1,5 @@
-"""The run directory: atomic files, the metrics log, the server checkpoint, client states.
+"""The run directory: its layout (every file name, and what makes a directory a run), the
+metrics log, the server checkpoint and client states.
 
 A round commits when `checkpoints/server.safetensors` (global weights, server-optimiser state
 and the round number, in one file) is replaced. Clients write their new state to
@@ -17,9 +18,18 @@ from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked, save_checked, write_text_atomic
-from flexmoe.methods.base import Tensors, strip_prefix, with_prefix
+from flexmoe.tensors import Tensors, strip_prefix, with_prefix
 
+CONFIG_FILE = "config.toml"  # the resolved run config
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
 SERVER_CHECKPOINT = "checkpoints/server.safetensors"
+INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights: Local clients start there
+BASE_METADATA = "base"  # INITIAL_WEIGHTS metadata: fingerprint of the base model the run trains
+CLIENTS_DIR = "clients"  # clients/<id>/: each client's state (`ClientStore`)
+PERSONAL_FILE = "personal.safetensors"  # a client's graft and gate
+STATE_FILE = "state.safetensors"  # a client's method and optimiser state
 ROUND_MARKER = "ROUND"  # written last into a pending dir: the pending state is complete
 
 
@@ -124,14 +134,28 @@ class ClientStore:
                         os.replace(item, client_dir / item.name)
             shutil.rmtree(pending)
 
+    def settle(self, client_id: int, committed: int, counted: int, keep_in_progress: bool = False) -> None:
+        """Bring one client's files in line with the server: pending state of a committed round
+        becomes final only if it is of `counted`, the client's last round the server counted (any
+        other committed round's state is of a round counted as failed: its reply was lost or late);
+        pending state of a round in progress is kept only when `keep_in_progress`."""
+        pending = self.pending(client_id)
+        if not pending.is_dir():
+            return
+        marker = pending / ROUND_MARKER
+        round_index = int(marker.read_text()) if marker.exists() else None
+        if round_index is not None and round_index > committed and keep_in_progress:
+            return
+        if round_index is not None and round_index <= committed and round_index == counted:
+            self.commit(committed, client_id)
+        else:
+            self.discard(client_id)
+
     def save_selection(self, client_id: int, selection: dict) -> None:
         write_text_atomic(self.dir(client_id) / "selection.json", json.dumps(selection, indent=1))
 
 
-def cpu_clone(tensors: Tensors) -> Tensors:
-    return {name: t.detach().to("cpu").clone() for name, t in tensors.items()}
-
-
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.toml").is_file() and (path / SERVER_CHECKPOINT).is_file()
+    """A run directory flexmoe can resume or read: a resolved config and a committed checkpoint."""
+    return (path / CONFIG_FILE).is_file() and (path / SERVER_CHECKPOINT).is_file()
 
