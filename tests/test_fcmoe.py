@@ -266,7 +266,7 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
         retained = method.retained(received, store.load_state(client))
         assert retained and retained.keys() <= global_weights.keys()  # groups with a conflict
         norms.append(sum(float(t.norm()) for t in retained.values()))
-        restored = shared_state(restore(tmp_path, client).model)
+        restored = shared_state(restore(tmp_path, client).model, method.roles)
         for name, weight in global_weights.items():
             expected = weight + 0.5 * retained[name] if name in retained else weight
             assert torch.allclose(restored[name], expected, atol=1e-6)

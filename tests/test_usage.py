@@ -99,7 +99,7 @@ def test_restored_clients_carry_their_own_graft_and_the_global_lora(flex_run):
         assert current_selection(restored.model) == json.loads(metadata["selection"])
         state = personal_state(restored.model)
         assert set(state) == set(stored) and all(torch.equal(state[k], stored[k]) for k in stored)
-    shared, global_weights = shared_state(first.model), first.checkpoint.global_weights
+    shared, global_weights = shared_state(first.model, first.checkpoint.method.roles), first.checkpoint.global_weights
     assert shared and set(shared) == set(global_weights)
     assert all("lora_" in n and torch.equal(shared[n], global_weights[n]) for n in shared)
     base, tokenizer = load_base(first.checkpoint.config.model)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flexmoe.errors import FlexmoeError
 
@@ -180,14 +180,24 @@ class RunConfig(_Section):
             )
         return self
 
-    @model_validator(mode="after")
-    def _method_known(self) -> RunConfig:
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, method: str) -> str:
         # the registry imports every method module (and torch): read only when a config is validated
         from flexmoe.methods.registry import registered
 
+        methods = list(registered())
+        if method not in methods:
+            close = difflib.get_close_matches(method, methods, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"Input should be {', '.join(repr(m) for m in methods)}{hint}")
+        return method
+
+    @model_validator(mode="after")
+    def _method_fits_privacy(self) -> RunConfig:
+        from flexmoe.methods.registry import registered
+
         methods = registered()
-        if self.method not in methods:
-            raise ValueError(f"method = {self.method!r} is not a method; choose one of {', '.join(methods)}")
         private = [name for name, info in methods.items() if info.private]
         if self.privacy.noise_multiplier > 0 and self.method not in private:
             # only a reply that is the shared weights can be clipped and its mean noised
