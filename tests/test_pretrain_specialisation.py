@@ -96,6 +96,8 @@ def test_device_and_grouping_settings_are_checked():
         load_config(None, ['train.device="tpu"'])
     with pytest.raises(FlexmoeError, match="domain_grouping"):
         load_config(None, ['train.domain_grouping="lexname"'])
+    with pytest.raises(FlexmoeError, match="experts_implementation"):
+        load_config(None, ['train.experts_implementation="batched"'])
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
@@ -105,7 +107,8 @@ def test_device_and_grouping_settings_are_checked():
 
 def test_time_limit_leaves_a_checkpoint_and_resume_ends_with_the_same_weights(corpus_files, tmp_path):  # noqa: F811
     overrides = _tiny_overrides(corpus_files, steps=4) + ['train.domain_grouping="batches"',
-                                                            "train.router_z_loss_coef=0.001", 'train.device="cpu"']
+                                                            "train.router_z_loss_coef=0.001", 'train.device="cpu"',
+                                                            'train.experts_implementation="eager"']
     config = load_config(None, overrides)
     straight = pretrain(config, tmp_path / "straight", log=lambda line: None)
     paused = pretrain(config, tmp_path / "paused", log=lambda line: None, time_limit_s=0)
@@ -194,3 +197,21 @@ def test_gpu_script_trains_pauses_resumes_and_packs_the_model_on_the_cpu(corpus_
     from flexmoe.models import load_base
     model, _ = load_base(tmp_path / "model")
     assert model.config.num_experts == 16
+
+
+def test_v2_config_meets_the_size_and_token_budget():
+    """configs/pretrain-tiny-v2.toml: qwen2_moe, >= 16 routed experts, <= 60 MB in bfloat16, >= 50M tokens."""
+    from pathlib import Path
+
+    from flexmoe.pretrain.train import build_model
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pretrain-tiny-v2.toml")
+    vocab = SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    tokenizer = type("Vocab", (), {"__len__": lambda self: config.tokenizer.vocab_size, **vars(vocab)})()
+    with torch.device("meta"):
+        model = build_model(config.model, tokenizer, config.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert model.config.model_type == "qwen2_moe" and config.model.num_experts >= 16
+    assert 2 * parameters <= 60e6  # bfloat16 storage
+    assert config.train.steps * config.train.batch_size * config.train.seq_len >= 50e6
+    assert config.train.device == "auto" and config.eval.target_probe_accuracy >= 0.7

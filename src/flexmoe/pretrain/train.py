@@ -37,6 +37,7 @@ TRAIN_SUMMARY = "training_summary.json"
 CONFIG_COPY = "pretrain-config.toml"
 DEVICES = ("auto", "cpu", "cuda")
 DOMAIN_GROUPINGS = ("none", "sequences", "batches")
+EXPERTS_IMPLEMENTATIONS = ("", "grouped_mm", "eager")
 MIXED = "mixed"  # the group of sequences packed from the tails of every domain
 # "dog (noun, animal): ..." -> noun.animal ; "happy (adjective): ..." -> adjective
 _DOMAIN = re.compile(r"^[^()]*\((\w+)(?:, (\w+))?[^)]*\):")
@@ -92,6 +93,9 @@ class TrainSettings:
     # "batches" it pushes each domain towards using every expert evenly.
     domain_grouping: str = "none"
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss: mean squared logsumexp of router logits
+    # transformers' fused-experts kernel while training: "" = its default (grouped_mm), or "eager"
+    # (a loop over experts: slower, the fallback if grouped_mm fails on a machine); not saved with the model
+    experts_implementation: str = ""
     log_every: int = 10
     eval_every: int = 250
     eval_docs: int = 300
@@ -193,6 +197,9 @@ def _validate(config, where: str) -> None:
             raise FlexmoeError(f"{where}: precision must be 'bf16' or 'fp32', got {config.precision!r}")
         if config.device not in DEVICES:
             raise FlexmoeError(f"{where}: device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+        if config.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise FlexmoeError(f"{where}: experts_implementation must be one of "
+                               f"{', '.join(map(repr, EXPERTS_IMPLEMENTATIONS))}, got {config.experts_implementation!r}")
         if config.domain_grouping not in DOMAIN_GROUPINGS:
             raise FlexmoeError(f"{where}: domain_grouping must be one of {', '.join(DOMAIN_GROUPINGS)}, "
                                f"got {config.domain_grouping!r}")
@@ -450,10 +457,14 @@ def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
 def resolve_device(name: str) -> torch.device:
     """The torch device for `train.device`; "cuda" without a visible GPU is a one-line error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise FlexmoeError(f"train.device = 'cuda' but torch {torch.__version__} sees no CUDA GPU "
                            "(use device = 'auto' or 'cpu')")
+    if name == "cuda":
+        # float32 matmuls as TF32: transformers runs the fused experts in the weights' dtype (float32
+        # master weights), outside autocast
+        torch.set_float32_matmul_precision("high")
     return torch.device(name)
 
 
@@ -511,6 +522,8 @@ def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
         f"of {config.train.seq_len} (domain grouping: {config.train.domain_grouping}); vocab {len(tokenizer)}")
 
     model = build_model(config.model, tokenizer, config.seed).to(device)
+    if config.train.experts_implementation:
+        model.config._experts_implementation = config.train.experts_implementation  # not serialised
     optimizer = make_optimizer(model, config.train)
     state = _load_checkpoint(output, model, optimizer) if resume else {"step": 0, "seconds": 0.0}
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
