@@ -12,6 +12,7 @@ its last checkpoint and ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -340,13 +341,8 @@ def domain_batch_at(row_domains: list[str], step: int, batch_size: int, seed: in
     return _domain_epoch_plan(tuple(row_domains), batch_size, seed, epoch)[index]
 
 
-_PLAN_CACHE: dict[tuple, list[list[int]]] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def _domain_epoch_plan(row_domains: tuple[str, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    key = (hash(row_domains), len(row_domains), batch_size, seed, epoch)
-    if key in _PLAN_CACHE:
-        return _PLAN_CACHE[key]
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
     by_domain: dict[str, list[int]] = {}
     for index, domain in enumerate(row_domains):
@@ -363,11 +359,7 @@ def _domain_epoch_plan(row_domains: tuple[str, ...], batch_size: int, seed: int,
                 for start in range(0, len(leftovers) // batch_size * batch_size, batch_size)]
     if not batches:
         raise FlexmoeError(f"the corpus has {len(row_domains)} sequences, fewer than one batch of {batch_size}")
-    plan = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    if len(_PLAN_CACHE) > 8:
-        _PLAN_CACHE.clear()
-    _PLAN_CACHE[key] = plan
-    return plan
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def training_batches(documents: list[str], tokenizer, settings: TrainSettings, seed: int):
