@@ -20,11 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-only", action="store_true",
                         help="skip training: measure the model already in OUTPUT and rewrite its card")
     parser.add_argument("--no-eval", action="store_true", help="train only; write no evaluation or card")
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                        help="stop training after M minutes at a step boundary, leaving a checkpoint "
+                             "for --resume (no model files, no card until the run completes)")
 
 
 def run(args: argparse.Namespace) -> int:
     from flexmoe.errors import FlexmoeError
     from flexmoe.pretrain import load_config, pretrain
+    from flexmoe.pretrain.train import CHECKPOINT
 
     config_path = args.config
     if config_path is None and Path(DEFAULT_CONFIG).is_file():
@@ -33,10 +37,15 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if args.eval_only and args.no_eval:
         raise FlexmoeError("--eval-only and --no-eval exclude each other")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise FlexmoeError(f"--max-minutes must be positive, got {args.max_minutes}")
     if not args.eval_only:
-        pretrain(config, output, resume=args.resume)
+        limit = None if args.max_minutes is None else args.max_minutes * 60
+        pretrain(config, output, resume=args.resume, time_limit_s=limit)
+        if (output / CHECKPOINT).is_file():  # stopped by the time limit
+            return 0
     if not args.no_eval:
         from flexmoe.pretrain.card import evaluate_and_write_card
-        evaluate_and_write_card(output, config)
+        evaluate_and_write_card(output, config, config_path=config_path or "(built-in defaults)")
         print(f"wrote {output / 'README.md'}")
     return 0

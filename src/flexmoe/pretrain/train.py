@@ -12,10 +12,12 @@ its last checkpoint and ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import time
 import tomllib
@@ -34,6 +36,12 @@ CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_SUMMARY = "training_summary.json"
 CONFIG_COPY = "pretrain-config.toml"
+DEVICES = ("auto", "cpu", "cuda")
+DOMAIN_GROUPINGS = ("none", "sequences", "batches")
+EXPERTS_IMPLEMENTATIONS = ("", "grouped_mm", "eager")
+MIXED = "mixed"  # the group of sequences packed from the tails of every domain
+# "dog (noun, animal): ..." -> noun.animal ; "happy (adjective): ..." -> adjective
+_DOMAIN = re.compile(r"^[^()]*\((\w+)(?:, (\w+))?[^)]*\):")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,17 @@ class TrainSettings:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str = "bf16"  # "bf16" (autocast) or "fp32"
+    device: str = "auto"  # "auto" (cuda when torch sees a GPU), "cpu" or "cuda"
+    # How documents are grouped by WordNet domain (lexicographer file, e.g. noun.animal):
+    # "none" packs all shuffled documents into one stream; "sequences" packs each domain's
+    # documents into its own sequences (batches mix domains); "batches" also draws every batch
+    # from one domain. The router's load-balancing loss is computed per batch, so with
+    # "batches" it pushes each domain towards using every expert evenly.
+    domain_grouping: str = "none"
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss: mean squared logsumexp of router logits
+    # transformers' fused-experts kernel while training: "" = its default (grouped_mm), or "eager"
+    # (a loop over experts: slower, the fallback if grouped_mm fails on a machine); not saved with the model
+    experts_implementation: str = ""
     log_every: int = 10
     eval_every: int = 250
     eval_docs: int = 300
@@ -92,6 +111,11 @@ class EvalSettings:
     generation_prompts: tuple[str, ...] = ("dog (noun, animal):", "violin (noun, artifact):",
                                            "run (verb, motion):", "happy (adjective):")
     max_new_tokens: int = 32
+    graft_docs: int = 64  # held-out documents per domain that calibrate the grafting measurement
+    # targets the card reports as met or missed (0 = no target)
+    target_perplexity: float = 0.0  # held-out perplexity at most this
+    target_probe_accuracy: float = 0.40  # probe accuracy (bytes-normalised) at least this
+    target_domain_tv: float = 0.0  # mean pairwise TV distance of domains' expert loads, in most layers
 
 
 @dataclass(frozen=True)
@@ -172,6 +196,14 @@ def _validate(config, where: str) -> None:
     if isinstance(config, TrainSettings):
         if config.precision not in ("bf16", "fp32"):
             raise FlexmoeError(f"{where}: precision must be 'bf16' or 'fp32', got {config.precision!r}")
+        if config.device not in DEVICES:
+            raise FlexmoeError(f"{where}: device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+        if config.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise FlexmoeError(f"{where}: experts_implementation must be one of "
+                               f"{', '.join(map(repr, EXPERTS_IMPLEMENTATIONS))}, got {config.experts_implementation!r}")
+        if config.domain_grouping not in DOMAIN_GROUPINGS:
+            raise FlexmoeError(f"{where}: domain_grouping must be one of {', '.join(DOMAIN_GROUPINGS)}, "
+                               f"got {config.domain_grouping!r}")
         if min(config.steps, config.batch_size, config.seq_len) < 1:
             raise FlexmoeError(f"{where}: steps, batch_size and seq_len must be at least 1")
     if isinstance(config, ModelSettings):
@@ -260,6 +292,87 @@ def pack_documents(documents: list[str], tokenizer, seq_len: int, seed: int) -> 
     return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
 
 
+def document_domain(text: str) -> str:
+    """The WordNet part of speech and lexicographer file a corpus document starts with."""
+    match = _DOMAIN.match(text)
+    if not match:
+        return "other"
+    return f"{match.group(1)}.{match.group(2)}" if match.group(2) else match.group(1)
+
+
+def pack_by_domain(documents: list[str], tokenizer, seq_len: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Pack each domain's documents into sequences of their own -> (rows, the domain of each row).
+
+    A domain's last, incomplete sequence is not padded: the tails of all domains are packed
+    together into sequences of the group `MIXED`, so no document is lost (but the last tail).
+    """
+    groups: dict[str, list[str]] = {}
+    for doc in documents:
+        groups.setdefault(document_domain(doc), []).append(doc)
+    rows, names, tails = [], [], []
+    for index, domain in enumerate(sorted(groups)):
+        stream = _token_stream(groups[domain], tokenizer, seed + index)
+        full = len(stream) // seq_len * seq_len
+        rows += [stream[start:start + seq_len] for start in range(0, full, seq_len)]
+        names += [domain] * (full // seq_len)
+        tails += stream[full:]
+    rows += [tails[start:start + seq_len] for start in range(0, len(tails) // seq_len * seq_len, seq_len)]
+    names += [MIXED] * (len(rows) - len(names))
+    if not rows:
+        raise FlexmoeError(f"the corpus has {len(tails)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(rows, dtype=torch.long), names
+
+
+def _token_stream(documents: list[str], tokenizer, seed: int) -> list[int]:
+    """Documents in a seeded order, each as bos + text + eos, back to back."""
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
+    encoded = tokenizer([documents[i] for i in order], add_special_tokens=False)["input_ids"]
+    return [token for ids in encoded for token in (tokenizer.bos_token_id, *ids, tokenizer.eos_token_id)]
+
+
+def domain_batch_at(row_domains: list[str], step: int, batch_size: int, seed: int) -> list[int]:
+    """Row indices of step `step` when every batch comes from one domain; a pure function of step.
+
+    Each epoch shuffles every domain's rows and cuts them into batches; the rows left over
+    (fewer than a batch per domain) form mixed batches of their own; then the batches are shuffled.
+    """
+    plan = _domain_epoch_plan(tuple(row_domains), batch_size, seed, epoch=0)
+    epoch, index = divmod(step, len(plan))
+    return _domain_epoch_plan(tuple(row_domains), batch_size, seed, epoch)[index]
+
+
+@functools.lru_cache(maxsize=4)
+def _domain_epoch_plan(row_domains: tuple[str, ...], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    by_domain: dict[str, list[int]] = {}
+    for index, domain in enumerate(row_domains):
+        by_domain.setdefault(domain, []).append(index)
+    batches, leftovers = [], []
+    for domain in sorted(by_domain):
+        indices = by_domain[domain]
+        shuffled = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        full = len(shuffled) // batch_size * batch_size
+        batches += [shuffled[start:start + batch_size] for start in range(0, full, batch_size)]
+        leftovers += shuffled[full:]
+    leftovers = [leftovers[i] for i in torch.randperm(len(leftovers), generator=generator).tolist()]
+    batches += [leftovers[start:start + batch_size]
+                for start in range(0, len(leftovers) // batch_size * batch_size, batch_size)]
+    if not batches:
+        raise FlexmoeError(f"the corpus has {len(row_domains)} sequences, fewer than one batch of {batch_size}")
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def training_batches(documents: list[str], tokenizer, settings: TrainSettings, seed: int):
+    """(rows, batch_for_step) for the configured domain grouping; batch_for_step(step) -> (B, T) rows."""
+    if settings.domain_grouping == "none":
+        rows = pack_documents(documents, tokenizer, settings.seq_len, seed)
+        return rows, lambda step: batch_at(rows, step, settings.batch_size, seed)
+    rows, row_domains = pack_by_domain(documents, tokenizer, settings.seq_len, seed)
+    if settings.domain_grouping == "sequences":
+        return rows, lambda step: batch_at(rows, step, settings.batch_size, seed)
+    return rows, lambda step: rows[torch.tensor(domain_batch_at(row_domains, step, settings.batch_size, seed))]
+
+
 def batch_at(rows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
     """Rows for optimiser step `step`: epoch-wise seeded permutations, a pure function of step."""
     n = rows.shape[0]
@@ -333,31 +446,61 @@ def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
         lr=settings.lr, betas=(settings.beta1, settings.beta2))
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device for `train.device`; "cuda" without a visible GPU is a one-line error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FlexmoeError(f"train.device = 'cuda' but torch {torch.__version__} sees no CUDA GPU "
+                           "(use device = 'auto' or 'cpu')")
+    if name == "cuda":
+        # float32 matmuls as TF32: transformers runs the fused experts in the weights' dtype (float32
+        # master weights), outside autocast
+        torch.set_float32_matmul_precision("high")
+    return torch.device(name)
+
+
+def router_z_loss(router_logits) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022): mean over layers and tokens of logsumexp(logits)²."""
+    return torch.stack([torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in router_logits]).mean()
+
+
 def train_step(model, optimizer, batch: torch.Tensor, step: int, settings: TrainSettings) -> dict:
-    """One optimiser step on LM loss + router load-balancing loss; returns the step's metrics."""
+    """One optimiser step on LM loss + router load-balancing loss (+ z-loss); returns the step's metrics."""
     for group in optimizer.param_groups:
         group["lr"] = settings.lr * lr_factor(step, settings)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
-        out = model(input_ids=batch, labels=batch, output_router_logits=True)
-    out.loss.backward()  # transformers already added router_aux_loss_coef * aux_loss
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+        out = model(input_ids=batch.to(device), labels=batch.to(device), output_router_logits=True)
+    loss = out.loss  # transformers already added router_aux_loss_coef * aux_loss
+    metrics = {}
+    if settings.router_z_loss_coef:
+        z_loss = router_z_loss(out.router_logits)
+        loss = loss + settings.router_z_loss_coef * z_loss
+        metrics["z_loss"] = float(z_loss.detach())
+    loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     aux = float(out.aux_loss.detach())
     return {"loss": float(out.loss.detach()) - model.config.router_aux_loss_coef * aux, "aux_loss": aux,
-            "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]}
+            **metrics, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]}
 
 
 # ---------------------------------------------------------------- run
 
 def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
-             log=print) -> Path:
+             log=print, time_limit_s: float | None = None) -> Path:
     """Train the tokenizer and model of `config` into `output` (an HF model dir); returns it.
 
     A checkpoint is written every `checkpoint_every` steps; `resume=True` continues from it.
+    With `time_limit_s`, training stops at the first step boundary after that many seconds,
+    leaving a checkpoint (and no model files) for a later `resume=True`.
     """
+    started = time.time()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)
@@ -365,19 +508,27 @@ def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
         _check_resumable(config, output)
     tokenizer = _tokenizer_for(config, output, resume, log)
     train_docs = read_documents(config.data.corpus, "train")
-    rows = pack_documents(train_docs, tokenizer, config.train.seq_len, config.seed)
+    rows, batch_for_step = training_batches(train_docs, tokenizer, config.train, config.seed)
     heldout_docs = read_documents(config.data.heldout, "heldout")[: config.train.eval_docs]
     log(f"corpus: {len(train_docs)} documents, {rows.numel()} tokens in {rows.shape[0]} rows "
-        f"of {config.train.seq_len}; vocab {len(tokenizer)}")
+        f"of {config.train.seq_len} (domain grouping: {config.train.domain_grouping}); vocab {len(tokenizer)}")
 
-    model = build_model(config.model, tokenizer, config.seed)
+    model = build_model(config.model, tokenizer, config.seed).to(device)
+    if config.train.experts_implementation:
+        model.config._experts_implementation = config.train.experts_implementation  # not serialised
     optimizer = make_optimizer(model, config.train)
     state = _load_checkpoint(output, model, optimizer) if resume else {"step": 0, "seconds": 0.0}
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
         f"starting at step {state['step']} of {config.train.steps}")
-    _train_loop(model, optimizer, rows, heldout_docs, tokenizer, config, output, state, log)
+    deadline = None if time_limit_s is None else started + time_limit_s
+    if not _train_loop(model, optimizer, batch_for_step, heldout_docs, tokenizer, config, output, state, log,
+                       deadline):
+        _save_checkpoint(output, model, optimizer, state)
+        log(f"time limit reached: stopped at step {state['step']} of {config.train.steps}; "
+            f"checkpoint in {output / CHECKPOINT} (continue with --resume)")
+        return output
     _save_model(model, tokenizer, output)
-    _write_summary(output, config, rows, state, train_docs)
+    _write_summary(output, config, rows, state, train_docs, device)
     (output / CHECKPOINT).unlink(missing_ok=True)
     return output
 
@@ -404,16 +555,20 @@ def _tokenizer_for(config: PretrainConfig, output: Path, resume: bool, log):
     return tokenizer
 
 
-def _train_loop(model, optimizer, rows, heldout_docs, tokenizer, config, output, state, log) -> None:
+def _train_loop(model, optimizer, batch_for_step, heldout_docs, tokenizer, config, output, state, log,
+                deadline: float | None = None) -> bool:
+    """Train from state["step"]; False when the deadline stopped it before the last step."""
     from flexmoe.eval.knowledge import heldout_loss
 
     settings = config.train
     model.train()
     window_start, window_tokens = time.time(), 0
     for step in range(state["step"], settings.steps):
+        if deadline is not None and time.time() > deadline:
+            model.eval()
+            return False
         step_start = time.time()
-        metrics = train_step(model, optimizer, batch_at(rows, step, settings.batch_size, config.seed),
-                             step, settings)
+        metrics = train_step(model, optimizer, batch_for_step(step), step, settings)
         state["seconds"] += time.time() - step_start
         state["step"] = step + 1
         window_tokens += settings.batch_size * settings.seq_len
@@ -431,6 +586,7 @@ def _train_loop(model, optimizer, rows, heldout_docs, tokenizer, config, output,
         if state["step"] % settings.checkpoint_every == 0 and not done:
             _save_checkpoint(output, model, optimizer, state)
     model.eval()
+    return True
 
 
 def _append_log(output: Path, metrics: dict) -> None:
@@ -444,7 +600,7 @@ def _save_checkpoint(output: Path, model, optimizer, state: dict) -> None:
 
 
 def _load_checkpoint(output: Path, model, optimizer) -> dict:
-    checkpoint = torch.load(output / CHECKPOINT, weights_only=True)
+    checkpoint = torch.load(output / CHECKPOINT, weights_only=True, map_location="cpu")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint["state"]
@@ -463,7 +619,8 @@ def _save_model(model, tokenizer, output: Path) -> None:
     scratch.rmdir()
 
 
-def _write_summary(output: Path, config: PretrainConfig, rows, state: dict, train_docs) -> None:
+def _write_summary(output: Path, config: PretrainConfig, rows, state: dict, train_docs,
+                   device: torch.device) -> None:
     tokens = config.train.steps * config.train.batch_size * config.train.seq_len
     summary = {
         "steps": config.train.steps,
@@ -474,6 +631,8 @@ def _write_summary(output: Path, config: PretrainConfig, rows, state: dict, trai
         "train_seconds": round(state["seconds"], 1),
         "tokens_per_second": round(tokens / max(state["seconds"], 1e-9), 1),
         "precision": config.train.precision,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "domain_grouping": config.train.domain_grouping,
         "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
