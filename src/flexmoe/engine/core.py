@@ -66,6 +66,7 @@ class Client:
     train: list
     test: list
     features: list[dict]
+    truncation: object = None  # flexmoe.data.tokens.Truncation of `features`, for the report
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,15 @@ class ClientInfo:
     domains: tuple[str, ...]
     num_train: int
     num_test: int
+    categories: tuple[str, ...] = ()
+    truncated: int = 0
+    unusable: int = 0
 
 
 def describe(client: Client) -> ClientInfo:
-    domains = tuple(sorted({e.domain for e in client.train if e.domain}))
-    return ClientInfo(client.client_id, domains, len(client.train), len(client.test))
+    from flexmoe.data.source import describe_client
+
+    return ClientInfo(**describe_client(client))
 
 
 # ---- building the model and the clients' data ------------------------------------------------
@@ -114,16 +119,15 @@ def shared_params(model: nn.Module) -> dict[str, nn.Parameter]:
 def partition_data(config: RunConfig):
     """The run's data split into `num_clients` parts (every engine and client derives the same)."""
     import flexmoe.data
+    from flexmoe.data.source import configured_examples, log_partition
 
     data = config.data
-    if data.source == "builtin":
-        examples = flexmoe.data.builtin_examples()
-    else:
-        examples = flexmoe.data.load_examples(data.source, format=None if data.format == "auto" else data.format)
+    examples = configured_examples(data)
     parts = flexmoe.data.partition(
         examples, config.num_clients, scheme=data.partition, by=data.by, per_client=data.per_client,
-        alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction,
+        alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction, leftover=data.leftover_groups,
     )
+    log_partition(parts, len(examples), data.by)
     for part in parts:
         if not part.train:
             raise FlexmoeError(
@@ -134,11 +138,12 @@ def partition_data(config: RunConfig):
 
 
 def make_client(config: RunConfig, part, tokenizer) -> Client:
-    from flexmoe.data import tokenize_examples
+    from flexmoe.data.tokens import training_features
 
     train = part.train[: config.data.max_train_per_client or None]
-    features = tokenize_examples(train, tokenizer, max_length=config.train.max_length, template=config.data.template)
-    return Client(part.client_id, train, part.test, features)
+    features, truncation = training_features(train, tokenizer, config.train.max_length, config.data.template,
+                                             part.client_id)
+    return Client(part.client_id, train, part.test, features, truncation)
 
 
 # ---- the client side -------------------------------------------------------------------------
@@ -260,6 +265,7 @@ class ClientRunner:
 
     def evaluate_base(self, client: Client) -> dict:
         """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split."""
+        self.progress.message(f"round 0: evaluating the base model on client {client.client_id}")
         return {"round": 0, "kind": "eval", "client": client.client_id, "rouge_l": self.rouge(client),
                 "test_loss": self.test_loss(client)}
 
