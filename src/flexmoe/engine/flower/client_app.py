@@ -164,7 +164,8 @@ def _client_data(config, node_config, client_id: int):
     data_path = node_config.get("data-path")
     if not data_path:
         return partition_data(config)[client_id]
-    examples = flexmoe.data.load_examples(str(data_path))
+    examples = flexmoe.data.load_examples(str(data_path), fields=dict(config.data.fields) or None,
+                                          skip_invalid=config.data.skip_invalid)
     part = flexmoe.data.partition(examples, 1, scheme="iid", seed=config.seed,
                                   test_fraction=config.data.test_fraction)[0]
     if not part.train:
