@@ -17,6 +17,7 @@ def configured_examples(data) -> list[Example]:
     """The examples `data` (a `DataConfig`) names: the builtin dataset or its file, mapped and checked."""
     import flexmoe.data  # through the package: tests substitute its builtin_examples
 
+    log.info("reading the data: %s", "the builtin WordNet dataset" if data.source == "builtin" else data.source)
     if data.source == "builtin":
         return flexmoe.data.builtin_examples()
     return flexmoe.data.load_examples(data.source, format=None if data.format == "auto" else data.format,
@@ -38,10 +39,11 @@ def describe_client(client) -> dict:
     truncation = client.truncation or Truncation()
     return {
         "client_id": client.client_id,
-        "domains": tuple(sorted({e.domain for e in client.train if e.domain})),
+        # the groups of the client's share of the partition (its test split included)
+        "domains": tuple(sorted({e.domain for e in client.train + client.test if e.domain})),
         "num_train": len(client.train),
         "num_test": len(client.test),
-        "categories": tuple(sorted({e.category for e in client.train if e.category})),
+        "categories": tuple(sorted({e.category for e in client.train + client.test if e.category})),
         "truncated": truncation.truncated,
         "unusable": truncation.unusable,
     }

@@ -320,6 +320,7 @@ def base_reference(model: nn.Module, tokenizer, config: RunConfig, base_evals: l
     if base_evals and "test_loss" in base_evals[0]:
         reference["test_loss_base"] = mean([e["test_loss"] for e in base_evals])
     if config.eval.knowledge:
+        log.info("round 0: knowledge measures of the base model")
         measures = knowledge_measures(model, tokenizer, config.eval)
         reference.update({f"{k}_base": v for k, v in measures.items()})
     return {"round": 0, "kind": "server", **reference}
