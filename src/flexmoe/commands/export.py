@@ -22,8 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flexmoe.engine.export import export_client, read_manifest
+    from flexmoe.engine.progress import LogProgress, logs_to
 
-    out = export_client(args.run, args.client, args.out, merge=args.merge, state_dir=args.state_dir, dtype=args.dtype)
+    with logs_to(LogProgress()):  # loading and writing announced on stderr
+        out = export_client(args.run, args.client, args.out, merge=args.merge, state_dir=args.state_dir,
+                            dtype=args.dtype)
     manifest = read_manifest(out)
     parts = [f"model/ ({manifest['dtype']}" + (", LoRA merged)" if manifest["merged"] else ")")]
     parts += [f"{name}" for name in (manifest["adapter"] and "adapter/ (PEFT)", manifest["personal"]) if name]

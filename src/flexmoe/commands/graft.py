@@ -41,12 +41,17 @@ def run(args: argparse.Namespace) -> int:
 
     from flexmoe.models import load_base, select_experts
 
+    from flexmoe.engine.progress import LogProgress, logs_to
+
     _check_arguments(args)
-    examples = _calibration_examples(args)
-    model, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    batches = _batches(examples, tokenizer, args)
-    selection = select_experts(model, batches, k=args.k, strategy=args.strategy, max_tokens=args.max_tokens,
-                               seed=args.seed)
+    progress = LogProgress()  # lines on stderr: stdout stays the table or the JSON
+    with logs_to(progress):
+        examples = _calibration_examples(args)
+        model, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        batches = _batches(examples, tokenizer, args)
+        progress.message(f"selecting experts ({args.strategy}, k={args.k}) on {len(examples)} examples")
+        selection = select_experts(model, batches, k=args.k, strategy=args.strategy, max_tokens=args.max_tokens,
+                                   seed=args.seed)
     report = {"model": str(args.model), "data": args.data or "builtin", "examples": len(examples),
               **selection.to_json()}
     if args.json:

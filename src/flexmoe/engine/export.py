@@ -19,6 +19,7 @@ trained in fp32 (a merge, federated routers, "full" scope) keep fp32 unless `dty
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
 
+log = logging.getLogger("flexmoe.engine")
 MANIFEST = "flexmoe-export.json"
 FORMAT = "flexmoe-export/1"
 MODEL_DIR, ADAPTER_DIR, PERSONAL_FILE = "model", "adapter", "personal.safetensors"
@@ -48,6 +50,7 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        log.info("writing client %d's model to %s", client_id, out)
         with _quiet_progress():
             manifest = _write_parts(restored, tmp, merge, dtype)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
