@@ -46,9 +46,11 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 
     add_special = template != "chat"
     counts = counts if counts is not None else Truncation()
     features = []
-    for example in examples:
-        prompt = _prompt_ids(example, tokenizer, template, add_special)
-        response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # one tokenizer call per list, not per example: the same ids, many times faster on large splits
+    prompts = _encode(tokenizer, [format_prompt(e, template, tokenizer) for e in examples], add_special)
+    responses = _encode(tokenizer, [e.response for e in examples], False)
+    for example, prompt, response in zip(examples, prompts, responses):
+        response = response + [tokenizer.eos_token_id]
         counts.examples += 1
         if len(prompt) + len(response) > max_length:
             counts.truncated += 1
@@ -63,12 +65,17 @@ def training_features(examples: Sequence[Example], tokenizer, max_length: int, t
                       client_id: int) -> tuple[list[dict], Truncation]:
     """A client's training features and what truncation cost it (logged when anything was cut)."""
     counts = Truncation()
+    log.info("client %d: tokenizing %d training examples", client_id, len(examples))
     features = tokenize_examples(examples, tokenizer, max_length=max_length, template=template, counts=counts)
     if counts.truncated or counts.unusable:
         log.info("client %d: %d of %d training examples longer than train.max_length = %d were cut "
                  "(context first; %d lost the tail of their response); %d unusable", client_id, counts.truncated,
                  counts.examples, max_length, counts.response_cut, counts.unusable)
     return features, counts
+
+
+def _encode(tokenizer, texts: list[str], add_special: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=add_special)["input_ids"] if texts else []
 
 
 def _prompt_ids(example: Example, tokenizer, template: str, add_special: bool) -> list[int]:
