@@ -389,7 +389,8 @@ def test_export_keeps_the_bases_dtype_when_lossless(bf16_run, tmp_path, capsys):
         model, tokenizer = flexmoe.load_personalized(plain)
     assert [str(w.message) for w in caught] == []
     assert "model/ (bfloat16)" in capsys.readouterr().out
-    assert weights_dtypes(plain) == {"BF16"} and json.loads((plain / "flexmoe-export.json").read_text())["dtype"] == "bfloat16"
+    assert weights_dtypes(plain) == {"BF16"}
+    assert json.loads((plain / "flexmoe-export.json").read_text())["dtype"] == "bfloat16"
     reference = restore(bf16_run, 1)
     assert torch.equal(logits(model, tokenizer), logits(reference.model, reference.tokenizer))  # still lossless
     # a merge is not representable in bf16 without loss: fp32 unless asked

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     part.add_argument("--by", default="domain", help="label for pathological/dirichlet: domain | category")
     part.add_argument("--per-client", type=int, default=1, help="labels per client (pathological)")
     part.add_argument("--leftover-groups", default="assign", choices=("assign", "drop"),
-                      help="pathological, more labels than clients x per-client: give each to the smallest client, or drop it")
+                      help="pathological, more labels than clients x per-client: "
+                           "give each to the smallest client, or drop it")
     part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, quantity)")
     part.add_argument("--seed", type=int, default=0)
     part.add_argument("--test-fraction", type=float, default=0.1)

@@ -94,7 +94,8 @@ def run_clients(run: Run, path: Path) -> str | None:
         train = sorted((r["round"], r["loss"]) for r in trains if r["client"] == client and r.get("loss") is not None)
         if train:
             axes[0].plot(*zip(*train), **style)
-        scores = sorted((r["round"], r["rouge_l"]) for r in evals if r["client"] == client and r.get("rouge_l") is not None)
+        scores = sorted((r["round"], r["rouge_l"]) for r in evals
+                        if r["client"] == client and r.get("rouge_l") is not None)
         if scores:
             axes[1].plot(*zip(*scores), **style)
     axes[0].set(ylabel="local train loss (response tokens)")

@@ -80,7 +80,7 @@ def truncation_lines(run: Run) -> list[str]:
     if not truncated and not unusable:
         return []
     total = sum(client.get("num_train", 0) for client in run.clients)
-    per_client = ", ".join(f"client {c['client_id']}: {c.get('truncated', 0)}" for c in run.clients if c.get("truncated"))
+    per_client = ", ".join(f"client {c['client_id']}: {c['truncated']}" for c in run.clients if c.get("truncated"))
     max_length = run.config.get("train", {}).get("max_length")
     return [f"Training examples longer than train.max_length = {max_length} tokens: {truncated} of {total} were cut "
             f"(the context first, then the prompt's middle; the response keeps at least half the room) "
