@@ -60,12 +60,31 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
     ("clients_per_round=9", "clients_per_round = 9 must be at most num_clients = 4"),
     ("train=3", "'train' is a section"),
     ("train.lr", "expected KEY=VALUE"),
+    ("data.fields.answer=reply", "unknown example field 'answer'; valid: instruction, response"),
 ])
 def test_bad_values_give_the_allowed_range(override, expected):
     with pytest.raises(FlexmoeError) as info:
         load_config(None, [override])
     message = str(info.value)
     assert expected in message and "\n" not in message
+
+
+def test_clients_per_round_defaults_to_every_client():
+    assert load_config(None, []).clients_per_round == 4
+    assert load_config(None, ["num_clients=2"]).clients_per_round == 2  # the most common override alone
+    assert load_config(None, ["num_clients=6", "clients_per_round=3"]).clients_per_round == 3
+    assert load_config(None, ["num_clients=3", "clients_per_round=0"]).clients_per_round == 3
+
+
+def test_field_mapping_is_a_config_key(tmp_path):
+    assert load_config(None, ["data.fields.response=reply"]).data.fields == {"response": "reply"}
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\nsource = "x.jsonl"\nfields = {instruction = "question", response = "answer"}\n')
+    config = load_config(path)
+    assert config.data.fields == {"instruction": "question", "response": "answer"}
+    saved = tmp_path / "saved.toml"
+    save_config(config, saved)
+    assert load_config(saved) == config
 
 
 def test_invalid_toml_names_the_file(tmp_path):

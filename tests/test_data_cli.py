@@ -88,3 +88,55 @@ def test_empty_client_is_named(flexmoe, dolly_file):
     code, _, err = flexmoe("data", "partition", "--data", str(dolly_file), "--num-clients", "40",
                            "--scheme", "iid")
     assert code == 2 and "client 30 has no examples: fewer examples than the 40 clients" in err
+
+
+def reproduction_file(tmp_path, categories=("open_qa", "brainstorming", "summarization", "classification"),
+                      rows=300, uncategorised=3):
+    """The issue's new-user file: categories, unicode, 4,000-character contexts, CRLF, a few rows
+    without a category (the last `uncategorised`)."""
+    records = []
+    for i in range(rows):
+        category = categories[i % len(categories)] if i < rows - uncategorised else ""
+        records.append({"instruction": f"Résume le texte n°{i} — «{category}» ✓", "context": ("Ω ß 漢字 " * 500)[:4000],
+                        "response": f"réponse {i}", "category": category})
+    path = tmp_path / "new-user.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records).encode("utf-8"))
+    return path
+
+
+def test_pathological_partition_of_a_users_file_keeps_and_counts_every_row(flexmoe, tmp_path):
+    path = reproduction_file(tmp_path)
+    code, out, _ = flexmoe("data", "partition", "--data", str(path), "--num-clients", "4",
+                           "--scheme", "pathological", "--by", "category")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[-1].startswith("4 clients: 300 of 300 rows (")
+    held = [line for line in lines if line.strip().startswith("client")]
+    assert len(held) == 4 and all(" of 300 rows " in line for line in held)
+    assert "brainstorming" in out  # no category dropped in favour of the rows without one
+    assert sum(int(line.split(":")[1].split(" of ")[0]) for line in held) == 300
+
+
+def test_eight_dolly_categories_on_four_clients_keep_every_row(flexmoe, tmp_path):
+    categories = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
+                  "information_extraction", "summarization", "creative_writing")
+    path = reproduction_file(tmp_path, categories, rows=160, uncategorised=0)
+    code, out, _ = flexmoe("data", "partition", "--data", str(path), "--format", "dolly", "--num-clients", "4",
+                           "--by", "category", "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["rows"] == stats["total_rows"] == 160
+    assert sorted(name for client in stats["clients"] for name in client["categories"]) == sorted(categories)
+    code, out, _ = flexmoe("data", "partition", "--data", str(path), "--format", "dolly", "--num-clients", "4",
+                           "--by", "category", "--leftover-groups", "drop")
+    assert code == 0 and out.splitlines()[-1].startswith("4 clients: 80 of 160 rows")  # said, not silent
+
+
+def test_every_invalid_row_at_once_and_skip_invalid(flexmoe, tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "response": "" if i % 5 == 0 else "a"}) + "\n"
+                            for i in range(100)))
+    code, out, err = flexmoe("data", "stats", "--data", str(path))
+    assert code == 2 and "20 invalid rows (fix them, or set data.skip_invalid = true" in err
+    assert err.count(f"{path}:line ") == 20 and f"{path}:line 96: field 'response' (response) is empty" in err
+    code, out, err = flexmoe("data", "stats", "--data", str(path), "--skip-invalid", "--json")
+    assert code == 0 and json.loads(out)["examples"] == 80

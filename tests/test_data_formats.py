@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexmoe.data import Example, load_examples
+from flexmoe.data.formats import MAX_REPORTED
 from flexmoe.errors import FlexmoeError
 
 DOLLY_ROWS = [
@@ -159,6 +160,42 @@ def test_non_utf8_file_names_line(tmp_path):
         load_examples(path)
 
 
+def test_unicode_line_separators_inside_strings_are_valid_jsonl(tmp_path):
+    rows = [{"instruction": f"a{sep}b", "response": f"c{sep}d", "context": "x\u2028y\u2029z\x85"}
+            for sep in ("\u2028", "\u2029", "\x85")]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")  # CRLF too
+    examples = load_examples(path)
+    assert [(e.instruction, e.response, e.context) for e in examples] == \
+        [(r["instruction"], r["response"], r["context"]) for r in rows]
+
+
+def _rows_with_empty_responses(tmp_path, bad: int):
+    rows = [{"instruction": f"q{i}", "response": "" if i % 2 else f"a{i}"} for i in range(2 * bad)]
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + "{broken\n" + json.dumps(rows[-1]) + "\n")
+    return path
+
+
+def test_every_invalid_row_is_reported_at_once(tmp_path):
+    path = _rows_with_empty_responses(tmp_path, bad=40)  # 40 empty responses (even lines) and one broken line
+    with pytest.raises(FlexmoeError) as caught:
+        load_examples(path)
+    header, *listed = str(caught.value).split("\n")
+    assert header.startswith("41 invalid rows")
+    assert len(listed) == MAX_REPORTED + 1 and listed[-1].strip() == "... and 21 more"
+    assert listed[0].strip() == f"{path}:line 2: field 'response' (response) is empty"
+    assert listed[9].strip() == f"{path}:line 20: field 'response' (response) is empty"
+
+
+def test_skip_invalid_keeps_the_valid_rows_and_says_how_many(tmp_path, caplog):
+    path = _rows_with_empty_responses(tmp_path, bad=40)
+    with caplog.at_level("WARNING", logger="flexmoe.data"):
+        examples = load_examples(path, skip_invalid=True)
+    assert [e.instruction for e in examples] == [f"q{i}" for i in range(0, 80, 2)]
+    assert "skipped 41 invalid rows of 81" in caplog.text
+
+
 # ---------------------------------------------------------------- fuzzing: only FlexmoeError, never another exception
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -176,8 +213,10 @@ records = st.dictionaries(
 def _load_or_clear_error(path, format):
     try:
         examples = load_examples(path, format)
-    except FlexmoeError as err:
-        assert "\n" not in str(err)
+    except FlexmoeError as err:  # one line, or a count then one line per invalid row, each naming the file
+        header, *rows = str(err).split("\n")
+        assert not rows or (header.endswith("invalid rows (fix them, or set data.skip_invalid = true to train on the "
+                                            "valid rows):") and all(str(path) in row for row in rows[:MAX_REPORTED]))
         return
     assert examples and all(isinstance(e.instruction, str) and e.instruction.strip() for e in examples)
 

@@ -32,8 +32,7 @@ def test_every_example_lands_on_exactly_one_client(scheme):
     parts = partition(examples, num_clients=4, scheme=scheme, alpha=5.0, seed=1)
     ids = all_ids(parts)
     assert len(ids) == len(set(ids))
-    expected = len(examples) if scheme != "pathological" else 4 * 30  # 4 clients x 1 whole domain
-    assert len(ids) == expected
+    assert len(ids) == len(examples)  # pathological too: 6 domains on 4 clients x 1, none dropped
     assert [part.client_id for part in parts] == [0, 1, 2, 3]
 
 
@@ -146,3 +145,59 @@ def test_partition_stats_counts():
         assert client["train"] == len(part.train) and client["test"] == len(part.test)
         assert sum(client["domains"].values()) == len(part.train) + len(part.test)
         assert client["categories"] == dict(sorted(Counter(e.category for e in part.train + part.test).items()))
+
+
+# ---- no row is lost without saying so ----------------------------------------------------------
+DOLLY_CATEGORIES = ["open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
+                    "information_extraction", "summarization", "creative_writing"]
+
+
+def dolly_shaped(rows_per_category=(40, 35, 30, 25, 20, 15, 12, 10), uncategorised=3):
+    examples = [Example(instruction=f"q {name} {i}", response=f"a {i}", category=name, id=f"{name}-{i}")
+                for name, count in zip(DOLLY_CATEGORIES, rows_per_category) for i in range(count)]
+    return examples + [Example(instruction=f"q none {i}", response="a", id=f"none-{i}") for i in range(uncategorised)]
+
+
+def test_more_categories_than_clients_keeps_every_row():
+    examples = dolly_shaped()
+    parts = partition(examples, 4, scheme="pathological", by="category", seed=0)
+    ids = all_ids(parts)
+    assert sorted(ids) == sorted(e.id for e in examples)  # every row, once
+    held = [{e.category for e in p.train + p.test if e.category} for p in parts]
+    assert set().union(*held) == set(DOLLY_CATEGORIES)
+    for index, categories in enumerate(held):  # each category stays whole, on one client
+        assert not any(categories & other for other in held[index + 1:])
+    assert partition(examples, 4, scheme="pathological", by="category", seed=0) == parts
+    stats = partition_stats(parts, total=len(examples))
+    assert stats["rows"] == stats["total_rows"] == len(examples)
+
+
+def test_rows_without_the_label_are_dealt_round_robin():
+    examples = dolly_shaped(rows_per_category=(30, 30, 30, 30), uncategorised=6)
+    parts = partition(examples, 4, scheme="pathological", by="category", seed=2)
+    unlabelled = [sum(1 for e in p.train + p.test if not e.category) for p in parts]
+    assert sorted(unlabelled) == [1, 1, 2, 2]
+    # the unlabelled rows take no client's slot: each client still holds one whole category
+    assert [len({e.category for e in p.train + p.test if e.category}) for p in parts] == [1, 1, 1, 1]
+    # and they leave the clients' categories as they are without them
+    labelled = partition(examples[:120], 4, scheme="pathological", by="category", seed=2)
+    assert [{e.category for e in p.train + p.test if e.category} for p in parts] == \
+        [{e.category for e in p.train + p.test} for p in labelled]
+
+
+def test_dirichlet_deals_unlabelled_rows_too():
+    examples = dolly_shaped(uncategorised=8)
+    parts = partition(examples, 4, scheme="dirichlet", by="category", alpha=1.0, seed=0)
+    assert sorted(all_ids(parts)) == sorted(e.id for e in examples)
+    assert [sum(1 for e in p.train + p.test if not e.category) for p in parts] == [2, 2, 2, 2]
+
+
+def test_leftover_groups_drop_keeps_the_old_split_and_counts_it():
+    examples = dolly_shaped(uncategorised=0)
+    parts = partition(examples, 4, scheme="pathological", by="category", seed=0, leftover="drop")
+    held = [{e.category for e in p.train + p.test} for p in parts]
+    assert all(len(categories) == 1 for categories in held)
+    stats = partition_stats(parts, total=len(examples))
+    assert stats["rows"] < stats["total_rows"] == len(examples)
+    with pytest.raises(FlexmoeError, match="unknown leftover"):
+        partition(examples, 4, leftover="keep")

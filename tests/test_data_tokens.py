@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from flexmoe.data import IGNORE_INDEX, Example, collate, format_prompt, tokenize_examples
+from flexmoe.data.tokens import Truncation
 from flexmoe.errors import FlexmoeError
 
 CHAT_TEMPLATE = (
@@ -68,14 +69,46 @@ def test_prompt_is_masked_and_response_plus_eos_kept(tokenizer):
     assert tokenizer.decode(supervised) == "Le chat dort.</s>"
 
 
-def test_truncation_keeps_the_head(tokenizer):
-    [full] = tokenize_examples([WITHOUT_CONTEXT], tokenizer, max_length=512)
-    prompt_length = full["labels"].count(IGNORE_INDEX)
-    [cut] = tokenize_examples([WITHOUT_CONTEXT], tokenizer, max_length=prompt_length + 1)
-    assert cut["input_ids"] == full["input_ids"][:prompt_length + 1]
-    assert cut["labels"] == full["labels"][:prompt_length + 1] and cut["labels"][-1] != IGNORE_INDEX
-    [prompt_only] = tokenize_examples([WITHOUT_CONTEXT], tokenizer, max_length=5)
-    assert len(prompt_only["input_ids"]) == 5 and set(prompt_only["labels"]) == {IGNORE_INDEX}
+def test_fitting_examples_are_not_touched(tokenizer):
+    counts = Truncation()
+    [full] = tokenize_examples([WITH_CONTEXT], tokenizer, max_length=512, counts=counts)
+    [exact] = tokenize_examples([WITH_CONTEXT], tokenizer, max_length=len(full["input_ids"]), counts=counts)
+    assert exact == full and counts == Truncation(examples=2)
+
+
+LONG_CONTEXT = Example(instruction="Translate the sentence into French.", context="The cat sleeps. " * 200,
+                       response="Le chat dort.")
+
+
+def test_truncation_cuts_the_context_and_keeps_the_whole_answer(tokenizer):
+    counts = Truncation()
+    [cut] = tokenize_examples([LONG_CONTEXT], tokenizer, max_length=128, counts=counts)
+    response = tokenizer(LONG_CONTEXT.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert 120 <= len(cut["input_ids"]) <= 128  # the context fills the room left
+    assert cut["input_ids"][-len(response):] == response  # the answer, whole, with its eos
+    assert [t for t in cut["labels"] if t != IGNORE_INDEX] == response
+    prompt = tokenizer.decode(cut["input_ids"][: -len(response)], skip_special_tokens=True)
+    assert prompt.startswith("Below is an instruction") and "Translate the sentence into French." in prompt
+    assert prompt.endswith("### Response:\n") and "The cat sleeps." in prompt  # the context's head stays
+    assert counts == Truncation(examples=1, truncated=1)
+
+
+def test_truncation_of_a_long_prompt_without_context_keeps_its_head_and_cue(tokenizer):
+    long_instruction = Example(instruction="Name a primary colour. " * 100, response="Red")
+    [cut] = tokenize_examples([long_instruction], tokenizer, max_length=40)
+    assert len(cut["input_ids"]) == 40 and cut["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode([t for t in cut["labels"] if t != IGNORE_INDEX]) == "Red</s>"
+    assert tokenizer.decode(cut["input_ids"]).endswith("### Response:\nRed</s>")
+
+
+def test_a_response_longer_than_max_length_keeps_its_head_and_half_the_room(tokenizer):
+    counts = Truncation()
+    long_answer = Example(instruction="Name a primary colour.", response="Red colour. " * 100)
+    [cut] = tokenize_examples([long_answer], tokenizer, max_length=32, counts=counts)
+    supervised = [t for t in cut["labels"] if t != IGNORE_INDEX]
+    assert len(cut["input_ids"]) == 32 and len(supervised) == 16  # half the room for the response
+    assert tokenizer.decode(supervised).startswith("Red colour.")
+    assert counts == Truncation(examples=1, truncated=1, response_cut=1)  # never a zero-label example
 
 
 def test_chat_template_tokenization_adds_no_extra_bos(tokenizer):

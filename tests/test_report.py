@@ -202,3 +202,73 @@ def test_run_report_counts_failures_rejections_and_states_the_privacy_spent(runs
     assert "Client failures skipped: 2; updates rejected by the server's validation: 2" in report
     assert "noise multiplier 1.0, clip norm 0.5; (ε, δ) = (12.3, 1e-05) after 2 rounds" in report
     assert "Failures, rejections" not in write_run_report(runs[1]).read_text()  # nothing to say
+
+
+def test_report_names_the_clients_categories_and_counts_truncation(tmp_path):
+    run = write_run(tmp_path / "by-category", "flex", 0, [0.4, 0.6], 3.1, '[data]\nby = "category"\n\n[train]\n'
+                    "max_length = 64\n")
+    (run / "clients.json").write_text(json.dumps([
+        {"client_id": 0, "domains": ["animals"], "categories": ["open_qa", "summarization"], "num_train": 9,
+         "num_test": 1, "truncated": 3, "unusable": 0},
+        {"client_id": 1, "domains": ["food"], "categories": [], "num_train": 8, "num_test": 2}]))
+    report = write_run_report(run).read_text()
+    assert "| client | categories | train |" in report
+    assert "| 0 | open_qa, summarization | 9 |" in report and "| 1 | - | 8 |" in report
+    assert "train.max_length = 64 tokens: 3 of 17 were cut" in report and "client 0: 3" in report
+    assert "![per-client learning curves" in report and (run / "plots" / "clients.png").is_file()
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions save, by file name, instead of PNG files."""
+    from flexmoe.report import plots
+
+    saved = {}
+
+    def keep(fig, path):
+        saved[path.name] = fig
+        return path.name
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return saved
+
+
+def test_run_plots_integer_rounds_base_as_round_zero_and_both_directions(runs, figures):
+    from flexmoe.report import plots
+
+    run = read_run(runs[0])
+    plots.run_rounds(run, runs[0] / "rounds.png")
+    plots.run_bytes(run, runs[0] / "bytes.png")
+    plots.run_clients(run, runs[0] / "clients.png")
+    _, rouge, knowledge = figures["rounds.png"].axes
+    for ax in figures["rounds.png"].axes + figures["bytes.png"].axes + figures["clients.png"].axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)  # no round 1.5
+        assert ax.get_xlim()[0] < 0.5 and ax.get_xlim()[1] > 1.5  # the run's whole span, round 0 included
+    # one evaluated round still draws a line: the base (round 0) to round 2, and the base as a reference
+    curve, reference = rouge.lines
+    assert list(curve.get_xdata()) == [0, 2] and list(curve.get_ydata()) == [0.2, 0.5]
+    assert list(reference.get_ydata()) == [0.2, 0.2]
+    assert list(knowledge.lines[0].get_ydata()) == [3.0, 3.1]
+    assert not knowledge.yaxis.get_major_formatter().get_useOffset()
+    per_round, cumulative = figures["bytes.png"].axes
+    assert [len(bars) for bars in per_round.containers] == [2, 2]  # up and down, side by side per round
+    up, down = cumulative.lines
+    assert up.get_linestyle() != down.get_linestyle() and up.get_marker() != down.get_marker()
+    assert list(up.get_ydata()) == [0.0002, 0.0004] and list(down.get_ydata()) == [0.0001, 0.0002]
+    train, scores = figures["clients.png"].axes
+    assert [line.get_label() for line in train.lines] == ["client 0", "client 1"]
+    assert [list(line.get_ydata()) for line in scores.lines] == [[0.1, 0.4], [0.3, 0.6]]
+
+
+def test_compare_plot_starts_at_the_base_with_a_reference_line(runs, figures):
+    from flexmoe.report import plots
+
+    groups = group_runs([read_run(path) for path in runs[:3]])
+    plots.compare_rounds(groups, "knowledge_loss", "held-out knowledge loss", runs[0] / "knowledge.png")
+    ax = figures["knowledge.png"].axes[0]
+    assert not ax.yaxis.get_major_formatter().get_useOffset()
+    reference = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert len(reference) == 1 and list(reference[0].get_ydata()) == [3.0, 3.0]
+    flex_curve = next(bars for bars in ax.containers if bars.get_label() == "flex").lines[0]
+    assert list(flex_curve.get_xdata()) == [0, 2] and list(flex_curve.get_ydata()) == pytest.approx([3.0, 3.2])

@@ -230,6 +230,7 @@ def test_eval_of_a_finished_run_equals_its_own_last_evaluation(flex_run, capsys)
     assert result["round"] == 2 and [r["client"] for r in result["clients"]] == [0, 1, 2, 3]
     for record in result["clients"]:
         reference = expected[record["client"]]
+        assert record.pop("examples") == 2  # eval.max_test_examples of the run, all there (test splits >= 2)
         assert set(record) == set(reference) - {"rouge_l_global"}  # the global model is not re-evaluated
         assert {"rouge_l", "test_loss", "knowledge_loss", "routing_entropy", "routing_drift"} <= set(record)
         for key, value in record.items():
@@ -242,8 +243,9 @@ def test_eval_of_a_finished_run_equals_its_own_last_evaluation(flex_run, capsys)
     assert result["mean"]["knowledge_loss"] == pytest.approx(summary["knowledge_loss"], rel=1e-6)
 
 
-def test_eval_on_a_user_file_scores_the_chosen_clients(flex_run, workdir, capsys):
+def test_eval_on_a_user_file_scores_a_seeded_stratified_sample(flex_run, workdir, capsys):
     from flexmoe.data import load_examples
+    from flexmoe.data.sample import stratified_sample
     from flexmoe.engine.restore import restore
     from flexmoe.eval.rouge import personalized_rouge_l
 
@@ -251,12 +253,31 @@ def test_eval_on_a_user_file_scores_the_chosen_clients(flex_run, workdir, capsys
     assert command("eval", ["--run", str(flex_run), "--clients", "3,1", "--data", str(data)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert "round 2" in table[0] and "ROUGE-L" in table[2]
+    # the run's eval.max_test_examples = 2, not the file's first two rows (both of one category)
+    assert table[0].endswith("on 2 of 40 examples (seeded sample, stratified by category)")
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[4:])}
-    assert set(rows) == {"1", "3", "mean"}
+    assert set(rows) == {"1", "3", "mean"} and rows["3"][1] == "2"
+    sample = stratified_sample(load_examples(data), 2, seed=5)  # the run's seed
+    assert sample != load_examples(data)[:2] and len({e.category for e in sample}) == 2
     restored = restore(flex_run, 3)
-    expected = personalized_rouge_l(restored.model, restored.tokenizer, load_examples(data), max_examples=2,
+    expected = personalized_rouge_l(restored.model, restored.tokenizer, sample, max_examples=2,
                                     max_new_tokens=6, max_prompt_length=64)
-    assert float(rows["3"][1]) == pytest.approx(expected, abs=5e-5)
+    assert float(rows["3"][2]) == pytest.approx(expected, abs=5e-5)
+
+
+def test_eval_max_examples_and_field_mapping(flex_run, workdir, capsys):
+    renamed = workdir / "renamed.jsonl"
+    rows = [json.loads(line) for line in (workdir / "dolly.jsonl").read_text().splitlines()]
+    renamed.write_text("".join(json.dumps({"ask": r["instruction"], "reply": r["response"],
+                                           "category": r["category"]}) + "\n" for r in rows))
+    argv = ["--run", str(flex_run), "--clients", "0", "--data", str(renamed), "--json", "--max-examples", "12"]
+    with pytest.raises(FlexmoeError, match="missing field"):
+        command("eval", argv)
+    capsys.readouterr()
+    assert command("eval", [*argv, "--field", "instruction=ask", "--field", "response=reply"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"] == "12 of 40 examples (seeded sample, stratified by category)"
+    assert [r["examples"] for r in result["clients"]] == [12]
 
 
 @pytest.mark.parametrize("clients, message", [("0,x", "expected comma-separated"), ("9", "no client 9"), (",", "names no")])
@@ -332,3 +353,51 @@ def test_state_dir_points_at_clients_kept_elsewhere(flex_run, tmp_path, capsys):
     moved = capsys.readouterr().out
     assert command("generate", ["--run", str(flex_run), *argv[2:]]) == 0
     assert moved == capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bf16_run(workdir, data_file) -> Path:
+    """A short run over a base checkpoint stored in bfloat16 (as the shipped tiny base is)."""
+    from transformers import AutoModelForCausalLM
+
+    path = workdir / "base-bf16"
+    save_model(path, seed=1)
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(torch.bfloat16).save_pretrained(path)
+    return train(str(path), data_file, workdir / "bf16-run", "rounds=1", "eval.knowledge=false", "eval.base=false")
+
+
+def weights_dtypes(export_dir: Path) -> set[str]:
+    from safetensors import safe_open
+
+    dtypes = set()
+    for file in (export_dir / "model").glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            dtypes |= {str(handle.get_slice(name).get_dtype()) for name in handle.keys()}
+    return dtypes
+
+
+def test_export_keeps_the_bases_dtype_when_lossless(bf16_run, tmp_path, capsys):
+    import warnings
+
+    import flexmoe
+    from flexmoe.engine.restore import restore
+
+    plain, merged, forced = tmp_path / "plain", tmp_path / "merged", tmp_path / "forced"
+    with warnings.catch_warnings(record=True) as caught:  # nothing from our calls into transformers/PEFT
+        warnings.simplefilter("always")
+        assert command("export", ["--run", str(bf16_run), "--client", "1", "--out", str(plain)]) == 0
+        model, tokenizer = flexmoe.load_personalized(plain)
+    assert [str(w.message) for w in caught] == []
+    assert "model/ (bfloat16)" in capsys.readouterr().out
+    assert weights_dtypes(plain) == {"BF16"}
+    assert json.loads((plain / "flexmoe-export.json").read_text())["dtype"] == "bfloat16"
+    reference = restore(bf16_run, 1)
+    assert torch.equal(logits(model, tokenizer), logits(reference.model, reference.tokenizer))  # still lossless
+    # a merge is not representable in bf16 without loss: fp32 unless asked
+    assert command("export", ["--run", str(bf16_run), "--client", "1", "--out", str(merged), "--merge"]) == 0
+    assert weights_dtypes(merged) == {"F32"}
+    assert command("export", ["--run", str(bf16_run), "--client", "1", "--out", str(forced), "--merge",
+                              "--dtype", "bfloat16"]) == 0
+    assert weights_dtypes(forced) == {"BF16"}
+    size = lambda d: sum(f.stat().st_size for f in (d / "model").glob("*.safetensors"))  # noqa: E731
+    assert size(plain) < 0.6 * size(merged)

@@ -25,13 +25,31 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str = "builtin"  # "builtin" or a path to a dolly/alpaca/jsonl/json/parquet/HF dataset
     format: Literal["auto", "dolly", "alpaca", "jsonl", "json", "parquet", "hf"] = "auto"
+    # example field -> the file's key, e.g. {response = "answer"} (--set data.fields.response=answer)
+    fields: dict[str, str] = {}
+    skip_invalid: bool = False  # leave out invalid rows (their count is logged) instead of refusing the file
     partition: Literal["pathological", "iid", "dirichlet", "quantity"] = "pathological"
     by: Literal["domain", "category"] = "domain"
     per_client: int = Field(1, ge=1)  # groups (domains/categories) per client, pathological only
+    # pathological with more groups than num_clients * per_client: give each group left over to the
+    # smallest client ("assign"), or leave those groups out ("drop"; the run logs "N of M rows")
+    leftover_groups: Literal["assign", "drop"] = "assign"
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
     test_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_per_client: int = Field(0, ge=0)  # 0 = all of the client's training examples
     template: Literal["alpaca", "chat"] = "alpaca"
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: dict[str, str]) -> dict[str, str]:
+        from flexmoe.data.formats import EXAMPLE_FIELDS
+
+        for name, key in fields.items():
+            if name not in EXAMPLE_FIELDS:
+                raise ValueError(f"unknown example field {name!r}; valid: {', '.join(EXAMPLE_FIELDS)}")
+            if not key:
+                raise ValueError(f"field {name!r} must name a key of the file")
+        return fields
 
 
 class TrainConfig(_Section):
@@ -156,7 +174,7 @@ class RunConfig(_Section):
     method: str = "flex"  # a name from the method registry (flexmoe.methods.registry)
     rounds: int = Field(5, ge=1)
     num_clients: int = Field(4, ge=1)
-    clients_per_round: int = Field(4, ge=1)
+    clients_per_round: int = Field(0, ge=0)  # clients sampled (seeded) to train each round; 0 = every client
     seed: int = Field(0, ge=0)
     model: str = "tiny"
     data: DataConfig = DataConfig()
@@ -171,6 +189,14 @@ class RunConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     validation: ValidationConfig = ValidationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_client_by_default(cls, data: Any) -> Any:
+        """clients_per_round 0 (the default) resolves to num_clients, so `--set num_clients=2` alone works."""
+        if isinstance(data, dict) and data.get("clients_per_round", 0) == 0:
+            data = {**data, "clients_per_round": data.get("num_clients", cls.model_fields["num_clients"].default)}
+        return data
 
     @model_validator(mode="after")
     def _clients_fit(self) -> RunConfig:

@@ -31,7 +31,6 @@ MEANINGS = {
     "method": "federated method: FLEx, FC-MoE, their combination, or a baseline (see docs/guide.md)",
     "rounds": "federated rounds",
     "num_clients": "clients the data is partitioned into",
-    "clients_per_round": "clients sampled (seeded) to train in each round",
     "seed": "seed of every random choice: partition, sampling, LoRA init, selection, batches",
     "model": '"tiny" (the shipped pretrained MoE) or a local Hugging Face MoE checkpoint directory',
     "data.format": "format of data.source; auto guesses it from the file name",

@@ -98,7 +98,7 @@ def run_one(run_dir: Path, config, progress) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexmoe.engine.progress import make_progress
+    from flexmoe.engine.progress import logs_to, make_progress
     from flexmoe.report import write_compare_report
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -107,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
     runs = plan(methods, seeds, args.config, args.overrides, out)
     for index, (run_dir, config) in enumerate(runs, start=1):
         print(f"[{index}/{len(runs)}] {run_dir.parent.name} seed {config.seed} -> {run_dir}", flush=True)
-        run_one(run_dir, config, make_progress(args.quiet))
+        progress = make_progress(args.quiet)
+        with logs_to(progress):
+            run_one(run_dir, config, progress)
+    print(f"writing the comparison report ({len(runs)} runs)", flush=True)
     report = write_compare_report([run_dir for run_dir, _ in runs], out, command=_command(args))
     print(f"report: {report}")
     return 0

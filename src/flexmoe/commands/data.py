@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from flexmoe.commands.fields import add_field_argument, parse_fields
 from flexmoe.errors import FlexmoeError
 
 
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     part.add_argument("--scheme", default="pathological", help="pathological | iid | dirichlet | quantity")
     part.add_argument("--by", default="domain", help="label for pathological/dirichlet: domain | category")
     part.add_argument("--per-client", type=int, default=1, help="labels per client (pathological)")
+    part.add_argument("--leftover-groups", default="assign", choices=("assign", "drop"),
+                      help="pathological, more labels than clients x per-client: "
+                           "give each to the smallest client, or drop it")
     part.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, quantity)")
     part.add_argument("--seed", type=int, default=0)
     part.add_argument("--test-fraction", type=float, default=0.1)
@@ -41,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None, help="data file or directory (default: builtin)")
     parser.add_argument("--format", default=None, help="dolly | alpaca | jsonl | json | parquet | hf")
-    parser.add_argument("--field", action="append", default=[], metavar="NAME=KEY",
-                        help="map an example field to the file's key, e.g. response=answer")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="leave out invalid rows (and say how many) instead of refusing the file")
+    add_field_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,17 +73,7 @@ def _load(args):
         if args.format or args.field:
             raise FlexmoeError("--format and --field need --data")
         return builtin_examples()
-    return load_examples(args.data, args.format, _field_mapping(args.field))
-
-
-def _field_mapping(pairs: list[str]) -> dict[str, str] | None:
-    mapping = {}
-    for pair in pairs:
-        name, sep, key = pair.partition("=")
-        if not sep or not name or not key:
-            raise FlexmoeError(f"--field {pair!r}: expected NAME=KEY, e.g. response=answer")
-        mapping[name] = key
-    return mapping or None
+    return load_examples(args.data, args.format, parse_fields(args.field), skip_invalid=args.skip_invalid)
 
 
 def _stats(args) -> int:
@@ -101,22 +96,20 @@ def _stats(args) -> int:
 
 def _partition(args) -> int:
     from flexmoe.data import partition, partition_stats
+    from flexmoe.data.partition import partition_lines
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
-    parts = partition(_load(args), args.num_clients, scheme=args.scheme, by=args.by,
+    examples = _load(args)
+    parts = partition(examples, args.num_clients, scheme=args.scheme, by=args.by,
                       per_client=args.per_client, alpha=args.alpha, seed=args.seed,
-                      test_fraction=args.test_fraction, labels=labels)
-    stats = partition_stats(parts)
+                      test_fraction=args.test_fraction, labels=labels, leftover=args.leftover_groups)
+    stats = partition_stats(parts, total=len(examples))
     if args.out is not None:
         _write_partition(args.out, parts, stats)
     if args.json:
         print(json.dumps(stats))
         return 0
-    print(f"{stats['num_clients']} clients, {stats['train']} train / {stats['test']} test examples")
-    label_key = "domains" if args.by == "domain" else "categories"
-    for client in stats["clients"]:
-        top = ", ".join(f"{name} {count}" for name, count in Counter(client[label_key]).most_common(3))
-        print(f"  client {client['client_id']:>3}: {client['train']:>6} train {client['test']:>5} test  {top}")
+    print("\n".join(partition_lines(stats, args.by)))
     return 0
 
 

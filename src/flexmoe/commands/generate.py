@@ -29,12 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flexmoe.engine.progress import LogProgress, logs_to
     from flexmoe.engine.restore import restore
 
     if args.max_new_tokens < 1:
         raise FlexmoeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     prompts = _prompts(args)  # before loading the model: a bad file fails fast
-    restored = restore(args.run, None if args.use_global else args.client, args.state_dir)
+    with logs_to(LogProgress()):  # loading announced on stderr; answers stream on stdout
+        restored = restore(args.run, None if args.use_global else args.client, args.state_dir)
     template = restored.checkpoint.config.data.template
     if prompts is None:
         _interactive(restored, template, args.max_new_tokens)

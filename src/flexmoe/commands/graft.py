@@ -7,6 +7,7 @@ import json
 import math
 import random
 
+from flexmoe.commands.fields import add_field_argument
 from flexmoe.errors import FlexmoeError
 
 # Names only: torch, transformers and the data package load in run(), keeping `flexmoe --help` fast.
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instruction data file or directory (default: the builtin dataset)")
     parser.add_argument("--format", default=None,
                         help="dolly | alpaca | jsonl | json | parquet | hf (default: from the path)")
+    add_field_argument(parser)
     parser.add_argument("--k", type=int, default=1, help="experts grafted per layer (default 1)")
     parser.add_argument("--strategy", default="reconstruction", choices=STRATEGIES)
     parser.add_argument("--max-tokens", type=int, default=4096,
@@ -39,12 +41,17 @@ def run(args: argparse.Namespace) -> int:
 
     from flexmoe.models import load_base, select_experts
 
+    from flexmoe.engine.progress import LogProgress, logs_to
+
     _check_arguments(args)
-    examples = _calibration_examples(args)
-    model, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    batches = _batches(examples, tokenizer, args)
-    selection = select_experts(model, batches, k=args.k, strategy=args.strategy, max_tokens=args.max_tokens,
-                               seed=args.seed)
+    progress = LogProgress()  # lines on stderr: stdout stays the table or the JSON
+    with logs_to(progress):
+        examples = _calibration_examples(args)
+        model, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        batches = _batches(examples, tokenizer, args)
+        progress.message(f"selecting experts ({args.strategy}, k={args.k}) on {len(examples)} examples")
+        selection = select_experts(model, batches, k=args.k, strategy=args.strategy, max_tokens=args.max_tokens,
+                                   seed=args.seed)
     report = {"model": str(args.model), "data": args.data or "builtin", "examples": len(examples),
               **selection.to_json()}
     if args.json:
@@ -62,8 +69,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _calibration_examples(args: argparse.Namespace) -> list:
     from flexmoe.data import builtin_examples, load_examples
+    from flexmoe.commands.fields import parse_fields
 
-    examples = load_examples(args.data, format=args.format) if args.data else builtin_examples()
+    if args.field and not args.data:
+        raise FlexmoeError("--field needs --data")
+    fields = parse_fields(args.field)
+    examples = load_examples(args.data, format=args.format, fields=fields) if args.data else builtin_examples()
     if len(examples) > args.max_examples:
         examples = random.Random(args.seed).sample(examples, args.max_examples)
     return examples

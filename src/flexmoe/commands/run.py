@@ -21,21 +21,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flexmoe.config import load_config
-    from flexmoe.engine.progress import make_progress
+    from flexmoe.engine.progress import logs_to, make_progress
     from flexmoe.engine.simulation import Simulation
 
     # PEFT calls a transformers method deprecated in 5.x; the warning says nothing to our users
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if args.resume and (args.config or args.overrides or args.output_dir):
+        raise FlexmoeError("--resume DIR continues DIR with its saved config.toml; drop --config/--set/--output-dir")
+    config = None if args.resume else load_config(args.config, args.overrides)
     progress = make_progress(args.quiet)
-    if args.resume:
-        if args.config or args.overrides or args.output_dir:
-            raise FlexmoeError("--resume DIR continues DIR with its saved config.toml; drop --config/--set/--output-dir")
-        run_dir = Path(args.resume)
-        summary = Simulation.resume(run_dir, progress)
-    else:
-        config = load_config(args.config, args.overrides)
-        run_dir = Path(args.output_dir or f"runs/{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        summary = Simulation(config, run_dir, progress).run()
+    with logs_to(progress):
+        if args.resume:
+            run_dir = Path(args.resume)
+            summary = Simulation.resume(run_dir, progress)
+        else:
+            run_dir = Path(args.output_dir or f"runs/{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+            summary = Simulation(config, run_dir, progress).run()
     print(
         f"{summary['method']}: {summary['rounds_completed']} rounds, ROUGE-L {_fmt(summary['rouge_l_avg'])}, "
         f"knowledge loss {_fmt(summary['knowledge_loss'])} (base {_fmt(summary['knowledge_loss_base'])}), "

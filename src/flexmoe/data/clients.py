@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexmoe.config import RunConfig
-from flexmoe.data.builtin import builtin_examples
-from flexmoe.data.formats import load_examples
 from flexmoe.data.partition import partition
-from flexmoe.data.tokens import tokenize_examples
+from flexmoe.data.source import configured_examples, describe_client, log_partition
+from flexmoe.data.tokens import training_features
 from flexmoe.errors import FlexmoeError
 
 
@@ -19,6 +18,7 @@ class Client:
     train: list
     test: list
     features: list[dict]
+    truncation: object = None  # flexmoe.data.tokens.Truncation of `features`, for the report
 
 
 @dataclass(frozen=True)
@@ -29,24 +29,24 @@ class ClientInfo:
     domains: tuple[str, ...]
     num_train: int
     num_test: int
+    categories: tuple[str, ...] = ()
+    truncated: int = 0
+    unusable: int = 0
 
 
-def describe(client_id: int, train: list, test: list) -> ClientInfo:
-    domains = tuple(sorted({e.domain for e in train if e.domain}))
-    return ClientInfo(client_id, domains, len(train), len(test))
+def describe(client: Client) -> ClientInfo:
+    return ClientInfo(**describe_client(client))
 
 
 def partition_data(config: RunConfig):
     """The run's data split into `num_clients` parts (every engine and client derives the same)."""
     data = config.data
-    if data.source == "builtin":
-        examples = builtin_examples()
-    else:
-        examples = load_examples(data.source, format=None if data.format == "auto" else data.format)
+    examples = configured_examples(data)
     parts = partition(
         examples, config.num_clients, scheme=data.partition, by=data.by, per_client=data.per_client,
-        alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction,
+        alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction, leftover=data.leftover_groups,
     )
+    log_partition(parts, len(examples), data.by)
     for part in parts:
         if not part.train:
             raise FlexmoeError(
@@ -58,5 +58,6 @@ def partition_data(config: RunConfig):
 
 def make_client(config: RunConfig, part, tokenizer) -> Client:
     train = part.train[: config.data.max_train_per_client or None]
-    features = tokenize_examples(train, tokenizer, max_length=config.train.max_length, template=config.data.template)
-    return Client(part.client_id, train, part.test, features)
+    features, truncation = training_features(train, tokenizer, config.train.max_length, config.data.template,
+                                             part.client_id)
+    return Client(part.client_id, train, part.test, features, truncation)

@@ -1,12 +1,15 @@
 """Loaders for instruction data files: Dolly, Alpaca, generic JSON/JSON lines, parquet, HF dirs.
 
 Every loader yields `Example`s; every user mistake (unreadable path, malformed JSON, a
-missing or mistyped field) raises `FlexmoeError` naming the file and line (or row).
+missing or mistyped field) raises `FlexmoeError` naming the file and line (or row). Invalid
+rows are all reported at once (the first `MAX_REPORTED`, and their total), or skipped with
+`skip_invalid=True`, which logs how many were.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -16,6 +19,9 @@ from flexmoe.errors import FlexmoeError
 FORMATS = ("dolly", "alpaca", "jsonl", "json", "parquet", "hf")
 EXAMPLE_FIELDS = ("instruction", "response", "context", "category", "domain", "id")
 REQUIRED_FIELDS = ("instruction", "response")
+MAX_REPORTED = 20  # invalid rows listed in the error; the total is always given
+
+log = logging.getLogger("flexmoe.data")
 
 # Example field → the source key each format uses for it.
 _FORMAT_FIELDS = {
@@ -34,20 +40,54 @@ _ALIASES = {
 
 
 def load_examples(path: str | Path, format: str | None = None,
-                  fields: Mapping[str, str] | None = None) -> list[Example]:
+                  fields: Mapping[str, str] | None = None, skip_invalid: bool = False) -> list[Example]:
     """Examples from `path`; `format` is guessed from the path when None.
 
-    `fields` maps Example field names to the file's keys, e.g. {"response": "answer"}.
+    `fields` maps Example field names to the file's keys, e.g. {"response": "answer"}. Invalid
+    rows raise one error listing them all, or with `skip_invalid` are left out (and counted in
+    a log warning).
+    """
+    examples, invalid = read_examples(path, format, fields)
+    if invalid and not skip_invalid:
+        raise FlexmoeError(invalid_rows_message(invalid))
+    if invalid:
+        log.warning("%s: skipped %d invalid rows of %d (data.skip_invalid); the first: %s",
+                    path, len(invalid), len(invalid) + len(examples), invalid[0])
+    if not examples:
+        raise FlexmoeError(f"{path}: no examples found" + (" (every row was invalid)" if invalid else ""))
+    return examples
+
+
+def read_examples(path: str | Path, format: str | None = None,
+                  fields: Mapping[str, str] | None = None) -> tuple[list[Example], list[str]]:
+    """(valid examples, one message per invalid row) from `path`.
+
+    A file that cannot be read as a whole (missing, not UTF-8, a broken JSON array) still raises.
     """
     path = Path(path)
     format = format or detect_format(path)
     if format not in FORMATS:
         raise FlexmoeError(f"unknown data format {format!r}; valid: {', '.join(FORMATS)}")
     mapping = _field_mapping(format, fields)
-    examples = [_to_example(record, mapping, path, where) for where, record in _records(path, format)]
-    if not examples:
-        raise FlexmoeError(f"{path}: no examples found")
-    return examples
+    examples, invalid = [], []
+    for where, record in _records(path, format):
+        try:
+            if isinstance(record, _Invalid):
+                raise FlexmoeError(f"{path}:{where}: {record.reason}")
+            examples.append(_to_example(record, mapping, path, where))
+        except FlexmoeError as err:
+            invalid.append(str(err))
+    return examples, invalid
+
+
+def invalid_rows_message(invalid: list[str]) -> str:
+    """One row: its own one-line message; several: the count, then the first MAX_REPORTED."""
+    if len(invalid) == 1:
+        return invalid[0]
+    shown = "\n".join(f"  {message}" for message in invalid[:MAX_REPORTED])
+    more = f"\n  ... and {len(invalid) - MAX_REPORTED} more" if len(invalid) > MAX_REPORTED else ""
+    return (f"{len(invalid)} invalid rows (fix them, or set data.skip_invalid = true to train on "
+            f"the valid rows):\n{shown}{more}")
 
 
 def detect_format(path: Path) -> str:
@@ -144,19 +184,28 @@ def _read_text(path: Path) -> str:
         raise FlexmoeError(f"{path}:line {line}: not UTF-8 text") from None
 
 
+class _Invalid:
+    """A record that could not be parsed; reported with the other invalid rows."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 def _json_lines_records(text: str, path: Path) -> Iterator[tuple[str, object]]:
-    for line_no, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines() also splits at U+2028/U+2029/U+0085, which JSON strings may
+    # hold raw (json.dumps(..., ensure_ascii=False) writes them); a "\r" before "\n" is JSON space.
+    for line_no, line in enumerate(text.split("\n"), 1):
         if line.strip():
-            yield f"line {line_no}", _parse_json(line, path, line_no)
+            yield f"line {line_no}", _parse_json(line)
 
 
-def _parse_json(line: str, path: Path, line_no: int) -> object:
+def _parse_json(line: str) -> object:
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise FlexmoeError(f"{path}:line {line_no}: malformed JSON ({err.msg}, column {err.colno})") from None
+        return _Invalid(f"malformed JSON ({err.msg}, column {err.colno})")
     except RecursionError:
-        raise FlexmoeError(f"{path}:line {line_no}: JSON nested too deeply") from None
+        return _Invalid("JSON nested too deeply")
 
 
 def _json_array_records(text: str, path: Path) -> Iterator[tuple[str, object]]:

@@ -1,7 +1,12 @@
 """Splitting examples across federated clients: IID, pathological, Dirichlet, quantity skew.
 
-Every scheme is deterministic given the examples' order and the seed. Each client's share
-is then split into its own train and test sets.
+Every scheme is deterministic given the examples' order and the seed, and keeps every row:
+- more labels than `num_clients * per_client` slots: each label left over goes whole to the
+  client holding the fewest examples so far, so some clients hold more labels than per_client
+  (`leftover="drop"` leaves them out instead: the caller then reports "N of M rows");
+- rows without the label (no category, say) in a pathological or Dirichlet split are shuffled
+  and dealt round-robin over all clients, after the labelled rows are split.
+Each client's share is then split into its own train and test sets.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from flexmoe.errors import FlexmoeError
 
 SCHEMES = ("pathological", "iid", "dirichlet", "quantity")
 LABEL_FIELDS = ("domain", "category")
+LEFTOVER = ("assign", "drop")  # labels beyond num_clients * per_client (pathological)
 
 
 @dataclass
@@ -28,7 +34,8 @@ class ClientData:
 
 def partition(examples: Sequence[Example], num_clients: int, scheme: str = "pathological",
               by: str = "domain", per_client: int = 1, alpha: float = 0.5, seed: int = 0,
-              test_fraction: float = 0.1, labels: Sequence[str] | None = None) -> list[ClientData]:
+              test_fraction: float = 0.1, labels: Sequence[str] | None = None,
+              leftover: str = "assign") -> list[ClientData]:
     """Distributes `examples` over `num_clients` clients.
 
     - iid: a uniform random split into near-equal shares;
@@ -39,12 +46,22 @@ def partition(examples: Sequence[Example], num_clients: int, scheme: str = "path
     `labels` restricts the data to those domain/category names first.
     """
     _check_arguments(examples, num_clients, scheme, by, per_client, alpha, test_fraction)
+    if leftover not in LEFTOVER:
+        raise FlexmoeError(f"unknown leftover treatment {leftover!r}; valid: {', '.join(LEFTOVER)}")
     examples = _restrict(examples, by, labels)
     if scheme in ("pathological", "dirichlet") and not any(getattr(example, by) for example in examples):
         raise FlexmoeError(f"the examples have no {by} labels, so a {scheme} split by {by} is impossible; "
                            f"partition by the other label or use scheme iid or quantity")
     rng = np.random.default_rng(seed)
-    shares = _SPLITTERS[scheme](examples, num_clients, by, per_client, alpha, rng)
+    unlabelled: list[Example] = []
+    if scheme in ("pathological", "dirichlet"):
+        unlabelled = [example for example in examples if not getattr(example, by)]
+        examples = [example for example in examples if getattr(example, by)]
+    if scheme == "pathological":
+        shares = _pathological(examples, num_clients, by, per_client, rng, leftover == "assign")
+    else:
+        shares = _SPLITTERS[scheme](examples, num_clients, by, per_client, alpha, rng)
+    _deal_round_robin(unlabelled, shares, seed)
     for client_id, share in enumerate(shares):
         if not share:
             raise FlexmoeError(f"client {client_id} has no examples: {_why_empty(scheme, by, alpha, num_clients)}")
@@ -96,7 +113,7 @@ def _iid(examples, num_clients, by, per_client, alpha, rng) -> list[list[Example
     return [[examples[i] for i in chunk] for chunk in np.array_split(order, num_clients)]
 
 
-def _pathological(examples, num_clients, by, per_client, alpha, rng) -> list[list[Example]]:
+def _pathological(examples, num_clients, by, per_client, rng, assign_leftover: bool) -> list[list[Example]]:
     groups = _groups(examples, by)
     names = sorted(groups)
     if per_client > len(names):
@@ -113,7 +130,17 @@ def _pathological(examples, num_clients, by, per_client, alpha, rng) -> list[lis
             members = rng.permutation(len(groups[name]))
             for client, chunk in zip(holders[name], np.array_split(members, len(holders[name]))):
                 shares[client].extend(groups[name][i] for i in chunk)
+    for name in order[num_clients * per_client:] if assign_leftover else ():  # more labels than slots
+        smallest = min(range(num_clients), key=lambda client: len(shares[client]))
+        shares[smallest].extend(groups[name][i] for i in rng.permutation(len(groups[name])))
     return shares
+
+
+def _deal_round_robin(rows: list[Example], shares: list[list[Example]], seed: int) -> None:
+    """Rows without a label, shuffled (own seeded stream: the labelled split is unchanged by them)."""
+    rng = np.random.default_rng([seed, 1])
+    for position, index in enumerate(rng.permutation(len(rows))):
+        shares[position % len(shares)].append(rows[index])
 
 
 def _dirichlet(examples, num_clients, by, per_client, alpha, rng) -> list[list[Example]]:
@@ -149,7 +176,7 @@ def _groups(examples: Sequence[Example], by: str) -> dict[str, list[Example]]:
     return groups
 
 
-_SPLITTERS = {"iid": _iid, "pathological": _pathological, "dirichlet": _dirichlet, "quantity": _quantity}
+_SPLITTERS = {"iid": _iid, "dirichlet": _dirichlet, "quantity": _quantity}
 
 
 def _train_test(client_id: int, share: list[Example], test_fraction: float, rng) -> ClientData:
@@ -166,8 +193,11 @@ def _train_test(client_id: int, share: list[Example], test_fraction: float, rng)
 # ---------------------------------------------------------------- statistics
 
 
-def partition_stats(parts: Sequence[ClientData]) -> dict:
-    """Per-client sizes and category/domain counts, plus totals (JSON-serialisable)."""
+def partition_stats(parts: Sequence[ClientData], total: int | None = None) -> dict:
+    """Per-client sizes and category/domain counts, plus totals (JSON-serialisable).
+
+    `total`: the rows the data had (the M of "N of M rows"); defaults to the rows assigned.
+    """
     clients = []
     for part in parts:
         everything = part.train + part.test
@@ -175,12 +205,30 @@ def partition_stats(parts: Sequence[ClientData]) -> dict:
             "client_id": part.client_id,
             "train": len(part.train),
             "test": len(part.test),
+            "rows": len(everything),
             "categories": dict(sorted(Counter(e.category for e in everything).items())),
             "domains": dict(sorted(Counter(e.domain for e in everything).items())),
         })
+    assigned = sum(client["rows"] for client in clients)
     return {
         "num_clients": len(parts),
         "train": sum(client["train"] for client in clients),
         "test": sum(client["test"] for client in clients),
+        "rows": assigned,
+        "total_rows": assigned if total is None else total,
         "clients": clients,
     }
+
+
+def partition_lines(stats: dict, by: str = "domain") -> list[str]:
+    """Human-readable "N of M rows" lines: one per client (with its top labels), then the total."""
+    total = stats["total_rows"]
+    key = "domains" if by == "domain" else "categories"
+    lines = []
+    for client in stats["clients"]:
+        top = ", ".join(f"{name or '(none)'} {count}" for name, count in Counter(client[key]).most_common(3))
+        lines.append(f"  client {client['client_id']:>3}: {client['rows']:>6} of {total} rows "
+                     f"({client['train']} train / {client['test']} test)  {top}")
+    lines.append(f"{stats['num_clients']} clients: {stats['rows']} of {total} rows "
+                 f"({stats['train']} train / {stats['test']} test)")
+    return lines

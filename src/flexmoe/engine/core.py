@@ -98,6 +98,7 @@ def base_knowledge(model: nn.Module, tokenizer, config: RunConfig) -> dict:
     drift is measured from), as the round-0 server record spells them."""
     if not config.eval.knowledge:
         return {}
+    log.info("round 0: knowledge measures of the base model")
     return {f"{k}_base": v for k, v in knowledge_measures(model, tokenizer, config.eval).items()}
 
 
@@ -253,6 +254,7 @@ class ClientRunner:
 
     def evaluate_base(self, client: Client) -> dict:
         """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split."""
+        self.progress.message(f"round 0: evaluating the base model on client {client.client_id}")
         return {"round": 0, "kind": "eval", "client": client.client_id, "rouge_l": self.rouge(client),
                 "test_loss": self.test_loss(client)}
 

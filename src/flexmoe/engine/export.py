@@ -10,11 +10,16 @@ Layout of an exported directory:
     personal.safetensors   the graft and gate (methods that graft)
 
 `load_personalized(DIR)` rebuilds exactly the model the run evaluated for that client.
+
+`model/` keeps the base checkpoint's dtype (a bf16 base stays bf16, not twice its size in fp32)
+whenever that is lossless, i.e. every weight written is exactly representable in it; weights
+trained in fp32 (a merge, federated routers, "full" scope) keep fp32 unless `dtype` is given.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,14 +27,19 @@ from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
 
+log = logging.getLogger("flexmoe.engine")
 MANIFEST = "flexmoe-export.json"
 FORMAT = "flexmoe-export/1"
 MODEL_DIR, ADAPTER_DIR, PERSONAL_FILE = "model", "adapter", "personal.safetensors"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: bool = False,
-                  state_dir: str | Path | None = None) -> Path:
-    """Write client `client_id`'s personalised model to `out` (which must not exist yet)."""
+                  state_dir: str | Path | None = None, dtype: str | None = None) -> Path:
+    """Write client `client_id`'s personalised model to `out` (which must not exist yet);
+    `dtype` (one of DTYPES) forces the dtype of `model/`, default: the base's when lossless."""
+    if dtype is not None and dtype not in DTYPES:
+        raise FlexmoeError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     from flexmoe.engine.restore import restore
     from flexmoe.models.load import _quiet_progress  # no per-shard progress bar on stderr
 
@@ -40,8 +50,9 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        log.info("writing client %d's model to %s", client_id, out)
         with _quiet_progress():
-            manifest = _write_parts(restored, tmp, merge)
+            manifest = _write_parts(restored, tmp, merge, dtype)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _usual_permissions(tmp)
         os.replace(tmp, out)
@@ -51,7 +62,7 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
     return out
 
 
-def _write_parts(restored, directory: Path, merge: bool) -> dict:
+def _write_parts(restored, directory: Path, merge: bool, dtype: str | None) -> dict:
     from flexmoe.models import base_fingerprint, grafts, save_personal, ungraft
 
     model, checkpoint = restored.model, restored.checkpoint
@@ -65,6 +76,8 @@ def _write_parts(restored, directory: Path, merge: bool) -> dict:
     elif adapter:
         model.save_pretrained(directory / ADAPTER_DIR)
         model = model.unload()
+    target = _model_dtype(model, checkpoint.config.model, dtype)
+    model.to(target)
     model.save_pretrained(directory / MODEL_DIR)
     restored.tokenizer.save_pretrained(directory / MODEL_DIR)
     return {
@@ -78,7 +91,24 @@ def _write_parts(restored, directory: Path, merge: bool) -> dict:
         "merged": adapter and merge,
         "adapter": ADAPTER_DIR if adapter and not merge else None,
         "personal": PERSONAL_FILE if personal else None,
+        "dtype": str(target).removeprefix("torch."),
     }
+
+
+def _model_dtype(model, base: str, requested: str | None):
+    """`requested`, else the base checkpoint's dtype when every floating weight fits it exactly, else fp32."""
+    import torch
+
+    from flexmoe.models.load import resolve_model_dir
+
+    if requested is not None:
+        return getattr(torch, requested)
+    config = json.loads((resolve_model_dir(base) / "config.json").read_text())
+    stored = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
+        return torch.float32
+    exact = all(torch.equal(t, t.to(stored).to(t.dtype)) for t in model.state_dict().values() if t.is_floating_point())
+    return stored if exact else torch.float32
 
 
 def _usual_permissions(directory: Path) -> None:
@@ -115,7 +145,10 @@ def load_personalized(path: str | Path, dtype=None, device: str = "cpu"):
     if manifest["adapter"]:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path / manifest["adapter"])
+        from flexmoe.models.lora import peft_quietly
+
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, path / manifest["adapter"])
     if manifest["personal"]:
         load_personal(model, path / manifest["personal"])
     return model.eval(), tokenizer

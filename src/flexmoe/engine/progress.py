@@ -1,9 +1,15 @@
-"""Progress display: a live rich view on a terminal, plain log lines otherwise (or --quiet)."""
+"""Progress display: a live rich view on a terminal, plain log lines otherwise (or --quiet).
+
+`logs_to(progress)` shows flexmoe's own log records (loading, partition, truncation, skipped
+rows, failures) through the same display, so a long step never runs silently.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+from contextlib import contextmanager
 
 
 class Progress:
@@ -91,3 +97,29 @@ class RichProgress(Progress):
 
 def make_progress(quiet: bool) -> Progress:
     return LogProgress() if quiet or not sys.stderr.isatty() else RichProgress()
+
+
+class _ProgressHandler(logging.Handler):
+    def __init__(self, progress: Progress):
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.progress.message(record.getMessage())
+        except Exception:  # a display problem must never stop a run
+            self.handleError(record)
+
+
+@contextmanager
+def logs_to(progress: Progress):
+    """Route the `flexmoe` loggers' records of INFO and above to `progress` while inside."""
+    logger = logging.getLogger("flexmoe")
+    handler, level = _ProgressHandler(progress), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield progress
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -39,7 +39,7 @@ class InProcess:
         self.clients = clients
 
     def infos(self) -> list[ClientInfo]:
-        return [describe(c.client_id, c.train, c.test) for c in self.clients]
+        return [describe(c) for c in self.clients]
 
     def round_zero(self, evaluate_base: bool) -> tuple[list[dict], list[ClientInfo]]:
         # before grafting, with LoRA at zero: the untouched base is the reference

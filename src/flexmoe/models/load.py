@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import pathlib
 
 import torch
@@ -12,6 +13,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import FAMILIES, moe_layers
 
 TINY = "tiny"
+log = logging.getLogger("flexmoe.models")
 
 
 def tiny_path() -> pathlib.Path:
@@ -48,6 +50,7 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
     path = resolve_model_dir(name_or_path)
     _check_family(path)
     device = _check_device(device)
+    log.info("loading the base model %s", name_or_path if str(name_or_path) == TINY else path)
     try:
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)

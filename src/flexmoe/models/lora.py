@@ -11,7 +11,9 @@ Scopes:
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -21,6 +23,15 @@ from flexmoe.models.families import Family, family_of, moe_layers, unwrap
 from flexmoe.models.graft import GRAFT
 
 SCOPES = ("attention", "attention+experts", "full")
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing`; the FutureWarning it
+    raises says nothing actionable to our users, so our own PEFT calls run without it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def attention_pattern(family: Family) -> str:
@@ -60,7 +71,8 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+        with peft_quietly():
+            peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if GRAFT in name.split("."):
             param.requires_grad_(True)  # PEFT freezes everything it did not add

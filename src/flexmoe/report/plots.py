@@ -30,44 +30,109 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def _round_axis(ax, rounds: int | None = None) -> None:
+    """Integer round ticks, the whole run's span when known (one evaluated round is not a lone dot
+    on a cramped axis), and plain numbers on the value axis (no offset like "+2.46")."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if rounds:
+        ax.set_xlim(-0.5, rounds + 0.5)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.set_xlabel("round")
+
+
+def _with_base(points: list[tuple[int, float]], base: float | None) -> list[tuple[int, float]]:
+    """The base model's value as round 0 ahead of the run's own points (what every round starts from)."""
+    return ([(0, base)] if base is not None else []) + [(n, v) for n, v in points if n > 0]
+
+
+def _total_rounds(run: Run) -> int | None:
+    rounds = run.config.get("rounds")
+    return int(rounds) if isinstance(rounds, int) else None
+
+
 def run_rounds(run: Run, path: Path) -> str | None:
-    """Training loss, mean personalised ROUGE-L and knowledge loss per round of one run."""
+    """Training loss, mean personalised ROUGE-L and knowledge loss per round of one run, each
+    evaluation panel starting at the base model's value (round 0, also drawn as a reference line)."""
     servers = run.servers()
     if not servers:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     axes[0].plot([r["round"] for r in servers], [r["train_loss"] for r in servers], marker="o")
-    axes[0].set(xlabel="round", ylabel="train loss (response tokens)")
+    axes[0].set(ylabel="train loss (response tokens)")
     for ax, key, label in ((axes[1], "rouge_l_avg", "mean personalised ROUGE-L"),
                            (axes[2], "knowledge_loss", "held-out knowledge loss")):
-        points = [(r["round"], r[key]) for r in servers if r.get(key) is not None]
+        base = run.base().get(f"{key}_base")
+        points = _with_base([(r["round"], r[key]) for r in servers if r.get(key) is not None], base)
         if points:
             ax.plot(*zip(*points), marker="o", color="C1", label=run.label)
-        base = run.base().get(f"{key}_base")
         if base is not None:
-            ax.axhline(base, color="grey", linestyle="--", label="base model")
+            ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
+        if points or base is not None:
             ax.legend(fontsize=7)
-        ax.set(xlabel="round", ylabel=label)
+        ax.set(ylabel=label)
+    for ax in axes:
+        _round_axis(ax, _total_rounds(run))
+    return _save(fig, path)
+
+
+def run_clients(run: Run, path: Path) -> str | None:
+    """Per-client learning curves: local training loss per round, and personalised ROUGE-L per
+    evaluated round starting from the base model's score on the client's test split (round 0)."""
+    trains = [r for r in run.records if r["kind"] == "train"]
+    evals = [r for r in run.records if r["kind"] == "eval"]
+    if not trains and not evals:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    clients = sorted({r["client"] for r in trains + evals})
+    for index, client in enumerate(clients):
+        style = {"color": f"C{index % 10}", "marker": "o", "markersize": 4,
+                 "linestyle": "-" if index < 10 else "--", "label": f"client {client}"}
+        train = sorted((r["round"], r["loss"]) for r in trains if r["client"] == client and r.get("loss") is not None)
+        if train:
+            axes[0].plot(*zip(*train), **style)
+        scores = sorted((r["round"], r["rouge_l"]) for r in evals
+                        if r["client"] == client and r.get("rouge_l") is not None)
+        if scores:
+            axes[1].plot(*zip(*scores), **style)
+    axes[0].set(ylabel="local train loss (response tokens)")
+    axes[1].set(ylabel="personalised ROUGE-L (round 0: base)")
+    for ax in axes:
+        _round_axis(ax, _total_rounds(run))
+        if ax.lines:
+            ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
 
 
 def run_bytes(run: Run, path: Path) -> str | None:
-    """Cumulative bytes up and down per round of one run."""
+    """Bytes up and down per round (side by side) and cumulated, of one run."""
     servers = run.servers()
     if not servers or not any(r["bytes_up"] or r["bytes_down"] for r in servers):
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     rounds = [r["round"] for r in servers]
-    for key, color in (("bytes_up", "C0"), ("bytes_down", "C2")):
-        total, cumulative = 0, []
-        for r in servers:
-            total += r[key]
-            cumulative.append(total / 1e6)
-        ax.plot(rounds, cumulative, marker="o", color=color, label=key.replace("_", " "))
-    ax.set(xlabel="round", ylabel="cumulative MB (all clients)")
-    ax.legend(fontsize=7)
+    width = 0.38
+    directions = (("bytes_up", "up (clients → server)", "C0", "-", "o", -width / 2),
+                  ("bytes_down", "down (server → clients)", "C2", "--", "s", width / 2))
+    for key, label, color, linestyle, marker, shift in directions:
+        per_round = [r[key] / 1e6 for r in servers]
+        axes[0].bar([n + shift for n in rounds], per_round, width=width, color=color, label=label)
+        cumulative = [sum(per_round[: i + 1]) for i in range(len(per_round))]
+        # up and down are often nearly equal: a wide pale line under a thin dashed one keeps both visible
+        wide = key == "bytes_up"
+        axes[1].plot(rounds, cumulative, color=color, linestyle=linestyle, marker=marker, markerfacecolor="none",
+                     markersize=8 if wide else 5, linewidth=4 if wide else 1.2, alpha=0.5 if wide else 1.0,
+                     label=label)
+    axes[0].set(ylabel="MB per round (all clients)")
+    axes[1].set(ylabel="cumulative MB (all clients)")
+    for ax in axes:
+        _round_axis(ax, _total_rounds(run))
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom: the legend never hides a bar
+        ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
 
 
@@ -104,10 +169,13 @@ def expert_load_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], path:
 
 
 def compare_rounds(groups: dict[str, list[Run]], key: str, ylabel: str, path: Path) -> str | None:
-    """`key` of the server records per round, one line per method: mean over seeds, bars = spread."""
+    """`key` of the server records per round, one line per method: mean over seeds, bars = spread;
+    evaluation measures start at the base model's value (round 0), also drawn as a reference line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     drawn = False
+    bases = [run.base().get(f"{key}_base") for runs in groups.values() for run in runs]
+    base = mean_std(bases)[0] if bases and all(b is not None for b in bases) else None
     for index, (label, runs) in enumerate(groups.items()):
         by_round: dict[int, list[float]] = {}
         for run in runs:
@@ -116,6 +184,8 @@ def compare_rounds(groups: dict[str, list[Run]], key: str, ylabel: str, path: Pa
                     by_round.setdefault(r["round"], []).append(r[key])
         if not by_round:
             continue
+        if base is not None:
+            by_round[0] = [b for b in (run.base().get(f"{key}_base") for run in runs) if b is not None]
         rounds = sorted(by_round)
         stats = [mean_std(by_round[n]) for n in rounds]
         ax.errorbar(rounds, [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], marker="o", capsize=2,
@@ -124,20 +194,35 @@ def compare_rounds(groups: dict[str, list[Run]], key: str, ylabel: str, path: Pa
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="round", ylabel=ylabel)
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle=":", linewidth=1, label="base model (mean over seeds)")
+    rounds = [run.config.get("rounds") for runs in groups.values() for run in runs]
+    _round_axis(ax, max(rounds) if all(isinstance(n, int) for n in rounds) else None)
+    ax.set(ylabel=ylabel)
     ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
 
 
 def compare_bytes(groups: dict[str, list[Run]], path: Path) -> str | None:
-    """Mean bytes per round (up + down, all clients) per method, log scale."""
+    """Mean bytes per round up and down (all clients), side by side per method, log scale."""
     labels = [label for label, runs in groups.items() if any(run.bytes_per_round() for run in runs)]
     if not labels:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(labels) + 2), 3.4))
-    values = [mean_std([run.bytes_per_round() for run in groups[label]])[0] / 1e6 for label in labels]
-    ax.bar(range(len(labels)), values, color="C0")
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels) + 2), 3.4))
+    width, smallest, largest = 0.38, math.inf, 0.0
+    for key, label, color, shift in (("bytes_up", "up", "C0", -width / 2), ("bytes_down", "down", "C2", width / 2)):
+        values = [mean_std([_per_round(run, key) for run in groups[name]])[0] / 1e6 for name in labels]
+        ax.bar([i + shift for i in range(len(labels))], values, width=width, color=color, label=label)
+        smallest = min([smallest, *(v for v in values if v > 0)])
+        largest = max([largest, *values])
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
-    ax.set(ylabel="MB per round (up + down)", yscale="log")
+    ax.set(ylabel="MB per round (all clients)", yscale="log")
+    ax.set_ylim(smallest / 10, largest * 4)  # a log axis has no zero: bars start a decade below the smallest
+    ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _per_round(run: Run, key: str) -> float:
+    servers = run.servers()
+    return sum(r[key] for r in servers) / len(servers) if servers else 0.0

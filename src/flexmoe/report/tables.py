@@ -38,14 +38,15 @@ def client_table(run: Run) -> list[str]:
     base = {r["client"]: r for r in run.evals(0)}
     columns = [c for c in EVAL_COLUMNS if any(c[0] in r for r in evals.values())]
     per_client = run.summary.get("per_client", {})
-    header = ["client", "domains", "train", "test", "ROUGE-L (base)", *(title for _, title, _ in columns),
+    groups = group_key(run)
+    header = ["client", groups, "train", "test", "ROUGE-L (base)", *(title for _, title, _ in columns),
               "bytes up", "bytes down"]
     rows = []
     for client in run.clients:
         cid = client["client_id"]
         record, traffic = evals.get(cid, {}), per_client.get(str(cid), {})
         rows.append([
-            str(cid), ", ".join(client.get("domains", [])) or "-", str(client.get("num_train", "-")),
+            str(cid), _names(client.get(groups, [])), str(client.get("num_train", "-")),
             str(client.get("num_test", "-")), fmt(base.get(cid, {}).get("rouge_l")),
             *(fmt(record.get(key), pattern) for key, _, pattern in columns),
             f"{traffic.get('bytes_up', 0):,}", f"{traffic.get('bytes_down', 0):,}",
@@ -57,6 +58,33 @@ def client_table(run: Run) -> list[str]:
         f"{run.summary.get('bytes_up', 0):,}", f"{run.summary.get('bytes_down', 0):,}",
     ])
     return table(header, rows, ["---:", "---", *["---:"] * (len(header) - 2)])
+
+
+def group_key(run: Run) -> str:
+    """The client field the partition grouped by: "categories" for data.by = category, else "domains"."""
+    return "categories" if run.config.get("data", {}).get("by") == "category" else "domains"
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    """A client's groups, the first `shown` of them and how many more (a client may hold dozens)."""
+    if not names:
+        return "-"
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def truncation_lines(run: Run) -> list[str]:
+    """How many training examples were cut to train.max_length, when any were."""
+    truncated = sum(client.get("truncated", 0) for client in run.clients)
+    unusable = sum(client.get("unusable", 0) for client in run.clients)
+    if not truncated and not unusable:
+        return []
+    total = sum(client.get("num_train", 0) for client in run.clients)
+    per_client = ", ".join(f"client {c['client_id']}: {c['truncated']}" for c in run.clients if c.get("truncated"))
+    max_length = run.config.get("train", {}).get("max_length")
+    return [f"Training examples longer than train.max_length = {max_length} tokens: {truncated} of {total} were cut "
+            f"(the context first, then the prompt's middle; the response keeps at least half the room) "
+            f"({per_client}); {unusable} were left with no supervised token."]
 
 
 def round_table(run: Run) -> list[str]:

@@ -15,7 +15,8 @@ from flexmoe.report.runs import CLIENTS_FILE, Run, mean_std, read_run
 def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
     """Write `report.md` and `plots/` of one run from its files.
 
-    `clients` (objects or dicts with client_id, domains, num_train, num_test) are saved to
+    `clients` (objects or dicts with client_id, domains, num_train, num_test, and optionally
+    categories, truncated, unusable) are saved to
     `clients.json` first, so a later `flexmoe report` shows them too.
     """
     run_dir = Path(run_dir)
@@ -41,6 +42,9 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         "the model's and the base's expert-load distributions, averaged over MoE layers.",
         "",
     ]
+    truncation = tables.truncation_lines(run)
+    if truncation:
+        lines += [*truncation, ""]
     reliability = tables.reliability_lines(run)
     if reliability:
         lines += ["## Failures, rejections and privacy", "", *reliability, ""]
@@ -59,8 +63,11 @@ def _run_plots(run: Run) -> list[str]:
     name = plots.run_rounds(run, out / "rounds.png")
     if name:
         lines += ["![training loss, ROUGE-L and knowledge loss per round](plots/rounds.png)", ""]
+    if plots.run_clients(run, out / "clients.png"):
+        lines += ["![per-client learning curves: local train loss and personalised ROUGE-L per round]"
+                  "(plots/clients.png)", ""]
     if plots.run_bytes(run, out / "bytes.png"):
-        lines += ["![cumulative bytes per round](plots/bytes.png)", ""]
+        lines += ["![bytes up and down per round, and cumulated](plots/bytes.png)", ""]
     if plots.expert_load_heatmaps(_load_panels(run), out / "expert_load.png", title=run.label):
         lines += ["![expert load per client (layers × experts)](plots/expert_load.png)", ""]
     return lines
@@ -118,7 +125,7 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         if plots.compare_rounds(groups, key, ylabel, plot_dir / name):
             lines += [f"![{ylabel} per round](plots/{name})", ""]
     if plots.compare_bytes(groups, plot_dir / "bytes.png"):
-        lines += ["![bytes per round](plots/bytes.png)", ""]
+        lines += ["![bytes per round, up and down](plots/bytes.png)", ""]
     for label, runs in groups.items():
         name = f"expert_load-{_slug(label)}.png"
         if plots.expert_load_heatmaps(_load_panels(runs[0]), plot_dir / name, title=f"{label}, seed {runs[0].seed}"):

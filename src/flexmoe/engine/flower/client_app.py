@@ -79,7 +79,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         if node.method.grafts:
             runner.graft(client)
         content = _reply(record, client.client_id, len(client.test))
-        content["info"] = _info(client.train, client.test)
+        content["info"] = _info(client)
         return Message(content, reply_to=msg)
     if node.method.grafts and not runner.has_personal(client.client_id):
         runner.graft(client)
@@ -103,8 +103,11 @@ def commit(msg: Message, context: Context) -> Message:
     content = _reply({}, client_id, 0)
     if settings["phase"] == "identify":
         config = config_from_text(str(settings["flexmoe-config"]))
+        from flexmoe.data.clients import Client
+
         part = _client_data(config, context.node_config, client_id)
-        content["info"] = _info(part.train[: config.data.max_train_per_client or None], part.test)
+        train = part.train[: config.data.max_train_per_client or None]
+        content["info"] = _info(Client(client_id, train, part.test, []))
     return Message(content, reply_to=msg)
 
 
@@ -124,10 +127,14 @@ def settle(store, client_id: int, settings) -> None:
                  keep_in_progress=settings["phase"] == "eval")
 
 
-def _info(train: list, test: list) -> ConfigRecord:
-    """What the server's report shows of this client (counts and domains, no examples)."""
-    return ConfigRecord({"domains": sorted({e.domain for e in train if e.domain}), "num-train": len(train),
-                         "num-test": len(test)})
+def _info(client) -> ConfigRecord:
+    """What the server's report shows of this client (`data.clients.describe`: groups, counts,
+    truncation; no examples)."""
+    import dataclasses
+
+    from flexmoe.data.clients import describe
+
+    return ConfigRecord({"describe": json.dumps(dataclasses.asdict(describe(client)))})
 
 
 def _identity(msg: Message, context: Context) -> tuple[int, Path]:
@@ -155,7 +162,8 @@ def _client_data(config, node_config, client_id: int):
     data_path = node_config.get("data-path")
     if not data_path:
         return partition_data(config)[client_id]
-    examples = flexmoe.data.load_examples(str(data_path))
+    examples = flexmoe.data.load_examples(str(data_path), fields=dict(config.data.fields) or None,
+                                          skip_invalid=config.data.skip_invalid)
     part = flexmoe.data.partition(examples, 1, scheme="iid", seed=config.seed,
                                   test_fraction=config.data.test_fraction)[0]
     if not part.train:

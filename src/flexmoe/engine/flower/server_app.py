@@ -248,4 +248,6 @@ def _record(reply: Message) -> dict:
 
 
 def _info(client_id: int, info) -> ClientInfo:
-    return ClientInfo(client_id, tuple(info["domains"]), int(info["num-train"]), int(info["num-test"]))
+    fields = json.loads(str(info["describe"]))
+    return ClientInfo(**{**fields, "client_id": client_id, "domains": tuple(fields["domains"]),
+                         "categories": tuple(fields["categories"])})

@@ -1,0 +1,49 @@
+"""A run's examples from its `data` config, and what a run says about each client's data.
+
+Every engine and command that reads a run's data goes through here, so a file's field mapping
+(`data.fields`) and `data.skip_invalid` mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flexmoe.data.example import Example
+
+log = logging.getLogger("flexmoe.data")
+
+
+def configured_examples(data) -> list[Example]:
+    """The examples `data` (a `DataConfig`) names: the builtin dataset or its file, mapped and checked."""
+    import flexmoe.data  # through the package: tests substitute its builtin_examples
+
+    log.info("reading the data: %s", "the builtin WordNet dataset" if data.source == "builtin" else data.source)
+    if data.source == "builtin":
+        return flexmoe.data.builtin_examples()
+    return flexmoe.data.load_examples(data.source, format=None if data.format == "auto" else data.format,
+                         fields=dict(data.fields) or None, skip_invalid=data.skip_invalid)
+
+
+def log_partition(parts, total: int, by: str) -> None:
+    """"N of M rows" per client and overall, so no row is lost without saying so."""
+    from flexmoe.data.partition import partition_lines, partition_stats
+
+    for line in partition_lines(partition_stats(parts, total=total), by):
+        log.info("partition: %s", line.strip())
+
+
+def describe_client(client) -> dict:
+    """What the report shows of a client (an engine `Client`): its groups, sizes and truncation."""
+    from flexmoe.data.tokens import Truncation
+
+    truncation = client.truncation or Truncation()
+    return {
+        "client_id": client.client_id,
+        # the groups of the client's share of the partition (its test split included)
+        "domains": tuple(sorted({e.domain for e in client.train + client.test if e.domain})),
+        "num_train": len(client.train),
+        "num_test": len(client.test),
+        "categories": tuple(sorted({e.category for e in client.train + client.test if e.category})),
+        "truncated": truncation.truncated,
+        "unusable": truncation.unusable,
+    }
