@@ -91,7 +91,7 @@ class TrainSettings:
     # "none" packs all shuffled documents into one stream; "sequences" packs each domain's
     # documents into its own sequences (batches mix domains); "batches" also draws every batch
     # from one domain. The router's load-balancing loss is computed per batch, so with
-    # "batches" it pushes each domain towards using every expert evenly.
+    # "batches" it asks each domain (not the whole corpus) for an even use of the experts.
     domain_grouping: str = "none"
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss: mean squared logsumexp of router logits
     # transformers' fused-experts kernel while training: "" = its default (grouped_mm), or "eager"
