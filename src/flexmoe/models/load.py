@@ -50,7 +50,9 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
     device = _check_device(device)
     try:
         with _quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            # a GPU model loads straight onto the GPU: no full copy in host memory first
+            on_gpu = {"device_map": device} if device.type == "cuda" else {}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **on_gpu)
     except (OSError, ValueError) as err:
         raise FlexmoeError(f"cannot load model weights from {str(path)!r}: {_first_line(err)}") from err
     try:

@@ -47,6 +47,9 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
     if hasattr(model, "peft_config"):
         raise FlexmoeError("the model already carries PEFT adapters; add_lora applies once")
     family = family_of(model)
+    if scope == "full" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
+        raise FlexmoeError(f"LoRA scope 'full' trains every base weight, which keeps fp32 master weights: "
+                           f"it needs runtime.base_dtype=fp32 (the base is {next(model.parameters()).dtype})")
     if scope == "full":
         for name, param in model.named_parameters():
             if GRAFT not in name.split("."):
@@ -109,7 +112,13 @@ def _strip_base_layer(name: str) -> str:
 def set_routers_trainable(model: nn.Module, trainable: bool = True) -> list[str]:
     """Make every MoE router trainable (so it joins the shared, federated part) or freeze it.
     Returns the router parameter names, as `model.named_parameters()` spells them."""
-    routers = {id(p) for layer in moe_layers(model) for p in layer.router.parameters()}
+    layers = moe_layers(model)
+    if trainable:  # fp32 master weights on a half-precision base
+        from flexmoe.models.device import fp32_master
+
+        for layer in layers:
+            fp32_master(layer.router)
+    routers = {id(p) for layer in layers for p in layer.router.parameters()}
     names = []
     for name, param in model.named_parameters():
         if id(param) in routers:
