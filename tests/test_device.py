@@ -153,6 +153,12 @@ def test_bf16_base_on_the_cpu_runs_two_rounds(model_dir, tmp_path, method):
     model, _ = load_model(config, build_method(config))
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    # `flexmoe eval` rebuilds the bf16 model (on the device asked for) and scores what the run scored
+    from flexmoe.commands.eval import evaluate_run
+
+    again = evaluate_run(tmp_path, [0, 1], device="cpu")["clients"]
+    last = {r["client"]: (r["rouge_l"], r["test_loss"]) for r in records if r["kind"] == "eval" and r["round"] == 2}
+    assert {r["client"]: (r["rouge_l"], r["test_loss"]) for r in again} == {c: last[c] for c in (0, 1)}
     if method == "flex":
         personal = load_checked(next((tmp_path / "clients").rglob("personal.safetensors")))[0]
         assert all(t.dtype in (torch.float32, torch.int64) for t in personal.values())

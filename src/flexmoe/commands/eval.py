@@ -21,17 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="format of --data (default: guessed from the file name)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
+    parser.add_argument("--device", metavar="D",
+                        help="auto, cpu, cuda or cuda:N (default: the run's runtime.device)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     from flexmoe.engine.restore import check_client, open_run
 
-    checkpoint = open_run(args.run, args.state_dir)
+    checkpoint = open_run(args.run, args.state_dir, args.device)
     clients = parse_clients(args.clients, checkpoint.config.num_clients)
     for cid in clients:
         check_client(checkpoint, cid)
-    result = evaluate_run(args.run, clients, _load_data(args), args.state_dir)
+    result = evaluate_run(args.run, clients, _load_data(args), args.state_dir, args.device)
     print(json.dumps(result, indent=2, sort_keys=True) if args.json else _table(result))
     return 0
 
@@ -56,7 +58,7 @@ def _load_data(args: argparse.Namespace):
     return load_examples(args.data, format=args.format)
 
 
-def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> dict:
+def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, device=None) -> dict:
     """{"round", "data", "clients": [one eval record per client], "mean": {...}} for a run's last checkpoint."""
     import torch
 
@@ -64,7 +66,7 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None) -> 
     from flexmoe.engine.restore import restore
     from flexmoe.engine.rundir import MetricsLog
 
-    restored = restore(run_dir, clients[0], state_dir)
+    restored = restore(run_dir, clients[0], state_dir, device)
     checkpoint, runner = restored.checkpoint, restored.runner
     if examples is None:
         parts = partition_data(checkpoint.config)

@@ -15,13 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", required=True, help="new directory to write (must not exist)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
+    parser.add_argument("--device", metavar="D",
+                        help="auto, cpu, cuda or cuda:N (default: the run's runtime.device)")
     parser.add_argument("--merge", action="store_true", help="fold the LoRA into the base weights (PEFT merge_and_unload)")
 
 
 def run(args: argparse.Namespace) -> int:
     from flexmoe.engine.export import export_client, read_manifest
 
-    out = export_client(args.run, args.client, args.out, merge=args.merge, state_dir=args.state_dir)
+    out = export_client(args.run, args.client, args.out, merge=args.merge, state_dir=args.state_dir,
+                        device=args.device)
     manifest = read_manifest(out)
     parts = ["model/" + (" (LoRA merged)" if manifest["merged"] else "")]
     parts += [f"{name}" for name in (manifest["adapter"] and "adapter/ (PEFT)", manifest["personal"]) if name]

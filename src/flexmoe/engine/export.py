@@ -28,7 +28,7 @@ MODEL_DIR, ADAPTER_DIR, PERSONAL_FILE = "model", "adapter", "personal.safetensor
 
 
 def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: bool = False,
-                  state_dir: str | Path | None = None) -> Path:
+                  state_dir: str | Path | None = None, device: str | None = None) -> Path:
     """Write client `client_id`'s personalised model to `out` (which must not exist yet)."""
     from flexmoe.engine.restore import restore
     from flexmoe.models.load import _quiet_progress  # no per-shard progress bar on stderr
@@ -36,7 +36,7 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
     out = Path(out)
     if out.exists():
         raise FlexmoeError(f"{out} already exists; export writes a new directory")
-    restored = restore(run_dir, client_id, state_dir)
+    restored = restore(run_dir, client_id, state_dir, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -103,15 +103,17 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_personalized(path: str | Path, dtype=None, device: str = "cpu"):
-    """Load a directory written by `flexmoe export` -> (model, tokenizer), model in eval mode."""
-    import torch
-
+def load_personalized(path: str | Path, dtype=None, device: str = "auto"):
+    """Load a directory written by `flexmoe export` -> (model, tokenizer), model in eval mode;
+    `device` as `runtime.device` (auto: a GPU when there is one), `dtype` of the base (default:
+    bf16 on a GPU, fp32 on the CPU; the graft and LoRA stay fp32)."""
     from flexmoe.models import load_base, load_personal
+    from flexmoe.models.device import resolve_device, resolve_dtype
 
     path = Path(path)
     manifest = read_manifest(path)
-    model, tokenizer = load_base(path / MODEL_DIR, dtype=dtype or torch.float32, device=device)
+    device = resolve_device(str(device))
+    model, tokenizer = load_base(path / MODEL_DIR, dtype=dtype or resolve_dtype("auto", device), device=device)
     if manifest["adapter"]:
         from peft import PeftModel
 

@@ -55,6 +55,8 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     Only the positions that predict a response token go through the LM head: prompts are masked
     out, so that is ~10% of the positions of the builtin data, and the vocabulary-sized logits
     (head matmul, log-softmax, their gradients and copies) were the largest cost of a step."""
+    device = model_device(model)
+    batch = {key: value.to(device) for key, value in batch.items()}
     targets = batch["labels"][:, 1:]
     predicts = targets != -100
     with _head_rows(model, predicts):
@@ -109,7 +111,7 @@ def local_train(
     with (_fp32_attention(model) if half and device.type == "cpu" else contextlib.nullcontext(),
           _checkpointing(model, config.gradient_checkpointing)):
         for step in range(1, steps + 1):
-            micro_batches = [_to(collate(next(batches)), device) for _ in range(config.grad_accum)]
+            micro_batches = [collate(next(batches)) for _ in range(config.grad_accum)]
             with autocast(model, config.precision):
                 loss_sum, tokens = _accumulate(model, micro_batches, scaler)
             scaler.unscale_(optimizer)
@@ -162,10 +164,6 @@ def _fp32_attention(model: nn.Module):
         yield
     finally:
         base.set_attn_implementation(previous)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 @contextlib.contextmanager
