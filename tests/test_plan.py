@@ -1,0 +1,87 @@
+"""`flexmoe plan`: the shipped shapes are the public checkpoints' architectures (their published
+parameter counts), and the planned memory of a client step is within 20% of the peak measured
+on a real step of the tiny base on the CPU (counted by the same TensorMemory, on real tensors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flexmoe.config import load_config
+from flexmoe.plan import hf_config, meta_base, plan, shape_names
+
+# total parameters as published with each checkpoint (billions)
+PUBLISHED = {"qwen1.5-moe-a2.7b": 14.3, "olmoe-1b-7b": 6.9, "qwen3-30b-a3b": 30.5, "deepseek-v2-lite": 15.7,
+             "mixtral-8x7b": 46.7}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shapes_have_the_published_parameter_counts(name):
+    from flexmoe.models import moe_layers
+
+    model = meta_base(hf_config(name), torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters()) / 1e9
+    assert total == pytest.approx(PUBLISHED[name], rel=0.02)
+    assert moe_layers(model)  # a layout flexmoe grafts
+    assert set(shape_names()) == set(PUBLISHED)
+
+
+def test_unknown_model_is_a_one_line_error(capsys):
+    from flexmoe.cli import main
+
+    assert main(["plan", "no-such-shape"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "qwen1.5-moe-a2.7b" in err
+
+
+def _fixed_batch(batch: int, length: int, response: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.full((batch, length - 1), -100)
+    labels.view(-1)[torch.randperm(batch * (length - 1), generator=generator)[:response]] = 5
+    return {"input_ids": torch.randint(3, 6000, (batch, length), generator=generator),
+            "attention_mask": torch.ones(batch, length, dtype=torch.long),
+            "labels": torch.cat([torch.full((batch, 1), -100), labels], dim=1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["method=flex"], ["method=fedavg", "lora.scope=attention+experts"]])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides, checkpointing):
+    """Measured: the tiny base on the CPU, built like a client's (`load_model`, grafted like FLEx),
+    one `local_train` step with a fresh optimiser on a fixed 4 x 96 batch with 150 response
+    positions, under TensorMemory; plus the weights alive before it."""
+    from flexmoe.engine.core import load_model
+    from flexmoe.eval.comm import _graft_like_flex
+    from flexmoe.methods import build_method
+    from flexmoe.train import local_train
+    from flexmoe.train.memory import TensorMemory, tensor_bytes
+
+    batch, length, response = 4, 96, 150
+    config = load_config(None, [*overrides, "train.local_steps=1", f"train.batch_size={batch}",
+                                f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+    planned = plan(config, batch=batch, length=length, response_tokens=response, device_type="cpu")
+    memory = planned.memory_checkpointed if checkpointing else planned.memory
+    method = build_method(config)
+    model, _ = load_model(config, method)
+    if method.grafts:
+        _graft_like_flex(model, config)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in params.values()) == planned.trainable_params
+    assert tensor_bytes(model.parameters()) == memory.weights_frozen + memory.weights_trainable
+    fixed = _fixed_batch(batch, length, response)
+    with TensorMemory() as counter:
+        local_train(model, params, [{}] * batch, lambda features: fixed, config.train, 1e-3, seed=1)
+    measured = tensor_bytes(model.parameters()) + counter.peak
+    assert memory.peak == pytest.approx(measured, rel=0.2)
+    assert planned.memory_checkpointed.activations < planned.memory.activations
+
+
+def test_plan_json_on_the_tiny_base(capsys):
+    from flexmoe.cli import main
+
+    assert main(["plan", "tiny", "--batch", "2", "--length", "16", "--json", "--set", "method=fedavg"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "fedavg" and result["bytes_up"] > 0 and result["personal_state_bytes"] == 0
+    assert result["memory"]["peak"] > result["memory"]["weights_frozen"] > 0
