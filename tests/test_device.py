@@ -163,3 +163,47 @@ def test_bf16_base_on_the_cpu_runs_two_rounds(model_dir, tmp_path, method):
         personal = load_checked(next((tmp_path / "clients").rglob("personal.safetensors")))[0]
         assert all(t.dtype in (torch.float32, torch.int64) for t in personal.values())
         assert any(".gate." in name for name in sent)  # the federated routers travel, in fp32
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory) -> str:
+    """The engine tests' model at real-model-like widths (multiples of 128): bitsandbytes' CPU
+    4-bit kernels work in blocks and refuse the 32-wide tiny model's layers."""
+    from conftest import tiny_model
+    from test_engine import build_tokenizer
+
+    path = tmp_path_factory.mktemp("wide-qwen2moe")
+    vocab = build_tokenizer(path)
+    tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128, hidden_size=256,
+               num_key_value_heads=4, moe_intermediate_size=128, intermediate_size=256,
+               shared_expert_intermediate_size=256).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["int8"])
+def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantize):
+    """bitsandbytes quantises the nn.Linear modules (attention here); the fused experts stay bf16,
+    so the graft is copied from unquantised experts."""
+    pytest.importorskip("bitsandbytes")
+    from flexmoe.engine.core import load_model
+    from flexmoe.engine.simulation import Simulation
+    from flexmoe.methods import build_method
+    from flexmoe.models import moe_layers
+
+    config = tiny_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",
+                         "rounds=1")
+    model, _ = load_model(config, build_method(config))
+    quantized = {type(m).__name__ for m in model.modules()} & {"Linear4bit", "Linear8bitLt"}
+    assert quantized and all(layer.gate_up_proj.dtype == torch.bfloat16 for layer in moe_layers(model))
+    summary = Simulation(config, tmp_path).run()
+    assert summary["rounds_completed"] == 1 and summary["train_loss"] > 0
+
+
+def test_quantize_needs_a_half_precision_base():
+    from flexmoe.models.device import quantization_config
+
+    with pytest.raises(FlexmoeError, match="base_dtype"):
+        quantization_config("nf4", torch.float32)
+    with pytest.raises(FlexmoeError, match="CUDA device only"):
+        quantization_config("nf4", torch.bfloat16, torch.device("cpu"))

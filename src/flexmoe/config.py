@@ -146,6 +146,10 @@ class RuntimeConfig(_Section):
     # it gives the measured results of benchmarks/results/). Trainable tensors (LoRA, graft, gate,
     # federated routers) keep fp32 master weights; a half-precision base trains under autocast.
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # quantised frozen base through bitsandbytes (the optional `flexmoe[quant]` extra): "nf4"
+    # (QLoRA's 4-bit) or "int8". transformers quantises nn.Linear modules only: the fused expert
+    # parameters stay at base_dtype (docs/gpu.md gives the share of each shape's weights).
+    quantize: Literal["none", "nf4", "int8"] = "none"
 
 
 class ValidationConfig(_Section):

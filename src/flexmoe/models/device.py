@@ -142,7 +142,37 @@ def timed(device: torch.device, into: dict, key: str):
 def placement(runtime) -> dict:
     """`load_base` keyword arguments (device, dtype) of a `RuntimeConfig`."""
     device = resolve_device(runtime.device)
-    return {"device": device, "dtype": resolve_dtype(runtime.base_dtype, device)}
+    return {"device": device, "dtype": resolve_dtype(runtime.base_dtype, device), "quantize": runtime.quantize}
+
+
+def quantization_config(quantize: str, dtype: torch.dtype, device: torch.device | None = None):
+    """transformers' BitsAndBytesConfig for `runtime.quantize` (None for "none"). Only nn.Linear
+    modules are quantised (transformers' `replace_with_bnb_linear`): attention, shared experts,
+    dense MLPs; the fused 3D expert parameters stay at `dtype`."""
+    if quantize == "none":
+        return None
+    if dtype not in HALF:
+        raise FlexmoeError(f"runtime.quantize = {quantize!r} computes in half precision: "
+                           "set runtime.base_dtype to bf16 or fp16")
+    if quantize == "nf4" and device is not None and device.type == "cpu":
+        # measured with bitsandbytes 0.50.2: its CPU 4-bit backend fails a FLEx client round
+        # ("a view of a leaf Variable that requires grad is being used in an in-place operation")
+        # and refuses layers whose width is not a multiple of its block; its CUDA backend is the QLoRA one
+        raise FlexmoeError("runtime.quantize = 'nf4' runs on a CUDA device only (bitsandbytes' CPU 4-bit "
+                           "backend fails in training); on the CPU use runtime.quantize=int8")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FlexmoeError(f"runtime.quantize = {quantize!r} needs bitsandbytes: pip install 'flexmoe[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    # the LM head (transformers' own default) and qwen2_moe's (hidden -> 1) shared-expert gate stay
+    # unquantised: a one-column layer saves nothing and bitsandbytes' CPU 4-bit kernel refuses it
+    skip = ["lm_head", "shared_expert_gate"]
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=skip)
 
 
 # timings and peaks vary from run to run: engines compare metrics without these keys

@@ -9,6 +9,7 @@ import pathlib
 import torch
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.models.device import quantization_config
 from flexmoe.models.families import FAMILIES, moe_layers
 
 TINY = "tiny"
@@ -37,8 +38,9 @@ def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
 
 
 def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu"):
+              device: str | torch.device = "cpu", quantize: str = "none"):
     """Load a local MoE checkpoint and its tokenizer -> (model, tokenizer), model in eval mode.
+    `quantize` ("nf4", "int8"): the frozen base quantised by bitsandbytes (`runtime.quantize`).
 
     A dense model, an unsupported family or a directory without weights or tokenizer is refused
     with a FlexmoeError naming the directory.
@@ -51,8 +53,10 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
     try:
         with _quiet_progress():
             # a GPU model loads straight onto the GPU: no full copy in host memory first
-            on_gpu = {"device_map": device} if device.type == "cuda" else {}
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **on_gpu)
+            quantized = quantization_config(quantize, dtype, device)
+            placed = {"device_map": device} if device.type == "cuda" or quantized else {}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **placed,
+                                                         **({"quantization_config": quantized} if quantized else {}))
     except (OSError, ValueError) as err:
         raise FlexmoeError(f"cannot load model weights from {str(path)!r}: {_first_line(err)}") from err
     try:
@@ -63,7 +67,9 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are -100 anyway
     moe_layers(model)  # refuses a layout we cannot graft
     _check_vocabulary(path, model, tokenizer)
-    return model.to(device).eval(), tokenizer
+    if quantize == "none":  # a quantised model is placed by device_map and refuses .to()
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 def _check_vocabulary(path: pathlib.Path, model, tokenizer) -> None:
