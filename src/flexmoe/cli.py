@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from flexmoe.errors import FlexmoeError
@@ -47,6 +48,9 @@ def _load(module_name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes (the optional quant extra, imported by peft when installed) logs a warning about
+    # an optional CPU kernel package on import: it would garble one-line errors and JSON output
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
