@@ -53,7 +53,7 @@ class TrainConfig(_Section):
     max_length: int = Field(256, ge=8)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast over fp32 weights (~1.5x faster on this CPU)
-    # recompute each decoder layer's activations in the backward pass: less memory, ~1/3 more compute
+    # recompute each decoder layer's activations in the backward pass: less memory, one more forward per step
     gradient_checkpointing: bool = False
 
 
