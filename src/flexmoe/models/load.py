@@ -9,7 +9,7 @@ import pathlib
 import torch
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.models.device import quantization_config
+from flexmoe.models.device import quantization_config, resolve_device, resolve_dtype
 from flexmoe.models.families import FAMILIES, moe_layers
 
 TINY = "tiny"
@@ -37,9 +37,11 @@ def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", quantize: str = "none"):
+def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype | None = None,
+              device: str | torch.device = "auto", quantize: str = "none"):
     """Load a local MoE checkpoint and its tokenizer -> (model, tokenizer), model in eval mode.
+    `device` as `runtime.device` ("auto": a GPU when there is one); `dtype` default: bf16 on a
+    GPU, fp32 on the CPU.
     `quantize` ("nf4", "int8"): the frozen base quantised by bitsandbytes (`runtime.quantize`).
 
     A dense model, an unsupported family or a directory without weights or tokenizer is refused
@@ -50,6 +52,7 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
     path = resolve_model_dir(name_or_path)
     _check_family(path)
     device = _check_device(device)
+    dtype = dtype or resolve_dtype("auto", device)
     try:
         with _quiet_progress():
             # a GPU model loads straight onto the GPU: no full copy in host memory first
@@ -82,6 +85,8 @@ def _check_vocabulary(path: pathlib.Path, model, tokenizer) -> None:
 
 
 def _check_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return resolve_device("auto")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -337,7 +337,7 @@ def train_step(model, optimizer, batch: torch.Tensor, step: int, settings: Train
     """One optimiser step on LM loss + router load-balancing loss; returns the step's metrics."""
     for group in optimizer.param_groups:
         group["lr"] = settings.lr * lr_factor(step, settings)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
         out = model(input_ids=batch, labels=batch, output_router_logits=True)
     out.loss.backward()  # transformers already added router_aux_loss_coef * aux_loss
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
