@@ -21,6 +21,7 @@ check of the code, not a benchmark; its numbers are not written to the results).
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import statistics
 import sys
@@ -133,7 +134,7 @@ def measure(overrides: list[str], hf_config, device: torch.device, batch: int, l
     state = train(1).optimizer_state  # warm-up; its optimiser state is what a client keeps
     flops = counted_flops(lambda: train(1, state)) if device.type == "cuda" else counted_flops(lambda: train(1))
     reset_peak_memory(device)
-    with TensorMemory() if device.type == "cpu" else _null() as counter:
+    with TensorMemory() if device.type == "cpu" else contextlib.nullcontext() as counter:
         synchronize(device)
         start = time.perf_counter()
         state = train(steps, state).optimizer_state
@@ -147,14 +148,6 @@ def measure(overrides: list[str], hf_config, device: torch.device, batch: int, l
     tokens = batch * length
     return Measure(batch, length, step_seconds, tokens / step_seconds, flops, flops / step_seconds / peak_flops,
                    peak, selection_seconds, swap, round_seconds, clients)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _swap_seconds(model, method, optimizer_state: dict, device: torch.device) -> float:
@@ -272,7 +265,5 @@ def cpu_smoke() -> list[tuple[str, Measure]]:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--cpu-smoke"]:
         print("\n".join(table(cpu_smoke())))
-    else:
-        from benchmarks import RESULTS  # noqa: F401  (python -m benchmarks gpu is the usual way)
-
+    else:  # `python -m benchmarks gpu` (make bench, flexmoe bench gpu) is the usual way
         main(pathlib.Path(__file__).resolve().parent / "results")

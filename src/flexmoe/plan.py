@@ -103,7 +103,7 @@ def plan(config: RunConfig, model: str | None = None, batch: int | None = None, 
     shape (default the train config's batch and max length); `response_tokens`: the positions
     that predict a response token (default all: the upper bound); `device_type`: "cpu" or
     "cuda" (default: the run's device, auto = this machine's)."""
-    from flexmoe.eval.comm import method_message_sizes, serialized_size
+    from flexmoe.eval.comm import method_message_sizes
     from flexmoe.models.device import resolve_dtype
 
     name = model or config.model
