@@ -28,6 +28,15 @@ def test_shapes_have_the_published_parameter_counts(name):
     assert set(shape_names()) == set(PUBLISHED)
 
 
+def test_quantisation_reaches_only_the_non_expert_linear_weights():
+    """docs/gpu.md: bitsandbytes quantises 8.6% of Qwen1.5-MoE-A2.7B (its fused experts stay bf16)."""
+    from flexmoe.plan import _prepared, quantizable_params
+
+    model, _ = _prepared(load_config(None, []), meta_base(hf_config("qwen1.5-moe-a2.7b"), torch.bfloat16))
+    share = quantizable_params(model) / sum(p.numel() for p in model.parameters())
+    assert 0.08 < share < 0.09
+
+
 def test_unknown_model_is_a_one_line_error(capsys):
     from flexmoe.cli import main
 

@@ -82,6 +82,8 @@ class Plan:
     length: int
     response_tokens: int
     total_params: int
+    quantizable_params: int  # frozen nn.Linear weights runtime.quantize would quantise (fused experts are not)
+    quantize: str
     trainable_params: int
     shared_params: int
     bytes_down: int  # server -> one client, round 1
@@ -125,12 +127,23 @@ def plan(config: RunConfig, model: str | None = None, batch: int | None = None, 
         model=str(name), model_type=hf.model_type, method=config.method, base_dtype=str(dtype).removeprefix("torch."),
         device_type=device.type, batch=batch, length=length, response_tokens=response_tokens,
         total_params=sum(p.numel() for p in params), trainable_params=sum(p.numel() for p in trainable),
+        quantizable_params=quantizable_params(prepared), quantize=config.runtime.quantize,
         shared_params=sizes["shared_params"], bytes_down=sizes["down"], bytes_down_max=sizes["down_max"],
         bytes_up=sizes["up"], personal_state_bytes=personal, client_optimizer_bytes=optimizer,
         server_state_bytes=server,
         memory=step_memory(prepared, checkpointing=False, **common),
         memory_checkpointed=step_memory(prepared, checkpointing=True, **common),
     )
+
+
+def quantizable_params(model: torch.nn.Module) -> int:
+    """Frozen weights of the plain nn.Linear modules bitsandbytes would quantise (transformers
+    replaces nn.Linear only; flexmoe keeps the LM head and qwen2_moe's shared-expert gate)."""
+    from flexmoe.models.device import QUANTIZE_SKIP
+
+    return sum(module.weight.numel() for name, module in model.named_modules()
+               if type(module) is torch.nn.Linear and not module.weight.requires_grad
+               and name.rsplit(".", 1)[-1] not in QUANTIZE_SKIP)
 
 
 def _device_type(name: str) -> str:

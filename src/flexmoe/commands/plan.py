@@ -77,4 +77,9 @@ def render(p) -> str:
         lines.append(f"  {label:<36} {_size(getattr(p.memory, key)):>20}   {_size(getattr(p.memory_checkpointed, key)):>20}")
     lines.append(f"  ({p.trainable_params:,} trainable parameters; peak = weights + optimiser state + "
                  "forward+backward peak)")
+    share = p.quantizable_params / p.total_params
+    if p.quantize != "none":
+        lines.append(f"  runtime.quantize = {p.quantize}: bitsandbytes quantises {p.quantizable_params:,} "
+                     f"parameters ({share:.1%}; fused experts are not quantised); they are counted here at "
+                     f"{p.base_dtype}, so the frozen weights above are an upper bound")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from flexmoe.errors import FlexmoeError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HALF = (torch.bfloat16, torch.float16)
+QUANTIZE_SKIP = ("lm_head", "shared_expert_gate")  # modules runtime.quantize leaves unquantised
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -168,7 +169,7 @@ def quantization_config(quantize: str, dtype: torch.dtype, device: torch.device 
 
     # the LM head (transformers' own default) and qwen2_moe's (hidden -> 1) shared-expert gate stay
     # unquantised: a one-column layer saves nothing and bitsandbytes' CPU 4-bit kernel refuses it
-    skip = ["lm_head", "shared_expert_gate"]
+    skip = list(QUANTIZE_SKIP)
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
