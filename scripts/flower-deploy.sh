@@ -10,6 +10,8 @@
 # is client i (node config partition-id=i, num-partitions=N) and keeps its personal state in
 # WORKDIR/node-i/state. If WORKDIR/node-i/data.jsonl exists, it is that node's own data (node config
 # data-path); with FLEXMOE_AUDIT=1 every node keeps a copy of what it sends in WORKDIR/node-i/audit.
+# With FLEXMOE_GPUS=G, SuperNode i (and the ClientApps it starts) sees only GPU i mod G
+# (CUDA_VISIBLE_DEVICES), so N = G gives one SuperNode per GPU; runtime.device auto or cuda uses it.
 # Without CERTS_DIR everything is --insecure; with it (holding ca.crt, server.pem, server.key) the
 # SuperLink serves TLS and the SuperNodes verify it. `auth` (needs CERTS_DIR) turns on SuperNode
 # authentication: each node gets an ECDSA key pair WORKDIR/node-i/key{,.pub} (made if missing),
@@ -25,7 +27,7 @@ set -euo pipefail
 command=${1:-}
 workdir=${2:-}
 if [[ -z "$command" || -z "$workdir" ]]; then
-    sed -n '2,22p' "$0" >&2
+    sed -n '2,24p' "$0" >&2
     exit 2
 fi
 
@@ -81,7 +83,11 @@ start_node() {
         [[ -f "$node/key" ]] || ssh-keygen -q -t ecdsa -b 384 -N "" -C "flexmoe-node-$i" -f "$node/key"
         auth=(--auth-supernode-private-key "$node/key")
     fi
-    flower-supernode "${node_security[@]}" "${auth[@]}" --superlink "$link" --port $((base + 1 + i)) \
+    local gpu=()
+    if [[ -n "${FLEXMOE_GPUS:-}" ]]; then
+        gpu=(env "CUDA_VISIBLE_DEVICES=$((i % FLEXMOE_GPUS))")
+    fi
+    "${gpu[@]}" flower-supernode "${node_security[@]}" "${auth[@]}" --superlink "$link" --port $((base + 1 + i)) \
         --node-config "$config" >>"$node/supernode.log" 2>&1 &
     echo $! >"$pidfile"
 }

@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+GPU_GUIDE = GUIDE.with_name("gpu.md")
 
 
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(), flags=re.S)
+def code_blocks(language: str, page: Path = GUIDE) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S)
 
 
-def guide_commands() -> list[list[str]]:
-    """Every `flexmoe ...` line of the guide's bash blocks, as argv (continuations joined, comments dropped)."""
+def guide_commands(page: Path = GUIDE) -> list[list[str]]:
+    """Every `flexmoe ...` line of a page's bash blocks, as argv (continuations joined, comments dropped)."""
     commands = []
-    for block in code_blocks("bash"):
+    for block in code_blocks("bash", page):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words and words[0] in ("flexmoe", ".venv/bin/flexmoe"):
@@ -57,3 +58,15 @@ def test_guide_config_is_valid(tmp_path):
     path.write_text(block)
     config = load_config(path)
     assert config.method == "flex" and config.data.by == "category" and config.num_clients == 8
+
+
+@pytest.mark.parametrize("argv", guide_commands(GPU_GUIDE), ids=" ".join)
+def test_gpu_page_command_parses_and_its_settings_exist(argv, capsys):
+    from flexmoe.config import valid_keys
+
+    try:
+        args = parse(argv)
+    except SystemExit:
+        pytest.fail(f"`flexmoe {' '.join(argv)}` does not parse: {capsys.readouterr().err.strip()}")
+    for item in getattr(args, "overrides", None) or getattr(args, "set", None) or []:
+        assert item.split("=", 1)[0] in valid_keys()

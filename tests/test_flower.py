@@ -218,7 +218,10 @@ def server_keys(run_dir: Path) -> list[str]:
 
 
 def without_bytes(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("bytes_")} for r in records]
+    """Records without what each engine measures on its own: bytes, timings, memory peaks."""
+    from flexmoe.models.device import MEASURED_KEYS
+
+    return [{k: v for k, v in r.items() if not k.startswith("bytes_") and k not in MEASURED_KEYS} for r in records]
 
 
 @pytest.fixture(scope="module")

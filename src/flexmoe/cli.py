@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from flexmoe.errors import FlexmoeError
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("flexmoe.commands.generate", "generate text with a client's personalized (or the global) model"),
     "export": ("flexmoe.commands.export", "export a client's personalized model as a self-contained directory"),
     "pretrain": ("flexmoe.commands.pretrain", "pretrain the shipped tiny MoE from its config"),
+    "plan": ("flexmoe.commands.plan", "bytes per round and device memory of one client step, for a model or a known shape"),
     "bench": ("flexmoe.commands.bench", "run the benchmarks of a source checkout (results under benchmarks/results/)"),
 }
 
@@ -46,6 +48,9 @@ def _load(module_name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes (the optional quant extra, imported by peft when installed) logs a warning about
+    # an optional CPU kernel package on import: it would garble one-line errors and JSON output
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -64,7 +64,9 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(256, ge=8)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = CPU autocast over fp32 weights (~1.5x faster here)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast over fp32 weights (~1.5x faster on this CPU)
+    # recompute each decoder layer's activations in the backward pass: less memory, one more forward per step
+    gradient_checkpointing: bool = False
 
 
 class LoraConfig(_Section):
@@ -149,6 +151,17 @@ class RuntimeConfig(_Section):
     # reproducible only at a fixed count (never chosen from the machine's load). On a machine
     # of your own, more threads can pay: benchmarks/results/fastpaths-*.md.
     threads: int = Field(1, ge=0)
+    # where the model runs: "auto" = the first CUDA GPU when there is one, else the CPU;
+    # "cpu", "cuda" or "cuda:N" (a CUDA device asked for on a machine without one is an error)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # dtype of the frozen base weights: "auto" = bf16 on a GPU, fp32 on the CPU (the CPU default:
+    # it gives the measured results of benchmarks/results/). Trainable tensors (LoRA, graft, gate,
+    # federated routers) keep fp32 master weights; a half-precision base trains under autocast.
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # quantised frozen base through bitsandbytes (the optional `flexmoe[quant]` extra): "nf4"
+    # (QLoRA's 4-bit) or "int8". transformers quantises nn.Linear modules only: the fused expert
+    # parameters stay at base_dtype (docs/gpu.md gives the share of each shape's weights).
+    quantize: Literal["none", "nf4", "int8"] = "none"
 
 
 class ValidationConfig(_Section):

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a seeded sample, stratified by category (else domain)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
+    parser.add_argument("--device", metavar="D",
+                        help="auto, cpu, cuda or cuda:N (default: the run's runtime.device)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise FlexmoeError(f"--max-examples must be at least 1, got {args.max_examples}")
     if args.field and not args.data:
         raise FlexmoeError("--field needs --data")
-    checkpoint = open_run(args.run, args.state_dir)
+    checkpoint = open_run(args.run, args.state_dir, args.device)
     clients = parse_clients(args.clients, checkpoint.config.num_clients)
     for cid in clients:
         check_client(checkpoint, cid)
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     with logs_to(progress):
         examples = _load_data(args, checkpoint.config.data)
         try:
-            result = evaluate_run(args.run, clients, examples, args.state_dir, args.max_examples, progress)
+            result = evaluate_run(args.run, clients, examples, args.state_dir, args.max_examples, progress,
+                                      args.device)
         finally:
             progress.close()
     print(json.dumps(result, indent=2, sort_keys=True) if args.json else _table(result))
@@ -79,7 +82,7 @@ def _load_data(args: argparse.Namespace, data):
 
 
 def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, max_examples: int | None = None,
-                 progress=None) -> dict:
+                 progress=None, device=None) -> dict:
     """{"round", "data", "clients": [one eval record per client], "mean": {...}} for a run's last checkpoint.
 
     Each record's `examples` is the number of examples it really scored (`max_examples`, default
@@ -91,7 +94,7 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, max
     from flexmoe.report.summary import eval_means
     from flexmoe.rundir import METRICS_FILE, MetricsLog
 
-    restored = restore(run_dir, clients[0], state_dir)
+    restored = restore(run_dir, clients[0], state_dir, device)
     checkpoint, runner = restored.checkpoint, restored.runner
     config = checkpoint.config
     size = max_examples or config.eval.max_test_examples

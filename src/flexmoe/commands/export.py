@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", required=True, help="new directory to write (must not exist)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
+    parser.add_argument("--device", metavar="D",
+                        help="auto, cpu, cuda or cuda:N (default: the run's runtime.device)")
     parser.add_argument("--merge", action="store_true", help="fold the LoRA into the base weights (PEFT merge_and_unload)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="dtype of model/ (default: the base's, when lossless; else float32)")
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     with logs_to(LogProgress()):  # loading and writing announced on stderr
         out = export_client(args.run, args.client, args.out, merge=args.merge, state_dir=args.state_dir,
-                            dtype=args.dtype)
+                            dtype=args.dtype, device=args.device)
     manifest = read_manifest(out)
     parts = [f"model/ ({manifest['dtype']}" + (", LoRA merged)" if manifest["merged"] else ")")]
     parts += [f"{name}" for name in (manifest["adapter"] and "adapter/ (PEFT)", manifest["personal"]) if name]

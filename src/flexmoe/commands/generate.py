@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--file", metavar="F", help="a text file with one instruction per line")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
+    parser.add_argument("--device", metavar="D",
+                        help="auto, cpu, cuda or cuda:N (default: the run's runtime.device)")
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=128, help="tokens per answer (default 128)")
 
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise FlexmoeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     prompts = _prompts(args)  # before loading the model: a bad file fails fast
     with logs_to(LogProgress()):  # loading announced on stderr; answers stream on stdout
-        restored = restore(args.run, None if args.use_global else args.client, args.state_dir)
+        restored = restore(args.run, None if args.use_global else args.client, args.state_dir, args.device)
     template = restored.checkpoint.config.data.template
     if prompts is None:
         _interactive(restored, template, args.max_new_tokens)

@@ -11,7 +11,7 @@ from flexmoe.commands.fields import add_field_argument
 from flexmoe.errors import FlexmoeError
 
 # Names only: torch, transformers and the data package load in run(), keeping `flexmoe --help` fast.
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU, float32 on the CPU
 STRATEGIES = ("reconstruction", "random", "frequency")
 
 
@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example (default 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="dtype of the base (default auto: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flexmoe.models import load_base, select_experts
+    from flexmoe.models.device import resolve_device, resolve_dtype
 
     from flexmoe.engine.progress import LogProgress, logs_to
 
@@ -47,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     progress = LogProgress()  # lines on stderr: stdout stays the table or the JSON
     with logs_to(progress):
         examples = _calibration_examples(args)
-        model, tokenizer = load_base(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype("auto", device) if args.dtype == "auto" else getattr(torch, args.dtype)
+        model, tokenizer = load_base(args.model, dtype=dtype, device=device)
         batches = _batches(examples, tokenizer, args)
         progress.message(f"selecting experts ({args.strategy}, k={args.k}) on {len(examples)} examples")
         selection = select_experts(model, batches, k=args.k, strategy=args.strategy, max_tokens=args.max_tokens,

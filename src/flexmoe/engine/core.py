@@ -31,6 +31,7 @@ from flexmoe.rundir import (
     load_server, save_server,
 )
 from flexmoe.tensors import cpu_clone, strip_prefix, with_prefix
+from flexmoe.models.device import device_measures, model_device, reset_peak_memory, timed
 from flexmoe.train import cosine_lr, local_train
 from flexmoe.train.loop import num_local_steps
 
@@ -80,8 +81,9 @@ def load_model(config: RunConfig, method: Method) -> tuple[nn.Module, object]:
     """The base with the method's trainable shared part and its roles, seeded so every process
     builds the same."""
     from flexmoe.models import load_base
+    from flexmoe.models.device import placement
 
-    model, tokenizer = load_base(config.model)
+    model, tokenizer = load_base(config.model, **placement(config.runtime))  # runtime.device, runtime.base_dtype
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every client
     model = method.prepare_model(model)
     apply_roles(model, method.roles)
@@ -181,11 +183,14 @@ class ClientRunner:
     def _train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
         cfg, cid = self.config, client.client_id
         lr = round_lr(cfg, round_index)
-        stored = self.store.load_state(cid)
-        optimizer_state = strip_prefix("optim.", stored)
-        client_state = {k: v for k, v in stored.items() if not k.startswith("optim.")}
-        self.load_personal(cid)
-        self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
+        device, device_record = model_device(self.model), {}
+        reset_peak_memory(device)
+        with timed(device, device_record, "swap_seconds"):  # the client's state from disk onto the device
+            stored = self.store.load_state(cid)
+            optimizer_state = strip_prefix("optim.", stored)
+            client_state = {k: v for k, v in stored.items() if not k.startswith("optim.")}
+            self.load_personal(cid)
+            self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
         split = split_parameters(self.model, self.method.roles)
         steps = num_local_steps(cfg.train, len(client.features))
         self.progress.client_started(cid, steps)
@@ -204,6 +209,7 @@ class ClientRunner:
         record = {
             "round": round_index, "kind": "train", "client": cid, "loss": result.loss, "steps": result.steps,
             "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr,
+            **device_measures(device, device_record),
         }
         return record, message if self.method.communicates else {}
 

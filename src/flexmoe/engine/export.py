@@ -35,7 +35,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: bool = False,
-                  state_dir: str | Path | None = None, dtype: str | None = None) -> Path:
+                  state_dir: str | Path | None = None, dtype: str | None = None,
+                  device: str | None = None) -> Path:
     """Write client `client_id`'s personalised model to `out` (which must not exist yet);
     `dtype` (one of DTYPES) forces the dtype of `model/`, default: the base's when lossless."""
     if dtype is not None and dtype not in DTYPES:
@@ -46,7 +47,7 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
     out = Path(out)
     if out.exists():
         raise FlexmoeError(f"{out} already exists; export writes a new directory")
-    restored = restore(run_dir, client_id, state_dir)
+    restored = restore(run_dir, client_id, state_dir, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -133,15 +134,17 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_personalized(path: str | Path, dtype=None, device: str = "cpu"):
-    """Load a directory written by `flexmoe export` -> (model, tokenizer), model in eval mode."""
-    import torch
-
+def load_personalized(path: str | Path, dtype=None, device: str = "auto"):
+    """Load a directory written by `flexmoe export` -> (model, tokenizer), model in eval mode;
+    `device` as `runtime.device` (auto: a GPU when there is one), `dtype` of the base (default:
+    bf16 on a GPU, fp32 on the CPU; the graft and LoRA stay fp32)."""
     from flexmoe.models import load_base, load_personal
+    from flexmoe.models.device import resolve_device, resolve_dtype
 
     path = Path(path)
     manifest = read_manifest(path)
-    model, tokenizer = load_base(path / MODEL_DIR, dtype=dtype or torch.float32, device=device)
+    device = resolve_device(str(device))
+    model, tokenizer = load_base(path / MODEL_DIR, dtype=dtype or resolve_dtype("auto", device), device=device)
     if manifest["adapter"]:
         from peft import PeftModel
 

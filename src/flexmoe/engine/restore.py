@@ -51,13 +51,14 @@ class Restored:
     client_id: int | None  # None: the global model
 
 
-def open_run(run_dir: str | Path, state_dir: str | Path | None = None) -> Checkpoint:
+def open_run(run_dir: str | Path, state_dir: str | Path | None = None, device: str | None = None) -> Checkpoint:
     """A run directory's config and last checkpoint; clients' states under `state_dir` when given
-    (a deployed client keeps them on its own disk), else under `<run_dir>/clients`."""
+    (a deployed client keeps them on its own disk), else under `<run_dir>/clients`. `device`
+    replaces the run's `runtime.device` (a run trained on a GPU, evaluated on a laptop)."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise FlexmoeError(f"{run_dir}: not a flexmoe run directory (no {CONFIG_FILE} or server checkpoint)")
-    config = load_config(run_dir / CONFIG_FILE)
+    config = load_config(run_dir / CONFIG_FILE, [f"runtime.device={device}"] if device else [])
     round_index, global_weights, server_state = load_server(run_dir)
     return Checkpoint(run_dir, config, build_method(config), round_index, global_weights,
                       ClientStore(Path(state_dir) if state_dir else run_dir / CLIENTS_DIR), server_state)
@@ -82,9 +83,11 @@ def check_base(checkpoint: Checkpoint, model) -> None:
                            f"model = {checkpoint.config.model!r} now holds a different base model ({found})")
 
 
-def restore(run_dir: str | Path, client_id: int | None, state_dir: str | Path | None = None) -> Restored:
-    """Client `client_id`'s personalised model from a run directory (None: the global model)."""
-    checkpoint = open_run(run_dir, state_dir)
+def restore(run_dir: str | Path, client_id: int | None, state_dir: str | Path | None = None,
+            device: str | None = None) -> Restored:
+    """Client `client_id`'s personalised model from a run directory (None: the global model), on
+    the run's `runtime.device` or `device`."""
+    checkpoint = open_run(run_dir, state_dir, device)
     if client_id is not None:
         check_client(checkpoint, client_id)
     elif not checkpoint.method.communicates:

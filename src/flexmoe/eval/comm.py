@@ -58,17 +58,9 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
     `measure(tensors, metadata)` sizes a message (`lambda t, m=None: len(serialize(t, m))` on a
     real model gives the bytes themselves).
     """
-    from flexmoe.methods import LocalRun, build_method
-    from flexmoe.models import graft, moe_layers, split_parameters
+    from flexmoe.methods import LocalRun
 
-    method = build_method(config)
-    model = method.prepare_model(model)
-    if method.grafts:
-        flex = config.flex
-        with torch.device(next(model.parameters()).device):  # meta: the graft takes no memory
-            graft(model, {layer.name: list(range(flex.k)) for layer in moe_layers(model)}, gate=flex.gate,
-                  gate_init_bias=flex.gate_init_bias)
-    split = split_parameters(model, method.roles)
+    model, method, split = prepare_like_a_client(config, model)
     shared = {name: p.detach() for name, p in split.shared.items()}
     if not method.communicates:
         return {"down": 0, "down_max": 0, "up": 0, "shared_params": sum(t.numel() for t in shared.values())}
@@ -83,6 +75,23 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
         "up": measure(message, {"num_examples": str(num_examples)}),
         "shared_params": sum(t.numel() for t in shared.values()),
     }
+
+
+def prepare_like_a_client(config, model: torch.nn.Module):
+    """(model, method, split): `model` (a fresh base; meta tensors are fine) with `config.method`'s
+    trainable parts and roles as a client trains it, grafted with k experts for methods that graft
+    (which experts changes no tensor's shape)."""
+    from flexmoe.methods import build_method
+    from flexmoe.models import apply_roles, graft, moe_layers
+
+    method = build_method(config)
+    model = method.prepare_model(model)
+    if method.grafts:
+        flex = config.flex
+        with torch.device(next(model.parameters()).device):  # meta: the graft takes no memory
+            graft(model, {layer.name: list(range(flex.k)) for layer in moe_layers(model)}, gate=flex.gate,
+                  gate_init_bias=flex.gate_init_bias)
+    return model, method, apply_roles(model, method.roles)
 
 
 def _expert_counts(model: torch.nn.Module, shared: dict) -> dict[str, torch.Tensor]:

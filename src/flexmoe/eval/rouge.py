@@ -26,7 +26,7 @@ def generate_responses(
             enc = tokenizer(
                 prompts[start : start + batch_size], return_tensors="pt", padding=True,
                 truncation=True, max_length=max_prompt_length,
-            )
+            ).to(next(model.parameters()).device)
             with torch.no_grad():
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,

@@ -123,6 +123,13 @@ class ExpertGraft(nn.Module):
         self.expert_ids.copy_(torch.tensor(experts, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the graft keeps fp32 master weights on a half-precision base: compute in its own
+        # dtype (autocast, when on, still picks the matmul dtype) and return the block's
+        dtype = x.dtype
+        branch = self._branch(x.to(self.experts[0].down_proj.weight.dtype))
+        return branch.to(dtype)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is None:
             branch = self.experts[0](x)
         else:
@@ -485,7 +492,9 @@ def _check_selection(layers: list[MoELayer], selection: dict[str, list[int]]) ->
 
 
 def _attach(layer: MoELayer, k: int, gate: str) -> ExpertGraft:
-    module = ExpertGraft(layer, k, gate).to(device=layer.gate_up_proj.device, dtype=layer.gate_up_proj.dtype)
+    # trainable: fp32 master weights whatever the base's dtype
+    dtype = torch.float32 if layer.gate_up_proj.dtype in (torch.bfloat16, torch.float16) else layer.gate_up_proj.dtype
+    module = ExpertGraft(layer, k, gate).to(device=layer.gate_up_proj.device, dtype=dtype)
     layer.block.add_module(GRAFT, module)
     module.handles = [
         layer.block.register_forward_pre_hook(_stash_input, with_kwargs=True),

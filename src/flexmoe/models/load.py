@@ -10,6 +10,7 @@ import pathlib
 import torch
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.models.device import quantization_config, resolve_device, resolve_dtype
 from flexmoe.models.families import FAMILIES, moe_layers
 
 TINY = "tiny"
@@ -38,9 +39,12 @@ def resolve_model_dir(name_or_path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu"):
+def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype | None = None,
+              device: str | torch.device = "auto", quantize: str = "none"):
     """Load a local MoE checkpoint and its tokenizer -> (model, tokenizer), model in eval mode.
+    `device` as `runtime.device` ("auto": a GPU when there is one); `dtype` default: bf16 on a
+    GPU, fp32 on the CPU.
+    `quantize` ("nf4", "int8"): the frozen base quantised by bitsandbytes (`runtime.quantize`).
 
     A dense model, an unsupported family or a directory without weights or tokenizer is refused
     with a FlexmoeError naming the directory.
@@ -51,9 +55,14 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
     _check_family(path)
     device = _check_device(device)
     log.info("loading the base model %s", name_or_path if str(name_or_path) == TINY else path)
+    dtype = dtype or resolve_dtype("auto", device)
     try:
         with _quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            # a GPU model loads straight onto the GPU: no full copy in host memory first
+            quantized = quantization_config(quantize, dtype, device)
+            placed = {"device_map": device} if device.type == "cuda" or quantized else {}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **placed,
+                                                         **({"quantization_config": quantized} if quantized else {}))
     except (OSError, ValueError) as err:
         raise FlexmoeError(f"cannot load model weights from {str(path)!r}: {_first_line(err)}") from err
     try:
@@ -64,7 +73,9 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype = torc
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are -100 anyway
     moe_layers(model)  # refuses a layout we cannot graft
     _check_vocabulary(path, model, tokenizer)
-    return model.to(device).eval(), tokenizer
+    if quantize == "none":  # a quantised model is placed by device_map and refuses .to()
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 def _check_vocabulary(path: pathlib.Path, model, tokenizer) -> None:
@@ -77,6 +88,8 @@ def _check_vocabulary(path: pathlib.Path, model, tokenizer) -> None:
 
 
 def _check_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return resolve_device("auto")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:

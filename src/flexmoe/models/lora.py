@@ -57,6 +57,9 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
     if hasattr(model, "peft_config"):
         raise FlexmoeError("the model already carries PEFT adapters; add_lora applies once")
     family = family_of(model)
+    if scope == "full" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
+        raise FlexmoeError(f"LoRA scope 'full' trains every base weight, which keeps fp32 master weights: "
+                           f"it needs runtime.base_dtype=fp32 (the base is {next(model.parameters()).dtype})")
     if scope == "full":
         for name, param in model.named_parameters():
             if GRAFT not in name.split("."):

@@ -98,7 +98,13 @@ def split_parameters(model: nn.Module, roles: Roles) -> ModelSplit:
 
 
 def apply_roles(model: nn.Module, roles: Roles) -> ModelSplit:
-    """Make exactly the shared and personal parameters trainable; returns the split."""
+    """Make exactly the shared and personal parameters trainable; returns the split. Trained
+    routers of a half-precision base get fp32 master weights (LoRA and grafts are made in fp32)."""
+    if "routers" in (*roles.shared, *roles.personal):
+        from flexmoe.models.device import fp32_master
+
+        for layer in moe_layers(model):
+            fp32_master(layer.router)
     split = split_parameters(model, roles)
     for param in (*split.shared.values(), *split.personal.values()):
         param.requires_grad_(True)

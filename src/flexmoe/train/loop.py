@@ -23,6 +23,7 @@ from flexmoe.config import TrainConfig
 from flexmoe.data.tokens import IGNORE_INDEX
 from flexmoe.methods.base import TrainHooks
 from flexmoe.tensors import Tensors
+from flexmoe.models.device import autocast, compute_dtype, model_device
 
 StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -58,6 +59,8 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     Only the positions that predict a response token go through the LM head: prompts are masked
     out, so that is ~10% of the positions of the builtin data, and the vocabulary-sized logits
     (head matmul, log-softmax, their gradients and copies) were the largest cost of a step."""
+    device = model_device(model)
+    batch = {key: value.to(device) for key, value in batch.items()}
     targets = batch["labels"][:, 1:]
     predicts = targets != IGNORE_INDEX
     with _head_rows(model, predicts):
@@ -110,15 +113,21 @@ def local_train(
     steps = num_local_steps(config, len(features))
     model.train()
     total_loss, total_tokens = 0.0, 0
-    bf16 = config.precision == "bf16"
+    device = model_device(model)
     counting = ExpertCounts(model, set(count_experts))
-    with _fp32_attention(model) if bf16 else contextlib.nullcontext(), counting:
+    half = compute_dtype(model, config.precision) != torch.float32
+    # fp16 gradients can underflow: scale the loss (a no-op scaler for fp32 and bf16)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(model, config.precision) == torch.float16)
+    with (_fp32_attention(model) if half and device.type == "cpu" else contextlib.nullcontext(),
+          _checkpointing(model, config.gradient_checkpointing), counting):
         for step in range(1, steps + 1):
             micro_batches = [collate(next(batches)) for _ in range(config.grad_accum)]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss_sum, tokens = _accumulate(model, micro_batches)
+            with autocast(model, config.precision):
+                loss_sum, tokens = _accumulate(model, micro_batches, scaler)
+            scaler.unscale_(optimizer)
             _apply_hooks(params, hooks, config.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             total_loss += loss_sum
             total_tokens += tokens
@@ -138,7 +147,7 @@ def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention computed in fp32 even inside bf16 autocast."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(query.device.type, enabled=False):
         return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
 
 
@@ -168,13 +177,32 @@ def _fp32_attention(model: nn.Module):
         base.set_attn_implementation(previous)
 
 
-def _accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+@contextlib.contextmanager
+def _checkpointing(model: nn.Module, enabled: bool):
+    """transformers' activation checkpointing of the decoder layers for the round (its default,
+    non-reentrant: it needs no input that requires grad, which a frozen embedding does not give)."""
+    from flexmoe.models.families import unwrap
+
+    if not enabled:
+        yield
+        return
+    base = unwrap(model)
+    base.activation_checkpointing_enable()
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable()
+
+
+def _accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
+                scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
     """Backward over the micro-batches, normalised by the response tokens of all of them."""
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     loss_sum = 0.0
     for batch in micro_batches:
         loss, _ = response_loss(model, batch)
-        (loss / max(tokens, 1)).backward()
+        scaled = loss / max(tokens, 1)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += float(loss.detach())
     return loss_sum, tokens
 
@@ -183,12 +211,12 @@ def _apply_hooks(params: dict[str, nn.Parameter], hooks: TrainHooks, max_grad_no
     for name, anchor in hooks.proximal_anchor.items():
         if hooks.proximal_mu > 0:
             param = params[name]
-            param.grad = _grad_or_zero(param) + hooks.proximal_mu * (param.detach() - anchor.to(param.dtype))
+            param.grad = _grad_or_zero(param) + hooks.proximal_mu * (param.detach() - anchor.to(param.device, param.dtype))
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
     for name, correction in hooks.grad_correction.items():
         param = params[name]
-        param.grad = _grad_or_zero(param) + correction.to(param.dtype)
+        param.grad = _grad_or_zero(param) + correction.to(param.device, param.dtype)
 
 
 def _grad_or_zero(param: nn.Parameter) -> torch.Tensor:
@@ -221,6 +249,8 @@ def _dump_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: Tensors) -> None:
     for name, param in params.items():
-        slots = {key.split("::", 1)[1]: value.clone() for key, value in state.items() if key.split("::", 1)[0] == name}
+        # moments go to the parameter's device; AdamW keeps its scalar step count on the CPU
+        slots = {key.split("::", 1)[1]: value.to(param.device if value.dim() else "cpu", copy=True)
+                 for key, value in state.items() if key.split("::", 1)[0] == name}
         if slots:
             optimizer.state[param] = slots

@@ -1,0 +1,209 @@
+"""Device and dtype: `runtime.device` / `runtime.base_dtype` resolve as documented, a CUDA device
+on a machine without one is a one-line error, and a bf16 base on the CPU trains end to end with
+fp32 master weights for everything trainable (FLEx and FedAvg, 2 rounds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import builtin_is_synthetic, model_dir, tiny_config  # noqa: F401  (fixtures)
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.models.device import autocast, compute_dtype, fp32_master, resolve_device, resolve_dtype
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+
+
+def test_auto_resolves_to_the_cpu_and_fp32_without_a_gpu():
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+        assert resolve_dtype("auto", resolve_device("auto")) == torch.bfloat16
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@NO_CUDA
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_a_one_line_error(name):
+    with pytest.raises(FlexmoeError) as err:
+        resolve_device(name)
+    assert "no CUDA device" in str(err.value) and name in str(err.value) and "\n" not in str(err.value)
+
+
+@NO_CUDA
+def test_cli_refuses_cuda_in_one_line(capsys):
+    from flexmoe.cli import main
+
+    assert main(["run", "--set", "runtime.device=cuda", "--output-dir", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "runtime.device = 'cuda'" in err and "no CUDA device" in err
+
+
+def test_config_rejects_an_unknown_device():
+    from flexmoe.config import load_config
+
+    with pytest.raises(FlexmoeError, match="runtime.device"):
+        load_config(None, ["runtime.device=tpu"])
+    assert load_config(None, ["runtime.device=cuda:3"]).runtime.device == "cuda:3"
+
+
+def test_fp32_master_router_returns_the_base_dtype():
+    router = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)
+    fp32_master(router)
+    fp32_master(router)  # idempotent: one pair of hooks
+    assert router.weight.dtype == torch.float32 and len(router._forward_pre_hooks) == 1
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    out = router(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), x.float() @ router.weight.T, rtol=1e-2, atol=1e-2)
+
+
+def test_autocast_is_a_null_context_in_fp32():
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 4))
+    model.get_input_embeddings = lambda: model[0]
+    assert compute_dtype(model) == torch.float32 and compute_dtype(model, "bf16") == torch.bfloat16
+    with autocast(model):
+        assert not torch.is_autocast_enabled("cpu")
+    model.to(torch.bfloat16)
+    with autocast(model):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_graft_on_a_bf16_base_is_fp32_and_closed_gate_keeps_the_logits():
+    from conftest import token_batches, tiny_model
+
+    from flexmoe.models import graft, moe_layers
+
+    model = tiny_model("qwen2_moe").to(torch.bfloat16)
+    ids = token_batches()[0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    graft(model, {layer.name: [0] for layer in moe_layers(model)}, gate_init_bias=-1e4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert after.dtype == torch.bfloat16 and torch.equal(before, after)
+
+
+def test_full_scope_on_a_half_base_is_refused():
+    from conftest import tiny_model
+
+    from flexmoe.models import add_lora
+
+    with pytest.raises(FlexmoeError, match="base_dtype=fp32"):
+        add_lora(tiny_model("qwen2_moe").to(torch.bfloat16), scope="full")
+
+
+def _params_after_steps(model_dir, *overrides):
+    from flexmoe.engine.core import load_model, make_client, partition_data
+    from flexmoe.methods import build_method
+    from flexmoe.train import local_train
+
+    config = tiny_config(model_dir, *overrides)
+    method = build_method(config)
+    model, tokenizer = load_model(config, method)
+    client = make_client(config, partition_data(config)[0], tokenizer)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    from flexmoe.data import collate
+
+    checkpointing = []
+    result = local_train(model, params, client.features, lambda f: collate(f, tokenizer.pad_token_id),
+                         config.train, config.train.lr, seed=1,
+                         on_step=lambda *_: checkpointing.append(any(getattr(m, "gradient_checkpointing", False)
+                                                                     for m in model.modules())))
+    return {n: p.detach().clone() for n, p in params.items()}, result, checkpointing
+
+
+def test_gradient_checkpointing_trains_the_same_weights(model_dir):
+    plain, plain_result, off = _params_after_steps(model_dir, "method=fedavg")
+    checkpointed, result, on = _params_after_steps(model_dir, "method=fedavg", "train.gradient_checkpointing=true")
+    assert on == [True, True] and off == [False, False]
+    assert result.loss == pytest.approx(plain_result.loss, rel=1e-5)
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["flex", "fedavg"])
+def test_bf16_base_on_the_cpu_runs_two_rounds(model_dir, tmp_path, method):
+    from flexmoe.engine.core import load_model
+    from flexmoe.engine.simulation import Simulation
+    from flexmoe.methods import build_method
+
+    overrides = [f"method={method}", "runtime.device=cpu", "runtime.base_dtype=bf16"]
+    if method == "flex":
+        overrides.append("flex.federate_routers=true")
+    config = tiny_config(model_dir, *overrides)
+    summary = Simulation(config, tmp_path).run()
+    assert summary["rounds_completed"] == 2 and 0.0 <= summary["rouge_l_avg"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 4 and all(r["loss"] == r["loss"] and r["loss"] > 0 for r in train)
+    # what the run trained is fp32 (sent and kept), the base it trained on bf16
+    from flexmoe.files import load_checked
+
+    sent = load_checked(Path(tmp_path) / "checkpoints" / "initial.safetensors")[0]
+    assert sent and all(t.dtype == torch.float32 for t in sent.values())
+    model, _ = load_model(config, build_method(config))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    # `flexmoe eval` rebuilds the bf16 model (on the device asked for) and scores what the run scored
+    from flexmoe.commands.eval import evaluate_run
+
+    again = evaluate_run(tmp_path, [0, 1], device="cpu")["clients"]
+    last = {r["client"]: (r["rouge_l"], r["test_loss"]) for r in records if r["kind"] == "eval" and r["round"] == 2}
+    assert {r["client"]: (r["rouge_l"], r["test_loss"]) for r in again} == {c: last[c] for c in (0, 1)}
+    if method == "flex":
+        personal = load_checked(next((tmp_path / "clients").rglob("personal.safetensors")))[0]
+        assert all(t.dtype in (torch.float32, torch.int64) for t in personal.values())
+        assert any(".gate." in name for name in sent)  # the federated routers travel, in fp32
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory) -> str:
+    """The engine tests' model at real-model-like widths (multiples of 128): bitsandbytes' CPU
+    4-bit kernels work in blocks and refuse the 32-wide tiny model's layers."""
+    from conftest import tiny_model
+    from test_engine import build_tokenizer
+
+    path = tmp_path_factory.mktemp("wide-qwen2moe")
+    vocab = build_tokenizer(path)
+    tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128, hidden_size=256,
+               num_key_value_heads=4, moe_intermediate_size=128, intermediate_size=256,
+               shared_expert_intermediate_size=256).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["int8"])
+def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantize):
+    """bitsandbytes quantises the nn.Linear modules (attention here); the fused experts stay bf16,
+    so the graft is copied from unquantised experts."""
+    pytest.importorskip("bitsandbytes")
+    from flexmoe.engine.core import load_model
+    from flexmoe.engine.simulation import Simulation
+    from flexmoe.methods import build_method
+    from flexmoe.models import moe_layers
+
+    config = tiny_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",
+                         "rounds=1")
+    model, _ = load_model(config, build_method(config))
+    quantized = {type(m).__name__ for m in model.modules()} & {"Linear4bit", "Linear8bitLt"}
+    assert quantized and all(layer.gate_up_proj.dtype == torch.bfloat16 for layer in moe_layers(model))
+    summary = Simulation(config, tmp_path).run()
+    assert summary["rounds_completed"] == 1 and summary["train_loss"] > 0
+
+
+def test_quantize_needs_a_half_precision_base():
+    from flexmoe.models.device import quantization_config
+
+    with pytest.raises(FlexmoeError, match="base_dtype"):
+        quantization_config("nf4", torch.float32)
+    with pytest.raises(FlexmoeError, match="CUDA device only"):
+        quantization_config("nf4", torch.bfloat16, torch.device("cpu"))
