@@ -27,7 +27,7 @@ from flexmoe.engine.rundir import (
     ClientStore, MetricsLog, cpu_clone, load_server, save_server,
 )
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.measures import knowledge_measures
+from flexmoe.eval.detail import knowledge_round, pooled_means
 from flexmoe.files import load_checked, one_line, save_checked, write_text_atomic
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.methods.base import strip_prefix, with_prefix
@@ -151,8 +151,10 @@ class ClientRunner:
     """
 
     def __init__(self, config: RunConfig, method: Method, model: nn.Module, tokenizer, store: ClientStore,
-                 initial_shared: Callable[[], Tensors], progress: Progress | None = None):
+                 initial_shared: Callable[[], Tensors], progress: Progress | None = None,
+                 detail_dir: Path | None = None):
         self.config = config
+        self.detail_dir = detail_dir  # where per-example scores go (eval/detail.py); None = not kept
         self.method = method
         self.model = model
         self.tokenizer = tokenizer
@@ -236,10 +238,10 @@ class ClientRunner:
         cfg, cid = self.config, client.client_id
         self.personalise(cid, global_weights)
         self.progress.message(f"round {round_index}: evaluating client {cid}")
-        record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self.rouge(client),
+        record = {"round": round_index, "kind": "eval", "client": cid, **self.answers(client, round_index, "personal"),
                   "test_loss": self.test_loss(client)}
         if cfg.eval.knowledge:
-            record.update(knowledge_measures(self.model, self.tokenizer, cfg.eval, base_load))
+            record.update(self.knowledge(round_index, f"personal-client-{cid}", base_load))
         return record
 
     def evaluate_global(self, clients: list[Client], round_index: int, global_weights: Tensors,
@@ -251,17 +253,22 @@ class ClientRunner:
         self.progress.message(f"round {round_index}: evaluating the global model")
         self.set_shared(global_weights)
         with grafts_disabled(self.model):
-            rouge = {c.client_id: self.rouge(c) for c in clients}
+            rouge = {c.client_id: self.answers(c, round_index, "global")["rouge_l"] for c in clients}
             measures = {"rouge_l_avg": mean(list(rouge.values()))}
             if self.config.eval.knowledge:
-                measures.update(knowledge_measures(self.model, self.tokenizer, self.config.eval, base_load))
+                measures.update(self.knowledge(round_index, "global", base_load))
         measures.pop("expert_load", None)
         return rouge, {f"global_{k}": v for k, v in measures.items()}
 
     def evaluate_base(self, client: Client) -> dict:
         """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split."""
-        return {"round": 0, "kind": "eval", "client": client.client_id, "rouge_l": self.rouge(client),
-                "test_loss": self.test_loss(client)}
+        from flexmoe.eval.detail import content_free
+
+        record = {"round": 0, "kind": "eval", "client": client.client_id, **self.answers(client, 0, "base"),
+                  "test_loss": self.test_loss(client)}
+        if self.config.eval.content_free:
+            record.update(content_free(self.config, client.client_id, client.train, client.test, self.detail_dir))
+        return record
 
     def test_loss(self, client: Client) -> float:
         """Mean response-token loss on the evaluated part of the client's test split."""
@@ -278,15 +285,20 @@ class ClientRunner:
                 total, tokens = total + float(loss), tokens + count
         return total / tokens if tokens else float("nan")
 
-    def rouge(self, client: Client) -> float:
-        from flexmoe.eval.rouge import personalized_rouge_l
+    def answers(self, client: Client, round_index: int, model_kind: str) -> dict:
+        """Greedy answers on the client's evaluation sample of this round: mean ROUGE-L, exact
+        match and the sample size; the per-example scores go to `detail_dir`."""
+        from flexmoe.eval.detail import answer_sample, client_file, eval_sample, means, write_detail
 
-        cfg = self.config
-        return personalized_rouge_l(
-            self.model, self.tokenizer, client.test, max_examples=cfg.eval.max_test_examples,
-            template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-            max_prompt_length=cfg.train.max_length,
-        )
+        examples = eval_sample(self.config, client.client_id, client.test, round_index)
+        detail = answer_sample(self.model, self.tokenizer, self.config, examples)
+        write_detail(self.detail_dir, round_index, client_file(model_kind, client.client_id), detail)
+        return means(detail)
+
+    def knowledge(self, round_index: int, name: str, base_load: dict | None = None) -> dict:
+        from flexmoe.eval.detail import knowledge_round
+
+        return knowledge_round(self.model, self.tokenizer, self.config, round_index, name, self.detail_dir, base_load)
 
     def set_shared(self, weights: Tensors) -> None:
         from flexmoe.models import set_shared_state
@@ -307,14 +319,17 @@ class ClientRunner:
         return collate(features, self.tokenizer.pad_token_id)
 
 
-def base_reference(model: nn.Module, tokenizer, config: RunConfig, base_evals: list[dict]) -> dict:
+def base_reference(model: nn.Module, tokenizer, config: RunConfig, base_evals: list[dict],
+                   detail_dir: Path | None = None) -> dict:
     """The round-0 server record: the untouched base's mean ROUGE-L and test loss, its knowledge
     measures and its expert load (`expert_load_base`: what routing drift is measured from)."""
     reference = {"rouge_l_avg_base": mean([e["rouge_l"] for e in base_evals])} if base_evals else {}
     if base_evals and "test_loss" in base_evals[0]:
         reference["test_loss_base"] = mean([e["test_loss"] for e in base_evals])
+    if base_evals:
+        reference.update(pooled_means(base_evals, suffix="_base"))
     if config.eval.knowledge:
-        measures = knowledge_measures(model, tokenizer, config.eval)
+        measures = knowledge_round(model, tokenizer, config, 0, "base", detail_dir)
         reference.update({f"{k}_base": v for k, v in measures.items()})
     return {"round": 0, "kind": "server", **reference}
 
@@ -472,7 +487,7 @@ CLIENT_MEASURES = ("rouge_l_global", *MEASURES[1:])
 
 
 def eval_means(evals: list[dict]) -> dict:
-    out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals])}
+    out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals]), **pooled_means(evals)}
     for key in CLIENT_MEASURES:
         values = [e[key] for e in evals if key in e]
         if values:

@@ -29,6 +29,7 @@ from flexmoe.engine.progress import Progress
 from flexmoe.engine.rundir import ClientStore, is_run_dir
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.comm import deserialize, serialize
+from flexmoe.eval.detail import EVALS_DIR
 from flexmoe.methods import Reply, build_method
 
 __all__ = ["Simulation", "derived_seed", "sample_clients"]
@@ -87,7 +88,7 @@ class Simulation:
         self.model, self.tokenizer = load_model(self.config, self.method)
         self.clients = [make_client(self.config, part, self.tokenizer) for part in partition_data(self.config)]
         self.runner = ClientRunner(self.config, self.method, self.model, self.tokenizer, self.store,
-                                   self.server.initial_weights, self.progress)
+                                   self.server.initial_weights, self.progress, detail_dir=self.run_dir / EVALS_DIR)
 
     def _start_fresh(self) -> None:
         from flexmoe.models import base_fingerprint
@@ -95,7 +96,7 @@ class Simulation:
         self.server.start(shared_params(self.model), base_fingerprint(self.model))
         # before grafting, with LoRA at zero: the untouched base is the reference
         base_evals = [self.runner.evaluate_base(c) for c in self.clients] if self.config.eval.base else []
-        reference = base_reference(self.model, self.tokenizer, self.config, base_evals)
+        reference = base_reference(self.model, self.tokenizer, self.config, base_evals, self.runner.detail_dir)
         if self.method.grafts:
             for client in self.clients:
                 self.runner.graft(client)

@@ -1,0 +1,35 @@
+"""The evaluation sample of a client's test split: stratified over categories, fixed by the seed.
+
+Every method of a given seed partitions the data the same way and draws the same sample, so
+scores are paired example by example across methods (and with the base model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from flexmoe.data.example import Example
+
+
+def stratified_sample(examples: Sequence[Example], size: int, seed: int) -> list[Example]:
+    """Up to `size` examples balanced over `category`: categories take turns (in name order), each
+    giving its next example in a seeded random order, until `size` are chosen or all are used. A
+    category with fewer examples than its share is used up and the others fill the rest. The
+    sample keeps the split's order, so the same examples always come in the same order."""
+    if size >= len(examples):
+        return list(examples)
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(example.category, []).append(index)
+    queues = [[members[i] for i in rng.permutation(len(members))] for _, members in sorted(groups.items())]
+    chosen: list[int] = []
+    turn = 0
+    while len(chosen) < size:
+        queue = queues[turn % len(queues)]
+        if queue:
+            chosen.append(queue.pop(0))
+        turn += 1
+    return [examples[i] for i in sorted(chosen)]
