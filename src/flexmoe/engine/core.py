@@ -28,6 +28,7 @@ from flexmoe.engine.rundir import (
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.detail import knowledge_round, pooled_means
+from flexmoe.eval.paired import run_statistics
 from flexmoe.files import load_checked, one_line, save_checked, write_text_atomic
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.methods.base import strip_prefix, with_prefix
@@ -461,6 +462,7 @@ class ServerRunner:
             "train_loss": servers[-1]["train_loss"] if servers else None,
             "per_client": per_client(records),
         }
+        summary.update(run_statistics(self.run_dir, self.config.seed))  # paired differences and CIs (eval/paired.py)
         if self.config.privacy.noise_multiplier > 0:
             summary.update(dp_epsilon=servers[-1].get("dp_epsilon") if servers else 0.0,
                            dp_delta=self.config.privacy.delta)
