@@ -37,6 +37,7 @@ class DataConfig(_Section):
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
     test_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_per_client: int = Field(0, ge=0)  # 0 = all of the client's training examples
+    persona: bool = False  # each client answers in its own convention (data/persona.py): clients that conflict
     template: Literal["alpaca", "chat"] = "alpaca"
 
 

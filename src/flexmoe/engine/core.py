@@ -115,6 +115,7 @@ def shared_params(model: nn.Module) -> dict[str, nn.Parameter]:
 def partition_data(config: RunConfig):
     """The run's data split into `num_clients` parts (every engine and client derives the same)."""
     import flexmoe.data
+    import flexmoe.data.persona
 
     data = config.data
     if data.source == "builtin":
@@ -125,6 +126,8 @@ def partition_data(config: RunConfig):
         examples, config.num_clients, scheme=data.partition, by=data.by, per_client=data.per_client,
         alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction,
     )
+    if data.persona:  # each client's answers in its own convention (data/persona.py)
+        parts = flexmoe.data.persona.apply_personas(parts, config.seed)
     for part in parts:
         if not part.train:
             raise FlexmoeError(
