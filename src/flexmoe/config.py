@@ -54,6 +54,10 @@ class TrainConfig(_Section):
     max_length: int = Field(256, ge=8)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = CPU autocast over fp32 weights (~1.5x faster here)
+    # AdamW moments across rounds: "keep" all (also those of the shared weights, although the aggregate
+    # replaces the weights each round), "reset-shared" (the common practice: fresh moments for the
+    # shared weights, the personal ones kept), or "reset" all
+    optimizer_state: Literal["keep", "reset-shared", "reset"] = "keep"
 
 
 class LoraConfig(_Section):

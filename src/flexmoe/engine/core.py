@@ -33,7 +33,7 @@ from flexmoe.files import load_checked, one_line, save_checked, write_text_atomi
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.methods.base import strip_prefix, with_prefix
 from flexmoe.train import cosine_lr, local_train
-from flexmoe.train.loop import num_local_steps
+from flexmoe.train.loop import carried_optimizer_state, num_local_steps
 
 log = logging.getLogger("flexmoe.engine")
 
@@ -196,10 +196,11 @@ class ClientRunner:
         cfg, cid = self.config, client.client_id
         lr = round_lr(cfg, round_index)
         stored = self.store.load_state(cid)
-        optimizer_state = strip_prefix("optim.", stored)
         client_state = {k: v for k, v in stored.items() if not k.startswith("optim.")}
         self.load_personal(cid)
         self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
+        replaced = set(shared_params(self.model)) if self.method.communicates else set()  # Local keeps its own
+        optimizer_state = carried_optimizer_state(strip_prefix("optim.", stored), replaced, cfg.train.optimizer_state)
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         steps = num_local_steps(cfg.train, len(client.features))
         self.progress.client_started(cid, steps)
