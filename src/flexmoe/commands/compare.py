@@ -106,13 +106,14 @@ def run(args: argparse.Namespace) -> int:
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
     out = Path(args.output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     runs = plan(methods, seeds, args.config, args.overrides, out)
-    if args.reference is not None and args.reference not in methods:
-        raise FlexmoeError(f"--reference {args.reference!r} is not among --methods {args.methods!r}")
+    reference = getattr(args, "reference", None)
+    if reference is not None and reference not in methods:
+        raise FlexmoeError(f"--reference {reference!r} is not among --methods {args.methods!r}")
     for index, (run_dir, config) in enumerate(runs, start=1):
         print(f"[{index}/{len(runs)}] {run_dir.parent.name} seed {config.seed} -> {run_dir}", flush=True)
         run_one(run_dir, config, make_progress(args.quiet))
     report = write_compare_report([run_dir for run_dir, _ in runs], out, command=_command(args),
-                                  reference=args.reference)
+                                  reference=reference)
     print(f"report: {report}")
     return 0
 
@@ -125,6 +126,6 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--set", item]
     if args.output_dir:
         parts += ["--output-dir", args.output_dir]
-    if args.reference:
+    if getattr(args, "reference", None):
         parts += ["--reference", args.reference]
     return shlex.join(parts)

@@ -1,7 +1,7 @@
 """`flexmoe eval`: re-evaluate the personalised models of a finished run.
 
 Each client's model is rebuilt from the run directory and scored by the engine's own
-evaluation (ROUGE-L on the first `eval.max_test_examples` examples, plus held-out knowledge
+evaluation (ROUGE-L and exact match on a stratified sample of `eval.max_test_examples`, plus held-out knowledge
 loss and routing statistics when the run's config has them), on its test split from the run's
 partition, or on a data file given with --data.
 """
