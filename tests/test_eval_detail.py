@@ -33,6 +33,7 @@ def flex_run(model_dir, tmp_path_factory):  # noqa: F811
     return out, summary
 
 
+@pytest.mark.slow
 def test_every_model_answers_the_same_sample(flex_run):
     out, _ = flex_run
     base, final, curve = read_round(out / "evals", 0), read_round(out / "evals", 2), read_round(out / "evals", 1)
@@ -49,6 +50,7 @@ def test_every_model_answers_the_same_sample(flex_run):
     assert len(curve["personal-client-0-knowledge"]["probe_correct"]) == 2
 
 
+@pytest.mark.slow
 def test_summary_differences_are_the_files_paired(flex_run):
     out, summary = flex_run
     base, final = read_round(out / "evals", 0), read_round(out / "evals", 2)
@@ -72,6 +74,7 @@ def _steps(out: Path, cid: int) -> dict[str, float]:
     return {key.split("::")[0]: float(value) for key, value in state.items() if key.endswith("::step")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["keep", "reset-shared"])
 def test_optimizer_state_policy(model_dir, tmp_path, policy):  # noqa: F811
     run(model_dir, tmp_path, "method=flex", "clients_per_round=4", "eval.base=false", f"train.optimizer_state={policy}")
