@@ -111,7 +111,7 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         "",
         *tables.compare_table(groups),
         "",
-        "The untouched base model, per seed:",
+        "The untouched base model and the content-free answerer (each client's answer template, no facts), per seed:",
         "",
         *tables.base_table(groups),
         "",
