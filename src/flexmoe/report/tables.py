@@ -7,6 +7,8 @@ from flexmoe.report.runs import Run, mean_std
 # (metrics key, column title, format) of per-client evaluation values, in table order
 EVAL_COLUMNS = (
     ("rouge_l", "ROUGE-L", "{:.4f}"),
+    ("exact_match", "exact match", "{:.3f}"),
+    ("eval_examples", "evaluated", "{:g}"),
     ("rouge_l_global", "ROUGE-L (global model)", "{:.4f}"),
     ("test_loss", "test loss", "{:.4f}"),
     ("knowledge_loss", "knowledge loss", "{:.4f}"),

@@ -35,8 +35,10 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         "",
         *tables.client_table(run),
         "",
-        "ROUGE-L: mean F1 (rouge-score, stemmed) of greedy answers on each client's own test split, by its "
-        "personalised model; base: the untouched base model. Knowledge, probe and routing measures use the "
+        "ROUGE-L: mean F1 (rouge-score, stemmed) of greedy answers on a stratified sample of each client's own "
+        "test split (`evaluated` examples, the same for every method of a seed), by its personalised model; base: "
+        "the untouched base model; exact match: the normalised answer equals the reference; the **mean** row "
+        "is unweighted (each client counts once). Knowledge, probe and routing measures use the "
         "held-out corpus and the knowledge probes; routing drift is the total-variation distance between "
         "the model's and the base's expert-load distributions, averaged over MoE layers.",
         "",
