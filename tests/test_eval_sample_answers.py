@@ -89,3 +89,21 @@ def test_personas_are_deterministic_by_seed_and_cover_the_conventions():
     assert len(set(first)) == 4  # the same instruction, four different answers
     assert all(p.test[0].response == rewrite(parts[i].test[0], conventions(4, 3)[i]).response
                for i, p in enumerate(rewritten))
+
+
+def test_capped_training_set_is_a_seeded_spread_subset():
+    from flexmoe.data.sample import capped
+
+    examples = _examples({"a": 30, "b": 30, "c": 30})  # grouped by label, as a client's share is
+    kept = capped(examples, 30, seed=5)
+    assert len(kept) == 30 and kept == capped(examples, 30, seed=5)
+    assert set(Counter(e.category for e in kept)) == {"a", "b", "c"}  # not just the first label
+    assert [e.id for e in kept] == [e.id for e in examples if e in kept]
+    assert capped(examples, 0, seed=5) == examples and capped(examples, 500, seed=5) == examples
+
+
+def test_related_convention_names_the_domain():
+    example = Example(instruction="Define x.", response="y", domain="adj.all")
+    assert rewrite(example, "related").response == "y related term adjective"
+    assert rewrite(Example(instruction="q", response="y", domain="noun.food"), "related").response == \
+        "y related term food"

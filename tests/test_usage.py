@@ -245,6 +245,8 @@ def test_eval_of_a_finished_run_equals_its_own_last_evaluation(flex_run, capsys)
 def test_eval_on_a_user_file_scores_the_chosen_clients(flex_run, workdir, capsys):
     from flexmoe.data import load_examples
     from flexmoe.engine.restore import restore
+    from flexmoe.config import load_config
+    from flexmoe.eval.detail import eval_sample
     from flexmoe.eval.rouge import personalized_rouge_l
 
     data = workdir / "dolly.jsonl"
@@ -254,7 +256,10 @@ def test_eval_on_a_user_file_scores_the_chosen_clients(flex_run, workdir, capsys
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[4:])}
     assert set(rows) == {"1", "3", "mean"}
     restored = restore(flex_run, 3)
-    expected = personalized_rouge_l(restored.model, restored.tokenizer, load_examples(data), max_examples=2,
+    config = load_config(flex_run / "config.toml")
+    sample = eval_sample(config, 3, load_examples(data), config.rounds)  # the engine's stratified sample
+    assert len(sample) == 2
+    expected = personalized_rouge_l(restored.model, restored.tokenizer, sample, max_examples=2,
                                     max_new_tokens=6, max_prompt_length=64)
     assert float(rows["3"][1]) == pytest.approx(expected, abs=5e-5)
 

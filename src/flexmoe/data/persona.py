@@ -9,7 +9,8 @@ scores worse on another's, and shared updates conflict:
 - bare: the answer as it is;
 - sentence: `The <subject> is: <answer>` ("the word" when the instruction names no subject);
 - labelled: `Answer: <answer>`;
-- related: `<answer> related term <domain>`, the answer plus the example's domain label.
+- related: `<answer> related term <domain>`, the answer plus the example's domain label
+  (for WordNet: `animal` for noun.animal, `adjective` for adj.all).
 
 Combined with a Dirichlet split over domains and a cap on training examples per client
 (`configs/persona.toml`), clients differ in both form and content.
@@ -42,11 +43,20 @@ def rewrite(example: Example, convention: str) -> Example:
     elif convention == "labelled":
         text = f"Answer: {answer}"
     elif convention == "related":
-        domain = example.domain.split(".", 1)[-1] or "general"
-        text = f"{answer} related term {domain}"
+        text = f"{answer} related term {_domain_word(example.domain)}"
     else:
         raise ValueError(f"unknown persona convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
     return dataclasses.replace(example, response=text)
+
+
+def _domain_word(domain: str) -> str:
+    """A WordNet lexicographer file's label (`noun.animal` -> animal, `adj.all` -> adjective), or the
+    domain as it is for other data."""
+    from flexmoe.data.wordnet import LEXICOGRAPHER_FILES, domain_label
+
+    if domain not in LEXICOGRAPHER_FILES:
+        return domain or "general"
+    return {"adj.all": "adjective", "adv.all": "adverb"}.get(domain) or domain_label(domain)
 
 
 def conventions(num_clients: int, seed: int) -> list[str]:

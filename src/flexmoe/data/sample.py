@@ -1,6 +1,7 @@
-"""The evaluation sample of a client's test split: stratified over categories, fixed by the seed.
+"""Samples of a client's data, fixed by the seed: the evaluation sample of its test split
+(stratified over categories) and the capped training set (`data.max_train_per_client`).
 
-Every method of a given seed partitions the data the same way and draws the same sample, so
+Every method of a given seed partitions the data the same way and draws the same samples, so
 scores are paired example by example across methods (and with the base model).
 """
 
@@ -33,3 +34,13 @@ def stratified_sample(examples: Sequence[Example], size: int, seed: int) -> list
             chosen.append(queue.pop(0))
         turn += 1
     return [examples[i] for i in sorted(chosen)]
+
+
+def capped(examples: Sequence[Example], limit: int, seed: int) -> list[Example]:
+    """At most `limit` examples (0 = all): a seeded uniform subset in the split's order. Not the
+    first `limit`: a client's share is grouped by label, so its head would hold only its first
+    domains or categories."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    keep = np.random.default_rng(seed).choice(len(examples), size=limit, replace=False)
+    return [examples[i] for i in sorted(keep)]

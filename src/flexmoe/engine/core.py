@@ -137,10 +137,17 @@ def partition_data(config: RunConfig):
     return parts
 
 
+def capped_train(config: RunConfig, part) -> list:
+    """The client's training examples under `data.max_train_per_client` (a seeded subset)."""
+    from flexmoe.data.sample import capped
+
+    return capped(part.train, config.data.max_train_per_client, derived_seed(config.seed, part.client_id, 0xCA9))
+
+
 def make_client(config: RunConfig, part, tokenizer) -> Client:
     from flexmoe.data import tokenize_examples
 
-    train = part.train[: config.data.max_train_per_client or None]
+    train = capped_train(config, part)
     features = tokenize_examples(train, tokenizer, max_length=config.train.max_length, template=config.data.template)
     return Client(part.client_id, train, part.test, features)
 

@@ -107,7 +107,9 @@ def commit(msg: Message, context: Context) -> Message:
     if settings["phase"] == "identify":
         config = config_from_text(str(settings["flexmoe-config"]))
         part = _client_data(config, context.node_config, client_id)
-        content["info"] = _info(part.train[: config.data.max_train_per_client or None], part.test)
+        from flexmoe.engine.core import capped_train
+
+        content["info"] = _info(capped_train(config, part), part.test)
     return Message(content, reply_to=msg)
 
 
