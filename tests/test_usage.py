@@ -47,7 +47,7 @@ def train(model_dir: str, data: Path, out: Path, *overrides: str) -> Path:
         "clients_per_round=4", "seed=5", "train.local_steps=3", "train.batch_size=4", "train.max_length=64",
         "train.lr=2e-2", "lora.r=2", "flex.calibration_examples=4", "flex.gate_init_bias=2.0",
         "eval.max_test_examples=2", "eval.max_new_tokens=6", "eval.knowledge_max_docs=3",
-        "eval.knowledge_max_length=32", "data.test_fraction=0.2", *overrides,
+        "eval.knowledge_max_length=32", "eval.max_probes=8", "data.test_fraction=0.2", *overrides,
     ])
     Simulation(config, out).run()
     return out
