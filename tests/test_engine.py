@@ -125,7 +125,7 @@ def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path,
         return blob
 
     monkeypatch.setattr(simulation, "serialize", recording_serialize)
-    summary = run(model_dir, tmp_path, "method=flex", "eval.knowledge=true", "eval.knowledge_max_docs=4")
+    summary = run(model_dir, tmp_path, "method=flex", "eval.knowledge=true", "eval.knowledge_max_docs=4", "eval.max_probes=8")
     assert sent
     for keys, _ in sent:
         assert keys and all("lora_" in k for k in keys)

@@ -47,7 +47,7 @@ def train(model_dir: str, data: Path, out: Path, *overrides: str) -> Path:
         "clients_per_round=4", "seed=5", "train.local_steps=3", "train.batch_size=4", "train.max_length=64",
         "train.lr=2e-2", "lora.r=2", "flex.calibration_examples=4", "flex.gate_init_bias=2.0",
         "eval.max_test_examples=2", "eval.max_new_tokens=6", "eval.knowledge_max_docs=3",
-        "eval.knowledge_max_length=32", "data.test_fraction=0.2", *overrides,
+        "eval.knowledge_max_length=32", "eval.max_probes=8", "data.test_fraction=0.2", *overrides,
     ])
     Simulation(config, out).run()
     return out
@@ -247,6 +247,8 @@ def test_eval_on_a_user_file_scores_a_seeded_stratified_sample(flex_run, workdir
     from flexmoe.data import load_examples
     from flexmoe.data.sample import stratified_sample
     from flexmoe.engine.restore import restore
+    from flexmoe.config import load_config
+    from flexmoe.eval.detail import eval_sample
     from flexmoe.eval.rouge import personalized_rouge_l
 
     data = workdir / "dolly.jsonl"
@@ -260,6 +262,9 @@ def test_eval_on_a_user_file_scores_a_seeded_stratified_sample(flex_run, workdir
     sample = stratified_sample(load_examples(data), 2, seed=5)  # the run's seed
     assert sample != load_examples(data)[:2] and len({e.category for e in sample}) == 2
     restored = restore(flex_run, 3)
+    config = load_config(flex_run / "config.toml")
+    sample = eval_sample(config, 3, load_examples(data), config.rounds)  # the engine's stratified sample
+    assert len(sample) == 2
     expected = personalized_rouge_l(restored.model, restored.tokenizer, sample, max_examples=2,
                                     max_new_tokens=6, max_prompt_length=64)
     assert float(rows["3"][2]) == pytest.approx(expected, abs=5e-5)

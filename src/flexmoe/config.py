@@ -37,6 +37,7 @@ class DataConfig(_Section):
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
     test_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_per_client: int = Field(0, ge=0)  # 0 = all of the client's training examples
+    persona: bool = False  # each client answers in its own convention (data/persona.py): clients that conflict
     template: Literal["alpaca", "chat"] = "alpaca"
 
     @field_validator("fields")
@@ -67,6 +68,10 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast over fp32 weights (~1.5x faster on this CPU)
     # recompute each decoder layer's activations in the backward pass: less memory, one more forward per step
     gradient_checkpointing: bool = False
+    # AdamW moments across rounds: "keep" all (also those of the shared weights, although the aggregate
+    # replaces the weights each round), "reset-shared" (the common practice: fresh moments for the
+    # shared weights, the personal ones kept), or "reset" all
+    optimizer_state: Literal["keep", "reset-shared", "reset"] = "keep"
 
 
 class LoraConfig(_Section):
@@ -130,18 +135,27 @@ class ServerConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Each client is evaluated on a stratified sample of its test split (balanced over categories,
+    the same examples for every method of a seed: eval/detail.py); per-example scores are kept
+    under `evals/` in the run directory. The last round uses the full sizes, earlier evaluated
+    rounds (the learning curve) the `curve_*` sizes."""
+
     every: int = Field(0, ge=0)  # evaluate every N rounds; 0 = only after the last round
     base: bool = True  # also evaluate the untouched base at round 0, as the reference
-    max_test_examples: int = Field(16, ge=1)  # per client
+    max_test_examples: int = Field(128, ge=1)  # per client, last round (fewer when the test split is smaller)
+    curve_test_examples: int = Field(16, ge=1)  # per client, earlier evaluated rounds
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     knowledge: bool = True
-    knowledge_max_docs: int = Field(64, ge=1)
+    knowledge_max_docs: int = Field(512, ge=1)  # held-out documents, last round
+    curve_docs: int = Field(64, ge=1)  # held-out documents, earlier evaluated rounds
     knowledge_max_length: int = Field(128, ge=8)
     routing: bool = True  # expert load, its std, entropy and drift from the base on the held-out corpus (needs knowledge)
     probes: bool = True  # multiple-choice knowledge probe accuracy (needs knowledge)
-    max_probes: int = Field(64, ge=1)  # the first N builtin probes (each costs one forward pass of 4 options)
+    max_probes: int = Field(0, ge=0)  # the first N builtin probes at the last round; 0 = all (each costs a forward pass of 4 options)
+    curve_probes: int = Field(128, ge=1)  # probes at earlier evaluated rounds
     global_model: bool = True  # also evaluate the aggregated global model (shared weights, no graft)
+    content_free: bool = True  # score the content-free answerer (right template, no facts) as a reference
 
 
 class RuntimeConfig(_Section):

@@ -69,7 +69,7 @@ MEANINGS = {
     "eval.batch_size": "batch size of evaluation generation and scoring",
     "eval.max_new_tokens": "tokens generated per test example for ROUGE-L",
     "eval.knowledge": "held-out LM loss of every personalised model on the builtin held-out corpus",
-    "eval.knowledge_max_docs": "held-out documents scored",
+    "eval.knowledge_max_docs": "held-out documents scored at the last round (paired per document with the base)",
     "eval.knowledge_max_length": "tokens per held-out document",
 }
 

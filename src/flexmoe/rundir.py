@@ -28,6 +28,7 @@ SERVER_CHECKPOINT = "checkpoints/server.safetensors"
 INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights: Local clients start there
 BASE_METADATA = "base"  # INITIAL_WEIGHTS metadata: fingerprint of the base model the run trains
 CLIENTS_DIR = "clients"  # clients/<id>/: each client's state (`ClientStore`)
+EVALS_DIR = "evals"  # evals/round-<r>/: per-example answers, probe results and document losses (eval/detail.py)
 PERSONAL_FILE = "personal.safetensors"  # a client's graft and gate
 STATE_FILE = "state.safetensors"  # a client's method and optimiser state
 ROUND_MARKER = "ROUND"  # written last into a pending dir: the pending state is complete

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                         help="override a config key for every run (repeatable)")
     parser.add_argument("--output-dir", metavar="DIR", help="default: runs/compare-<timestamp>")
+    parser.add_argument("--reference", metavar="METHOD",
+                        help="the method every other is compared with, paired (default: the best baseline)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live display")
 
 
@@ -105,13 +107,17 @@ def run(args: argparse.Namespace) -> int:
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
     out = Path(args.output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     runs = plan(methods, seeds, args.config, args.overrides, out)
+    reference = getattr(args, "reference", None)
+    if reference is not None and reference not in methods:
+        raise FlexmoeError(f"--reference {reference!r} is not among --methods {args.methods!r}")
     for index, (run_dir, config) in enumerate(runs, start=1):
         print(f"[{index}/{len(runs)}] {run_dir.parent.name} seed {config.seed} -> {run_dir}", flush=True)
         progress = make_progress(args.quiet)
         with logs_to(progress):
             run_one(run_dir, config, progress)
     print(f"writing the comparison report ({len(runs)} runs)", flush=True)
-    report = write_compare_report([run_dir for run_dir, _ in runs], out, command=_command(args))
+    report = write_compare_report([run_dir for run_dir, _ in runs], out, command=_command(args),
+                                  reference=reference)
     print(f"report: {report}")
     return 0
 
@@ -124,4 +130,6 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--set", item]
     if args.output_dir:
         parts += ["--output-dir", args.output_dir]
+    if getattr(args, "reference", None):
+        parts += ["--reference", args.reference]
     return shlex.join(parts)

@@ -1,11 +1,11 @@
 """`flexmoe eval`: re-evaluate the personalised models of a finished run.
 
 Each client's model is rebuilt from the run directory and scored by the engine's own
-evaluation (ROUGE-L and test loss on up to --max-examples examples, default the run's
-`eval.max_test_examples`, plus held-out knowledge loss and routing statistics when the run's
-config has them), on its test split from the run's partition, or on a data file given with
---data: a sample of it drawn with the run's seed, stratified by category (else domain). The
-table and the JSON say how many examples were really scored.
+evaluation (ROUGE-L, exact match and test loss on a stratified sample of up to --max-examples
+examples, default the run's `eval.max_test_examples`, plus held-out knowledge loss and routing
+statistics when the run's config has them), on its test split from the run's partition, or on a
+data file given with --data: a sample of it drawn with the run's seed, stratified by category
+(else domain). The table and the JSON say how many examples were really scored.
 """
 
 from __future__ import annotations

@@ -152,6 +152,29 @@ clients = partition(examples, num_clients=8, scheme="pathological", by="domain",
 `flexmoe data stats [--json]` and `flexmoe data partition --num-clients 8 --by domain` show the
 same from the command line.
 
+## Federated settings
+How the examples are spread over clients is a run setting (`[data]`, docs/config.md); three are
+shipped as configs:
+- **By domain** (the `flexmoe run` default): `partition = "pathological"`, `by = "domain"`, one
+  lexicographer file per client. Every client holds the same task templates, so clients differ in
+  content only; `classify-domain`'s answer is then one constant label per client.
+- **The FLEx paper's setting** (`configs/paper-category.toml`): split by task category, 2 of the 9
+  categories per client (`by = "category"`, `per_client = 2`), as the paper splits its
+  instruction data by category.
+- **Personas** (`configs/persona.toml`): `data.persona = true` rewrites each client's responses
+  (train and test) in its own convention, assigned per client by a seeded permutation:
+  *bare* (the answer), *sentence* (`The <subject> is: <answer>`), *labelled* (`Answer: <answer>`),
+  *related* (`<answer> related term <domain>`). The conventions change the words, not only case
+  or punctuation, which ROUGE-L ignores, so the same instruction has conflicting targets across
+  clients. Content is skewed too: a Dirichlet(0.5) share of every domain per client, and at most
+  256 training examples per client (`data.max_train_per_client`), so no client learns everything
+  from its own data.
+
+A content-free answerer (flexmoe/eval/answers.py: per category, the words shared by at least half
+of a client's training answers, with the test subject filled in, no facts) is scored beside every
+run: ROUGE-L rewards the answer's format as much as its content on these short answers, so
+compare with it, and read the exact-match score beside ROUGE-L.
+
 ## Known limits
 - Lexical knowledge only: definitions, relations and short usage examples written by
   lexicographers around 2006; no dialogue, reasoning or long-form text.
@@ -161,6 +184,7 @@ same from the command line.
 - Polysemy: a question names a lemma and part of speech; where several senses exist the
   definition in `context` (or the domain in the header) disambiguates, but `define`
   questions on common words can still have several valid answers.
-- Responses are short (a word list or one sentence), so ROUGE-L on them is coarse.
+- Responses are short (a word list or one sentence), so ROUGE-L on them is coarse and rewards
+  the template: a content-free answer with the right wording scores well (see above).
 - English only; WordNet's 2006 view of the world (some glosses are dated).
 """

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from flexmoe.config import RunConfig
 from flexmoe.data.partition import partition
+from flexmoe.data.persona import apply_personas
+from flexmoe.data.sample import capped
 from flexmoe.data.source import configured_examples, describe_client, log_partition
 from flexmoe.data.tokens import training_features
 from flexmoe.errors import FlexmoeError
@@ -46,6 +50,8 @@ def partition_data(config: RunConfig):
         examples, config.num_clients, scheme=data.partition, by=data.by, per_client=data.per_client,
         alpha=data.alpha, seed=config.seed, test_fraction=data.test_fraction, leftover=data.leftover_groups,
     )
+    if data.persona:  # each client's answers in its own convention (data/persona.py)
+        parts = apply_personas(parts, config.seed)
     log_partition(parts, len(examples), data.by)
     for part in parts:
         if not part.train:
@@ -56,8 +62,14 @@ def partition_data(config: RunConfig):
     return parts
 
 
+def capped_train(config: RunConfig, part) -> list:
+    """The client's training examples under `data.max_train_per_client` (a seeded subset)."""
+    seed = int(np.random.SeedSequence([config.seed, part.client_id, 0xCA9]).generate_state(1)[0])
+    return capped(part.train, config.data.max_train_per_client, seed)
+
+
 def make_client(config: RunConfig, part, tokenizer) -> Client:
-    train = part.train[: config.data.max_train_per_client or None]
+    train = capped_train(config, part)
     features, truncation = training_features(train, tokenizer, config.train.max_length, config.data.template,
                                              part.client_id)
     return Client(part.client_id, train, part.test, features, truncation)

@@ -1,4 +1,9 @@
-"""Seeded samples of examples, stratified by category (else domain) where the data has labels."""
+"""Samples of a client's data, fixed by the seed: the evaluation sample of its test split
+(stratified over categories) and the capped training set (`data.max_train_per_client`).
+
+Every method of a given seed partitions the data the same way and draws the same samples, so
+scores are paired example by example across methods (and with the base model).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,12 @@ def stratify_field(examples: Sequence[Example]) -> str | None:
     return next((by for by in ("category", "domain") if any(getattr(e, by) for e in examples)), None)
 
 
-def stratified_sample(examples: Sequence[Example], size: int, seed: int = 0) -> list[Example]:
-    """`size` examples (all when fewer), in file order: each label's share proportional to its
-    size (largest remainders, ties by label), drawn at random within it (unlabelled rows are a group)."""
+def stratified_sample(examples: Sequence[Example], size: int, seed: int) -> list[Example]:
+    """Up to `size` examples balanced over the labels (`stratify_field`: category, else domain;
+    unlabelled rows form one group): labels take turns (in name order), each giving its next
+    example in a seeded random order, until `size` are chosen or all are used. A label with fewer
+    examples than its share is used up and the others fill the rest. The sample keeps the input's
+    order, so the same examples always come in the same order."""
     if size >= len(examples):
         return list(examples)
     rng = np.random.default_rng(seed)
@@ -24,10 +32,22 @@ def stratified_sample(examples: Sequence[Example], size: int, seed: int = 0) -> 
     groups: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
         groups.setdefault(getattr(example, by) if by else "", []).append(index)
-    names = sorted(groups)
-    exact = [size * len(groups[name]) / len(examples) for name in names]
-    counts = [int(share) for share in exact]
-    for position in sorted(range(len(names)), key=lambda i: (counts[i] - exact[i], names[i]))[: size - sum(counts)]:
-        counts[position] += 1
-    chosen = [index for name, count in zip(names, counts) for index in rng.permutation(groups[name])[:count]]
-    return [examples[index] for index in sorted(chosen)]
+    queues = [[members[i] for i in rng.permutation(len(members))] for _, members in sorted(groups.items())]
+    chosen: list[int] = []
+    turn = 0
+    while len(chosen) < size:
+        queue = queues[turn % len(queues)]
+        if queue:
+            chosen.append(queue.pop(0))
+        turn += 1
+    return [examples[i] for i in sorted(chosen)]
+
+
+def capped(examples: Sequence[Example], limit: int, seed: int) -> list[Example]:
+    """At most `limit` examples (0 = all): a seeded uniform subset in the split's order. Not the
+    first `limit`: a client's share is grouped by label, so its head would hold only its first
+    domains or categories."""
+    if not limit or limit >= len(examples):
+        return list(examples)
+    keep = np.random.default_rng(seed).choice(len(examples), size=limit, replace=False)
+    return [examples[i] for i in sorted(keep)]

@@ -21,7 +21,7 @@ from flexmoe.config import RunConfig, save_config
 from flexmoe.data.clients import Client
 from flexmoe.engine.progress import Progress
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.measures import knowledge_measures
+from flexmoe.eval.detail import knowledge_round, pooled_means
 from flexmoe.files import load_checked, one_line, save_checked
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.models.roles import apply_roles, set_shared_state, split_parameters
@@ -33,7 +33,7 @@ from flexmoe.rundir import (
 from flexmoe.tensors import cpu_clone, strip_prefix, with_prefix
 from flexmoe.models.device import device_measures, model_device, reset_peak_memory, timed
 from flexmoe.train import cosine_lr, local_train
-from flexmoe.train.loop import num_local_steps
+from flexmoe.train.loop import carried_optimizer_state, num_local_steps
 
 log = logging.getLogger("flexmoe.engine")
 
@@ -95,21 +95,23 @@ def shared_params(model: nn.Module, method: Method) -> dict[str, nn.Parameter]:
     return split_parameters(model, method.roles).shared
 
 
-def base_knowledge(model: nn.Module, tokenizer, config: RunConfig) -> dict:
+def base_knowledge(model: nn.Module, tokenizer, config: RunConfig, detail_dir: Path | None = None) -> dict:
     """The untouched base's knowledge measures and expert load (`expert_load_base`: what routing
     drift is measured from), as the round-0 server record spells them."""
     if not config.eval.knowledge:
         return {}
     log.info("round 0: knowledge measures of the base model")
-    return {f"{k}_base": v for k, v in knowledge_measures(model, tokenizer, config.eval).items()}
+    return {f"{k}_base": v for k, v in knowledge_round(model, tokenizer, config, 0, "base", detail_dir).items()}
 
 
 def base_reference(base_evals: list[dict], knowledge: dict) -> dict:
     """The round-0 server record: the untouched base's mean ROUGE-L and test loss over the
-    clients' `base_evals`, with its `knowledge` (`base_knowledge`)."""
+    clients' `base_evals` (and their pooled means), with its `knowledge` (`base_knowledge`)."""
     reference = {"rouge_l_avg_base": mean([e["rouge_l"] for e in base_evals])} if base_evals else {}
     if base_evals and "test_loss" in base_evals[0]:
         reference["test_loss_base"] = mean([e["test_loss"] for e in base_evals])
+    if base_evals:
+        reference.update(pooled_means(base_evals, suffix="_base"))
     return {"round": 0, "kind": "server", **reference, **knowledge}
 
 
@@ -119,7 +121,7 @@ def base_load(records: list[dict]) -> dict | None:
 
 
 def global_knowledge(model: nn.Module, tokenizer, config: RunConfig, method: Method, global_weights: Tensors,
-                     reference: dict | None) -> dict:
+                     reference: dict | None, round_index: int, detail_dir: Path | None = None) -> dict:
     """The aggregated global model's (global shared weights, no graft) knowledge measures, as
     `global_<measure>`: computed once per evaluation, by whoever holds a model (the driver)."""
     from flexmoe.models import grafts_disabled
@@ -128,7 +130,7 @@ def global_knowledge(model: nn.Module, tokenizer, config: RunConfig, method: Met
         return {}
     set_shared_state(model, method.roles, global_weights)
     with grafts_disabled(model):
-        measures = knowledge_measures(model, tokenizer, config.eval, reference)
+        measures = knowledge_round(model, tokenizer, config, round_index, "global", detail_dir, reference)
     measures.pop("expert_load", None)
     return {f"global_{k}": v for k, v in measures.items()}
 
@@ -143,8 +145,10 @@ class ClientRunner:
     """
 
     def __init__(self, config: RunConfig, method: Method, model: nn.Module, tokenizer, store: ClientStore,
-                 initial_shared: Callable[[], Tensors], progress: Progress | None = None):
+                 initial_shared: Callable[[], Tensors], progress: Progress | None = None,
+                 detail_dir: Path | None = None):
         self.config = config
+        self.detail_dir = detail_dir  # where per-example scores go (eval/detail.py); None = not kept
         self.method = method
         self.model = model
         self.tokenizer = tokenizer
@@ -187,11 +191,12 @@ class ClientRunner:
         reset_peak_memory(device)
         with timed(device, device_record, "swap_seconds"):  # the client's state from disk onto the device
             stored = self.store.load_state(cid)
-            optimizer_state = strip_prefix("optim.", stored)
             client_state = {k: v for k, v in stored.items() if not k.startswith("optim.")}
             self.load_personal(cid)
             self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
         split = split_parameters(self.model, self.method.roles)
+        replaced = set(split.shared) if self.method.communicates else set()  # Local keeps its own
+        optimizer_state = carried_optimizer_state(strip_prefix("optim.", stored), replaced, cfg.train.optimizer_state)
         steps = num_local_steps(cfg.train, len(client.features))
         self.progress.client_started(cid, steps)
         result = local_train(
@@ -248,21 +253,27 @@ class ClientRunner:
         cfg, cid = self.config, client.client_id
         self.load_client_model(cid, received)
         self.progress.message(f"round {round_index}: evaluating client {cid}")
-        record = {"round": round_index, "kind": "eval", "client": cid, "rouge_l": self.rouge(client),
+        record = {"round": round_index, "kind": "eval", "client": cid, **self.answers(client, round_index, "personal"),
                   "test_loss": self.test_loss(client)}
         if cfg.eval.knowledge:
-            record.update(knowledge_measures(self.model, self.tokenizer, cfg.eval, base_load))
+            record.update(self.knowledge(round_index, f"personal-client-{cid}", base_load))
         if global_weights is not None:
             self.set_shared(global_weights)
             with grafts_disabled(self.model):
-                record["rouge_l_global"] = self.rouge(client)
+                record["rouge_l_global"] = self.answers(client, round_index, "global")["rouge_l"]
         return record
 
     def evaluate_base(self, client: Client) -> dict:
-        """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split."""
+        """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split, and
+        the content-free answerer (the right template, no facts) as a reference row."""
+        from flexmoe.eval.detail import content_free
+
         self.progress.message(f"round 0: evaluating the base model on client {client.client_id}")
-        return {"round": 0, "kind": "eval", "client": client.client_id, "rouge_l": self.rouge(client),
-                "test_loss": self.test_loss(client)}
+        record = {"round": 0, "kind": "eval", "client": client.client_id, **self.answers(client, 0, "base"),
+                  "test_loss": self.test_loss(client)}
+        if self.config.eval.content_free:
+            record.update(content_free(self.config, client.client_id, client.train, client.test, self.detail_dir))
+        return record
 
     def test_loss(self, client: Client) -> float:
         """Mean response-token loss on the evaluated part of the client's test split."""
@@ -279,15 +290,20 @@ class ClientRunner:
                 total, tokens = total + float(loss), tokens + count
         return total / tokens if tokens else float("nan")
 
-    def rouge(self, client: Client) -> float:
-        from flexmoe.eval.rouge import personalized_rouge_l
+    def answers(self, client: Client, round_index: int, model_kind: str) -> dict:
+        """Greedy answers on the client's evaluation sample of this round: mean ROUGE-L, exact
+        match and the sample size; the per-example scores go to `detail_dir`."""
+        from flexmoe.eval.detail import answer_sample, client_file, eval_sample, means, write_detail
 
-        cfg = self.config
-        return personalized_rouge_l(
-            self.model, self.tokenizer, client.test, max_examples=cfg.eval.max_test_examples,
-            template=cfg.data.template, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-            max_prompt_length=cfg.train.max_length,
-        )
+        examples = eval_sample(self.config, client.client_id, client.test, round_index)
+        detail = answer_sample(self.model, self.tokenizer, self.config, examples)
+        write_detail(self.detail_dir, round_index, client_file(model_kind, client.client_id), detail)
+        return means(detail)
+
+    def knowledge(self, round_index: int, name: str, base_load: dict | None = None) -> dict:
+        from flexmoe.eval.detail import knowledge_round
+
+        return knowledge_round(self.model, self.tokenizer, self.config, round_index, name, self.detail_dir, base_load)
 
     def set_shared(self, weights: Tensors) -> None:
         set_shared_state(self.model, self.method.roles, weights)

@@ -31,6 +31,7 @@ from flexmoe.engine.core import (
 from flexmoe.engine.progress import Progress
 from flexmoe.methods import Method, Reply, Tensors, build_method
 from flexmoe.report.summary import mean, summarize, write_summary
+from flexmoe.rundir import EVALS_DIR
 
 
 class Transport(Protocol):
@@ -71,6 +72,7 @@ class RoundDriver:
         self._model = (model, tokenizer) if model is not None else None
         self.counted: dict[int, int] = {}
         self.infos: list[ClientInfo] = []
+        self.detail_dir = self.run_dir / EVALS_DIR  # the server's own per-item results: base and global knowledge
 
     def model(self):
         """(model, tokenizer) of the server's own: base reference and global-model knowledge."""
@@ -97,7 +99,8 @@ class RoundDriver:
 
         model, tokenizer = self.model()
         self.server.start(shared_params(model, self.method), base_fingerprint(model))
-        knowledge = base_knowledge(model, tokenizer, self.config)  # before any graft: the untouched base
+        # before any graft: the untouched base
+        knowledge = base_knowledge(model, tokenizer, self.config, self.detail_dir)
         base_evals, self.infos = self.transport.round_zero(self.config.eval.base)
         self.server.commit_round_zero([*base_evals, base_reference(base_evals, knowledge)])
         return 0
@@ -124,7 +127,7 @@ class RoundDriver:
         evals, global_eval = self._evaluate(round_index) if evaluates(cfg, round_index) else ([], {})
         self.server.finish_round(round_index, sampled, records, agg_metrics, evals, global_eval)
         self.transport.commit(round_index, dict(self.counted))
-        write_summary(self.run_dir, summarize(self.server.metrics.read(), cfg, None))
+        write_summary(self.run_dir, summarize(self.server.metrics.read(), cfg, None, self.run_dir))
 
     def _evaluate(self, round_index: int) -> tuple[list[dict], dict]:
         """Every client's personalised model (and, methods with one, the global model on its test
@@ -141,14 +144,15 @@ class RoundDriver:
             return evals, {}
         model, tokenizer = self.model()
         self.progress.message(f"round {round_index}: evaluating the global model")
-        global_eval = global_knowledge(model, tokenizer, self.config, self.method, server.global_weights, reference)
+        global_eval = global_knowledge(model, tokenizer, self.config, self.method, server.global_weights, reference,
+                                       round_index, self.detail_dir)
         global_eval["global_rouge_l_avg"] = mean([e["rouge_l_global"] for e in evals])
         return evals, global_eval
 
     def _finish(self, wall_seconds: float) -> dict:
         from flexmoe.report import write_run_report
 
-        summary = summarize(self.server.metrics.read(), self.config, wall_seconds)
+        summary = summarize(self.server.metrics.read(), self.config, wall_seconds, self.run_dir)
         write_summary(self.run_dir, summary)
         write_run_report(self.run_dir, self.infos)
         return summary

@@ -23,7 +23,7 @@ from flexmoe.engine.driver import RoundDriver
 from flexmoe.engine.progress import Progress
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods import Method, Reply, Tensors, build_method
-from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, ClientStore, is_run_dir
+from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, ClientStore, is_run_dir
 from flexmoe.wire import deserialize, serialize
 
 __all__ = ["InProcess", "Simulation"]
@@ -114,6 +114,6 @@ class Simulation:
         driver = RoundDriver(self.config, self.run_dir, transport=None, progress=self.progress, method=self.method,
                              model=model, tokenizer=tokenizer)
         runner = ClientRunner(self.config, self.method, model, tokenizer, ClientStore(self.run_dir / CLIENTS_DIR),
-                              driver.server.initial_weights, self.progress)
+                              driver.server.initial_weights, self.progress, detail_dir=self.run_dir / EVALS_DIR)
         driver.transport = InProcess(self.config, self.method, runner, clients)
         return driver.run(resume=resume, stop_after=stop_after)

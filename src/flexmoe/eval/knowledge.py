@@ -49,17 +49,32 @@ def _token_logprobs(model, rows: list[list[int]], pad_id: int) -> list[torch.Ten
 @torch.no_grad()
 def heldout_loss(model, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 16) -> float:
     """Mean token NLL (nats) of `texts`, each scored alone as bos + text + eos, cut to max_length."""
+    return pooled_loss(document_nll(model, tokenizer, texts, max_length, batch_size))
+
+
+def pooled_loss(per_document: list[tuple[float, int]]) -> float:
+    """Mean token NLL over documents given as (summed NLL, tokens), summed in length order (as
+    the documents were batched), so the value does not depend on the documents' order."""
+    scored = sorted((d for d in per_document if d[1] > 0), key=lambda d: d[1])
+    if not scored:
+        raise ValueError("heldout_loss needs at least one text of two or more tokens")
+    return sum(nll for nll, _ in scored) / sum(count for _, count in scored)
+
+
+@torch.no_grad()
+def document_nll(model, tokenizer, texts: list[str], max_length: int = 256,
+                 batch_size: int = 16) -> list[tuple[float, int]]:
+    """(summed NLL in nats, predicted tokens) of each text, in the order given; a text of fewer
+    than two tokens gets (0.0, 0). Similar lengths share a batch."""
     rows = [_with_specials(tokenizer, ids)[:max_length]
             for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-    rows = sorted((row for row in rows if len(row) >= 2), key=len)  # similar lengths share a batch
-    if not rows:
-        raise ValueError("heldout_loss needs at least one text of two or more tokens")
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        for logprobs in _token_logprobs(model, rows[start:start + batch_size], _pad_id(tokenizer)):
-            total -= float(logprobs.sum())
-            count += logprobs.numel()
-    return total / count
+    order = sorted((i for i, row in enumerate(rows) if len(row) >= 2), key=lambda i: len(rows[i]))
+    out = [(0.0, 0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        for i, logprobs in zip(batch, _token_logprobs(model, [rows[i] for i in batch], _pad_id(tokenizer))):
+            out[i] = (-float(logprobs.sum()), logprobs.numel())
+    return out
 
 
 def continuation_ids(tokenizer, question: str, option: str) -> tuple[list[int], list[int]]:

@@ -23,17 +23,27 @@ def routing_drift(load: Load, base: Load) -> float:
     return sum(distances) / len(distances)
 
 
-def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None = None) -> dict:
+def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None = None,
+                       detail: dict | None = None) -> dict:
     """`ev` is the run's `[eval]` section. Returns knowledge_loss, probe_accuracy (eval.probes),
     and with eval.routing: expert_load_std, routing_entropy, expert_load (per layer) and, given the
-    base's load, routing_drift."""
+    base's load, routing_drift. Given a `detail` dict, also fills it with the per-item results the
+    paired statistics need: `doc_nll` ([summed NLL, tokens] per held-out document) and
+    `probe_correct` (0/1 per probe), in the builtin files' order."""
     from flexmoe.data import builtin_corpus, builtin_probes
-    from flexmoe.eval.knowledge import heldout_loss, probe_accuracy
+    from flexmoe.eval.knowledge import document_nll, pooled_loss, probe_predictions
 
     docs = builtin_corpus("heldout")[: ev.knowledge_max_docs]
-    out = {"knowledge_loss": heldout_loss(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size)}
+    per_doc = document_nll(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size)
+    out = {"knowledge_loss": pooled_loss(per_doc)}
+    if detail is not None:
+        detail["doc_nll"] = [[round(nll, 6), count] for nll, count in per_doc]
     if ev.probes:
-        out["probe_accuracy"] = probe_accuracy(model, tokenizer, builtin_probes()[: ev.max_probes])
+        probes = builtin_probes()[: ev.max_probes or None]
+        correct = [int(p == probe.answer) for p, probe in zip(probe_predictions(model, tokenizer, probes), probes)]
+        out["probe_accuracy"] = sum(correct) / len(correct)
+        if detail is not None:
+            detail["probe_correct"] = correct
     if ev.routing:
         out.update(routing_measures(model, tokenizer, docs, ev, base_load))
     return out

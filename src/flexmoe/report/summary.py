@@ -29,7 +29,9 @@ def weighted(values: list[float], weights: list[int]) -> float:
 def eval_means(evals: list[dict]) -> dict:
     """The server record's means over the clients' evaluation records: `rouge_l_avg` (personalised
     models), `rouge_l_global` (the global model on every client's test split) and the rest."""
-    out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals])}
+    from flexmoe.eval.detail import pooled_means
+
+    out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals]), **pooled_means(evals)}
     for key in CLIENT_MEASURES:
         values = [e[key] for e in evals if key in e]
         if values:
@@ -37,8 +39,11 @@ def eval_means(evals: list[dict]) -> dict:
     return out
 
 
-def summarize(records: list[dict], config, wall_seconds: float | None) -> dict:
-    """The summary of a run from its metrics records and its config."""
+def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: Path | None = None) -> dict:
+    """The summary of a run from its metrics records and its config; with `run_dir`, also the
+    paired differences and CIs of its per-example files (eval/paired.py)."""
+    from flexmoe.eval.paired import run_statistics
+
     servers = [r for r in records if r["kind"] == "server" and r["round"] > 0]
     evaluated = [r for r in servers if "rouge_l_avg" in r]
     last_eval = evaluated[-1] if evaluated else {}
@@ -56,6 +61,8 @@ def summarize(records: list[dict], config, wall_seconds: float | None) -> dict:
         "train_loss": servers[-1]["train_loss"] if servers else None,
         "per_client": per_client(records),
     }
+    if run_dir is not None:
+        summary.update(run_statistics(Path(run_dir), config.seed))
     if config.privacy.noise_multiplier > 0:
         summary.update(dp_epsilon=servers[-1].get("dp_epsilon") if servers else 0.0, dp_delta=config.privacy.delta)
     if wall_seconds is not None:

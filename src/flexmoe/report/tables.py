@@ -7,6 +7,8 @@ from flexmoe.report.runs import Run, mean_std
 # (metrics key, column title, format) of per-client evaluation values, in table order
 EVAL_COLUMNS = (
     ("rouge_l", "ROUGE-L", "{:.4f}"),
+    ("exact_match", "exact match", "{:.3f}"),
+    ("eval_examples", "evaluated", "{:g}"),
     ("rouge_l_global", "ROUGE-L (global model)", "{:.4f}"),
     ("test_loss", "test loss", "{:.4f}"),
     ("knowledge_loss", "knowledge loss", "{:.4f}"),
@@ -173,7 +175,10 @@ def base_table(groups: dict[str, list[Run]]) -> list[str]:
     for runs in groups.values():
         for run in runs:
             by_seed.setdefault(run.seed, run.base())
-    rows = [[str(seed), fmt(base.get("rouge_l_avg_base")), fmt(base.get("knowledge_loss_base")),
-             fmt(base.get("probe_accuracy_base"), "{:.3f}"), fmt(base.get("expert_load_std_base"))]
+    rows = [[str(seed), fmt(base.get("rouge_l_avg_base")), fmt(base.get("exact_match_avg_base")),
+             fmt(base.get("rouge_l_avg_content_free")), fmt(base.get("exact_match_avg_content_free")),
+             fmt(base.get("knowledge_loss_base")), fmt(base.get("probe_accuracy_base"), "{:.3f}"),
+             fmt(base.get("expert_load_std_base"))]
             for seed, base in sorted(by_seed.items())]
-    return table(["seed", "mean ROUGE-L", "knowledge loss", "probe acc.", "expert-load std"], rows)
+    return table(["seed", "mean ROUGE-L", "exact match", "content-free ROUGE-L", "content-free exact match",
+                  "knowledge loss", "probe acc.", "expert-load std"], rows)

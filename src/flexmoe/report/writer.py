@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import write_text_atomic
-from flexmoe.report import plots, tables
+from flexmoe.report import plots, stats, tables
 from flexmoe.report.runs import CLIENTS_FILE, Run, mean_std, read_run
 
 
@@ -36,8 +36,10 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         "",
         *tables.client_table(run),
         "",
-        "ROUGE-L: mean F1 (rouge-score, stemmed) of greedy answers on each client's own test split, by its "
-        "personalised model; base: the untouched base model. Knowledge, probe and routing measures use the "
+        "ROUGE-L: mean F1 (rouge-score, stemmed) of greedy answers on a stratified sample of each client's own "
+        "test split (`evaluated` examples, the same for every method of a seed), by its personalised model; base: "
+        "the untouched base model; exact match: the normalised answer equals the reference; the **mean** row "
+        "is unweighted (each client counts once). Knowledge, probe and routing measures use the "
         "held-out corpus and the knowledge probes; routing drift is the total-variation distance between "
         "the model's and the base's expert-load distributions, averaged over MoE layers.",
         "",
@@ -45,6 +47,7 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
     truncation = tables.truncation_lines(run)
     if truncation:
         lines += [*truncation, ""]
+    lines += stats.run_lines(run)
     reliability = tables.reliability_lines(run)
     if reliability:
         lines += ["## Failures, rejections and privacy", "", *reliability, ""]
@@ -95,10 +98,14 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flexmoe comparison",
-                         command: str | None = None) -> Path:
-    """Compare the runs in `run_dirs` by method over seeds: `out_dir/report.md`, `plots/`, `summary.json`."""
+                         command: str | None = None, reference: str | None = None) -> Path:
+    """Compare the runs in `run_dirs` by method over seeds: `out_dir/report.md`, `plots/`, `summary.json`.
+    Paired statistics compare every method with the base and with `reference` (default: the best baseline)."""
     out_dir = Path(out_dir)
     groups = group_runs([read_run(Path(d)) for d in run_dirs])
+    if reference is not None and reference not in groups:
+        raise FlexmoeError(f"--reference {reference!r} is not among the compared methods ({', '.join(groups)})")
+    paired_lines, paired = stats.compare_lines(groups, reference or stats.best_baseline(groups))
     lines = [f"# {title}", ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
@@ -113,10 +120,11 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         "",
         *tables.compare_table(groups),
         "",
-        "The untouched base model, per seed:",
+        "The untouched base model and the content-free answerer (each client's answer template, no facts), per seed:",
         "",
         *tables.base_table(groups),
         "",
+        *paired_lines,
     ]
     plot_dir = out_dir / "plots"
     for key, ylabel, name in (("rouge_l_avg", "mean personalised ROUGE-L", "rouge_l.png"),
@@ -131,7 +139,10 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         if plots.expert_load_heatmaps(_load_panels(runs[0]), plot_dir / name, title=f"{label}, seed {runs[0].seed}"):
             lines += [f"![expert load per client, {label}](plots/{name})", ""]
     write_text_atomic(out_dir / "report.md", "\n".join(lines))
-    write_text_atomic(out_dir / "summary.json", json.dumps(_compare_summary(groups), indent=2, sort_keys=True) + "\n")
+    summary = _compare_summary(groups)
+    if paired:
+        summary["paired"] = paired
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return out_dir / "report.md"
 
 

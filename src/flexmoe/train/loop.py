@@ -231,6 +231,17 @@ def _batch_stream(features: list[dict], batch_size: int, generator: torch.Genera
             yield [features[i] for i in order[start : start + batch_size]]
 
 
+def carried_optimizer_state(state: Tensors, shared: set[str], policy: str) -> Tensors:
+    """The optimiser state a client starts its round with (`train.optimizer_state`): "keep" all of
+    it, "reset-shared" drop the moments of the shared weights (which the aggregate replaced since
+    they were computed: the common practice) and keep the personal ones, or "reset" everything."""
+    if policy == "keep":
+        return state
+    if policy == "reset":
+        return {}
+    return {key: value for key, value in state.items() if key.split("::", 1)[0] not in shared}
+
+
 def _make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
     values = list(params.values())
     if config.optimizer == "sgd":

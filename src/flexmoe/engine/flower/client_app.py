@@ -103,10 +103,10 @@ def commit(msg: Message, context: Context) -> Message:
     content = _reply({}, client_id, 0)
     if settings["phase"] == "identify":
         config = config_from_text(str(settings["flexmoe-config"]))
-        from flexmoe.data.clients import Client
+        from flexmoe.data.clients import Client, capped_train
 
         part = _client_data(config, context.node_config, client_id)
-        train = part.train[: config.data.max_train_per_client or None]
+        train = capped_train(config, part)
         content["info"] = _info(Client(client_id, train, part.test, []))
     return Message(content, reply_to=msg)
 

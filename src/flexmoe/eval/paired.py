@@ -1,0 +1,130 @@
+"""Paired comparisons of runs, read from the per-example files every run keeps (`evals/`).
+
+Answers are paired by example id within a (seed, client) cell: the personalised model of a run
+against the untouched base on the same sample, or against another method's personalised model
+of the same seed (same partition, same sample). Knowledge is paired per probe (exact McNemar,
+eval/stats.py) and per held-out document (the document's mean token loss). Every difference
+comes with its stratified bootstrap 95% CI over clients × examples pooled across seeds and its
+sign per seed (`flexmoe.eval.stats`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flexmoe.eval.detail import EVALS_DIR, evaluated_rounds, read_round
+from flexmoe.eval.stats import McNemar, PairedDifference, mcnemar_exact, paired_difference, seed_signs
+
+Scores = dict[int, dict[str, float]]  # client -> example id -> score
+
+
+def last_round(run_dir: Path) -> int | None:
+    rounds = [r for r in evaluated_rounds(Path(run_dir) / EVALS_DIR) if r > 0]
+    return rounds[-1] if rounds else None
+
+
+def answer_scores(run_dir: Path, round_index: int, model: str, metric: str = "rouge_l") -> Scores:
+    """Per client, per example id: `metric` of `model` (personal, global, base, content-free)."""
+    out: Scores = {}
+    prefix = f"{model}-client-"
+    for name, payload in read_round(Path(run_dir) / EVALS_DIR, round_index).items():
+        rest = name.removeprefix(prefix)
+        if name.startswith(prefix) and rest.isdigit():
+            out[int(rest)] = dict(zip(payload["ids"], payload[metric]))
+    return out
+
+
+def knowledge_items(run_dir: Path, round_index: int, name: str) -> dict | None:
+    return read_round(Path(run_dir) / EVALS_DIR, round_index).get(f"{name}-knowledge")
+
+
+def cells(pairs: list[tuple[int, Scores, Scores]]) -> dict:
+    """(seed, client) -> (scores of A, scores of B) over the example ids both have, in id order."""
+    out = {}
+    for seed, a, b in pairs:
+        for client in sorted(set(a) & set(b)):
+            ids = sorted(set(a[client]) & set(b[client]))
+            if ids:
+                out[(seed, client)] = ([a[client][i] for i in ids], [b[client][i] for i in ids])
+    return out
+
+
+def difference(pairs: list[tuple[int, Scores, Scores]]) -> PairedDifference | None:
+    found = cells(pairs)
+    return paired_difference(found) if found else None
+
+
+def doc_losses(items: dict) -> list[float]:
+    return [nll / count if count else float("nan") for nll, count in items["doc_nll"]]
+
+
+def knowledge_pairs(runs: list[tuple[int, Path]], model: str, other: str = "base") -> tuple[McNemar | None, PairedDifference | None]:
+    """Probes (McNemar, pooled over clients and seeds) and per-document loss differences of
+    `model` ("personal": every client's; "global") against the base of the same run."""
+    probes_a: list[int] = []
+    probes_b: list[int] = []
+    doc_cells: dict = {}
+    for seed, run_dir in runs:
+        final = last_round(run_dir)
+        base = knowledge_items(run_dir, 0, other)
+        if final is None or base is None:
+            continue
+        names = ([("global", -1)] if model == "global" else
+                 [(f"personal-client-{c}", c) for c in sorted(answer_scores(run_dir, final, "personal"))])
+        for name, client in names:
+            items = knowledge_items(run_dir, final, name)
+            if items is None:
+                continue
+            if "probe_correct" in items and "probe_correct" in base:
+                n = min(len(items["probe_correct"]), len(base["probe_correct"]))
+                probes_a += items["probe_correct"][:n]
+                probes_b += base["probe_correct"][:n]
+            n = min(len(items["doc_nll"]), len(base["doc_nll"]))
+            a, b = doc_losses(items)[:n], doc_losses(base)[:n]
+            kept = [(x, y) for x, y in zip(a, b) if x == x and y == y]
+            if kept:
+                doc_cells[(seed, client)] = ([x for x, _ in kept], [y for _, y in kept])
+    mcnemar = mcnemar_exact(probes_a, probes_b) if probes_a else None
+    docs = paired_difference(doc_cells) if doc_cells else None
+    return mcnemar, docs
+
+
+def brief(result: PairedDifference | None) -> dict | None:
+    """The fields a summary keeps: diff, ci_low, ci_high, examples, the unweighted diff, per-seed signs."""
+    if result is None:
+        return None
+    return {"diff": result.diff, "ci_low": result.ci_low, "ci_high": result.ci_high, "examples": result.examples,
+            "diff_unweighted": result.diff_unweighted,
+            "seed_signs": {str(s): v for s, v in seed_signs(result).items()}}
+
+
+def run_statistics(run_dir: Path, seed: int) -> dict:
+    """What summary.json gains: the personalised model against the base (ROUGE-L, exact match),
+    against the content-free answerer, the global model against the base, and knowledge."""
+    final = last_round(run_dir)
+    if final is None:
+        return {}
+    one = [(seed, Path(run_dir))]
+    out = {}
+    for metric in ("rouge_l", "exact_match"):
+        personal = answer_scores(run_dir, final, "personal", metric)
+        for other, round_index in (("base", 0), ("content-free", 0)):
+            found = brief(difference([(seed, personal, answer_scores(run_dir, round_index, other, metric))]))
+            if found:
+                out[f"{metric}_vs_{other.replace('-', '_')}"] = found
+        found = brief(difference([(seed, answer_scores(run_dir, final, "global", metric),
+                                   answer_scores(run_dir, 0, "base", metric))]))
+        if found:
+            out[f"global_{metric}_vs_base"] = found
+    for model, prefix in (("personal", ""), ("global", "global_")):
+        mcnemar, docs = knowledge_pairs(one, model)
+        if mcnemar:
+            out[f"{prefix}probes_vs_base"] = mcnemar_dict(mcnemar)
+        if docs:
+            out[f"{prefix}doc_loss_vs_base"] = brief(docs)
+    return out
+
+
+def mcnemar_dict(result: McNemar) -> dict:
+    return {"items": result.items, "accuracy": result.accuracy_a, "accuracy_base": result.accuracy_b,
+            "only_model": result.only_a, "only_base": result.only_b, "p_value": result.p_value}
