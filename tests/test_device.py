@@ -101,7 +101,8 @@ def test_full_scope_on_a_half_base_is_refused():
 
 
 def _params_after_steps(model_dir, *overrides):
-    from flexmoe.engine.core import load_model, make_client, partition_data
+    from flexmoe.data.clients import make_client, partition_data
+    from flexmoe.engine.core import load_model
     from flexmoe.methods import build_method
     from flexmoe.train import local_train
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_engine import builtin_is_synthetic, model_dir, run  # noqa: F401  (fixtures)
 
-from flexmoe.engine.rundir import ClientStore
+from flexmoe.rundir import ClientStore
 from flexmoe.eval.detail import read_round
 from flexmoe.files import load_checked
 

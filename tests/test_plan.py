@@ -62,8 +62,8 @@ def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides
     positions, under TensorMemory; plus the weights alive before it. With and without gradient
     checkpointing."""
     from flexmoe.engine.core import load_model
-    from flexmoe.eval.comm import _graft_like_flex
     from flexmoe.methods import build_method
+    from flexmoe.models import apply_roles, graft, moe_layers
     from flexmoe.train import local_train
     from flexmoe.train.memory import TensorMemory, tensor_bytes
 
@@ -72,9 +72,9 @@ def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides
     planned = plan(config, batch=batch, length=length, response_tokens=response, device_type="cpu")
     method = build_method(config)
     model, _ = load_model(config, method)
-    if method.grafts:
-        _graft_like_flex(model, config)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if method.grafts:  # as a client grafts (which experts changes no size)
+        graft(model, {layer.name: list(range(config.flex.k)) for layer in moe_layers(model)})
+    params = apply_roles(model, method.roles).trainable
     assert sum(p.numel() for p in params.values()) == planned.trainable_params
     weights = tensor_bytes(model.parameters())
     assert weights == planned.memory.weights_frozen + planned.memory.weights_trainable

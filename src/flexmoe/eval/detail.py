@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flexmoe.data.example import Example
-from flexmoe.rundir import EVALS_DIR  # noqa: F401  (re-exported: the layout is rundir's)
+
 
 
 

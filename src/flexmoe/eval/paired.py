@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexmoe.eval.detail import EVALS_DIR, evaluated_rounds, read_round
+from flexmoe.eval.detail import evaluated_rounds, read_round
+from flexmoe.rundir import EVALS_DIR
 from flexmoe.eval.stats import McNemar, PairedDifference, mcnemar_exact, paired_difference, seed_signs
 
 Scores = dict[int, dict[str, float]]  # client -> example id -> score

@@ -19,6 +19,7 @@ def generate_responses(
     """Greedy completions of each example's prompt (the prompt itself stripped)."""
     prompts = [format_prompt(e, template=template, tokenizer=tokenizer) for e in examples]
     outputs: list[str] = []
+    device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # so every prompt ends where generation starts
     try:
@@ -26,7 +27,8 @@ def generate_responses(
             enc = tokenizer(
                 prompts[start : start + batch_size], return_tensors="pt", padding=True,
                 truncation=True, max_length=max_prompt_length,
-            ).to(next(model.parameters()).device)
+            )
+            enc = {name: tensor.to(device) for name, tensor in enc.items()}  # onto the model's device
             with torch.no_grad():
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
