@@ -18,12 +18,20 @@ import torch
 from torch import nn
 
 from flexmoe.config import RunConfig, save_config
+from flexmoe.data import collate, tokenize_examples
 from flexmoe.data.clients import Client
+from flexmoe.engine import privacy
 from flexmoe.engine.progress import Progress
+from flexmoe.engine.validation import split_valid, update_norm
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.detail import knowledge_round, pooled_means
+from flexmoe.eval.detail import (
+    answer_sample, client_file, content_free, eval_sample, knowledge_round, means, pooled_means, write_detail,
+)
 from flexmoe.files import load_checked, one_line, save_checked
 from flexmoe.methods import LocalRun, Method, Reply, Tensors
+from flexmoe.methods.groups import expert_layer
+from flexmoe.models import grafts_disabled, load_base, load_personal, save_personal
+from flexmoe.models.device import device_measures, model_device, placement, reset_peak_memory, timed
 from flexmoe.models.roles import apply_roles, set_shared_state, split_parameters
 from flexmoe.report.summary import eval_means, mean, weighted
 from flexmoe.rundir import (
@@ -31,9 +39,8 @@ from flexmoe.rundir import (
     load_server, save_server,
 )
 from flexmoe.tensors import cpu_clone, strip_prefix, with_prefix
-from flexmoe.models.device import device_measures, model_device, reset_peak_memory, timed
 from flexmoe.train import cosine_lr, local_train
-from flexmoe.train.loop import carried_optimizer_state, num_local_steps
+from flexmoe.train.loop import carried_optimizer_state, num_local_steps, response_loss
 
 log = logging.getLogger("flexmoe.engine")
 
@@ -80,9 +87,6 @@ def torch_threads(config: RunConfig):
 def load_model(config: RunConfig, method: Method) -> tuple[nn.Module, object]:
     """The base with the method's trainable shared part and its roles, seeded so every process
     builds the same."""
-    from flexmoe.models import load_base
-    from flexmoe.models.device import placement
-
     model, tokenizer = load_base(config.model, **placement(config.runtime))  # runtime.device, runtime.base_dtype
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every client
     model = method.prepare_model(model)
@@ -124,8 +128,6 @@ def global_knowledge(model: nn.Module, tokenizer, config: RunConfig, method: Met
                      reference: dict | None, round_index: int, detail_dir: Path | None = None) -> dict:
     """The aggregated global model's (global shared weights, no graft) knowledge measures, as
     `global_<measure>`: computed once per evaluation, by whoever holds a model (the driver)."""
-    from flexmoe.models import grafts_disabled
-
     if not config.eval.knowledge:
         return {}
     set_shared_state(model, method.roles, global_weights)
@@ -161,8 +163,6 @@ class ClientRunner:
 
     def graft(self, client: Client) -> None:
         """FLEx step 2, once per client before its first round: select, graft, store."""
-        from flexmoe.models import save_personal
-
         cfg = self.config
         self.progress.message(f"grafting client {client.client_id}")
         sample = client.features[: cfg.flex.calibration_examples]
@@ -221,16 +221,12 @@ class ClientRunner:
     @staticmethod
     def _counted_layers(shared: dict) -> frozenset[str]:
         """The MoE layers whose experts are shared (trainable): FC-MoE counts their routing."""
-        from flexmoe.methods.groups import expert_layer
-
         return frozenset(expert_layer(name) for name in shared) - {None}
 
     def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
         pending = self.store.begin(cid)
         save_checked(pending / STATE_FILE, {**client_state, **with_prefix("optim.", optimizer_state)})
         if self.method.grafts:
-            from flexmoe.models import save_personal
-
             save_personal(self.model, pending / PERSONAL_FILE)
         self.store.finish(cid, round_index)
 
@@ -248,8 +244,6 @@ class ClientRunner:
         loss) and on the knowledge measures (`base_load`: the base's expert load, for routing drift);
         with `global_weights`, also the global model (shared weights, no graft) on its test split
         (`rouge_l_global`)."""
-        from flexmoe.models import grafts_disabled
-
         cfg, cid = self.config, client.client_id
         self.load_client_model(cid, received)
         self.progress.message(f"round {round_index}: evaluating client {cid}")
@@ -266,8 +260,6 @@ class ClientRunner:
     def evaluate_base(self, client: Client) -> dict:
         """Round 0: the untouched base (no graft yet, LoRA at zero) on the client's test split, and
         the content-free answerer (the right template, no facts) as a reference row."""
-        from flexmoe.eval.detail import content_free
-
         self.progress.message(f"round 0: evaluating the base model on client {client.client_id}")
         record = {"round": 0, "kind": "eval", "client": client.client_id, **self.answers(client, 0, "base"),
                   "test_loss": self.test_loss(client)}
@@ -277,9 +269,6 @@ class ClientRunner:
 
     def test_loss(self, client: Client) -> float:
         """Mean response-token loss on the evaluated part of the client's test split."""
-        from flexmoe.data import tokenize_examples
-        from flexmoe.train.loop import response_loss
-
         cfg = self.config
         features = tokenize_examples(client.test[: cfg.eval.max_test_examples], self.tokenizer,
                                      max_length=cfg.train.max_length, template=cfg.data.template)
@@ -293,16 +282,12 @@ class ClientRunner:
     def answers(self, client: Client, round_index: int, model_kind: str) -> dict:
         """Greedy answers on the client's evaluation sample of this round: mean ROUGE-L, exact
         match and the sample size; the per-example scores go to `detail_dir`."""
-        from flexmoe.eval.detail import answer_sample, client_file, eval_sample, means, write_detail
-
         examples = eval_sample(self.config, client.client_id, client.test, round_index)
         detail = answer_sample(self.model, self.tokenizer, self.config, examples)
         write_detail(self.detail_dir, round_index, client_file(model_kind, client.client_id), detail)
         return means(detail)
 
     def knowledge(self, round_index: int, name: str, base_load: dict | None = None) -> dict:
-        from flexmoe.eval.detail import knowledge_round
-
         return knowledge_round(self.model, self.tokenizer, self.config, round_index, name, self.detail_dir, base_load)
 
     def set_shared(self, weights: Tensors) -> None:
@@ -311,14 +296,10 @@ class ClientRunner:
     def load_personal(self, cid: int) -> None:
         if not self.method.grafts:
             return
-        from flexmoe.models import load_personal
-
         load_personal(self.model, self.store.latest(cid, PERSONAL_FILE), adopt_selection=True)
         apply_roles(self.model, self.method.roles)
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        from flexmoe.data import collate
-
         return collate(features, self.tokenizer.pad_token_id)
 
 
@@ -377,9 +358,6 @@ class ServerRunner:
         """Aggregate the round in progress: check every reply (engine/validation.py), then combine
         the valid ones, through the differential-privacy release when `privacy.noise_multiplier`
         > 0 (engine/privacy.py). With no valid reply the global model and server state stay."""
-        from flexmoe.engine import privacy
-        from flexmoe.engine.validation import split_valid, update_norm
-
         if not self.method.communicates:
             return {}
         round_index = self.completed + 1

@@ -30,6 +30,8 @@ from flexmoe.engine.core import (
 )
 from flexmoe.engine.progress import Progress
 from flexmoe.methods import Method, Reply, Tensors, build_method
+from flexmoe.models import base_fingerprint
+from flexmoe.report import write_run_report
 from flexmoe.report.summary import mean, summarize, write_summary
 from flexmoe.rundir import EVALS_DIR
 
@@ -95,8 +97,6 @@ class RoundDriver:
             return self._finish(time.monotonic() - started)
 
     def _start(self) -> int:
-        from flexmoe.models import base_fingerprint
-
         model, tokenizer = self.model()
         self.server.start(shared_params(model, self.method), base_fingerprint(model))
         # before any graft: the untouched base
@@ -150,8 +150,6 @@ class RoundDriver:
         return evals, global_eval
 
     def _finish(self, wall_seconds: float) -> dict:
-        from flexmoe.report import write_run_report
-
         summary = summarize(self.server.metrics.read(), self.config, wall_seconds, self.run_dir)
         write_summary(self.run_dir, summary)
         write_run_report(self.run_dir, self.infos)
