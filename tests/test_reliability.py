@@ -431,9 +431,28 @@ def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeyp
     keys = {label.split(":", 1)[1] for label in versions}
     assert {"model.layers.0.mlp.graft.gate.weight", "model.layers.1.mlp.graft.experts.0.down_proj.weight"} <= keys
     assert max(len(values) for values in versions.values()) >= 3  # grafted, then trained in rounds 1 and 2
+    assert keys == roles_personal_names(model_dir, keys)  # the store holds exactly what the roles call personal
     personal = {f"{label}#{i}": value for label, values in versions.items() for i, value in enumerate(values)}
     assert leaks(personal, sent) == []
     assert leaks({label.split(":", 1)[1]: values[-1] for label, values in versions.items()}, sent) == []
+
+
+def roles_personal_names(model_dir, stored: set[str]) -> set[str]:
+    """The personal parameters FLEx's roles name on a grafted model, spelled as the personal-state
+    file spells them (no PEFT prefix), plus the graft's buffers (expert ids) the file also keeps."""
+    from flexmoe.engine.core import load_model
+    from flexmoe.methods import build_method
+    from flexmoe.models import graft, moe_layers, split_parameters
+
+    config = tiny_config(model_dir, "method=flex", "flex.federate_routers=true")
+    method = build_method(config)
+    model, _ = load_model(config, method)
+    graft(model, {layer.name: [0] for layer in moe_layers(model)})
+    names = {name.removeprefix("base_model.model.") for name in split_parameters(model, method.roles).personal}
+    buffers = {key for key in stored if key not in names and not any(
+        key == name.removeprefix("base_model.model.") for name, _ in model.named_parameters())}
+    assert names and all(".graft." in name for name in names)
+    return names | buffers
 
 
 def test_the_leak_detector_finds_a_personal_row_hidden_in_a_message():
