@@ -25,6 +25,13 @@ import torch.nn.functional as F
 
 from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
+from flexmoe.eval.comm import method_message_sizes, prepare_like_a_client, serialized_size
+from flexmoe.models import personal_state, split_parameters
+from flexmoe.models.device import QUANTIZE_SKIP, resolve_dtype
+from flexmoe.models.families import unwrap
+from flexmoe.models.load import _check_family, resolve_model_dir
+from flexmoe.train.memory import TensorMemory, tensor_bytes
+
 
 SHAPES_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
 
@@ -36,8 +43,6 @@ def shape_names() -> list[str]:
 def hf_config(name_or_path: str):
     """The transformers config of a shipped shape, "tiny" or a local model directory."""
     from transformers import AutoConfig
-
-    from flexmoe.models.load import _check_family, resolve_model_dir
 
     shape = SHAPES_DIR / f"{name_or_path}.json"
     if shape.is_file():
@@ -105,8 +110,6 @@ def plan(config: RunConfig, model: str | None = None, batch: int | None = None, 
     shape (default the train config's batch and max length); `response_tokens`: the positions
     that predict a response token (default all: the upper bound); `device_type`: "cpu" or
     "cuda" (default: the run's device, auto = this machine's)."""
-    from flexmoe.eval.comm import method_message_sizes
-    from flexmoe.models.device import resolve_dtype
 
     name = model or config.model
     batch = batch or config.train.batch_size
@@ -139,8 +142,6 @@ def plan(config: RunConfig, model: str | None = None, batch: int | None = None, 
 def quantizable_params(model: torch.nn.Module) -> int:
     """Frozen weights of the plain nn.Linear modules bitsandbytes would quantise (transformers
     replaces nn.Linear only; flexmoe keeps the LM head and qwen2_moe's shared-expert gate)."""
-    from flexmoe.models.device import QUANTIZE_SKIP
-
     return sum(module.weight.numel() for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and not module.weight.requires_grad
                and name.rsplit(".", 1)[-1] not in QUANTIZE_SKIP)
@@ -154,15 +155,11 @@ def _device_type(name: str) -> str:
 
 def _prepared(config: RunConfig, model: torch.nn.Module):
     """The base with the method's trainable parts, as a client trains it (grafted for FLEx)."""
-    from flexmoe.eval.comm import prepare_like_a_client
-
     model, method, _ = prepare_like_a_client(config, model)
     return model, method
 
 
 def _personal_bytes(model, method) -> int:
-    from flexmoe.eval.comm import serialized_size
-    from flexmoe.models import personal_state
 
     return serialized_size(personal_state(model)) if method.grafts else 0
 
@@ -175,8 +172,6 @@ def _optimizer_bytes(config: RunConfig, trainable: list[torch.Tensor]) -> int:
 
 
 def _server_bytes(method, model) -> int:
-    from flexmoe.eval.comm import serialized_size
-    from flexmoe.models import split_parameters
 
     shared = {n: p.detach() for n, p in split_parameters(model, method.roles).shared.items()}
     if not method.communicates:
@@ -187,8 +182,6 @@ def _server_bytes(method, model) -> int:
 def step_memory(model: torch.nn.Module, batch: int, length: int, response_tokens: int, optimizer: int,
                 checkpointing: bool = False) -> StepMemory:
     """Run one training step's forward and backward of `model` (meta or real) and count its bytes."""
-    from flexmoe.models.families import unwrap
-    from flexmoe.train.memory import TensorMemory, tensor_bytes
 
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -234,8 +227,6 @@ def _head_first_rows(model, rows: int):
     """The training loss sends only the positions predicting a response token through the LM
     head (`flexmoe.train.loop.response_loss`); on meta tensors a mask cannot pick them, so the
     first `rows` positions stand in: the same shapes, the same bytes."""
-    from flexmoe.models.families import unwrap
-
     head = unwrap(model).get_output_embeddings()
     handle = head.register_forward_pre_hook(
         lambda module, args: (args[0].reshape(-1, args[0].shape[-1])[:rows], *args[1:]))

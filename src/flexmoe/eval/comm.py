@@ -11,6 +11,10 @@ import json
 
 import torch
 
+from flexmoe.methods import LocalRun, build_method
+from flexmoe.methods.groups import expert_layer
+from flexmoe.models import apply_roles, graft, moe_layers
+
 
 # ---- sizes without bytes: the same accounting for models too large to materialise ---------------
 
@@ -58,8 +62,6 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
     `measure(tensors, metadata)` sizes a message (`lambda t, m=None: len(serialize(t, m))` on a
     real model gives the bytes themselves).
     """
-    from flexmoe.methods import LocalRun
-
     model, method, split = prepare_like_a_client(config, model)
     shared = {name: p.detach() for name, p in split.shared.items()}
     if not method.communicates:
@@ -81,8 +83,6 @@ def prepare_like_a_client(config, model: torch.nn.Module):
     """(model, method, split): `model` (a fresh base; meta tensors are fine) with `config.method`'s
     trainable parts and roles as a client trains it, grafted with k experts for methods that graft
     (which experts changes no tensor's shape)."""
-    from flexmoe.methods import build_method
-    from flexmoe.models import apply_roles, graft, moe_layers
 
     method = build_method(config)
     model = method.prepare_model(model)
@@ -96,8 +96,6 @@ def prepare_like_a_client(config, model: torch.nn.Module):
 
 def _expert_counts(model: torch.nn.Module, shared: dict) -> dict[str, torch.Tensor]:
     """Per-expert counts of the MoE layers whose experts are shared, as local training reports them."""
-    from flexmoe.methods.groups import expert_layer
-    from flexmoe.models import moe_layers
 
     sizes = {layer.name: layer.num_experts for layer in moe_layers(model)}
     layers = {expert_layer(name) for name in shared} - {None}

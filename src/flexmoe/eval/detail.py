@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from flexmoe.data.example import Example
-
-
+from flexmoe.data.sample import stratified_sample
+from flexmoe.eval.answers import ContentFreeAnswerer, exact_match
+from flexmoe.eval.measures import knowledge_measures
+from flexmoe.eval.rouge import generate_responses, rouge_l
+from flexmoe.files import write_text_atomic
 
 
 def round_dir(root: Path, round_index: int) -> Path:
@@ -34,8 +37,6 @@ def round_dir(root: Path, round_index: int) -> Path:
 def write_detail(root: Path | None, round_index: int, name: str, payload: dict) -> None:
     if root is None:
         return
-    from flexmoe.files import write_text_atomic
-
     write_text_atomic(round_dir(root, round_index) / f"{name}.json", json.dumps(payload, separators=(",", ":")) + "\n")
 
 
@@ -66,16 +67,12 @@ def sample_size(config, round_index: int) -> int:
 
 
 def eval_sample(config, client_id: int, test: list[Example], round_index: int) -> list[Example]:
-    from flexmoe.data.sample import stratified_sample
-
     seed = int(np.random.SeedSequence([config.seed, client_id, 0x5A]).generate_state(1)[0])
     return stratified_sample(test, sample_size(config, round_index), seed)
 
 
 def scored(examples: list[Example], predictions: list[str]) -> dict:
     """The per-example record of answers: ids, categories, predictions, ROUGE-L and exact match."""
-    from flexmoe.eval.answers import exact_match
-    from flexmoe.eval.rouge import rouge_l
 
     references = [e.response for e in examples]
     return {
@@ -86,8 +83,6 @@ def scored(examples: list[Example], predictions: list[str]) -> dict:
 
 
 def answer_sample(model, tokenizer, config, examples: list[Example]) -> dict:
-    from flexmoe.eval.rouge import generate_responses
-
     predictions = generate_responses(
         model, tokenizer, examples, template=config.data.template, max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size, max_prompt_length=config.train.max_length,
@@ -107,8 +102,6 @@ def _mean(values: list[float]) -> float:
 
 def content_free(config, client_id: int, train: list[Example], test: list[Example], root: Path | None) -> dict:
     """The content-free answerer (eval/answers.py) on the client's final evaluation sample."""
-    from flexmoe.eval.answers import ContentFreeAnswerer
-
     examples = eval_sample(config, client_id, test, config.rounds)
     detail = scored(examples, ContentFreeAnswerer(train).answers(examples))
     write_detail(root, 0, client_file("content-free", client_id), detail)
@@ -127,8 +120,6 @@ def knowledge_settings(config, round_index: int):
 def knowledge_round(model, tokenizer, config, round_index: int, name: str, root: Path | None,
                     base_load: dict | None = None) -> dict:
     """The knowledge measures of this round's sizes; their per-item results go to `<name>-knowledge`."""
-    from flexmoe.eval.measures import knowledge_measures
-
     detail: dict = {}
     out = knowledge_measures(model, tokenizer, knowledge_settings(config, round_index), base_load, detail)
     write_detail(root, round_index, f"{name}-knowledge", detail)

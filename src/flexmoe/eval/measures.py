@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from flexmoe.data import builtin_corpus, builtin_probes
+from flexmoe.eval.knowledge import document_nll, pooled_loss, probe_predictions
+from flexmoe.models.routing import RoutingCounter
+
 Load = dict[str, list[float]]  # MoE layer name -> each expert's share of the layer's selections
 
 
@@ -30,8 +34,6 @@ def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None =
     base's load, routing_drift. Given a `detail` dict, also fills it with the per-item results the
     paired statistics need: `doc_nll` ([summed NLL, tokens] per held-out document) and
     `probe_correct` (0/1 per probe), in the builtin files' order."""
-    from flexmoe.data import builtin_corpus, builtin_probes
-    from flexmoe.eval.knowledge import document_nll, pooled_loss, probe_predictions
 
     docs = builtin_corpus("heldout")[: ev.knowledge_max_docs]
     per_doc = document_nll(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size)
@@ -52,8 +54,6 @@ def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None =
 def routing_measures(model: nn.Module, tokenizer, docs: list[str], ev, base_load: Load | None = None) -> dict:
     """Expert-load std and routing entropy (nats) averaged over MoE layers, the per-layer load,
     and the drift from `base_load`; padding tokens are not counted."""
-    from flexmoe.models.routing import RoutingCounter
-
     with RoutingCounter(model) as counter:
         for start in range(0, len(docs), ev.batch_size):
             enc = tokenizer(docs[start : start + ev.batch_size], return_tensors="pt", padding=True,

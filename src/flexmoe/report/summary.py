@@ -7,8 +7,11 @@ import json
 import math
 from pathlib import Path
 
+from flexmoe.eval.detail import pooled_means
+from flexmoe.eval.paired import run_statistics
 from flexmoe.files import write_text_atomic
 from flexmoe.rundir import SUMMARY_FILE
+
 
 # the per-evaluation measures a summary reports (`rouge_l_avg`: the mean of the clients' `rouge_l`)
 MEASURES = ("rouge_l_avg", "test_loss", "knowledge_loss", "probe_accuracy", "expert_load_std", "routing_entropy",
@@ -29,8 +32,6 @@ def weighted(values: list[float], weights: list[int]) -> float:
 def eval_means(evals: list[dict]) -> dict:
     """The server record's means over the clients' evaluation records: `rouge_l_avg` (personalised
     models), `rouge_l_global` (the global model on every client's test split) and the rest."""
-    from flexmoe.eval.detail import pooled_means
-
     out = {"rouge_l_avg": mean([e["rouge_l"] for e in evals]), **pooled_means(evals)}
     for key in CLIENT_MEASURES:
         values = [e[key] for e in evals if key in e]
@@ -42,8 +43,6 @@ def eval_means(evals: list[dict]) -> dict:
 def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: Path | None = None) -> dict:
     """The summary of a run from its metrics records and its config; with `run_dir`, also the
     paired differences and CIs of its per-example files (eval/paired.py)."""
-    from flexmoe.eval.paired import run_statistics
-
     servers = [r for r in records if r["kind"] == "server" and r["round"] > 0]
     evaluated = [r for r in servers if "rouge_l_avg" in r]
     last_eval = evaluated[-1] if evaluated else {}

@@ -22,8 +22,11 @@ from torch import nn
 from flexmoe.config import TrainConfig
 from flexmoe.data.tokens import IGNORE_INDEX
 from flexmoe.methods.base import TrainHooks
-from flexmoe.tensors import Tensors
 from flexmoe.models.device import autocast, compute_dtype, model_device
+from flexmoe.models.families import unwrap
+from flexmoe.models.routing import ExpertCounts
+from flexmoe.tensors import Tensors
+
 
 StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -74,8 +77,6 @@ def _head_rows(model: nn.Module, rows: torch.Tensor):
     """The output head sees only the hidden states at `rows` (a (B, T-1) mask over positions
     0..T-2) and returns (rows, vocab) logits. What a model applies after its head (granitemoe's
     logit scaling) is elementwise, so it still applies."""
-    from flexmoe.models.families import unwrap
-
     head = unwrap(model).get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, :-1][rows], *args[1:]))
     try:
@@ -100,8 +101,6 @@ def local_train(
     """Train `params` (name -> parameter) in place on `features`; deterministic given `seed`.
     `count_experts`: MoE layers (name prefixes of their expert tensors) whose per-expert token
     counts over this training the result reports (`flexmoe.models.routing.ExpertCounts`)."""
-    from flexmoe.models.routing import ExpertCounts
-
     if not features:
         raise ValueError("local_train needs at least one training example")
     optimizer = _make_optimizer(params, config, lr)
@@ -162,8 +161,6 @@ def _fp32_attention(model: nn.Module):
     implementations are left as they are."""
     from transformers import AttentionInterface
 
-    from flexmoe.models.families import unwrap
-
     base = unwrap(model)
     previous = base.config._attn_implementation
     if previous != "sdpa":
@@ -181,8 +178,6 @@ def _fp32_attention(model: nn.Module):
 def _checkpointing(model: nn.Module, enabled: bool):
     """transformers' activation checkpointing of the decoder layers for the round (its default,
     non-reentrant: it needs no input that requires grad, which a frozen embedding does not give)."""
-    from flexmoe.models.families import unwrap
-
     if not enabled:
         yield
         return
