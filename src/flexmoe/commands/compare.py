@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
-import warnings
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
@@ -103,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
     from flexmoe.engine.progress import logs_to, make_progress
     from flexmoe.report import write_compare_report
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
     out = Path(args.output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     runs = plan(methods, seeds, args.config, args.overrides, out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
@@ -24,8 +23,6 @@ def run(args: argparse.Namespace) -> int:
     from flexmoe.engine.progress import logs_to, make_progress
     from flexmoe.engine.simulation import Simulation
 
-    # PEFT calls a transformers method deprecated in 5.x; the warning says nothing to our users
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.resume and (args.config or args.overrides or args.output_dir):
         raise FlexmoeError("--resume DIR continues DIR with its saved config.toml; drop --config/--set/--output-dir")
     config = None if args.resume else load_config(args.config, args.overrides)

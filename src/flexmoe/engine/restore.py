@@ -9,7 +9,6 @@ run evaluated.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,9 +91,7 @@ def restore(run_dir: str | Path, client_id: int | None, state_dir: str | Path | 
         check_client(checkpoint, client_id)
     elif not checkpoint.method.communicates:
         raise FlexmoeError(f"method {checkpoint.method.name!r} trains no global model; choose a client")
-    with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in 5.x; nothing for users
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model, tokenizer = load_model(checkpoint.config, checkpoint.method)
+    model, tokenizer = load_model(checkpoint.config, checkpoint.method)  # add_lora keeps PEFT's warning quiet
     check_base(checkpoint, model)
     runner = ClientRunner(checkpoint.config, checkpoint.method, model, tokenizer, checkpoint.store,
                           initial_shared=lambda: load_checked(checkpoint.run_dir / INITIAL_WEIGHTS)[0])
