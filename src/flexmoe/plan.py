@@ -30,6 +30,7 @@ from flexmoe.models import personal_state, split_parameters
 from flexmoe.models.device import QUANTIZE_SKIP, resolve_dtype
 from flexmoe.models.families import unwrap
 from flexmoe.models.load import _check_family, resolve_model_dir
+from flexmoe.train.loop import activation_checkpointing
 from flexmoe.train.memory import TensorMemory, tensor_bytes
 
 
@@ -194,7 +195,7 @@ def step_memory(model: torch.nn.Module, batch: int, length: int, response_tokens
     targets = torch.zeros(response_tokens, dtype=torch.long, device=device)
     was_training = model.training
     model.train()
-    with _checkpointing(unwrap(model), checkpointing), _head_first_rows(model, response_tokens), \
+    with activation_checkpointing(model, checkpointing), _head_first_rows(model, response_tokens), \
             _no_meta_autocast(), TensorMemory() as counter:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -208,18 +209,6 @@ def step_memory(model: torch.nn.Module, batch: int, length: int, response_tokens
     return StepMemory(weights_frozen=frozen_bytes, weights_trainable=trainable_bytes, gradients=gradients,
                       optimizer_state=optimizer, activations=activations, step_transient=transient,
                       peak=frozen_bytes + trainable_bytes + optimizer + transient)
-
-
-@contextlib.contextmanager
-def _checkpointing(base, enabled: bool):
-    if not enabled:
-        yield
-        return
-    base.activation_checkpointing_enable()
-    try:
-        yield
-    finally:
-        base.activation_checkpointing_disable()
 
 
 @contextlib.contextmanager

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from flexmoe.config import RunConfig
 from flexmoe.data.partition import partition
 from flexmoe.data.persona import apply_personas
-from flexmoe.data.sample import capped
-from flexmoe.data.source import configured_examples, describe_client, log_partition
-from flexmoe.data.tokens import training_features
+from flexmoe.data.sample import capped, derived_seed
+from flexmoe.data.source import configured_examples, log_partition
+from flexmoe.data.tokens import Truncation, training_features
 from flexmoe.errors import FlexmoeError
 
 
@@ -39,7 +37,16 @@ class ClientInfo:
 
 
 def describe(client: Client) -> ClientInfo:
-    return ClientInfo(**describe_client(client))
+    """What the report shows of a client: the groups of its share of the partition (its test split
+    included), its sizes and its truncation counts."""
+    truncation = client.truncation or Truncation()
+    examples = client.train + client.test
+    return ClientInfo(
+        client.client_id, domains=tuple(sorted({e.domain for e in examples if e.domain})),
+        num_train=len(client.train), num_test=len(client.test),
+        categories=tuple(sorted({e.category for e in examples if e.category})),
+        truncated=truncation.truncated, unusable=truncation.unusable,
+    )
 
 
 def partition_data(config: RunConfig):
@@ -64,8 +71,7 @@ def partition_data(config: RunConfig):
 
 def capped_train(config: RunConfig, part) -> list:
     """The client's training examples under `data.max_train_per_client` (a seeded subset)."""
-    seed = int(np.random.SeedSequence([config.seed, part.client_id, 0xCA9]).generate_state(1)[0])
-    return capped(part.train, config.data.max_train_per_client, seed)
+    return capped(part.train, config.data.max_train_per_client, derived_seed(config.seed, part.client_id, 0xCA9))
 
 
 def make_client(config: RunConfig, part, tokenizer) -> Client:

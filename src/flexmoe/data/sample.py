@@ -14,6 +14,12 @@ import numpy as np
 from flexmoe.data.example import Example
 
 
+def derived_seed(*parts: int) -> int:
+    """One seed from several (run seed, round, client, a purpose tag): every random choice of a run
+    derives from its seed this way, so each is a function of those parts alone."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def stratify_field(examples: Sequence[Example]) -> str | None:
     """"category" when any example has one, else "domain" when any has one, else None."""
     return next((by for by in ("category", "domain") if any(getattr(e, by) for e in examples)), None)

@@ -1,4 +1,4 @@
-"""A run's examples from its `data` config, and what a run says about each client's data.
+"""A run's examples from its `data` config, and the "N of M rows" log of its partition.
 
 Every engine and command that reads a run's data goes through here, so a file's field mapping
 (`data.fields`) and `data.skip_invalid` mean the same everywhere.
@@ -30,20 +30,3 @@ def log_partition(parts, total: int, by: str) -> None:
 
     for line in partition_lines(partition_stats(parts, total=total), by):
         log.info("partition: %s", line.strip())
-
-
-def describe_client(client) -> dict:
-    """What the report shows of a client (an engine `Client`): its groups, sizes and truncation."""
-    from flexmoe.data.tokens import Truncation
-
-    truncation = client.truncation or Truncation()
-    return {
-        "client_id": client.client_id,
-        # the groups of the client's share of the partition (its test split included)
-        "domains": tuple(sorted({e.domain for e in client.train + client.test if e.domain})),
-        "num_train": len(client.train),
-        "num_test": len(client.test),
-        "categories": tuple(sorted({e.category for e in client.train + client.test if e.category})),
-        "truncated": truncation.truncated,
-        "unusable": truncation.unusable,
-    }

@@ -20,6 +20,7 @@ from torch import nn
 from flexmoe.config import RunConfig, save_config
 from flexmoe.data import collate, tokenize_examples
 from flexmoe.data.clients import Client
+from flexmoe.data.sample import derived_seed
 from flexmoe.engine import privacy
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.validation import split_valid, update_norm
@@ -50,10 +51,6 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
     """The clients of a round: a seeded draw without replacement, a function of (seed, round) only."""
     rng = np.random.default_rng([seed, round_index])
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
-
-
-def derived_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def round_lr(config: RunConfig, round_index: int) -> float:

@@ -20,10 +20,8 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-
 from flexmoe.data.example import Example
-from flexmoe.data.sample import stratified_sample
+from flexmoe.data.sample import derived_seed, stratified_sample
 from flexmoe.eval.answers import ContentFreeAnswerer, exact_match
 from flexmoe.eval.measures import knowledge_measures
 from flexmoe.eval.rouge import generate_responses, rouge_l
@@ -67,8 +65,7 @@ def sample_size(config, round_index: int) -> int:
 
 
 def eval_sample(config, client_id: int, test: list[Example], round_index: int) -> list[Example]:
-    seed = int(np.random.SeedSequence([config.seed, client_id, 0x5A]).generate_state(1)[0])
-    return stratified_sample(test, sample_size(config, round_index), seed)
+    return stratified_sample(test, sample_size(config, round_index), derived_seed(config.seed, client_id, 0x5A))
 
 
 def scored(examples: list[Example], predictions: list[str]) -> dict:

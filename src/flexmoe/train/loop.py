@@ -114,11 +114,11 @@ def local_train(
     total_loss, total_tokens = 0.0, 0
     device = model_device(model)
     counting = ExpertCounts(model, set(count_experts))
-    half = compute_dtype(model, config.precision) != torch.float32
+    dtype = compute_dtype(model, config.precision)
     # fp16 gradients can underflow: scale the loss (a no-op scaler for fp32 and bf16)
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(model, config.precision) == torch.float16)
-    with (_fp32_attention(model) if half and device.type == "cpu" else contextlib.nullcontext(),
-          _checkpointing(model, config.gradient_checkpointing), counting):
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    with (_fp32_attention(model) if dtype != torch.float32 and device.type == "cpu" else contextlib.nullcontext(),
+          activation_checkpointing(model, config.gradient_checkpointing), counting):
         for step in range(1, steps + 1):
             micro_batches = [collate(next(batches)) for _ in range(config.grad_accum)]
             with autocast(model, config.precision):
@@ -175,7 +175,7 @@ def _fp32_attention(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _checkpointing(model: nn.Module, enabled: bool):
+def activation_checkpointing(model: nn.Module, enabled: bool):
     """transformers' activation checkpointing of the decoder layers for the round (its default,
     non-reentrant: it needs no input that requires grad, which a frozen embedding does not give)."""
     if not enabled:
