@@ -13,6 +13,7 @@ from conftest import FAMILY_NAMES, VOCAB, save_tokenizer, tiny_model
 from flexmoe.data import Probe
 from flexmoe.eval.knowledge import (
     continuation_ids,
+    document_nll,
     heldout_loss,
     normalised_scores,
     option_loglikelihoods,
@@ -35,7 +36,8 @@ def word_tokenizer(tmp_path_factory):
 
 
 class BigramLM(torch.nn.Module):
-    """A language model whose next-token distribution depends on the current token only."""
+    """A language model whose next-token distribution depends on the current token only: its
+    decoder's hidden state is the token's one-hot vector, its output embedding the logit table."""
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
@@ -43,6 +45,13 @@ class BigramLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(logits=self.table[input_ids])
+
+    def get_decoder(self):
+        return lambda input_ids, attention_mask=None: SimpleNamespace(
+            last_hidden_state=F.one_hot(input_ids, VOCAB).float())
+
+    def get_output_embeddings(self):
+        return lambda hidden: hidden @ self.table
 
 
 def _bigram(seed: int = 0) -> BigramLM:
@@ -99,6 +108,23 @@ def test_probes_batched_across_questions_score_as_each_question_alone(word_token
         alone = [option_loglikelihoods(model, word_tokenizer, question, [option])[0] for option in options]
         assert [n for _, n in scores] == [n for _, n in alone]
         assert [ll for ll, _ in scores] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_option_scores_equal_the_full_forward_of_every_family(family, word_tokenizer):
+    """Probes run the LM head on the option tokens only; the full forward's log-probs must agree."""
+    model = tiny_model(family, seed=4)
+    model.eval()
+    questions = [("w5 w6", ["w7", "w8 w9 w10"]), ("w11 w3 w4 w9", ["w12 w13", "w14"])]
+    scored = probes_loglikelihoods(model, word_tokenizer, questions, batch_size=3)
+    for (question, options), scores in zip(questions, scored):
+        for option, (loglikelihood, count) in zip(options, scores):
+            context, option_ids = continuation_ids(word_tokenizer, question, option)
+            row = torch.tensor([context + option_ids])
+            with torch.no_grad():
+                logprobs = F.log_softmax(model(input_ids=row).logits[0, :-1].float(), dim=-1)
+            expected = sum(logprobs[t - 1, row[0, t]].item() for t in range(len(context), row.shape[1]))
+            assert count == len(option_ids) and loglikelihood == pytest.approx(expected, abs=1e-4)
 
 
 def test_normalisations_pick_different_options_on_a_hand_built_case():
@@ -206,3 +232,21 @@ def test_hooks_are_removed_on_exit():
     assert all(count.sum() == 0 for count in routing.counts.values())
     with pytest.raises(RuntimeError):
         routing.observe(torch.tensor([[5, 6]]))
+
+
+def test_routing_counted_in_the_loss_pass_equals_a_separate_count(word_tokenizer):
+    """document_nll with a RoutingCounter counts exactly the scored tokens (bos + text + eos, cut
+    to max_length; padding left out), as observing those rows one at a time does."""
+    model = tiny_model("qwen2_moe", seed=5)
+    model.eval()
+    texts = ["w5 w6 w7", "w10 w11 w12 w13 w14 w15 w16", "w20 w21", "w30 w31 w30 w31 w9 w8"]
+    with RoutingCounter(model) as fused:
+        per_doc = document_nll(model, word_tokenizer, texts, max_length=6, batch_size=3, routing=fused)
+    with RoutingCounter(model) as separate:
+        for text in texts:
+            ids = ([1] + word_tokenizer(text, add_special_tokens=False)["input_ids"] + [2])[:6]
+            separate.observe(torch.tensor([ids]))
+    assert [count for _, count in per_doc] == [4, 5, 3, 5]
+    for name in separate.counts:
+        assert fused.tokens[name] == separate.tokens[name] == 5 + 6 + 4 + 6  # every row's tokens
+        assert fused.counts[name].tolist() == separate.counts[name].tolist()

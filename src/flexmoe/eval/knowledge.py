@@ -31,19 +31,51 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _token_logprobs(model, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
-    """log p(row[t] | row[:t]) for t >= 1, one tensor per row (right padding, masked)."""
+def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the rows, right-padded to the longest."""
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention[i, : len(row)] = 1
+    return input_ids, attention
+
+
+def _token_logprobs(model, rows: list[list[int]], pad_id: int, routing=None) -> list[torch.Tensor]:
+    """log p(row[t] | row[:t]) for t >= 1, one tensor per row (right padding, masked). With a
+    `RoutingCounter`, its router hooks count the rows' tokens (padding left out) on the way."""
+    input_ids, attention = _padded(rows, pad_id)
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+    if routing is not None:
+        routing.attention_mask = attention
+    try:
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+    finally:
+        if routing is not None:
+            routing.attention_mask = None
     logprobs = F.log_softmax(logits[:, :-1], dim=-1)
     picked = logprobs.gather(-1, input_ids[:, 1:, None].to(device)).squeeze(-1).cpu()
     return [picked[i, : len(row) - 1] for i, row in enumerate(rows)]
+
+
+def _tail_logprobs(model, rows: list[list[int]], tails: list[int], pad_id: int) -> list[torch.Tensor]:
+    """log p(row[t] | row[:t]) for the last `tails[i]` tokens of each row only: the LM head and
+    the softmax run on those positions alone (most of a probe row is its question)."""
+    from flexmoe.models.families import unwrap
+
+    input_ids, attention = _padded(rows, pad_id)
+    device = next(model.parameters()).device
+    lm = unwrap(model)
+    hidden = lm.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+    row_index = torch.tensor([i for i, tail in enumerate(tails) for _ in range(tail)], dtype=torch.long)
+    # the hidden state at t - 1 predicts token t
+    targets = torch.tensor([t for row, tail in zip(rows, tails) for t in range(len(row) - tail, len(row))],
+                           dtype=torch.long)
+    logits = lm.get_output_embeddings()(hidden[row_index.to(device), (targets - 1).to(device)]).float()
+    logprobs = F.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(-1, input_ids[row_index, targets][:, None].to(device)).squeeze(-1).cpu()
+    return list(picked.split(tails))
 
 
 @torch.no_grad()
@@ -63,16 +95,17 @@ def pooled_loss(per_document: list[tuple[float, int]]) -> float:
 
 @torch.no_grad()
 def document_nll(model, tokenizer, texts: list[str], max_length: int = 256,
-                 batch_size: int = 16) -> list[tuple[float, int]]:
+                 batch_size: int = 16, routing=None) -> list[tuple[float, int]]:
     """(summed NLL in nats, predicted tokens) of each text, in the order given; a text of fewer
-    than two tokens gets (0.0, 0). Similar lengths share a batch."""
+    than two tokens gets (0.0, 0). Similar lengths share a batch. A `RoutingCounter` given as
+    `routing` counts the scored tokens' expert choices in the same pass."""
     rows = [_with_specials(tokenizer, ids)[:max_length]
             for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     order = sorted((i for i, row in enumerate(rows) if len(row) >= 2), key=lambda i: len(rows[i]))
     out = [(0.0, 0)] * len(rows)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        for i, logprobs in zip(batch, _token_logprobs(model, [rows[i] for i in batch], _pad_id(tokenizer))):
+        for i, logprobs in zip(batch, _token_logprobs(model, [rows[i] for i in batch], _pad_id(tokenizer), routing)):
             out[i] = (-float(logprobs.sum()), logprobs.numel())
     return out
 
@@ -108,10 +141,9 @@ def probes_loglikelihoods(model, tokenizer, questions: list[tuple[str, list[str]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         rows = [pairs[i][1][0] + pairs[i][1][1] for i in batch]
-        for i, logprobs in zip(batch, _token_logprobs(model, rows, _pad_id(tokenizer))):
-            context, option_ids = pairs[i][1]
-            # logprobs[t - 1] scores token t, so the option's tokens start at len(context) - 1
-            scored[i] = (float(logprobs[len(context) - 1:].sum()), len(option_ids))
+        tails = [len(pairs[i][1][1]) for i in batch]  # the option's tokens end each row
+        for i, tail, logprobs in zip(batch, tails, _tail_logprobs(model, rows, tails, _pad_id(tokenizer))):
+            scored[i] = (float(logprobs.sum()), tail)
     out: list[list[tuple[float, int]]] = [[] for _ in questions]
     for i, (q, _) in enumerate(pairs):
         out[q].append(scored[i])

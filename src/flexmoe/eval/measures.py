@@ -2,7 +2,8 @@
 
 Knowledge retention: held-out LM loss on the builtin held-out corpus and multiple-choice probe
 accuracy (`flexmoe.eval.knowledge`). Routing (`flexmoe.models.routing`, router hooks, no aux
-loss): per-layer expert load on the held-out corpus, its std across experts (the FLEx paper's
+loss): per-layer expert load on the held-out documents' scored tokens (bos + text + eos, counted
+in the same pass as their loss), its std across experts (the FLEx paper's
 load-balance measure), its entropy, and its drift from the base model's load: the total-variation
 distance 1/2 Σ_e |load_e − base_e| per layer (0 = same routing, 1 = disjoint experts), averaged
 over MoE layers.
@@ -36,7 +37,8 @@ def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None =
     `probe_correct` (0/1 per probe), in the builtin files' order."""
 
     docs = builtin_corpus("heldout")[: ev.knowledge_max_docs]
-    per_doc = document_nll(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size)
+    with RoutingCounter(model) as routing:  # counts the documents' routing in the loss pass
+        per_doc = document_nll(model, tokenizer, docs, ev.knowledge_max_length, ev.batch_size, routing)
     out = {"knowledge_loss": pooled_loss(per_doc)}
     if detail is not None:
         detail["doc_nll"] = [[round(nll, 6), count] for nll, count in per_doc]
@@ -47,18 +49,13 @@ def knowledge_measures(model: nn.Module, tokenizer, ev, base_load: Load | None =
         if detail is not None:
             detail["probe_correct"] = correct
     if ev.routing:
-        out.update(routing_measures(model, tokenizer, docs, ev, base_load))
+        out.update(routing_measures(routing, base_load))
     return out
 
 
-def routing_measures(model: nn.Module, tokenizer, docs: list[str], ev, base_load: Load | None = None) -> dict:
+def routing_measures(counter: RoutingCounter, base_load: Load | None = None) -> dict:
     """Expert-load std and routing entropy (nats) averaged over MoE layers, the per-layer load,
-    and the drift from `base_load`; padding tokens are not counted."""
-    with RoutingCounter(model) as counter:
-        for start in range(0, len(docs), ev.batch_size):
-            enc = tokenizer(docs[start : start + ev.batch_size], return_tensors="pt", padding=True,
-                            truncation=True, max_length=ev.knowledge_max_length)
-            counter.observe(enc["input_ids"], enc["attention_mask"])
+    and the drift from `base_load`, from the counts of a `RoutingCounter` (padding not counted)."""
     names = [layer.name for layer in counter.layers]
     load = {name: [round(x, 6) for x in counter.load(name).tolist()] for name in names}
     out = {
