@@ -96,6 +96,9 @@ class FlexConfig(_Section):
 
 
 class FedPerConfig(_Section):
+    """FedPer (methods/fedper.py): FLEx's shared attention LoRA, plus a personal LoRA on the routed
+    experts that never leaves the client; a personal-capacity control for FLEx's grafting."""
+
     rank: int = Field(0, ge=0)  # LoRA rank of the personal expert LoRA; 0 = match FLEx's graft (flex.k experts + gate) in parameters
 
 
