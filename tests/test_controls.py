@@ -17,6 +17,7 @@ from flexmoe.methods import build_method
 from flexmoe.methods.fedper import graft_params, matched_rank
 from flexmoe.models import graft, grafts, moe_layers, select_experts
 from flexmoe.models.roles import split_parameters
+from flexmoe.report import run_label
 from flexmoe.rundir import load_server
 from flexmoe.wire import deserialize, serialize
 from test_engine import builtin_is_synthetic, metrics, model_dir, run  # noqa: F401  (fixtures)
@@ -204,3 +205,6 @@ def test_control_variants_parse_and_validate(tmp_path):
     assert runs["flex-zero"].flex.graft_init == "zero" and runs["flex-zero"].method == "flex"
     assert runs["fedavg+full"].lora.scope == "full" and runs["fedavg+full"].method == "fedavg"
     assert runs["fedper"].method == "fedper" and runs["fedavg-ft"].method == "fedavg-ft"
+    every = plan([*VARIANTS, "fedper", "fedavg-ft"], [0], None, [], tmp_path)
+    for run_dir, config in every:  # a compare report groups runs by label: each variant keeps its name
+        assert run_label(config.model_dump()) == run_dir.parent.name
