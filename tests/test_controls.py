@@ -85,7 +85,18 @@ def record_messages(monkeypatch) -> list[bytes]:
 
 def test_fedper_personal_lora_stays_home_and_persists_across_rounds(model_dir, tmp_path, monkeypatch):
     trainings, sent = record_training(monkeypatch), record_messages(monkeypatch)
+    global_personal = []  # the expert LoRA while the global model is evaluated: none (all zero)
+    answers = core.ClientRunner.answers
+
+    def recording_answers(runner, client, round_index, model_kind):
+        if model_kind == "global":
+            held = core.held_personal(runner.model, runner.method.roles)
+            global_personal.append([p.detach().clone() for p in held.values()])
+        return answers(runner, client, round_index, model_kind)
+
+    monkeypatch.setattr(core.ClientRunner, "answers", recording_answers)
     run(model_dir, tmp_path, "method=fedper", "clients_per_round=4")  # rounds 1, 2: clients 0..3 in order
+    assert len(global_personal) == 4 and all(not p.any() for held in global_personal for p in held)
     assert len(trainings) == 8 and sent
     personal = [n for n in trainings[0]["start"] if ".experts." in n]
     assert personal and not any(".experts." in key for blob in sent for key in deserialize(blob)[0])
@@ -109,6 +120,22 @@ def test_fedper_personal_lora_stays_home_and_persists_across_rounds(model_dir, t
     shared = [n for n in trainings[0]["start"] if n not in personal]
     for name in shared:  # the shared part: every client of a round starts from the same global weights
         assert all(torch.equal(trainings[4 + c]["start"][name], trainings[4]["start"][name]) for c in range(4))
+
+
+def test_the_global_model_has_no_personal_lora():
+    method = fedper("lora.r=2")
+    model = method.prepare_model(tiny_model("qwen2_moe"))
+    core.apply_roles(model, method.roles)
+    ids = token_batches()[0]
+    with torch.no_grad():
+        base = model(ids).logits  # expert LoRA at its start: B = 0
+        for p in core.held_personal(model, method.roles).values():
+            p.normal_(0, 0.5)
+        personal = model(ids).logits
+        with core.personal_disabled(model, method.roles):
+            torch.testing.assert_close(model(ids).logits, base)
+        torch.testing.assert_close(model(ids).logits, personal, rtol=0, atol=0)
+    assert not torch.allclose(personal, base)
 
 
 # ---- FedAvg-FT -----------------------------------------------------------------------------

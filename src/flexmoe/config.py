@@ -99,7 +99,7 @@ class FedPerConfig(_Section):
     """FedPer (methods/fedper.py): FLEx's shared attention LoRA, plus a personal LoRA on the routed
     experts that never leaves the client; a personal-capacity control for FLEx's grafting."""
 
-    rank: int = Field(0, ge=0)  # LoRA rank of the personal expert LoRA; 0 = match FLEx's graft (flex.k experts + gate) in parameters
+    rank: int = Field(0, ge=0)  # personal expert LoRA rank; 0 = as many parameters as FLEx's graft (flex.k experts + gate)
 
 
 class FcmoeConfig(_Section):

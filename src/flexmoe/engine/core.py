@@ -126,15 +126,42 @@ def base_load(records: list[dict]) -> dict | None:
 
 def global_knowledge(model: nn.Module, tokenizer, config: RunConfig, method: Method, global_weights: Tensors,
                      reference: dict | None, round_index: int, detail_dir: Path | None = None) -> dict:
-    """The aggregated global model's (global shared weights, no graft) knowledge measures, as
+    """The aggregated global model's (global shared weights, no personal part) knowledge measures, as
     `global_<measure>`: computed once per evaluation, by whoever holds a model (the driver)."""
     if not config.eval.knowledge:
         return {}
     set_shared_state(model, method.roles, global_weights)
-    with grafts_disabled(model):
+    with personal_disabled(model, method.roles):
         measures = knowledge_round(model, tokenizer, config, round_index, "global", detail_dir, reference)
     measures.pop("expert_load", None)
     return {f"global_{k}": v for k, v in measures.items()}
+
+
+def held_personal(model: nn.Module, roles) -> dict[str, nn.Parameter]:
+    """The personal parameters outside a graft (FedPer's expert LoRA): the graft has its own file
+    (`PERSONAL_FILE`) and its own switch (`grafts_disabled`); these live in the client's state file."""
+    personal = split_parameters(model, roles).personal
+    return {name: p for name, p in personal.items() if GRAFT not in name.split(".")}
+
+
+@contextlib.contextmanager
+def personal_disabled(model: nn.Module, roles):
+    """The model without its personal part, for the block (the global model): grafts off, and the
+    personal LoRA zeroed (a zero LoRA adds nothing), its values restored after."""
+    held = held_personal(model, roles)
+    if any(".lora_A." not in name and ".lora_B." not in name for name in held):
+        raise ValueError("only LoRA personal parameters can be disabled by zeroing them")
+    saved = {name: p.detach().clone() for name, p in held.items()}
+    with torch.no_grad():
+        for p in held.values():
+            p.zero_()
+    try:
+        with grafts_disabled(model):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, p in held.items():
+                p.copy_(saved[name])
 
 
 # ---- the client side -------------------------------------------------------------------------
@@ -161,10 +188,7 @@ class ClientRunner:
         self.initial_held = cpu_clone(self._held())
 
     def _held(self) -> dict[str, nn.Parameter]:
-        """The personal parameters kept in the client's state file: every personal one outside a graft
-        (the graft has its own file, `PERSONAL_FILE`)."""
-        personal = split_parameters(self.model, self.method.roles).personal
-        return {name: p for name, p in personal.items() if GRAFT not in name.split(".")}
+        return held_personal(self.model, self.method.roles)
 
     def has_personal(self, client_id: int) -> bool:
         return self.store.latest(client_id, PERSONAL_FILE) is not None
@@ -252,7 +276,7 @@ class ClientRunner:
                  global_weights: Tensors | None = None) -> dict:
         """The client's personalised model (see `load_client_model`) on its test split (ROUGE-L, test
         loss) and on the knowledge measures (`base_load`: the base's expert load, for routing drift);
-        with `global_weights`, also the global model (shared weights, no graft) on its test split
+        with `global_weights`, also the global model (shared weights, no personal part) on its test split
         (`rouge_l_global`)."""
         cfg, cid = self.config, client.client_id
         self.load_client_model(cid, received)
@@ -263,7 +287,7 @@ class ClientRunner:
             record.update(self.knowledge(round_index, f"personal-client-{cid}", base_load))
         if global_weights is not None:
             self.set_shared(global_weights)
-            with grafts_disabled(self.model):
+            with personal_disabled(self.model, self.method.roles):
                 record["rouge_l_global"] = self.answers(client, round_index, "global")["rouge_l"]
         return record
 
