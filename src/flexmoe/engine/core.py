@@ -34,7 +34,7 @@ from flexmoe.methods.groups import expert_layer
 from flexmoe.models import grafts_disabled, load_base, load_personal, save_personal
 from flexmoe.models.device import device_measures, model_device, placement, reset_peak_memory, timed
 from flexmoe.models.graft import GRAFT
-from flexmoe.models.roles import apply_roles, copy_checked, set_shared_state, split_parameters
+from flexmoe.models.roles import Roles, apply_roles, copy_checked, set_shared_state, split_parameters
 from flexmoe.report.summary import eval_means, mean, weighted
 from flexmoe.rundir import (
     BASE_METADATA, CONFIG_FILE, INITIAL_WEIGHTS, METRICS_FILE, PERSONAL_FILE, STATE_FILE, ClientStore, MetricsLog,
@@ -137,7 +137,7 @@ def global_knowledge(model: nn.Module, tokenizer, config: RunConfig, method: Met
     return {f"global_{k}": v for k, v in measures.items()}
 
 
-def held_personal(model: nn.Module, roles) -> dict[str, nn.Parameter]:
+def held_personal(model: nn.Module, roles: Roles) -> dict[str, nn.Parameter]:
     """The personal parameters outside a graft (FedPer's expert LoRA): the graft has its own file
     (`PERSONAL_FILE`) and its own switch (`grafts_disabled`); these live in the client's state file."""
     personal = split_parameters(model, roles).personal
@@ -145,7 +145,7 @@ def held_personal(model: nn.Module, roles) -> dict[str, nn.Parameter]:
 
 
 @contextlib.contextmanager
-def personal_disabled(model: nn.Module, roles):
+def personal_disabled(model: nn.Module, roles: Roles):
     """The model without its personal part, for the block (the global model): grafts off, and the
     personal LoRA zeroed (a zero LoRA adds nothing), its values restored after."""
     held = held_personal(model, roles)
