@@ -183,7 +183,7 @@ def test_same_seed_same_metrics(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["flex", "scaffold", "fedadam", "local"])
+@pytest.mark.parametrize("method", ["flex", "scaffold", "fedadam", "local", "fedper"])
 def test_resume_after_stop_matches_uninterrupted(model_dir, tmp_path, method):
     overrides = (f"method={method}", "rounds=3")
     run(model_dir, tmp_path / "full", *overrides)

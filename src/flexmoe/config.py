@@ -90,6 +90,16 @@ class FlexConfig(_Section):
     calibration_max_tokens: int = Field(2048, ge=16)
     federate_routers: bool = False
     aggregator: Literal["fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam"] = "fedavg"
+    # ablation: "copy" = the selected expert's weights; "zero" = its shape only, gate/up freshly
+    # initialised (seeded) and down zeroed, so the graft starts at output 0 (personal capacity, no grafting)
+    graft_init: Literal["copy", "zero"] = "copy"
+
+
+class FedPerConfig(_Section):
+    """FedPer (methods/fedper.py): FLEx's shared attention LoRA, plus a personal LoRA on the routed
+    experts that never leaves the client; a personal-capacity control for FLEx's grafting."""
+
+    rank: int = Field(0, ge=0)  # personal expert LoRA rank; 0 = as many parameters as FLEx's graft (flex.k experts + gate)
 
 
 class FcmoeConfig(_Section):
@@ -209,6 +219,7 @@ class RunConfig(_Section):
     lora: LoraConfig = LoraConfig()
     flex: FlexConfig = FlexConfig()
     fcmoe: FcmoeConfig = FcmoeConfig()
+    fedper: FedPerConfig = FedPerConfig()
     fedprox: FedProxConfig = FedProxConfig()
     scaffold: ScaffoldConfig = ScaffoldConfig()
     server: ServerConfig = ServerConfig()

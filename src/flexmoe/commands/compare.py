@@ -15,14 +15,18 @@ from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
 
-# variant name -> (method, config overrides): the FLEx paper's ablations, and MoE + FedAvg with
-# LoRA on attention and the experts (FC-MoE's trainables, aggregated plainly)
+# variant name -> (method, config overrides): the FLEx paper's ablations, a graft that starts at
+# zero instead of from the selected expert (personal capacity without grafting), and MoE + FedAvg
+# with LoRA on attention and the experts (FC-MoE's trainables, aggregated plainly) or with every
+# weight trainable (the paper's MoE + X; "full" needs runtime.base_dtype=fp32)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flex-nogate": ("flex", ("flex.gate=none",)),
     "flex-random": ("flex", ("flex.selection=random",)),
     "flex-k2": ("flex", ("flex.k=2",)),
     "flex-k3": ("flex", ("flex.k=3",)),
+    "flex-zero": ("flex", ("flex.graft_init=zero",)),
     "fedavg+experts": ("fedavg", ("lora.scope=attention+experts",)),
+    "fedavg+full": ("fedavg", ("lora.scope=full",)),
 }
 
 

@@ -33,7 +33,8 @@ from flexmoe.methods import LocalRun, Method, Reply, Tensors
 from flexmoe.methods.groups import expert_layer
 from flexmoe.models import grafts_disabled, load_base, load_personal, save_personal
 from flexmoe.models.device import device_measures, model_device, placement, reset_peak_memory, timed
-from flexmoe.models.roles import apply_roles, set_shared_state, split_parameters
+from flexmoe.models.graft import GRAFT
+from flexmoe.models.roles import Roles, apply_roles, copy_checked, set_shared_state, split_parameters
 from flexmoe.report.summary import eval_means, mean, weighted
 from flexmoe.rundir import (
     BASE_METADATA, CONFIG_FILE, INITIAL_WEIGHTS, METRICS_FILE, PERSONAL_FILE, STATE_FILE, ClientStore, MetricsLog,
@@ -44,6 +45,8 @@ from flexmoe.train import cosine_lr, local_train
 from flexmoe.train.loop import carried_optimizer_state, num_local_steps, response_loss
 
 log = logging.getLogger("flexmoe.engine")
+HELD = "personal."  # client-state prefix of the personal parameters outside a graft (FedPer's expert LoRA)
+ENGINE_STATE = ("optim.", HELD)  # client-state prefixes the engine keeps for itself, not the method's
 
 
 # ---- the schedule ---------------------------------------------------------------------------
@@ -123,15 +126,42 @@ def base_load(records: list[dict]) -> dict | None:
 
 def global_knowledge(model: nn.Module, tokenizer, config: RunConfig, method: Method, global_weights: Tensors,
                      reference: dict | None, round_index: int, detail_dir: Path | None = None) -> dict:
-    """The aggregated global model's (global shared weights, no graft) knowledge measures, as
+    """The aggregated global model's (global shared weights, no personal part) knowledge measures, as
     `global_<measure>`: computed once per evaluation, by whoever holds a model (the driver)."""
     if not config.eval.knowledge:
         return {}
     set_shared_state(model, method.roles, global_weights)
-    with grafts_disabled(model):
+    with personal_disabled(model, method.roles):
         measures = knowledge_round(model, tokenizer, config, round_index, "global", detail_dir, reference)
     measures.pop("expert_load", None)
     return {f"global_{k}": v for k, v in measures.items()}
+
+
+def held_personal(model: nn.Module, roles: Roles) -> dict[str, nn.Parameter]:
+    """The personal parameters outside a graft (FedPer's expert LoRA): the graft has its own file
+    (`PERSONAL_FILE`) and its own switch (`grafts_disabled`); these live in the client's state file."""
+    personal = split_parameters(model, roles).personal
+    return {name: p for name, p in personal.items() if GRAFT not in name.split(".")}
+
+
+@contextlib.contextmanager
+def personal_disabled(model: nn.Module, roles: Roles):
+    """The model without its personal part, for the block (the global model): grafts off, and the
+    personal LoRA zeroed (a zero LoRA adds nothing), its values restored after."""
+    held = held_personal(model, roles)
+    if any(".lora_A." not in name and ".lora_B." not in name for name in held):
+        raise ValueError("only LoRA personal parameters can be disabled by zeroing them")
+    saved = {name: p.detach().clone() for name, p in held.items()}
+    with torch.no_grad():
+        for p in held.values():
+            p.zero_()
+    try:
+        with grafts_disabled(model):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, p in held.items():
+                p.copy_(saved[name])
 
 
 # ---- the client side -------------------------------------------------------------------------
@@ -139,8 +169,9 @@ class ClientRunner:
     """Everything a client does, on a model instance that may serve one client or many in turn.
 
     Its persistent state lives in `store` (`<root>/<client id>/`): method state and optimiser
-    state, the graft and gate, the selection. `initial_shared` gives the seeded round-0 shared
-    weights (Local clients start from them).
+    state, the graft and gate, the selection, and any other personal parameters (FedPer's expert
+    LoRA, under `HELD`). `initial_shared` gives the seeded round-0 shared weights (Local clients
+    start from them); the model's personal parameters as built (seeded) are every client's start.
     """
 
     def __init__(self, config: RunConfig, method: Method, model: nn.Module, tokenizer, store: ClientStore,
@@ -154,6 +185,10 @@ class ClientRunner:
         self.store = store
         self.initial_shared = initial_shared
         self.progress = progress or Progress()
+        self.initial_held = cpu_clone(self._held())
+
+    def _held(self) -> dict[str, nn.Parameter]:
+        return held_personal(self.model, self.method.roles)
 
     def has_personal(self, client_id: int) -> bool:
         return self.store.latest(client_id, PERSONAL_FILE) is not None
@@ -188,8 +223,8 @@ class ClientRunner:
         reset_peak_memory(device)
         with timed(device, device_record, "swap_seconds"):  # the client's state from disk onto the device
             stored = self.store.load_state(cid)
-            client_state = {k: v for k, v in stored.items() if not k.startswith("optim.")}
-            self.load_personal(cid)
+            client_state = method_state(stored)
+            self.load_personal(cid, stored)
             self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
         split = split_parameters(self.model, self.method.roles)
         replaced = set(split.shared) if self.method.communicates else set()  # Local keeps its own
@@ -222,7 +257,8 @@ class ClientRunner:
 
     def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
         pending = self.store.begin(cid)
-        save_checked(pending / STATE_FILE, {**client_state, **with_prefix("optim.", optimizer_state)})
+        held = with_prefix(HELD, cpu_clone(self._held()))
+        save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state)})
         if self.method.grafts:
             save_personal(self.model, pending / PERSONAL_FILE)
         self.store.finish(cid, round_index)
@@ -231,15 +267,16 @@ class ClientRunner:
         """Make the model client `client_id`'s personalised model: its graft and gate, and the shared
         weights its method evaluates it with (global shared weights + its own state; the initial
         weights when nothing was received)."""
-        client_state = {k: v for k, v in self.store.load_state(client_id).items() if not k.startswith("optim.")}
-        self.load_personal(client_id)
+        stored = self.store.load_state(client_id)
+        self.load_personal(client_id, stored)
+        client_state = method_state(stored)
         self.set_shared(self.method.eval_weights(global_weights or self.initial_shared(), client_state))
 
     def evaluate(self, client: Client, round_index: int, received: Tensors, base_load: dict | None = None,
                  global_weights: Tensors | None = None) -> dict:
         """The client's personalised model (see `load_client_model`) on its test split (ROUGE-L, test
         loss) and on the knowledge measures (`base_load`: the base's expert load, for routing drift);
-        with `global_weights`, also the global model (shared weights, no graft) on its test split
+        with `global_weights`, also the global model (shared weights, no personal part) on its test split
         (`rouge_l_global`)."""
         cfg, cid = self.config, client.client_id
         self.load_client_model(cid, received)
@@ -250,7 +287,7 @@ class ClientRunner:
             record.update(self.knowledge(round_index, f"personal-client-{cid}", base_load))
         if global_weights is not None:
             self.set_shared(global_weights)
-            with grafts_disabled(self.model):
+            with personal_disabled(self.model, self.method.roles):
                 record["rouge_l_global"] = self.answers(client, round_index, "global")["rouge_l"]
         return record
 
@@ -290,14 +327,23 @@ class ClientRunner:
     def set_shared(self, weights: Tensors) -> None:
         set_shared_state(self.model, self.method.roles, weights)
 
-    def load_personal(self, cid: int) -> None:
-        if not self.method.grafts:
-            return
-        load_personal(self.model, self.store.latest(cid, PERSONAL_FILE), adopt_selection=True)
-        apply_roles(self.model, self.method.roles)
+    def load_personal(self, cid: int, stored: Tensors) -> None:
+        """Client `cid`'s personal parameters into the model: its graft and gate (methods that graft),
+        and the others from its state file `stored` (their initial values before its first round)."""
+        if self.method.grafts:
+            load_personal(self.model, self.store.latest(cid, PERSONAL_FILE), adopt_selection=True)
+            apply_roles(self.model, self.method.roles)
+        if self.initial_held:
+            copy_checked(self._held(), strip_prefix(HELD, stored) or self.initial_held, "personal state",
+                         "this model")
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return collate(features, self.tokenizer.pad_token_id)
+
+
+def method_state(stored: Tensors) -> Tensors:
+    """The method's part of a client's stored state (without the engine's optimiser and personal tensors)."""
+    return {k: v for k, v in stored.items() if not k.startswith(ENGINE_STATE)}
 
 
 # ---- the server side -------------------------------------------------------------------------

@@ -47,5 +47,5 @@ class Flex(Method):
         selection = select_experts(
             model, batches, k=flex.k, strategy=flex.selection, max_tokens=flex.calibration_max_tokens, seed=seed
         )
-        graft(model, selection, gate=flex.gate, gate_init_bias=flex.gate_init_bias)
+        graft(model, selection, gate=flex.gate, gate_init_bias=flex.gate_init_bias, init=flex.graft_init, seed=seed)
         return selection.to_json()

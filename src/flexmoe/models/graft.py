@@ -31,6 +31,7 @@ from flexmoe.models.families import MoELayer, moe_layers, unwrap
 GRAFT = "graft"  # attribute of the MoE block holding its graft; every personal name contains it
 STRATEGIES = ("reconstruction", "random", "frequency")
 GATES = ("sigmoid", "none")
+INITS = ("copy", "zero")  # "zero": an ablation, the selected expert's shape but not its weights (`ExpertGraft.reset`)
 DEFAULT_MAX_TOKENS = 4096
 # Expert outputs are computed a chunk of experts at a time so that a chunk's (c, T, 2I)
 # activations stay under this many elements (~32 MB in fp32): measured on CPU, 256 MB chunks
@@ -111,10 +112,22 @@ class ExpertGraft(nn.Module):
         return "sigmoid" if self.gate is not None else "none"
 
     @torch.no_grad()
-    def reset(self, layer: MoELayer, experts: list[int], gate_init_bias: float) -> None:
-        """Copy the chosen experts (and their router rows) from the base; close the gate to sigmoid(bias)."""
+    def reset(self, layer: MoELayer, experts: list[int], gate_init_bias: float, init: str = "copy",
+              seed: int = 0) -> None:
+        """Copy the chosen experts (and their router rows) from the base; close the gate to sigmoid(bias).
+        init="zero" copies no expert weight: gate/up start as `nn.Linear` initialises them (seeded by
+        `seed` and the layer) and down at zero, so the graft's output starts at 0 (as LoRA's B) while
+        its gradients do not (with every weight zero, every gradient would be zero too)."""
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
         for mlp, expert in zip(self.experts, experts, strict=True):
-            mlp.copy_from(layer, expert)
+            if init == "zero":
+                for linear in (mlp.gate_proj, mlp.up_proj):
+                    fresh = torch.empty(linear.weight.shape)
+                    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)  # nn.Linear's default
+                    linear.weight.copy_(fresh)
+                mlp.down_proj.weight.zero_()
+            else:
+                mlp.copy_from(layer, expert)
         if self.router is not None:
             self.router.weight.copy_(layer.router.weight[experts])
         if self.gate is not None:
@@ -438,8 +451,9 @@ def _eval_mode(model: nn.Module):
 
 
 def graft(model: nn.Module, selection: dict[str, list[int]], gate: str = "sigmoid",
-          gate_init_bias: float = -4.0) -> nn.Module:
-    """Graft trainable copies of the selected experts into every MoE layer, in place.
+          gate_init_bias: float = -4.0, init: str = "copy", seed: int = 0) -> nn.Module:
+    """Graft trainable copies of the selected experts into every MoE layer, in place (`init`, `seed`:
+    see `ExpertGraft.reset`).
 
     Freezes every original parameter (LoRA adapters, if present, stay trainable). Grafting a
     model that already carries a graft of the same k and gate re-initialises it with the new
@@ -447,6 +461,8 @@ def graft(model: nn.Module, selection: dict[str, list[int]], gate: str = "sigmoi
     """
     if gate not in GATES:
         raise FlexmoeError(f"unknown graft gate {gate!r}; choose one of {', '.join(GATES)}")
+    if init not in INITS:
+        raise FlexmoeError(f"unknown graft init {init!r}; choose one of {', '.join(INITS)}")
     if not math.isfinite(gate_init_bias):
         raise FlexmoeError(f"gate_init_bias must be a finite number, got {gate_init_bias}")
     layers = moe_layers(model)
@@ -462,7 +478,7 @@ def graft(model: nn.Module, selection: dict[str, list[int]], gate: str = "sigmoi
             raise FlexmoeError(f"layer {layer.name} already carries a graft with k={module.k}, "
                                f"gate={module.gate_kind}; "
                                f"cannot re-graft with k={k}, gate={gate} (call ungraft first)")
-        module.reset(layer, list(selection[layer.name]), gate_init_bias)
+        module.reset(layer, list(selection[layer.name]), gate_init_bias, init, seed)
         module.requires_grad_(True)
     return model
 

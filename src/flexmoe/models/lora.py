@@ -46,11 +46,13 @@ def expert_parameters(model: nn.Module) -> list[str]:
 
 
 def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int = 16, dropout: float = 0.0,
-             seed: int = 0) -> nn.Module:
+             seed: int = 0, expert_r: int | None = None) -> nn.Module:
     """Make the shared part trainable: wrap with PEFT LoRA on `scope` (or unfreeze all, "full").
 
     Returns the PEFT model ("attention", "attention+experts") or the model itself ("full").
     A graft present before wrapping stays trainable. LoRA initialisation is seeded.
+    `expert_r` ("attention+experts" only; default `r`) gives the fused experts' LoRA its own rank,
+    with alpha scaled alike so that its scale alpha/r is the attention LoRA's.
     """
     if scope not in SCOPES:
         raise FlexmoeError(f"unknown LoRA scope {scope!r}; choose one of {', '.join(SCOPES)}")
@@ -67,20 +69,54 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
         return model
     from peft import LoraConfig, get_peft_model
 
+    if expert_r is not None and (scope != "attention+experts" or expert_r < 1):
+        raise FlexmoeError(f"expert_r={expert_r}: a separate expert LoRA rank needs scope 'attention+experts' "
+                           "and a rank >= 1")
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
         target_modules=attention_pattern(family),
         target_parameters=expert_parameters(model) if scope == "attention+experts" else None,
+        **_expert_rank(model, r, alpha, expert_r),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with peft_quietly():
+        with peft_quietly(), warnings.catch_warnings():
+            # PEFT 0.21 checks rank_pattern keys against module names only, so it reports keys that
+            # match a targeted parameter as unmatched although it applies them: _check_expert_rank verifies
+            warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*", category=RuntimeWarning)
             peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if GRAFT in name.split("."):
             param.requires_grad_(True)  # PEFT freezes everything it did not add
     check_lora_placement(peft_model, scope)
+    if expert_r is not None:
+        _check_expert_rank(peft_model, expert_r)
     return peft_model
+
+
+def _expert_rank(model: nn.Module, r: int, alpha: float, expert_r: int | None) -> dict:
+    """PEFT's per-target rank and alpha for the fused experts. PEFT matches these keys against the
+    targeted parameter's name (a module-name key such as "experts" would not change the rank)."""
+    if expert_r is None or expert_r == r:
+        return {}
+    keys = [name.removeprefix(f"{family_of(model).block}.") for name in expert_parameters(model)]
+    return {"rank_pattern": dict.fromkeys(keys, expert_r), "alpha_pattern": dict.fromkeys(keys, alpha * expert_r / r)}
+
+
+def _check_expert_rank(model: nn.Module, expert_r: int) -> None:
+    for layer in moe_layers(model):
+        ranks = {module.r["default"] for module in _lora_wrappers(layer.block.experts)}
+        if ranks != {expert_r}:
+            raise FlexmoeError(f"expert LoRA of {layer.name} got rank {sorted(ranks)}, expected {expert_r}")
+
+
+def _lora_wrappers(module: nn.Module) -> list[nn.Module]:
+    """PEFT's nested ParamWrappers around a fused experts module, outermost first."""
+    found = []
+    while isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+        found.append(module)
+        module = module.base_layer
+    return found
 
 
 def lora_module_names(model: nn.Module) -> list[str]:

@@ -59,7 +59,7 @@ class Run:
 
 def run_label(config: dict) -> str:
     """A run's name in comparisons: the method, plus what sets a variant apart from its defaults
-    (FLEx ablations: -nogate, -random, -frequency, -k2...; baselines: +experts / +full scope)."""
+    (FLEx ablations: -nogate, -random, -frequency, -k2, -zero...; baselines: +experts / +full scope)."""
     method = config.get("method", "flex")
     label = method
     if method.startswith("flex"):
@@ -74,6 +74,8 @@ def run_label(config: dict) -> str:
             label += "-routers"
         if flex.get("aggregator", "fedavg") != "fedavg":
             label += "-" + flex["aggregator"]
+        if flex.get("graft_init", "copy") != "copy":
+            label += "-" + flex["graft_init"]
     else:
         scope = config.get("lora", {}).get("scope", DEFAULT_SCOPE)
         if scope != DEFAULT_SCOPE and method != "fcmoe":  # FC-MoE sets its scope in [fcmoe]
