@@ -12,7 +12,9 @@ import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
 from flexmoe.wire import serialize
 from flexmoe.methods import LocalRun, Reply, build_method
-from flexmoe.methods.conflict import conflict_aware_step, importance_weights, project_conflicts
+from flexmoe.methods.conflict import (
+    client_cosines, conflict_aware_step, consensus_cosines, importance_weights, project_conflicts,
+)
 from flexmoe.methods.fcmoe import ACTIVATION, CONSENSUS, ROUND, UPDATE, UPDATE_ROUND
 from flexmoe.methods.groups import build_groups, from_expert_rows, group_matrix, split_matrix, to_expert_rows
 from test_engine import builtin_is_synthetic, model_dir, tiny_config  # noqa: F401  (fixtures)
@@ -34,6 +36,18 @@ def test_conflicting_update_ends_orthogonal_and_agreeing_one_is_untouched():
     assert float(projected[0, 0] @ direction[0]) == 0.0
     assert torch.equal(projected[1], updates[1]) and torch.equal(removed[1], torch.zeros(1, 2))
     assert conflicting.tolist() == [[True], [False]]
+
+
+def test_cosines_equal_the_pairwise_brute_force():
+    updates = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    updates[1, 1] = 0  # a client that left expert 1 unchanged: no cosine for it
+    direction = torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
+    cos = torch.nn.functional.cosine_similarity
+    expected = [cos(updates[n, k], direction[k], dim=0) for n in range(3) for k in range(2) if (n, k) != (1, 1)]
+    assert consensus_cosines(updates, direction).tolist() == pytest.approx([float(c) for c in expected], abs=1e-6)
+    pairs = [cos(updates[i, k], updates[j, k], dim=0) for k in range(2) for i in range(3) for j in range(i + 1, 3)
+             if k == 0 or 1 not in (i, j)]
+    assert client_cosines(updates).tolist() == pytest.approx([float(c) for c in pairs], abs=1e-6)
 
 
 def test_consensus_uses_the_importance_weights_and_projection_is_per_expert():

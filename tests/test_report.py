@@ -137,54 +137,43 @@ def test_rouge_l_equals_rouge_score_on_fixtures():
     assert expected[1] == pytest.approx(2 * (2 / 2) * (2 / 4) / (2 / 2 + 2 / 4))  # run/fast stem-match
 
 
-def test_fidelity_claims_are_decided_by_the_numbers():
-    from benchmarks.bench_fidelity import claims
+def _study_run(root, method, seed, rouge, docs, probes, conflicts=()):
+    """A finished run directory holding only what the study reads: per-example answers and
+    knowledge of two clients at round 2, a summary, and FC-MoE's conflict fractions."""
+    from flexmoe.eval.detail import write_detail
+    from flexmoe.rundir import EVALS_DIR
 
-    def entry(mean, std=None):
-        return {"mean": mean, "std": std}
-
-    summary = {
-        "flex": {"rouge_l_avg": entry(0.30, 0.01), "knowledge_loss": entry(3.2), "expert_load_std": entry(0.10)},
-        "fedavg": {"rouge_l_avg": entry(0.25, 0.02), "knowledge_loss": entry(3.1), "expert_load_std": entry(0.12)},
-        "flex-nogate": {"rouge_l_avg": entry(0.05), "knowledge_loss": entry(5.0)},
-    }
-    text = claims(summary)
-    assert text[0].startswith("FLEx best average personalised ROUGE-L: FLEx 0.3000 ± 0.0100, best baseline fedavg")
-    assert text[0].endswith("agrees, the gap 0.0500 is larger than the seed spread (among 1 baselines).")
-    assert "disagrees" in text[1]  # fedavg kept more knowledge (3.1 < 3.2)
-    assert text[2] == "FLEx best knowledge-probe accuracy: not measured."
-    assert "agrees" in text[3] and "agrees (collapse)" in text[4]
+    run = root / method / f"seed-{seed}"
+    for client in (0, 1):
+        write_detail(run / EVALS_DIR, 2, f"personal-client-{client}",
+                     {"ids": ["a", "b"], "rouge_l": rouge[client], "exact_match": [0.0, 1.0]})
+        write_detail(run / EVALS_DIR, 2, f"personal-client-{client}-knowledge",
+                     {"doc_nll": [[d * 2, 2] for d in docs], "probe_correct": probes})
+    (run / "summary.json").write_text("{}")
+    records = [{"round": r + 1, "kind": "server", "fcmoe_conflict_fraction": f} for r, f in enumerate(conflicts)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"kind": "client"}, *records]))
 
 
-def test_fcmoe_fidelity_claims_compare_with_the_right_reference(tmp_path):
-    import json
+def test_fidelity_claims_are_paired_differences_with_a_verdict(tmp_path):
+    from benchmarks.bench_fidelity import claim_stats, conflict_fractions, study_section
 
-    from benchmarks.bench_fidelity import claims, conflict_fractions, fcmoe_claims
-
-    def entry(mean, std=None):
-        return {"mean": mean, "std": std}
-
-    runs = []
-    for seed, fractions in enumerate(([0.0, 0.5], [0.25])):
-        run = tmp_path / f"seed-{seed}"
-        run.mkdir()
-        records = [{"round": r + 1, "kind": "server", "fcmoe_conflict_fraction": f} for r, f in enumerate(fractions)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"kind": "client"}, *records]))
-        runs.append(str(run))
-    summary = {
-        "fcmoe": {"runs": runs, "rouge_l_avg": entry(0.20, 0.01), "knowledge_loss": entry(3.0, 0.1)},
-        "fedavg+experts": {"runs": [], "rouge_l_avg": entry(0.10, 0.01), "knowledge_loss": entry(3.05, 0.1)},
-        "flex+fcmoe": {"runs": [], "rouge_l_avg": entry(0.1), "knowledge_loss": entry(2.9)},
-    }
-    conflicts = conflict_fractions(summary)
-    assert conflicts == {"fcmoe": pytest.approx(0.25)}  # mean of 0.0, 0.5 and 0.25
-    text = fcmoe_claims(summary, conflicts)
-    assert text[0].startswith("fcmoe vs fedavg+experts, rouge_l_avg (higher is better): 0.2000 ± 0.0100 vs")
-    assert "— better, the gap 0.1000 is larger than the seed spread" in text[0]
-    assert "— better, the gap 0.0500 is within the seed spread" in text[1]
-    assert len(text) == 3 and "25.0%" in text[2]  # flex+fcmoe has no flex reference here
-    # flex+fcmoe is FLEx with another aggregator: never a baseline FLEx is judged against
-    assert "flex+fcmoe" not in " ".join(claims({"flex": summary["flex+fcmoe"], **summary}))
+    for seed in (1, 2):  # flex is 0.1 better on every example; its held-out loss 0.5 higher per document
+        _study_run(tmp_path, "flex", seed, [[0.5, 0.7], [0.3, 0.4]], [2.5, 3.5], [1, 1, 0, 0])
+        _study_run(tmp_path, "fedavg", seed, [[0.4, 0.6], [0.2, 0.3]], [2.0, 3.0], [1, 0, 0, 0])
+        _study_run(tmp_path, "fcmoe", seed, [[0.4, 0.6], [0.2, 0.3]], [2.0, 3.0], [1, 0, 0, 0],
+                   conflicts=(0.0, 0.5) if seed == 1 else (0.25,))
+    runs = {m: {s: tmp_path / m / f"seed-{s}" for s in (1, 2)} for m in ("flex", "fedavg", "fcmoe")}
+    rouge, exact, (probes, docs) = claim_stats(runs["flex"], runs["fedavg"], [1, 2])
+    assert rouge.diff == pytest.approx(0.1) and rouge.examples == 8
+    assert exact.diff == 0 and docs.diff == pytest.approx(0.5)
+    assert (probes.items, probes.only_a, probes.only_b) == (16, 4, 0)
+    lines = study_section(tmp_path, "persona", ("flex", "fedavg", "fcmoe"), (1, 2))
+    row = next(line for line in lines if "(flex vs fedavg)" in line)
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[2].startswith("+0.1000") and cells[3] == "+ +" and cells[4] == "supported"
+    assert cells[6].startswith("+0.5000") and cells[7] == "contradicted"  # flex lost more knowledge
+    assert conflict_fractions({"fcmoe": list(runs["fcmoe"].values())}) == {"fcmoe": pytest.approx(0.25)}
+    assert any("fcmoe: 25.0% of the" in line for line in lines)
 
 
 def test_run_report_counts_failures_rejections_and_states_the_privacy_spent(runs):

@@ -62,9 +62,7 @@ def doc_losses(items: dict) -> list[float]:
 def knowledge_pairs(runs: list[tuple[int, Path]], model: str, other: str = "base") -> tuple[McNemar | None, PairedDifference | None]:
     """Probes (McNemar, pooled over clients and seeds) and per-document loss differences of
     `model` ("personal": every client's; "global") against the base of the same run."""
-    probes_a: list[int] = []
-    probes_b: list[int] = []
-    doc_cells: dict = {}
+    matched = []
     for seed, run_dir in runs:
         final = last_round(run_dir)
         base = knowledge_items(run_dir, 0, other)
@@ -72,19 +70,46 @@ def knowledge_pairs(runs: list[tuple[int, Path]], model: str, other: str = "base
             continue
         names = ([("global", -1)] if model == "global" else
                  [(f"personal-client-{c}", c) for c in sorted(answer_scores(run_dir, final, "personal"))])
-        for name, client in names:
-            items = knowledge_items(run_dir, final, name)
-            if items is None:
-                continue
-            if "probe_correct" in items and "probe_correct" in base:
-                n = min(len(items["probe_correct"]), len(base["probe_correct"]))
-                probes_a += items["probe_correct"][:n]
-                probes_b += base["probe_correct"][:n]
-            n = min(len(items["doc_nll"]), len(base["doc_nll"]))
-            a, b = doc_losses(items)[:n], doc_losses(base)[:n]
-            kept = [(x, y) for x, y in zip(a, b) if x == x and y == y]
-            if kept:
-                doc_cells[(seed, client)] = ([x for x, _ in kept], [y for _, y in kept])
+        matched += [((seed, client), knowledge_items(run_dir, final, name), base) for name, client in names]
+    return paired_knowledge(matched)
+
+
+def personal_knowledge(run_dir: Path) -> dict[int, dict]:
+    """Per client: the knowledge items of its personalised model at the run's last evaluation."""
+    final = last_round(run_dir)
+    if final is None:
+        return {}
+    found = {c: knowledge_items(run_dir, final, f"personal-client-{c}") for c in answer_scores(run_dir, final, "personal")}
+    return {c: items for c, items in sorted(found.items()) if items is not None}
+
+
+def knowledge_between(runs: list[tuple[int, Path, Path]]) -> tuple[McNemar | None, PairedDifference | None]:
+    """Probes and per-document losses of two methods' personalised models, paired per (seed, client):
+    `runs` holds (seed, run of A, run of B) on the same partition."""
+    matched = []
+    for seed, run_a, run_b in runs:
+        a, b = personal_knowledge(run_a), personal_knowledge(run_b)
+        matched += [((seed, client), a[client], b[client]) for client in sorted(set(a) & set(b))]
+    return paired_knowledge(matched)
+
+
+def paired_knowledge(matched: list[tuple[tuple[int, int], dict | None, dict]]) -> tuple[McNemar | None, PairedDifference | None]:
+    """McNemar over every (cell, probe) pair and the per-document loss difference, from
+    ((seed, client), knowledge items of A, knowledge items of B) triples (A's may be missing)."""
+    probes_a: list[int] = []
+    probes_b: list[int] = []
+    doc_cells: dict = {}
+    for cell, items, other in matched:
+        if items is None:
+            continue
+        if "probe_correct" in items and "probe_correct" in other:
+            n = min(len(items["probe_correct"]), len(other["probe_correct"]))
+            probes_a += items["probe_correct"][:n]
+            probes_b += other["probe_correct"][:n]
+        n = min(len(items["doc_nll"]), len(other["doc_nll"]))
+        kept = [(x, y) for x, y in zip(doc_losses(items)[:n], doc_losses(other)[:n]) if x == x and y == y]
+        if kept:
+            doc_cells[cell] = ([x for x, _ in kept], [y for _, y in kept])
     mcnemar = mcnemar_exact(probes_a, probes_b) if probes_a else None
     docs = paired_difference(doc_cells) if doc_cells else None
     return mcnemar, docs

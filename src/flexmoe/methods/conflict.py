@@ -40,3 +40,20 @@ def conflict_aware_step(updates: torch.Tensor, weights: torch.Tensor) -> tuple[t
     direction = consensus(updates, weights)
     projected, _, conflicting = project_conflicts(updates, direction)
     return consensus(projected, weights), direction, conflicting
+
+
+def consensus_cosines(updates: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """cos(Δ_{i,k}, d_k) of every nonzero update row with a nonzero consensus row (flattened)."""
+    norms = updates.norm(dim=-1) * direction.norm(dim=-1)[None]
+    dots = torch.einsum("nkd,kd->nk", updates, direction)
+    return (dots / norms.clamp_min(torch.finfo(norms.dtype).tiny))[norms > 0]
+
+
+def client_cosines(updates: torch.Tensor) -> torch.Tensor:
+    """cos(Δ_{i,k}, Δ_{j,k}) of every pair of clients i < j with nonzero rows (flattened)."""
+    unit = updates / updates.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(updates.dtype).tiny)
+    gram = torch.einsum("nkd,mkd->knm", unit, unit)
+    nonzero = updates.norm(dim=-1).T > 0  # (K, N)
+    upper = torch.ones(updates.shape[0], updates.shape[0], dtype=torch.bool).triu(1)
+    keep = upper[None] & nonzero[:, :, None] & nonzero[:, None, :]
+    return gram[keep]

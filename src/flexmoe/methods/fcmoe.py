@@ -40,7 +40,9 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods.base import LocalRun, Method, Tensors, TensorSpec
-from flexmoe.methods.conflict import conflict_aware_step, importance_weights, project_conflicts
+from flexmoe.methods.conflict import (
+    client_cosines, conflict_aware_step, consensus_cosines, importance_weights, project_conflicts,
+)
 from flexmoe.methods.flex import Flex
 from flexmoe.methods.groups import Group, build_groups, expert_layer, group_matrix, num_experts, split_matrix
 from flexmoe.methods.registry import register_method
@@ -69,6 +71,7 @@ class ConflictAwareRule(ServerRule):
         sizes = torch.tensor([float(r.num_examples) for r in replies])
         new_global, direction = {}, {}
         conflicts, pairs = 0, 0
+        with_consensus, between_clients = [], []  # cosines: why updates do (not) conflict
         for group in groups_of(self.config, global_weights):
             start = group_matrix(global_weights, group)
             updates = torch.stack([group_matrix(r.tensors, group) - start for r in replies])
@@ -81,10 +84,25 @@ class ConflictAwareRule(ServerRule):
                 direction.update(split_matrix(d, group, {n: global_weights[n].float() for n in group.names}))
             conflicts += int(conflicting.sum())
             pairs += conflicting.numel()
+            with_consensus.append(consensus_cosines(updates, d))
+            between_clients.append(client_cosines(updates))
         new_state = {ROUND: state[ROUND] + 1}
         if fc.retention > 0:
             new_state.update(with_prefix(CONSENSUS, direction))
-        return new_global, new_state, {"fcmoe_conflict_fraction": conflicts / max(pairs, 1)}
+        return new_global, new_state, {"fcmoe_conflict_fraction": conflicts / max(pairs, 1),
+                                       **cosine_metrics(torch.cat(with_consensus), torch.cat(between_clients))}
+
+
+def cosine_metrics(with_consensus: torch.Tensor, between_clients: torch.Tensor) -> dict:
+    """The round's smallest and mean cosine of an update with its consensus (a conflict is one
+    below 0) and the mean cosine between two clients' updates of the same row."""
+    out = {}
+    if with_consensus.numel():
+        out.update(fcmoe_min_consensus_cosine=float(with_consensus.min()),
+                   fcmoe_mean_consensus_cosine=float(with_consensus.mean()))
+    if between_clients.numel():
+        out["fcmoe_mean_client_cosine"] = float(between_clients.mean())
+    return out
 
 
 def _frequencies(replies: list[Reply], group: Group) -> torch.Tensor:
