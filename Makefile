@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# FLEx on the shipped tiny MoE and the builtin dataset; prints where its report is.
+# FLEx on the shipped tiny MoE and the builtin dataset; prints where its report is. The default
+# run config, on two torch threads (a run's default is one: docs/guide.md, "The default budget").
 demo: install
-	$(BIN)/flexmoe run
+	$(BIN)/flexmoe run --set runtime.threads=2
 
 test: install
 	$(BIN)/python -m pytest
