@@ -66,3 +66,30 @@ def test_compare_report_shows_the_statistics(tmp_path):
     assert paired["reference"] == "fedavg"
     assert paired["methods"]["flex"]["rouge_l_vs_reference"]["verdict"] == "supported"
     assert paired["methods"]["flex"]["rouge_l_vs_base"]["examples"] == 16
+
+
+def test_learning_curve_puts_every_round_on_the_curve_sample(tmp_path):
+    """The last round evaluates more examples and documents than the curve rounds: its curve point
+    uses only the curve round's example ids and its first documents (hand-computed means)."""
+    from flexmoe.eval.detail import write_detail
+    from flexmoe.eval.paired import learning_curve
+    from flexmoe.rundir import EVALS_DIR
+
+    root = tmp_path / EVALS_DIR
+    for client in (0, 1):
+        write_detail(root, 0, f"base-client-{client}", {"ids": ["a", "b", "c"], "rouge_l": [0.1, 0.3, 0.9],
+                                                        "exact_match": [0, 0, 0]})
+        write_detail(root, 2, f"personal-client-{client}", {"ids": ["a", "b"], "rouge_l": [0.2, 0.4],
+                                                            "exact_match": [0, 0]})
+        write_detail(root, 2, f"personal-client-{client}-knowledge", {"doc_nll": [[4.0, 2], [2.0, 2]]})
+        write_detail(root, 4, f"personal-client-{client}", {"ids": ["c", "a", "b"], "rouge_l": [1.0, 0.5, 0.7],
+                                                            "exact_match": [0, 0, 0]})
+        write_detail(root, 4, f"personal-client-{client}-knowledge", {"doc_nll": [[2.0, 2], [2.0, 2], [90.0, 1]]})
+    write_detail(root, 0, "base-knowledge", {"doc_nll": [[6.0, 2], [6.0, 2], [0.0, 4]]})
+    curve = learning_curve(tmp_path)
+    assert curve[0] == pytest.approx({"rouge_l": 0.2, "knowledge_loss": 3.0})  # ids a, b; first two documents
+    assert curve[2] == pytest.approx({"rouge_l": 0.3, "knowledge_loss": 1.5})
+    assert curve[4] == pytest.approx({"rouge_l": 0.6, "knowledge_loss": 1.0})  # c and the third document left out
+    write_detail(tmp_path / "other" / EVALS_DIR, 4, "personal-client-0", {"ids": ["a"], "rouge_l": [1.0],
+                                                                          "exact_match": [0]})
+    assert learning_curve(tmp_path / "other") == {}  # no curve round: nothing to compare

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexmoe.eval.detail import evaluated_rounds, read_round
+from flexmoe.eval.knowledge import pooled_loss
 from flexmoe.rundir import EVALS_DIR
 from flexmoe.eval.stats import McNemar, PairedDifference, mcnemar_exact, paired_difference, seed_signs
 
@@ -154,3 +155,35 @@ def run_statistics(run_dir: Path, seed: int) -> dict:
 def mcnemar_dict(result: McNemar) -> dict:
     return {"items": result.items, "accuracy": result.accuracy_a, "accuracy_base": result.accuracy_b,
             "only_model": result.only_a, "only_base": result.only_b, "p_value": result.p_value}
+
+
+def learning_curve(run_dir: Path) -> dict[int, dict[str, float]]:
+    """ROUGE-L and held-out loss of the personalised models at every evaluated round (the base at
+    round 0), all on the learning-curve sample: the examples and documents a curve round evaluates,
+    which the full-size rounds' samples contain (nested stratified samples, a prefix of the
+    documents). Points measured on different samples would not be comparable. {} without a curve round."""
+    root = Path(run_dir) / EVALS_DIR
+    rounds = evaluated_rounds(root)
+    final = last_round(run_dir)
+    curve_rounds = [r for r in rounds if r not in (0, final)]
+    if not curve_rounds:
+        return {}
+    ids = {c: set(scores) for c, scores in answer_scores(run_dir, curve_rounds[0], "personal").items()}
+    first = knowledge_items(run_dir, curve_rounds[0], "personal-client-0") or {}
+    docs = len(first.get("doc_nll", []))
+    out = {}
+    for r in rounds:
+        model = "base" if r == 0 else "personal"
+        scores = answer_scores(run_dir, r, model)
+        point = {}
+        per_client = [[s for i, s in scores[c].items() if i in ids[c]] for c in sorted(ids) if c in scores]
+        if per_client and all(per_client):
+            point["rouge_l"] = sum(sum(s) / len(s) for s in per_client) / len(per_client)
+        names = ["base"] if r == 0 else [f"personal-client-{c}" for c in sorted(ids)]
+        losses = [pooled_loss([tuple(d) for d in items["doc_nll"][:docs]]) for items in (knowledge_items(run_dir, r, n) for n in names)
+                  if items is not None and docs]
+        if losses:
+            point["knowledge_loss"] = sum(losses) / len(losses)
+        out[r] = point
+    return out
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from flexmoe.eval.paired import learning_curve
 from flexmoe.files import write_atomic
 from flexmoe.report.runs import Run, mean_std
 
@@ -62,10 +63,17 @@ def run_rounds(run: Run, path: Path) -> str | None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     axes[0].plot([r["round"] for r in servers], [r["train_loss"] for r in servers], marker="o")
     axes[0].set(ylabel="train loss (response tokens)")
+    curve = learning_curve(run.path)  # comparable points: every round on the learning-curve sample
     for ax, key, label in ((axes[1], "rouge_l_avg", "mean personalised ROUGE-L"),
                            (axes[2], "knowledge_loss", "held-out knowledge loss")):
-        base = run.base().get(f"{key}_base")
-        points = _with_base([(r["round"], r[key]) for r in servers if r.get(key) is not None], base)
+        if curve:
+            name = key.removesuffix("_avg")
+            base = curve.get(0, {}).get(name)
+            points = [(r, p[name]) for r, p in sorted(curve.items()) if p.get(name) is not None]
+            label += " (curve sample)"
+        else:
+            base = run.base().get(f"{key}_base")
+            points = _with_base([(r["round"], r[key]) for r in servers if r.get(key) is not None], base)
         if points:
             ax.plot(*zip(*points), marker="o", color="C1", label=run.label)
         if base is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flexmoe.eval.paired import learning_curve
 from flexmoe.report.runs import Run, mean_std
 
 # (metrics key, column title, format) of per-client evaluation values, in table order
@@ -90,14 +91,28 @@ def truncation_lines(run: Run) -> list[str]:
 
 
 def round_table(run: Run) -> list[str]:
-    """Per round: training loss, evaluation means, bytes and cumulative bytes."""
-    header = ["round", "train loss", "mean ROUGE-L", "knowledge loss", "bytes up", "bytes down", "cumulative bytes"]
+    """Per round: training loss, evaluation means, bytes and cumulative bytes; with a learning curve
+    (`eval.every`), the means of every evaluated round on the curve sample, so that they compare."""
+    curve = learning_curve(run.path)
+    sample = " (curve sample)" if curve else ""
+    header = ["round", "train loss", f"mean ROUGE-L{sample}", f"knowledge loss{sample}", "bytes up", "bytes down",
+              "cumulative bytes"]
     rows, total = [], 0
+    if 0 in curve:
+        rows.append(["0 (base)", "", fmt(curve[0].get("rouge_l")), fmt(curve[0].get("knowledge_loss")), "", "", ""])
     for r in run.servers():
         total += r["bytes_up"] + r["bytes_down"]
-        rows.append([str(r["round"]), fmt(r.get("train_loss")), fmt(r.get("rouge_l_avg")), fmt(r.get("knowledge_loss")),
-                     f"{r['bytes_up']:,}", f"{r['bytes_down']:,}", f"{total:,}"])
-    return table(header, rows)
+        point = curve.get(r["round"], {}) if curve else {"rouge_l": r.get("rouge_l_avg"),
+                                                          "knowledge_loss": r.get("knowledge_loss")}
+        rows.append([str(r["round"]), fmt(r.get("train_loss")), fmt(point.get("rouge_l")),
+                     fmt(point.get("knowledge_loss")), f"{r['bytes_up']:,}", f"{r['bytes_down']:,}", f"{total:,}"])
+    lines = table(header, rows)
+    if curve:
+        lines += ["", "Curve sample: at every evaluated round, the examples and held-out documents an intermediate "
+                      "round evaluates (`eval.curve_test_examples` per client, the first `eval.curve_docs` "
+                      "documents), which the full-size samples contain; the last round's full-size means are in "
+                      "the tables above."]
+    return lines
 
 
 def reliability_lines(run: Run) -> list[str]:
