@@ -127,6 +127,28 @@ def test_option_scores_equal_the_full_forward_of_every_family(family, word_token
             assert count == len(option_ids) and loglikelihood == pytest.approx(expected, abs=1e-4)
 
 
+def test_option_scores_of_a_flex_model_equal_its_full_forward(word_tokenizer):
+    """A PEFT-wrapped model carrying a graft: the decoder-plus-LM-head path keeps LoRA and graft."""
+    from flexmoe.models import add_lora, graft
+
+    model = tiny_model("qwen2_moe", seed=6)
+    graft(model, {layer.name: [1] for layer in moe_layers(model)}, gate_init_bias=1.0)
+    model = add_lora(model, "attention", r=2, seed=1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or ".graft." in name:  # LoRA away from zero, graft away from its copy
+                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    model.eval()
+    (scores,) = probes_loglikelihoods(model, word_tokenizer, [("w5 w6", ["w7 w8", "w9"])])
+    for option, (loglikelihood, _) in zip(["w7 w8", "w9"], scores):
+        context, option_ids = continuation_ids(word_tokenizer, "w5 w6", option)
+        row = torch.tensor([context + option_ids])
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(input_ids=row).logits[0, :-1].float(), dim=-1)
+        expected = sum(logprobs[t - 1, row[0, t]].item() for t in range(len(context), row.shape[1]))
+        assert loglikelihood == pytest.approx(expected, abs=1e-4)
+
+
 def test_normalisations_pick_different_options_on_a_hand_built_case():
     loglikelihoods = [(-6.0, 3), (-4.0, 1)]  # a long option with a low sum, a short one with a higher sum
     options = ["abcdef", "ab"]
