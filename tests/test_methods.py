@@ -132,12 +132,26 @@ def test_fedadagrad_matches_hand_computed_steps():
 
 
 def test_fedavgm_matches_hand_computed_steps():
-    # m1 = 0.5, x1 = 1.5; m2 = 0.9 * 0.5 - 0.2 = 0.25, x2 = 1.75 (eta = 1, beta = 0.9)
-    assert two_server_steps("fedavgm") == pytest.approx((1.5, 1.75), rel=1e-6)
+    # defaults eta = 0.1, beta = 0.9: m1 = 0.5, x1 = 1 + 0.1 * 0.5 = 1.05; m2 = 0.9 * 0.5 - 0.2 = 0.25, x2 = 1.075
+    assert two_server_steps("fedavgm") == pytest.approx((1.05, 1.075), rel=1e-6)
+    # eta = 1: x1 = 1.5, x2 = 1.5 + 0.25 = 1.75
+    assert two_server_steps("fedavgm", "server.momentum_lr=1.0") == pytest.approx((1.5, 1.75), rel=1e-6)
+
+
+def test_fedavgm_default_keeps_fedavg_long_run_step():
+    """eta = 1 - beta: a constant update u reaches a server step of u, as FedAvg's (geometric series)."""
+    opt = method("fedavgm")
+    glob = {"w": scalar(0.0)}
+    state = opt.init_server_state(glob)
+    for _ in range(200):
+        new, state, _ = opt.aggregate(glob, state, [Reply({"w": glob["w"] + 0.5}, 1)])
+        step, glob = new["w"].item() - glob["w"].item(), new
+    assert step == pytest.approx(0.5, rel=1e-6)
 
 
 def test_fedavgm_without_momentum_is_fedavg():
-    assert two_server_steps("fedavgm", "server.momentum=0.0") == pytest.approx((1.5, 1.3), rel=1e-6)
+    assert two_server_steps("fedavgm", "server.momentum=0.0", "server.momentum_lr=1.0") == pytest.approx(
+        (1.5, 1.3), rel=1e-6)
 
 
 def test_local_never_communicates_and_keeps_its_weights():
@@ -151,8 +165,8 @@ def test_local_never_communicates_and_keeps_its_weights():
 
 
 def test_flex_aggregates_with_the_configured_server_optimizer():
-    flex = method("flex", 'flex.aggregator="fedavgm"')
-    assert two_server_steps("fedavgm") == pytest.approx((1.5, 1.75))
+    flex = method("flex", 'flex.aggregator="fedavgm"', "server.momentum_lr=1.0")
+    assert two_server_steps("fedavgm", "server.momentum_lr=1.0") == pytest.approx((1.5, 1.75))
     glob = {"w": scalar(1.0)}
     state = flex.init_server_state(glob)
     x1, _, _ = flex.aggregate(glob, state, [Reply({"w": scalar(1.5)}, 1)])

@@ -31,7 +31,7 @@ def pad(batch):
 
 
 def train_config(*overrides: str):
-    return load_config(None, ["train.max_grad_norm=0", *overrides]).train
+    return load_config(None, ["train.max_grad_norm=0", 'train.precision="fp32"', *overrides]).train
 
 
 def head_params(model):
