@@ -12,7 +12,8 @@ pooled across seeds and its sign per seed, judged supported / contradicted / inc
 The full study takes hours on a small CPU: FLEXMOE_FIDELITY_METHODS (";"-separated
 `setting=method,method`; a setting left out is not run), FLEXMOE_FIDELITY_SEEDS and
 FLEXMOE_FIDELITY_SET (";"-separated KEY=VALUE overrides for every run, on top of `STUDY_SET`)
-reduce it, and the result file says so; FLEXMOE_FIDELITY_NOTE adds a
+reduce it, and the result file says so; FLEXMOE_FIDELITY_REPORT_ONLY=1 runs nothing and reports the
+finished runs only (those whose summary says every round ran); FLEXMOE_FIDELITY_NOTE adds a
 paragraph on how the runs were made. Finished runs are skipped, so the runs can be made
 beforehand by parallel `flexmoe compare` commands into the same directories.
 """
@@ -74,14 +75,36 @@ def main(results_dir: pathlib.Path) -> None:
     extra = [s.strip() for s in os.environ.get("FLEXMOE_FIDELITY_SET", "").split(";") if s.strip()]
     out = pathlib.Path("runs") / f"fidelity-{datetime.date.today().isoformat()}"
     studied = []
+    report_only = os.environ.get("FLEXMOE_FIDELITY_REPORT_ONLY") == "1"
     for setting, methods in chosen.items():
         args = argparse.Namespace(methods=",".join(methods), seeds=",".join(map(str, seeds)),
                                   config=SETTINGS[setting][0], overrides=[*STUDY_SET, *extra],
                                   output_dir=str(out / setting), reference="fedavg" if "fedavg" in methods else None,
                                   quiet=True)
-        compare.run(args)
+        if report_only:
+            report_finished(out / setting, methods, seeds, compare._command(args), args.reference)
+        else:
+            compare.run(args)
         studied.append((setting, methods, compare._command(args)))
     write_fidelity(results_dir, out, studied, seeds, extra)
+
+
+def report_finished(root: pathlib.Path, methods: tuple, seeds: tuple, command: str, reference: str | None) -> None:
+    """The comparison report of the finished runs under `root` (nothing is run)."""
+    from flexmoe.report import write_compare_report
+
+    finished = [root / m / f"seed-{s}" for m in methods for s in seeds if _finished(root / m / f"seed-{s}")]
+    if finished:
+        done = {path.parent.name for path in finished}
+        write_compare_report(finished, root, command=command, reference=reference if reference in done else None)
+
+
+def _finished(run_dir: pathlib.Path) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return False
+    found = json.loads(summary.read_text())
+    return found.get("wall_seconds") is not None and found.get("rounds_completed") == found.get("rounds", 5)
 
 
 def chosen_methods(text: str) -> dict[str, tuple[str, ...]]:
@@ -135,8 +158,7 @@ def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple
     from flexmoe.eval.stats import verdict
     from flexmoe.report.stats import fmt_diff, fmt_signs
 
-    runs = {m: {s: root / m / f"seed-{s}" for s in seeds if (root / m / f"seed-{s}" / "summary.json").exists()}
-            for m in methods}
+    runs = {m: {s: root / m / f"seed-{s}" for s in seeds if _finished(root / m / f"seed-{s}")} for m in methods}
     lines = [f"## Setting: {setting} — {SETTINGS[setting][1]}", "",
              "| claim (A better than B) | ROUGE-L A − B [95% CI] | signs | verdict | exact match A − B | "
              "held-out loss A − B [95% CI] | knowledge verdict | probes A − B (McNemar p) |",
@@ -152,10 +174,13 @@ def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple
                      + (f"{probes.accuracy_a - probes.accuracy_b:+.3f} (p = {probes.p_value:.2g})" if probes else "n/a")
                      + " |")
     lines.append("")
-    conflicts = conflict_fractions({m: list(r.values()) for m, r in runs.items()})
-    for label, fraction in conflicts.items():
-        lines.append(f"- {label}: {fraction:.1%} of the (client, expert or module) updates conflicted with their "
-                     "consensus (negative cosine) and were projected, averaged over rounds and seeds.")
+    for label, found in conflict_stats({m: list(r.values()) for m, r in runs.items()}).items():
+        lines.append(f"- {label}: {found['fcmoe_conflict_fraction']:.1%} of the (client, expert or module) updates "
+                     "conflicted with their consensus (negative cosine) and were projected, averaged over rounds and "
+                     "seeds." + (f" Cosine of an update with its consensus: mean {found['fcmoe_mean_consensus_cosine']:.3f}, "
+                                 f"smallest {found['fcmoe_min_consensus_cosine']:+.3f}; between two clients' updates of "
+                                 f"the same row: mean {found['fcmoe_mean_client_cosine']:.3f}."
+                                 if "fcmoe_mean_client_cosine" in found else ""))
     lines += ["", *_report_body(root / "report.md"), ""]
     return lines
 
@@ -173,15 +198,25 @@ def claim_stats(runs_a: dict, runs_b: dict, seeds: list[int]):
     return rouge, exact, knowledge_between([(s, runs_a[s], runs_b[s]) for s in seeds])
 
 
-def conflict_fractions(runs: dict[str, list[pathlib.Path]]) -> dict[str, float]:
-    """Per method: the mean over rounds and seeds of the aggregation's fraction of conflicting updates."""
+def conflict_stats(runs: dict[str, list[pathlib.Path]]) -> dict[str, dict[str, float]]:
+    """Per FC-MoE method: the conflict fraction and the mean cosines averaged over rounds and seeds,
+    the smallest cosine with the consensus over all of them."""
     out = {}
     for label, run_dirs in runs.items():
-        values = [record["fcmoe_conflict_fraction"] for run_dir in run_dirs
-                  for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                  if record.get("kind") == "server" and "fcmoe_conflict_fraction" in record]
-        if values:
-            out[label] = sum(values) / len(values)
+        records = [record for run_dir in run_dirs
+                   for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                   if record.get("kind") == "server" and "fcmoe_conflict_fraction" in record]
+        if not records:
+            continue
+        found = {}
+        for key in ("fcmoe_conflict_fraction", "fcmoe_mean_consensus_cosine", "fcmoe_mean_client_cosine"):
+            values = [r[key] for r in records if key in r]
+            if values:
+                found[key] = sum(values) / len(values)
+        smallest = [r["fcmoe_min_consensus_cosine"] for r in records if "fcmoe_min_consensus_cosine" in r]
+        if smallest:
+            found["fcmoe_min_consensus_cosine"] = min(smallest)
+        out[label] = found
     return out
 
 
