@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexmoe.models.families import unwrap
+
 NORMALISATIONS = ("bytes", "tokens", "none")
 
 
@@ -62,8 +64,6 @@ def _token_logprobs(model, rows: list[list[int]], pad_id: int, routing=None) -> 
 def _tail_logprobs(model, rows: list[list[int]], tails: list[int], pad_id: int) -> list[torch.Tensor]:
     """log p(row[t] | row[:t]) for the last `tails[i]` tokens of each row only: the LM head and
     the softmax run on those positions alone (most of a probe row is its question)."""
-    from flexmoe.models.families import unwrap
-
     input_ids, attention = _padded(rows, pad_id)
     device = next(model.parameters()).device
     lm = unwrap(model)

@@ -169,8 +169,8 @@ def learning_curve(run_dir: Path) -> dict[int, dict[str, float]]:
     if not curve_rounds:
         return {}
     ids = {c: set(scores) for c, scores in answer_scores(run_dir, curve_rounds[0], "personal").items()}
-    first = knowledge_items(run_dir, curve_rounds[0], "personal-client-0") or {}
-    docs = len(first.get("doc_nll", []))
+    first = knowledge_items(run_dir, curve_rounds[0], f"personal-client-{min(ids)}") if ids else None
+    docs = len((first or {}).get("doc_nll", []))
     out = {}
     for r in rounds:
         model = "base" if r == 0 else "personal"
@@ -180,10 +180,9 @@ def learning_curve(run_dir: Path) -> dict[int, dict[str, float]]:
         if per_client and all(per_client):
             point["rouge_l"] = sum(sum(s) / len(s) for s in per_client) / len(per_client)
         names = ["base"] if r == 0 else [f"personal-client-{c}" for c in sorted(ids)]
-        losses = [pooled_loss([tuple(d) for d in items["doc_nll"][:docs]]) for items in (knowledge_items(run_dir, r, n) for n in names)
+        losses = [pooled_loss(items["doc_nll"][:docs]) for items in (knowledge_items(run_dir, r, n) for n in names)
                   if items is not None and docs]
         if losses:
             point["knowledge_loss"] = sum(losses) / len(losses)
         out[r] = point
     return out
-

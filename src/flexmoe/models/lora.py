@@ -27,10 +27,14 @@ SCOPES = ("attention", "attention+experts", "full")
 
 @contextlib.contextmanager
 def peft_quietly():
-    """PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing`; the FutureWarning it
-    raises says nothing actionable to our users, so our own PEFT calls run without it."""
+    """Our own PEFT calls run without two PEFT 0.21 warnings that say nothing actionable to our users:
+    the FutureWarning of transformers' deprecated `is_gradient_checkpointing`, which PEFT calls, and
+    "rank_pattern keys did not match": PEFT checks those keys against module names only, so it reports
+    keys that match a targeted parameter (the experts' own rank) although it applies them
+    (`_check_expert_rank` verifies that it did)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*", category=RuntimeWarning)
         yield
 
 
@@ -80,10 +84,7 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with peft_quietly(), warnings.catch_warnings():
-            # PEFT 0.21 checks rank_pattern keys against module names only, so it reports keys that
-            # match a targeted parameter as unmatched although it applies them: _check_expert_rank verifies
-            warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*", category=RuntimeWarning)
+        with peft_quietly():
             peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if GRAFT in name.split("."):
