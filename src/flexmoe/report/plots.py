@@ -70,7 +70,7 @@ def run_rounds(run: Run, path: Path) -> str | None:
             name = key.removesuffix("_avg")
             base = curve.get(0, {}).get(name)
             points = [(r, p[name]) for r, p in sorted(curve.items()) if p.get(name) is not None]
-            label += " (curve sample)"
+            label = {"rouge_l": "personalised ROUGE-L", "knowledge_loss": "knowledge loss"}[name] + " (curve sample)"
         else:
             base = run.base().get(f"{key}_base")
             points = _with_base([(r["round"], r[key]) for r in servers if r.get(key) is not None], base)
