@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import random
@@ -117,10 +119,16 @@ def test_config_errors_name_the_key(tmp_path):
     assert load_config(None, ["train.steps=7", "seed=3"]).train.steps == 7
 
 
-def test_shipped_pretrain_config_parses():
-    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pretrain-tiny.toml")
-    assert config.model.num_experts == 8 and config.model.num_experts_per_tok == 2
-    assert config.data.corpus == "builtin" and config.train.precision == "bf16"
+def test_shipped_pretrain_configs_parse_and_stage_two_continues_stage_one():
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    first, second = load_config(configs / "pretrain-tiny-v1.toml"), load_config(configs / "pretrain-tiny.toml")
+    for config in (first, second):
+        assert config.model.num_experts == 8 and config.model.num_experts_per_tok == 2
+        assert config.data.corpus == "builtin" and config.train.precision == "bf16"
+    assert not first.model.init_from and second.model.init_from == "runs/pretrain-tiny-v1"
+    assert second.train.router_supervision_coef > 0 and second.train.domain_grouping == "sequences"
+    shape = [f for f in dataclasses.fields(first.model) if f.name != "init_from"]
+    assert all(getattr(first.model, f.name) == getattr(second.model, f.name) for f in shape)
 
 
 @pytest.mark.slow

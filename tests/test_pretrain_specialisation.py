@@ -19,12 +19,16 @@ from flexmoe.pretrain.train import (
     EvalSettings,
     TokenizerSettings,
     TrainSettings,
+    assign_domain_experts,
     domain_batch_at,
     load_config,
     pack_by_domain,
     pretrain,
     resolve_device,
+    router_supervision_loss,
     router_z_loss,
+    row_targets,
+    supervision_weight,
     train_tokenizer,
     training_batches,
 )
@@ -70,16 +74,17 @@ def test_training_batches_follow_the_grouping_setting(tokenizer):
     documents = _documents(200, 6)
     for grouping in ("none", "sequences", "batches"):
         settings = TrainSettings(batch_size=4, seq_len=24, domain_grouping=grouping)
-        rows, batch_for_step = training_batches(documents, tokenizer, settings, seed=0)
-        batch = batch_for_step(3)
-        assert batch.shape == (4, 24) and torch.equal(batch, batch_for_step(3))
+        rows, row_domains, picks_for_step = training_batches(documents, tokenizer, settings, seed=0)
+        batch = rows[picks_for_step(3)]
+        assert batch.shape == (4, 24) and torch.equal(batch, rows[picks_for_step(3)])
+        assert (row_domains is None) == (grouping == "none")
     _, by_domain = pack_by_domain(documents, tokenizer, 24, 0)
-    rows, batch_for_step = training_batches(documents, tokenizer, TrainSettings(batch_size=4, seq_len=24,
-                                                                                  domain_grouping="batches"), 0)
-    index_of = {tuple(row.tolist()): i for i, row in enumerate(rows)}
+    rows, row_domains, picks_for_step = training_batches(
+        documents, tokenizer, TrainSettings(batch_size=4, seq_len=24, domain_grouping="batches"), 0)
+    assert row_domains == by_domain
     single = 0
     for step in range(10):
-        groups = {by_domain[index_of[tuple(row.tolist())]] for row in batch_for_step(step)}
+        groups = {by_domain[i] for i in picks_for_step(step).tolist()}
         single += len(groups) == 1 and MIXED not in groups
     assert single >= 8  # 200 documents in 3 domains: nearly every batch is one domain's
 
@@ -91,11 +96,58 @@ def test_router_z_loss_is_the_mean_squared_logsumexp():
     assert float(router_z_loss(logits)) == pytest.approx((first + second) / 2, rel=1e-6)
 
 
+def test_domain_experts_put_the_largest_domains_on_distinct_experts_and_balance_rows():
+    rows = ["a"] * 9 + ["b"] * 6 + ["c"] * 5 + ["d"] * 2 + ["e"] * 2 + [MIXED] * 4
+    mapping = assign_domain_experts(rows, num_experts=3)
+    # a -> 0 (9), b -> 1 (6), c -> 2 (5), d -> 2 (7), e -> 1 (8); mixed rows get no expert
+    assert mapping == {"a": 0, "b": 1, "c": 2, "d": 2, "e": 1}
+    assert row_targets(["b", MIXED, "d"], mapping).tolist() == [1, -1, 2]
+
+
+def test_router_supervision_is_the_cross_entropy_toward_each_rows_expert_and_anneals():
+    logits = (torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, -5.0]]),  # 2 rows x 2 tokens, 2 experts
+              torch.tensor([[0.0, 0.0]] * 4))
+    targets = torch.tensor([1, -1])  # row 0 -> expert 1, row 1 unsupervised
+    first = (math.log(1 + math.e ** 2) - 0.0 + math.log(1 + math.e) - 1.0) / 2  # -log p(expert 1) per token
+    assert float(router_supervision_loss(logits, targets, seq_len=2)) == pytest.approx((first + math.log(2)) / 2)
+    settings = TrainSettings(steps=100, router_supervision_coef=2.0, router_supervision_until=0.5)
+    assert [supervision_weight(s, settings) for s in (0, 25, 50, 80)] == [2.0, 1.0, 0.0, 0.0]
+
+
+def test_router_supervision_pulls_routers_toward_the_domain_expert(corpus_files, tmp_path):  # noqa: F811
+    from flexmoe.models import load_base
+    from flexmoe.pretrain.train import DOMAIN_EXPERTS, read_documents
+
+    overrides = _tiny_overrides(corpus_files, steps=40) + [
+        'train.domain_grouping="sequences"', "train.router_supervision_coef=5.0", "train.router_supervision_until=1.0",
+        "train.lr=0.01", "train.warmup_steps=1", 'train.device="cpu"']
+    out = pretrain(load_config(None, overrides), tmp_path / "supervised", log=lambda line: None)
+    mapping = json.loads((out / DOMAIN_EXPERTS).read_text())
+    model, tok = load_base(out)
+    hits = total = 0
+    from flexmoe.pretrain.train import document_domain
+    for doc in read_documents(str(corpus_files / "train.txt"), "train")[:40]:
+        expert = mapping.get(document_domain(doc))
+        if expert is None:
+            continue
+        ids = tok(doc, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out_logits = model(input_ids=ids, output_router_logits=True).router_logits
+        for layer in out_logits:
+            hits += int((layer.argmax(-1) == expert).sum())
+            total += layer.shape[0]
+    assert total and hits / total > 0.5  # measured 0.62; an unsupervised router: about 1 / num_experts = 0.125
+
+
 def test_device_and_grouping_settings_are_checked():
     with pytest.raises(FlexmoeError, match="device"):
         load_config(None, ['train.device="tpu"'])
     with pytest.raises(FlexmoeError, match="domain_grouping"):
         load_config(None, ['train.domain_grouping="lexname"'])
+    with pytest.raises(FlexmoeError, match="router_supervision_coef needs domain_grouping"):
+        load_config(None, ["train.router_supervision_coef=1.0"])
+    with pytest.raises(FlexmoeError, match="router_supervision_until"):
+        load_config(None, ["train.router_supervision_until=0"])
     with pytest.raises(FlexmoeError, match="experts_implementation"):
         load_config(None, ['train.experts_implementation="batched"'])
     assert resolve_device("cpu").type == "cpu"
@@ -215,3 +267,20 @@ def test_v2_config_meets_the_size_and_token_budget():
     assert 2 * parameters <= 60e6  # bfloat16 storage
     assert config.train.steps * config.train.batch_size * config.train.seq_len >= 50e6
     assert config.train.device == "auto" and config.eval.target_probe_accuracy >= 0.7
+
+
+def test_init_from_continues_from_a_model_directory_with_its_tokenizer(corpus_files, tmp_path):  # noqa: F811
+    first = pretrain(load_config(None, _tiny_overrides(corpus_files, steps=2)), tmp_path / "first", log=lambda line: None)
+    overrides = _tiny_overrides(corpus_files, steps=1) + [f"model.init_from={json.dumps(str(first))}",
+                                                           "train.lr=0.0", "train.warmup_steps=1"]
+    second = pretrain(load_config(None, overrides), tmp_path / "second", log=lambda line: None)
+    # lr 0: one step changes nothing, so the continued model is the first one, tokenizer included
+    weights, continued = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert weights.keys() == continued.keys() and all(torch.equal(weights[k], continued[k]) for k in weights)
+    assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
+    wrong = overrides + ["model.num_experts=4"]
+    with pytest.raises(FlexmoeError, match="num_experts = 8, the config says 4"):
+        pretrain(load_config(None, wrong), tmp_path / "wrong", log=lambda line: None)
+    with pytest.raises(FlexmoeError, match="no model directory"):
+        pretrain(load_config(None, _tiny_overrides(corpus_files) + ['model.init_from="/nonexistent"']),
+                 tmp_path / "none", log=lambda line: None)

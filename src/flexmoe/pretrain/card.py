@@ -271,7 +271,7 @@ into {t.seq_len}-token sequences (no padding); batch {t.batch_size} sequences; {
 cosine decay to {t.min_lr_ratio:g}×lr, gradient clipping {t.grad_clip}); router load-balancing loss
 × {config.model.router_aux_loss_coef}{_z_loss_text(t)}; {'bfloat16 autocast' if t.precision == 'bf16' else 'float32'};
 {_GROUPING_TEXT[training.get('domain_grouping', t.domain_grouping)]}.
-
+{_specialisation_recipe_text(config)}
 | compute | |
 |---|---|
 | hardware | {_hardware_text(training)} |
@@ -292,6 +292,25 @@ _GROUPING_TEXT = {
     "sequences": "each sequence packed from one WordNet domain's documents, batches mixing domains",
     "batches": "each batch drawn from one WordNet domain's sequences",
 }
+
+
+def _specialisation_recipe_text(config: PretrainConfig) -> str:
+    t, m = config.train, config.model
+    text = ""
+    if m.init_from:
+        text += (f"\nContinued training: the weights and tokenizer start from `{m.init_from}` (a base trained "
+                 "from scratch by its own config), and these steps continue it.\n")
+    if t.router_supervision_coef:
+        text += f"""
+**How the experts came to specialise (not emergent).** Every WordNet domain is assigned one routed
+expert (the largest domains first, each to the expert with the fewest sequences so far; the assignment
+is `domain_experts.json`), and for the first {t.router_supervision_until:.0%} of the steps a cross-entropy
+term pulls every layer's router, on every token of a sequence, toward that sequence's domain expert,
+with a weight falling linearly from {t.router_supervision_coef:g} to 0 (DEMix-style domain experts, annealed).
+After that the learned router alone routes; the measurements below are of the learned router, which
+sees no domain label.
+"""
+    return text
 
 
 def _z_loss_text(t) -> str:

@@ -1,6 +1,6 @@
 """Pretraining of the shipped tiny qwen2_moe model (`flexmoe pretrain`).
 
-One config file (configs/pretrain-tiny.toml) fixes everything: the corpus, the BPE tokenizer,
+One config file (configs/pretrain-tiny-v1.toml, then configs/pretrain-tiny.toml continuing it) fixes everything: the corpus, the BPE tokenizer,
 the architecture, the optimisation schedule and the seed. The output is a standard Hugging Face
 model directory (config.json, model.safetensors, tokenizer files) that loads offline.
 
@@ -36,6 +36,7 @@ CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_SUMMARY = "training_summary.json"
 CONFIG_COPY = "pretrain-config.toml"
+DOMAIN_EXPERTS = "domain_experts.json"  # the router supervision's domain -> expert assignment
 DEVICES = ("auto", "cpu", "cuda")
 DOMAIN_GROUPINGS = ("none", "sequences", "batches")
 EXPERTS_IMPLEMENTATIONS = ("", "grouped_mm", "eager")
@@ -59,6 +60,10 @@ class TokenizerSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
+    # A model directory to continue from (its weights and tokenizer; the settings below must
+    # match its config). "" = a fresh initialisation. Continued training is how the shipped base
+    # gets experts that specialise: an existing base, its routers supervised toward domain experts.
+    init_from: str = ""
     num_hidden_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4
@@ -94,6 +99,13 @@ class TrainSettings:
     # "batches" it asks each domain (not the whole corpus) for an even use of the experts.
     domain_grouping: str = "none"
     router_z_loss_coef: float = 0.0  # ST-MoE router z-loss: mean squared logsumexp of router logits
+    # Router supervision (DEMix-like, annealed): every domain is assigned one expert (the largest
+    # domains first, each to the expert with the fewest rows so far), and a cross-entropy term
+    # pulls each router, in every layer, toward its row's domain expert. Its weight falls linearly
+    # from router_supervision_coef to 0 at router_supervision_until x steps; the learned router
+    # alone decides after that. Needs domain_grouping "sequences" or "batches" (rows of one domain).
+    router_supervision_coef: float = 0.0
+    router_supervision_until: float = 0.5
     # transformers' fused-experts kernel while training: "" = its default (grouped_mm), or "eager"
     # (a loop over experts: slower, the fallback if grouped_mm fails on a machine); not saved with the model
     experts_implementation: str = ""
@@ -204,6 +216,12 @@ def _validate(config, where: str) -> None:
         if config.domain_grouping not in DOMAIN_GROUPINGS:
             raise FlexmoeError(f"{where}: domain_grouping must be one of {', '.join(DOMAIN_GROUPINGS)}, "
                                f"got {config.domain_grouping!r}")
+        if config.router_supervision_coef and config.domain_grouping == "none":
+            raise FlexmoeError(f"{where}: router_supervision_coef needs domain_grouping 'sequences' or 'batches' "
+                               "(supervision targets come from the domain of each packed row)")
+        if not 0 < config.router_supervision_until <= 1:
+            raise FlexmoeError(f"{where}: router_supervision_until must be in (0, 1], got "
+                               f"{config.router_supervision_until}")
         if min(config.steps, config.batch_size, config.seq_len) < 1:
             raise FlexmoeError(f"{where}: steps, batch_size and seq_len must be at least 1")
     if isinstance(config, ModelSettings):
@@ -363,24 +381,70 @@ def _domain_epoch_plan(row_domains: tuple[str, ...], batch_size: int, seed: int,
 
 
 def training_batches(documents: list[str], tokenizer, settings: TrainSettings, seed: int):
-    """(rows, batch_for_step) for the configured domain grouping; batch_for_step(step) -> (B, T) rows."""
+    """(rows, row_domains, picks_for_step) for the configured domain grouping.
+
+    picks_for_step(step) -> the row indices of that step's batch (a pure function of step);
+    row_domains is None when documents are not grouped by domain.
+    """
     if settings.domain_grouping == "none":
         rows = pack_documents(documents, tokenizer, settings.seq_len, seed)
-        return rows, lambda step: batch_at(rows, step, settings.batch_size, seed)
+        return rows, None, lambda step: batch_picks(rows.shape[0], step, settings.batch_size, seed)
     rows, row_domains = pack_by_domain(documents, tokenizer, settings.seq_len, seed)
     if settings.domain_grouping == "sequences":
-        return rows, lambda step: batch_at(rows, step, settings.batch_size, seed)
-    return rows, lambda step: rows[torch.tensor(domain_batch_at(row_domains, step, settings.batch_size, seed))]
+        return rows, row_domains, lambda step: batch_picks(rows.shape[0], step, settings.batch_size, seed)
+    return rows, row_domains, lambda step: torch.tensor(domain_batch_at(row_domains, step, settings.batch_size, seed))
 
 
-def batch_at(rows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Rows for optimiser step `step`: epoch-wise seeded permutations, a pure function of step."""
-    n = rows.shape[0]
+def assign_domain_experts(row_domains: list[str], num_experts: int) -> dict[str, int]:
+    """Each domain's supervision expert: largest domains first, each to the least-filled expert.
+
+    So the `num_experts` largest domains get distinct experts, and the expert loads stay balanced
+    in rows. The `MIXED` rows (tails of several domains) get none.
+    """
+    counts: dict[str, int] = {}
+    for domain in row_domains:
+        if domain != MIXED:
+            counts[domain] = counts.get(domain, 0) + 1
+    fill = [0] * num_experts
+    mapping = {}
+    for domain in sorted(counts, key=lambda d: (-counts[d], d)):
+        expert = min(range(num_experts), key=lambda e: (fill[e], e))
+        mapping[domain] = expert
+        fill[expert] += counts[domain]
+    return mapping
+
+
+def row_targets(row_domains: list[str], mapping: dict[str, int]) -> torch.Tensor:
+    """The supervision expert of each row (-1 = no supervision)."""
+    return torch.tensor([mapping.get(domain, -1) for domain in row_domains], dtype=torch.long)
+
+
+def supervision_weight(step: int, settings: TrainSettings) -> float:
+    """router_supervision_coef, falling linearly to 0 at router_supervision_until of the steps."""
+    end = settings.router_supervision_until * settings.steps
+    return settings.router_supervision_coef * max(0.0, 1.0 - step / end)
+
+
+def router_supervision_loss(router_logits, targets: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Mean over layers of the cross-entropy between each token's router and its row's expert."""
+    token_targets = targets.repeat_interleave(seq_len)
+    return torch.stack([torch.nn.functional.cross_entropy(logits.float(), token_targets.to(logits.device),
+                                                          ignore_index=-1)
+                        for logits in router_logits]).mean()
+
+
+def batch_picks(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Row indices for optimiser step `step`: epoch-wise seeded permutations, a pure function of step."""
     picks = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, index = divmod(position, n)
         picks.append(_epoch_order(n, seed, epoch)[index])
-    return rows[torch.tensor(picks)]
+    return torch.tensor(picks)
+
+
+def batch_at(rows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Rows for optimiser step `step` (see batch_picks)."""
+    return rows[batch_picks(rows.shape[0], step, batch_size, seed)]
 
 
 _ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
@@ -397,8 +461,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ---------------------------------------------------------------- model
 
 def build_model(settings: ModelSettings, tokenizer, seed: int):
-    """A freshly initialised qwen2_moe causal LM: every layer sparse, gated shared expert, tied embeddings."""
+    """A qwen2_moe causal LM: every layer sparse, gated shared expert, tied embeddings; freshly
+    initialised, or the float32 weights of `settings.init_from`."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    if settings.init_from:
+        return _continued_model(settings)
 
     config = Qwen2MoeConfig(
         vocab_size=len(tokenizer),
@@ -425,6 +493,26 @@ def build_model(settings: ModelSettings, tokenizer, seed: int):
     )
     torch.manual_seed(seed)
     return Qwen2MoeForCausalLM(config)
+
+
+def _continued_model(settings: ModelSettings):
+    from transformers import Qwen2MoeForCausalLM
+
+    path = _init_dir(settings)
+    model = Qwen2MoeForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    for key, value in dataclasses.asdict(settings).items():
+        if key != "init_from" and getattr(model.config, key, value) != value:
+            raise FlexmoeError(f"model.init_from: {path} has {key} = {getattr(model.config, key)!r}, "
+                               f"the config says {value!r}")
+    model.config.router_aux_loss_coef = settings.router_aux_loss_coef
+    return model
+
+
+def _init_dir(settings: ModelSettings) -> Path:
+    path = Path(settings.init_from)
+    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+        raise FlexmoeError(f"model.init_from: no model directory at {path} (config.json or tokenizer.json missing)")
+    return path
 
 
 def lr_factor(step: int, settings: TrainSettings) -> float:
@@ -465,8 +553,10 @@ def router_z_loss(router_logits) -> torch.Tensor:
     return torch.stack([torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in router_logits]).mean()
 
 
-def train_step(model, optimizer, batch: torch.Tensor, step: int, settings: TrainSettings) -> dict:
-    """One optimiser step on LM loss + router load-balancing loss (+ z-loss); returns the step's metrics."""
+def train_step(model, optimizer, batch: torch.Tensor, step: int, settings: TrainSettings,
+               targets: torch.Tensor | None = None) -> dict:
+    """One optimiser step on LM loss + router load-balancing loss (+ z-loss, + router supervision
+    toward `targets`, one expert per row); returns the step's metrics."""
     for group in optimizer.param_groups:
         group["lr"] = settings.lr * lr_factor(step, settings)
     device = next(model.parameters()).device
@@ -478,6 +568,11 @@ def train_step(model, optimizer, batch: torch.Tensor, step: int, settings: Train
         z_loss = router_z_loss(out.router_logits)
         loss = loss + settings.router_z_loss_coef * z_loss
         metrics["z_loss"] = float(z_loss.detach())
+    weight = supervision_weight(step, settings) if targets is not None else 0.0
+    if weight:
+        supervision = router_supervision_loss(out.router_logits, targets, batch.shape[1])
+        loss = loss + weight * supervision
+        metrics.update(supervision_loss=float(supervision.detach()), supervision_weight=weight)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
@@ -508,7 +603,17 @@ def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
         _check_resumable(config, output)
     tokenizer = _tokenizer_for(config, output, resume, log)
     train_docs = read_documents(config.data.corpus, "train")
-    rows, batch_for_step = training_batches(train_docs, tokenizer, config.train, config.seed)
+    rows, row_domains, picks_for_step = training_batches(train_docs, tokenizer, config.train, config.seed)
+    targets = None
+    if config.train.router_supervision_coef:
+        mapping = assign_domain_experts(row_domains, config.model.num_experts)
+        write_text_atomic(output / DOMAIN_EXPERTS, json.dumps(mapping, indent=1) + "\n")
+        targets = row_targets(row_domains, mapping)
+        log(f"router supervision: {len(mapping)} domains onto {config.model.num_experts} experts ({DOMAIN_EXPERTS})")
+
+    def batch_for_step(step: int):
+        picks = picks_for_step(step)
+        return rows[picks], None if targets is None else targets[picks]
     heldout_docs = read_documents(config.data.heldout, "heldout")[: config.train.eval_docs]
     log(f"corpus: {len(train_docs)} documents, {rows.numel()} tokens in {rows.shape[0]} rows "
         f"of {config.train.seq_len} (domain grouping: {config.train.domain_grouping}); vocab {len(tokenizer)}")
@@ -547,6 +652,12 @@ def _tokenizer_for(config: PretrainConfig, output: Path, resume: bool, log):
 
     if resume and (output / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(output, local_files_only=True)
+    if config.model.init_from:  # continued training keeps the vocabulary it was trained with
+        tokenizer = AutoTokenizer.from_pretrained(_init_dir(config.model), local_files_only=True)
+        tokenizer.save_pretrained(output)
+        (output / CONFIG_COPY).write_text(config_to_toml(config), encoding="utf-8")
+        log(f"tokenizer: vocab {len(tokenizer)} from {config.model.init_from}")
+        return tokenizer
     started = time.time()
     tokenizer = train_tokenizer(read_documents(config.data.corpus, "train"), config.tokenizer)
     tokenizer.save_pretrained(output)
@@ -568,7 +679,8 @@ def _train_loop(model, optimizer, batch_for_step, heldout_docs, tokenizer, confi
             model.eval()
             return False
         step_start = time.time()
-        metrics = train_step(model, optimizer, batch_for_step(step), step, settings)
+        batch, batch_targets = batch_for_step(step)
+        metrics = train_step(model, optimizer, batch, step, settings, batch_targets)
         state["seconds"] += time.time() - step_start
         state["step"] = step + 1
         window_tokens += settings.batch_size * settings.seq_len
