@@ -34,12 +34,16 @@ def test_json_report_matches_the_python_api(tiny_model_dir, data_file, capsys):
     for name, entry in report["layers"].items():
         assert entry["margin"] == pytest.approx(expected.margins[name]) and entry["margin"] >= 0
         assert entry["tokens"] == int(sum((b["labels"] != -100).sum() for b in batches))  # response tokens
+        singles = sorted(expected.losses[name])  # 8 experts: the median is the mean of the middle two
+        assert entry["median_loss"] == pytest.approx((singles[3] + singles[4]) / 2)
+        assert entry["worst_loss"] == pytest.approx(singles[-1]) and entry["worst_loss"] >= entry["median_loss"]
 
 
 def test_table_names_every_layer(tiny_model_dir, data_file, capsys):
     assert main(["graft", "--model", str(tiny_model_dir), "--data", str(data_file)]) == 0
     out = capsys.readouterr().out
     assert "model.layers.0.mlp" in out and "model.layers.1.mlp" in out and "margin" in out
+    assert "median" in out and "worst" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -262,3 +262,16 @@ def test_compare_plot_starts_at_the_base_with_a_reference_line(runs, figures):
     assert len(reference) == 1 and list(reference[0].get_ydata()) == [3.0, 3.0]
     flex_curve = next(bars for bars in ax.containers if bars.get_label() == "flex").lines[0]
     assert list(flex_curve.get_xdata()) == [0, 2] and list(flex_curve.get_ydata()) == pytest.approx([3.0, 3.2])
+
+
+def test_run_report_shows_each_clients_grafted_expert_beside_the_median_and_worst(runs):
+    for client, (expert, loss) in enumerate([(3, 0.5), (5, 0.25)]):
+        folder = runs[0] / "clients" / str(client)
+        folder.mkdir(parents=True, exist_ok=True)
+        layers = {"model.layers.0.mlp": {"experts": [expert], "loss": loss, "median_loss": 1.0, "worst_loss": 2.0},
+                  "model.layers.1.mlp": {"experts": [1], "loss": 0.75, "median_loss": 0.8, "worst_loss": 0.9}}
+        (folder / "selection.json").write_text(json.dumps({"strategy": "reconstruction", "k": 1, "layers": layers}))
+    report = write_run_report(runs[0]).read_text()
+    assert "## Grafted experts" in report
+    assert "| 0 | e3 (0.5000 / 1.0000 / 2.0000) | e5 (0.2500 / 1.0000 / 2.0000) | 2 |" in report
+    assert "| 1 | e1 (0.7500 / 0.8000 / 0.9000) | e1 (0.7500 / 0.8000 / 0.9000) | 1 |" in report

@@ -99,13 +99,15 @@ def _table(report: dict) -> str:
     lines = [
         f"model {report['model']}  data {report['data']} ({report['examples']} examples)  "
         f"strategy {report['strategy']}  k={report['k']}",
-        f"{'layer':<36} {'experts':<14} {'loss':>12} {'margin':>12} {'tokens':>7}",
+        f"{'layer':<36} {'experts':<14} {'loss':>12} {'median':>12} {'worst':>12} {'margin':>12} {'tokens':>7}",
     ]
     for name, entry in report["layers"].items():
         experts = ",".join(map(str, entry["experts"]))
-        lines.append(f"{name:<36} {experts:<14} {_number(entry.get('loss')):>12} {_number(entry.get('margin')):>12} "
-                     f"{entry.get('tokens', '-'):>7}")
-    lines.append("margin: loss of the runner-up candidate minus the chosen one (larger = clearer choice)")
+        lines.append(f"{name:<36} {experts:<14} {_number(entry.get('loss')):>12} "
+                     f"{_number(entry.get('median_loss')):>12} {_number(entry.get('worst_loss')):>12} "
+                     f"{_number(entry.get('margin')):>12} {entry.get('tokens', '-'):>7}")
+    lines.append("loss: reconstruction loss of the chosen experts; median, worst: of the single experts; "
+                 "margin: loss of the runner-up candidate minus the chosen one (larger = clearer choice)")
     return "\n".join(lines)
 
 

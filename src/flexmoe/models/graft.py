@@ -187,6 +187,11 @@ class Selection(dict):
                                ("losses", self.losses), ("counts", self.counts)):
                 if name in table:
                     entry[key] = table[name]
+            if name in self.losses:  # whether selection matters: the chosen expert against the field
+                singles = sorted(self.losses[name])
+                entry["median_loss"] = singles[len(singles) // 2] if len(singles) % 2 else \
+                    (singles[len(singles) // 2 - 1] + singles[len(singles) // 2]) / 2
+                entry["worst_loss"] = singles[-1]
             layers[name] = entry
         return {"strategy": self.strategy, "k": self.k, "layers": layers}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from flexmoe.eval.paired import learning_curve
 from flexmoe.report.runs import Run, mean_std
 
@@ -88,6 +90,33 @@ def truncation_lines(run: Run) -> list[str]:
     return [f"Training examples longer than train.max_length = {max_length} tokens: {truncated} of {total} were cut "
             f"(the context first, then the prompt's middle; the response keeps at least half the room) "
             f"({per_client}); {unusable} were left with no supervised token."]
+
+
+def grafting_lines(run: Run) -> list[str]:
+    """Per MoE layer, the expert each client grafted, with its reconstruction loss beside the median
+    and the worst single expert's (the margin that says whether selection matters)."""
+    selections = {}
+    for path in sorted((run.path / "clients").glob("*/selection.json"), key=lambda p: int(p.parent.name)):
+        selections[int(path.parent.name)] = json.loads(path.read_text(encoding="utf-8"))
+    if not selections:
+        return []
+    first = next(iter(selections.values()))
+    header = ["layer", *[f"client {c}" for c in selections], "distinct"]
+    rows = []
+    for index, layer in enumerate(first["layers"]):
+        cells, chosen = [], set()
+        for selection in selections.values():
+            entry = selection["layers"].get(layer, {})
+            experts = ",".join(f"e{e}" for e in entry.get("experts", []))
+            chosen.add(experts)
+            if "median_loss" in entry:
+                experts += f" ({fmt(entry['loss'])} / {fmt(entry['median_loss'])} / {fmt(entry['worst_loss'])})"
+            cells.append(experts)
+        rows.append([str(index), *cells, str(len(chosen))])
+    return ["## Grafted experts", "",
+            f"Selection: {first.get('strategy')}, k={first.get('k')}; in brackets the reconstruction loss of the "
+            "chosen expert(s) / the median / the worst single expert on the client's calibration sample.", "",
+            *table(header, rows), ""]
 
 
 def round_table(run: Run) -> list[str]:

@@ -48,6 +48,7 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
     if truncation:
         lines += [*truncation, ""]
     lines += stats.run_lines(run)
+    lines += tables.grafting_lines(run)
     reliability = tables.reliability_lines(run)
     if reliability:
         lines += ["## Failures, rejections and privacy", "", *reliability, ""]
