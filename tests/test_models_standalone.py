@@ -128,6 +128,7 @@ def test_a_half_precision_export_keeps_the_graft_in_fp32(tokenizer, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()  # dtype "auto": the stored one
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert {p.dtype for n, p in loaded.named_parameters() if ".graft." in n} == {torch.float32}
+    assert loaded.model.layers[0].mlp.graft.expert_ids.dtype == torch.long
     own, _ = load_grafted(out, torch.bfloat16, torch.device("cpu"))
     ids = token_batches(seed=3)[0]
     assert torch.equal(logits(loaded, ids), logits(own, ids))
