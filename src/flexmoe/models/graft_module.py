@@ -16,6 +16,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 GRAFT = "graft"  # attribute of the MoE block holding its graft; every personal name contains it
+# transformers' `_keep_in_fp32_modules_strict` patterns for the graft's floating tensors: they keep
+# fp32 on a half-precision base, as in training (a plain "graft" would turn its expert ids to floats)
+FP32_PATTERNS = (f"{GRAFT}.*weight", f"{GRAFT}.*bias")
 
 
 class ExpertMLP(nn.Module):

@@ -29,7 +29,7 @@ from torch import nn
 from flexmoe.errors import FlexmoeError
 from flexmoe.models import graft_module
 from flexmoe.models.families import FAMILIES, family_of, unwrap
-from flexmoe.models.graft import GRAFT, graft, grafts
+from flexmoe.models.graft import GRAFT, grafts
 
 MODELING_FILE, GRAFT_FILE = "modeling_flexmoe.py", "flexmoe_graft.py"
 SPEC_KEY = "flexmoe_grafts"
@@ -45,7 +45,7 @@ the code the model was trained with. Load with:
 from {config_module} import {config_class}
 from {model_module} import {model_class}
 
-from .flexmoe_graft import GRAFT, attach_from_spec
+from .flexmoe_graft import FP32_PATTERNS, attach_from_spec
 
 
 class {prefix}Config({config_class}):
@@ -56,7 +56,7 @@ class {prefix}Config({config_class}):
 class {prefix}ForCausalLM({model_class}):
     config_class = {prefix}Config
     # the graft keeps fp32 weights on a half-precision base, as in training
-    _keep_in_fp32_modules_strict = [*({model_class}._keep_in_fp32_modules_strict or []), GRAFT]
+    _keep_in_fp32_modules_strict = [*({model_class}._keep_in_fp32_modules_strict or []), *FP32_PATTERNS]
 
     def __init__(self, config):
         super().__init__(config)
@@ -168,7 +168,7 @@ def _grafted_class(family_class: type) -> type:
         raise FlexmoeError("a grafted model saves with flexmoe.models.standalone.save_grafted (or flexmoe export), "
                            "not save_pretrained")
 
-    keep = [*(family_class._keep_in_fp32_modules_strict or []), GRAFT]
+    keep = [*(family_class._keep_in_fp32_modules_strict or []), *graft_module.FP32_PATTERNS]
     return type(family_class.__name__, (family_class,), {
         "__init__": __init__, "save_pretrained": save_pretrained, "_keep_in_fp32_modules_strict": keep,
         "__module__": __name__})
