@@ -1,7 +1,8 @@
-"""`flexmoe export`: one client's personalised model as a self-contained directory.
+"""`flexmoe export`: one client's personalised model as a directory that is a Hugging Face model.
 
-Load it with `flexmoe.load_personalized(DIR)`; the shared LoRA is also written in standard PEFT
-format (`DIR/adapter`), or folded into the base weights with --merge.
+A grafted model (FLEx) loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`;
+a method without graft gives a plain checkpoint with --merge, else a PEFT adapter directory.
+`flexmoe.load_personalized(DIR)` loads every layout (see flexmoe.engine.export).
 """
 
 from __future__ import annotations
@@ -17,21 +18,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the clients keep their state (a Flower SuperNode's state-dir; default DIR/clients)")
     parser.add_argument("--device", metavar="D",
                         help="auto, cpu, cuda or cuda:N (default: the run's runtime.device)")
-    parser.add_argument("--merge", action="store_true", help="fold the LoRA into the base weights (PEFT merge_and_unload)")
+    parser.add_argument("--merge", action="store_true",
+                        help="methods without graft: fold the LoRA into the weights (PEFT merge_and_unload) instead of "
+                             "writing a PEFT adapter; a grafted model is always merged")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="dtype of model/ (default: the base's, when lossless; else float32)")
+                        help="dtype of the weights (default: the base checkpoint's; a graft stays float32)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexmoe.engine.export import export_client, read_manifest
+    from flexmoe.engine.export import BASE_DIR, export_client, read_manifest
     from flexmoe.engine.progress import LogProgress, logs_to
 
     with logs_to(LogProgress()):  # loading and writing announced on stderr
         out = export_client(args.run, args.client, args.out, merge=args.merge, state_dir=args.state_dir,
                             dtype=args.dtype, device=args.device)
     manifest = read_manifest(out)
-    parts = [f"model/ ({manifest['dtype']}" + (", LoRA merged)" if manifest["merged"] else ")")]
-    parts += [f"{name}" for name in (manifest["adapter"] and "adapter/ (PEFT)", manifest["personal"]) if name]
-    print(f"exported client {args.client} ({manifest['method']}, round {manifest['round']}) to {out}: {', '.join(parts)}")
-    print(f"load it with: flexmoe.load_personalized({str(out)!r})")
+    print(f"exported client {args.client} ({manifest['method']}, round {manifest['round']}) to {out}: "
+          f"{_DESCRIPTIONS[manifest['layout']]}, {manifest['dtype']}")
+    for line in _LOADING[manifest["layout"]]:
+        print(line.format(out=str(out), base=str(out / BASE_DIR)))
     return 0
+
+
+_DESCRIPTIONS = {
+    "grafted": "a transformers model with its graft (custom code, LoRA merged)",
+    "merged": "a plain transformers checkpoint",
+    "adapter": "a PEFT adapter, on the weights in base-without-adapter/",
+}
+_LOADING = {
+    "grafted": ["load it with: AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)",
+                "         or: flexmoe.load_personalized({out!r})"],
+    "merged": ["load it with: AutoModelForCausalLM.from_pretrained({out!r})",
+               "         or: flexmoe.load_personalized({out!r})"],
+    "adapter": ["load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {out!r})",
+                "         or: flexmoe.load_personalized({out!r})"],
+}

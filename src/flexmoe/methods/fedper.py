@@ -20,7 +20,7 @@ from torch import nn
 from flexmoe.methods.base import Method
 from flexmoe.methods.registry import register_method
 from flexmoe.models.families import moe_layers
-from flexmoe.models.graft import ExpertGraft
+from flexmoe.models.graft import new_graft
 from flexmoe.models.roles import Roles, split_parameters
 
 log = logging.getLogger("flexmoe.methods")
@@ -32,7 +32,7 @@ def graft_params(model: nn.Module, k: int, gate: str) -> int:
     total = 0
     for layer in moe_layers(model):
         with torch.device("meta"):
-            module = ExpertGraft(layer, k, gate)
+            module = new_graft(layer, k, gate)
         total += sum(p.numel() for p in module.parameters())
     return total
 

@@ -72,6 +72,7 @@ class MoELayer:
     family: Family
     top_k: int
     output_scale: float  # routed output multiplier (routed_scaling_factor, else 1)
+    hidden_act: str  # the experts' activation, a transformers ACT2FN name
 
     @property
     def routing(self) -> str:
@@ -166,7 +167,8 @@ def _describe(name: str, index: int, block: nn.Module, family: Family, config) -
     shared = getattr(block, family.shared_expert, None) if family.shared_expert else None
     top_k = getattr(router, "top_k", None) or config.num_experts_per_tok
     scale = float(getattr(config, "routed_scaling_factor", 1.0)) if family.scaled else 1.0
-    return MoELayer(name, index, block, experts, base_module(router), shared, family, int(top_k), scale)
+    return MoELayer(name, index, block, experts, base_module(router), shared, family, int(top_k), scale,
+                    config.hidden_act)
 
 
 def _check_layout(name: str, experts: nn.Module, router: nn.Module | None, family: Family) -> None:

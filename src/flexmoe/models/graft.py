@@ -6,7 +6,8 @@ a trainable copy of them beside the frozen block, mixed in through an adaptive g
 
     y' = y + sigmoid(w.x + b) * G(x)          (gate="none": y' = y + G(x))
 
-The copy lives in a new submodule `<block>.graft` and is added by forward hooks, so every
+The copy (flexmoe.models.graft_module: plain torch, shipped verbatim in exports) lives in a new
+submodule `<block>.graft` and is added by forward hooks, so every
 original state-dict key is unchanged and the base weights still load. For a given k every
 client's graft has the same structure (only the weights and `expert_ids` differ), so one model
 instance can serve many clients by swapping personal tensors (see flexmoe.models.personal).
@@ -27,11 +28,11 @@ from torch import nn
 from flexmoe.data.tokens import IGNORE_INDEX
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import MoELayer, moe_layers, unwrap
+from flexmoe.models.graft_module import GRAFT, ExpertGraft, ExpertMLP, attach, detach, log_scores
 
-GRAFT = "graft"  # attribute of the MoE block holding its graft; every personal name contains it
 STRATEGIES = ("reconstruction", "random", "frequency")
 GATES = ("sigmoid", "none")
-INITS = ("copy", "zero")  # "zero": an ablation, the selected expert's shape but not its weights (`ExpertGraft.reset`)
+INITS = ("copy", "zero")  # "zero": an ablation, the selected expert's shape but not its weights (`reset_graft`)
 DEFAULT_MAX_TOKENS = 4096
 # Expert outputs are computed a chunk of experts at a time so that a chunk's (c, T, 2I)
 # activations stay under this many elements (~32 MB in fp32): measured on CPU, 256 MB chunks
@@ -39,33 +40,20 @@ DEFAULT_MAX_TOKENS = 4096
 _CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 
-class ExpertMLP(nn.Module):
-    """One expert as a standalone gated MLP: down(act(gate(x)) * up(x))."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.act_fn = act_fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-    @torch.no_grad()
-    def copy_from(self, layer: MoELayer, expert: int) -> None:
-        """Copy expert `expert` of the layer's fused weights ([gate; up] rows, then down)."""
+def copy_expert(mlp: ExpertMLP, layer: MoELayer, expert: int) -> None:
+    """Copy expert `expert` of the layer's fused weights ([gate; up] rows, then down) into `mlp`."""
+    with torch.no_grad():
         gate, up = layer.gate_up_proj[expert].chunk(2, dim=0)
-        self.gate_proj.weight.copy_(gate)
-        self.up_proj.weight.copy_(up)
-        self.down_proj.weight.copy_(layer.down_proj[expert])
+        mlp.gate_proj.weight.copy_(gate)
+        mlp.up_proj.weight.copy_(up)
+        mlp.down_proj.weight.copy_(layer.down_proj[expert])
 
 
 def extract_expert(layer: MoELayer, expert: int) -> ExpertMLP:
     """A standalone copy of one fused expert, on the layer's device and dtype."""
     mlp = ExpertMLP(layer.hidden_size, layer.intermediate_size, copy.deepcopy(layer.act_fn))
     mlp.to(device=layer.gate_up_proj.device, dtype=layer.gate_up_proj.dtype)
-    mlp.copy_from(layer, expert)
+    copy_expert(mlp, layer, expert)
     return mlp
 
 
@@ -75,84 +63,36 @@ def fused_expert_outputs(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Ten
     return torch.matmul(act_fn(gate) * up, down.transpose(1, 2))
 
 
-def log_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
-    """Log of the family's per-expert score; a softmax over a kept subset of these gives the
-    renormalised weights of a router restricted to that subset."""
-    return F.logsigmoid(logits) if score == "sigmoid" else logits
+def new_graft(layer: MoELayer, k: int, gate: str) -> ExpertGraft:
+    """An (uninitialised) graft of k experts shaped for `layer` and routed as its family routes."""
+    return ExpertGraft(layer.hidden_size, layer.intermediate_size, k, gate, layer.hidden_act,
+                       score=layer.family.score, output_scale=layer.output_scale,
+                       clone_input=layer.family.jitters_in_place)
 
 
-class ExpertGraft(nn.Module):
-    """A trainable copy of k experts of one MoE layer plus its adaptive gate.
-
-    G(x) = scale * sum_j w_j(x) G_j(x), with w the layer's router restricted to the k grafted
-    experts (a trainable copy of their router rows; w = 1 when k = 1).
-    """
-
-    def __init__(self, layer: MoELayer, k: int, gate: str):
-        super().__init__()
-        hidden, intermediate = layer.hidden_size, layer.intermediate_size
-        self.experts = nn.ModuleList(
-            ExpertMLP(hidden, intermediate, copy.deepcopy(layer.act_fn)) for _ in range(k)
-        )
-        self.router = nn.Linear(hidden, k, bias=False) if k > 1 else None
-        self.gate = nn.Linear(hidden, 1) if gate == "sigmoid" else None
-        self.register_buffer("expert_ids", torch.zeros(k, dtype=torch.long))
-        self.score = layer.family.score
-        self.output_scale = layer.output_scale
-        self.clone_input = layer.family.jitters_in_place
-        self.enabled = True
-        self.pending_input: torch.Tensor | None = None  # the block input, from the pre- to the post-hook
-
-    @property
-    def k(self) -> int:
-        return len(self.experts)
-
-    @property
-    def gate_kind(self) -> str:
-        return "sigmoid" if self.gate is not None else "none"
-
-    @torch.no_grad()
-    def reset(self, layer: MoELayer, experts: list[int], gate_init_bias: float, init: str = "copy",
-              seed: int = 0) -> None:
-        """Copy the chosen experts (and their router rows) from the base; close the gate to sigmoid(bias).
-        init="zero" copies no expert weight: gate/up start as `nn.Linear` initialises them (seeded by
-        `seed` and the layer) and down at zero, so the graft's output starts at 0 (as LoRA's B) while
-        its gradients do not (with every weight zero, every gradient would be zero too)."""
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
-        for mlp, expert in zip(self.experts, experts, strict=True):
-            if init == "zero":
-                for linear in (mlp.gate_proj, mlp.up_proj):
-                    fresh = torch.empty(linear.weight.shape)
-                    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)  # nn.Linear's default
-                    linear.weight.copy_(fresh)
-                mlp.down_proj.weight.zero_()
-            else:
-                mlp.copy_from(layer, expert)
-        if self.router is not None:
-            self.router.weight.copy_(layer.router.weight[experts])
-        if self.gate is not None:
-            self.gate.weight.zero_()
-            self.gate.bias.fill_(gate_init_bias)
-        self.expert_ids.copy_(torch.tensor(experts, dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the graft keeps fp32 master weights on a half-precision base: compute in its own
-        # dtype (autocast, when on, still picks the matmul dtype) and return the block's
-        dtype = x.dtype
-        branch = self._branch(x.to(self.experts[0].down_proj.weight.dtype))
-        return branch.to(dtype)
-
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        if self.router is None:
-            branch = self.experts[0](x)
+@torch.no_grad()
+def reset_graft(module: ExpertGraft, layer: MoELayer, experts: list[int], gate_init_bias: float,
+                init: str = "copy", seed: int = 0) -> None:
+    """Copy the chosen experts (and their router rows) from the base; close the gate to sigmoid(bias).
+    init="zero" copies no expert weight: gate/up start as `nn.Linear` initialises them (seeded by
+    `seed` and the layer) and down at zero, so the graft's output starts at 0 (as LoRA's B) while
+    its gradients do not (with every weight zero, every gradient would be zero too)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer.index)
+    for mlp, expert in zip(module.experts, experts, strict=True):
+        if init == "zero":
+            for linear in (mlp.gate_proj, mlp.up_proj):
+                fresh = torch.empty(linear.weight.shape)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)  # nn.Linear's default
+                linear.weight.copy_(fresh)
+            mlp.down_proj.weight.zero_()
         else:
-            weights = torch.softmax(log_scores(self.router(x).float(), self.score), dim=-1).to(x.dtype)
-            branch = sum(weights[..., j : j + 1] * mlp(x) for j, mlp in enumerate(self.experts))
-        if self.output_scale != 1.0:
-            branch = branch * self.output_scale
-        if self.gate is not None:
-            branch = torch.sigmoid(self.gate(x)) * branch
-        return branch
+            copy_expert(mlp, layer, expert)
+    if module.router is not None:
+        module.router.weight.copy_(layer.router.weight[experts])
+    if module.gate is not None:
+        module.gate.weight.zero_()
+        module.gate.bias.fill_(gate_init_bias)
+    module.expert_ids.copy_(torch.tensor(experts, dtype=torch.long))
 
 
 # -- selection --------------------------------------------------------------------------------
@@ -483,7 +423,7 @@ def graft(model: nn.Module, selection: dict[str, list[int]], gate: str = "sigmoi
             raise FlexmoeError(f"layer {layer.name} already carries a graft with k={module.k}, "
                                f"gate={module.gate_kind}; "
                                f"cannot re-graft with k={k}, gate={gate} (call ungraft first)")
-        module.reset(layer, list(selection[layer.name]), gate_init_bias, init, seed)
+        reset_graft(module, layer, list(selection[layer.name]), gate_init_bias, init, seed)
         module.requires_grad_(True)
     return model
 
@@ -515,32 +455,8 @@ def _check_selection(layers: list[MoELayer], selection: dict[str, list[int]]) ->
 def _attach(layer: MoELayer, k: int, gate: str) -> ExpertGraft:
     # trainable: fp32 master weights whatever the base's dtype
     dtype = torch.float32 if layer.gate_up_proj.dtype in (torch.bfloat16, torch.float16) else layer.gate_up_proj.dtype
-    module = ExpertGraft(layer, k, gate).to(device=layer.gate_up_proj.device, dtype=dtype)
-    layer.block.add_module(GRAFT, module)
-    module.handles = [
-        layer.block.register_forward_pre_hook(_stash_input, with_kwargs=True),
-        layer.block.register_forward_hook(_add_branch, with_kwargs=True),
-    ]
-    return module
-
-
-def _stash_input(block, args, kwargs):
-    module = getattr(block, GRAFT)
-    if module.enabled:
-        x = args[0] if args else next(iter(kwargs.values()))
-        # mixtral/phimoe multiply the block input in place in train mode: keep the original
-        module.pending_input = x.clone() if module.clone_input and block.training else x
-
-
-def _add_branch(block, args, kwargs, output):
-    module = getattr(block, GRAFT)
-    x, module.pending_input = module.pending_input, None
-    if not module.enabled or x is None:
-        return output
-    branch = module(x)
-    if isinstance(output, tuple):
-        return (output[0] + branch, *output[1:])
-    return output + branch
+    module = new_graft(layer, k, gate).to(device=layer.gate_up_proj.device, dtype=dtype)
+    return attach(layer.block, module)
 
 
 def grafts(model: nn.Module) -> dict[str, ExpertGraft]:
@@ -557,11 +473,8 @@ def current_selection(model: nn.Module) -> dict[str, list[int]]:
 def ungraft(model: nn.Module) -> nn.Module:
     """Remove every graft and its hooks (the base parameters stay frozen)."""
     for layer in moe_layers(model):
-        module = getattr(layer.block, GRAFT, None)
-        if isinstance(module, ExpertGraft):
-            for handle in module.handles:
-                handle.remove()
-            delattr(layer.block, GRAFT)
+        if isinstance(getattr(layer.block, GRAFT, None), ExpertGraft):
+            detach(layer.block)
     return model
 
 
