@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexmoe.engine.flower.messages import (
-    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_from_text, from_arrays, to_arrays,
+    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_from_text, counted_round, from_arrays, to_arrays,
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import write_bytes_atomic
@@ -121,9 +121,10 @@ def _reply(record: dict, client_id: int, num_examples: int) -> RecordDict:
 def settle(store, client_id: int, settings) -> None:
     """Bring the client's stored state in line with the server before anything reads it
     (`ClientStore.settle`): promote pending state only of the round the server last counted for
-    this client (`counted-round`), drop it otherwise; an evaluation keeps the state of the round in
+    this client (its entry in `counted-rounds`, looked up by its own id: the server may not know yet
+    which client this node is), drop it otherwise; an evaluation keeps the state of the round in
     progress, which it reads."""
-    store.settle(client_id, committed=int(settings["committed"]), counted=int(settings["counted-round"]),
+    store.settle(client_id, committed=int(settings["committed"]), counted=counted_round(settings, client_id),
                  keep_in_progress=settings["phase"] == "eval")
 
 
