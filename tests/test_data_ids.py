@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -28,7 +29,9 @@ def test_rows_without_an_id_get_their_own_stable_id(tmp_path):
     examples = load_examples(path, format="dolly")
     ids = [e.id for e in examples]
     assert len(set(ids)) == 6 and all(ids)  # rows 1 and 4 have the same text: their line tells them apart
-    assert [i.split("-")[:2] for i in ids] == [["line", str(n)] for n in range(1, 7)]
+    assert [i.split("-")[:2] for i in ids] == [["row", str(n)] for n in range(1, 7)]
+    text = "\0".join(("question 0", "", "same answer"))
+    assert ids[0] == f"row-1-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
     assert ids == [e.id for e in load_examples(path, format="dolly")]  # the same on every read
     (tmp_path / "copy.jsonl").write_text((tmp_path / "dolly.jsonl").read_text())
     assert ids == [e.id for e in load_examples(tmp_path / "copy.jsonl", format="dolly")]

@@ -4,7 +4,7 @@ Every loader yields `Example`s; every user mistake (unreadable path, malformed J
 missing or mistyped field, a mapped key no row has, a repeated id) raises `FlexmoeError` naming
 the file and line (or row). Invalid rows are all reported at once (the first `MAX_REPORTED`, and
 their total), or skipped with `skip_invalid=True` (`load_data` says how many and which). A row
-without an id gets one of its own (its place in the file and a hash of its text).
+without an id gets one of its own (its place among the file's records and a hash of its text).
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def read_examples(path: str | Path, format: str | None = None,
         raise FlexmoeError(f"unknown data format {format!r}; valid: {', '.join(FORMATS)}")
     mapping = _field_mapping(format, fields)
     examples, invalid, places, keys = [], [], {}, set()
-    for where, record in _records(path, format):
+    for row, (where, record) in enumerate(_records(path, format), 1):
         if isinstance(record, dict):
             keys.update(record)
         try:
             if isinstance(record, _Invalid):
                 raise FlexmoeError(f"{path}:{where}: {record.reason}")
-            example = _with_id(_to_example(record, mapping, path, where), where)
+            example = _with_id(_to_example(record, mapping, path, where), row)
         except FlexmoeError as err:
             invalid.append(str(err))
             continue
@@ -108,14 +108,15 @@ def _check_mapped_keys(fields: Mapping[str, str] | None, keys: set[str], path: P
                                f"the file's keys: {listed}")
 
 
-def _with_id(example: Example, where: str) -> Example:
-    """The example, with an id of its row where the file gives none: its place in the file and a hash
-    of its text, the same for every run, method and seed on this file."""
+def _with_id(example: Example, row: int) -> Example:
+    """The example, with an id of its own where the file gives none: its row (the record's place in
+    the file, invalid rows counted, so in any format and with or without skip_invalid) and a hash of
+    its text, the same for every run, method and seed on this file."""
     if example.id:
         return example
     text = "\0".join((example.instruction, example.context, example.response))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
-    return dataclasses.replace(example, id=f"{where.replace(' ', '-')}-{digest}")
+    return dataclasses.replace(example, id=f"row-{row}-{digest}")
 
 
 def invalid_rows_message(invalid: list[str]) -> str:
