@@ -107,7 +107,7 @@ def commit(msg: Message, context: Context) -> Message:
 
         part = _client_data(config, context.node_config, client_id)
         train = capped_train(config, part)
-        content["info"] = _info(Client(client_id, train, part.test, []))
+        content["info"] = _info(Client(client_id, train, part.test, [], skipped=part.skipped))
     return Message(content, reply_to=msg)
 
 
@@ -163,13 +163,13 @@ def _client_data(config, node_config, client_id: int):
     data_path = node_config.get("data-path")
     if not data_path:
         return partition_data(config)[client_id]
-    examples = flexmoe.data.load_examples(str(data_path), fields=dict(config.data.fields) or None,
-                                          skip_invalid=config.data.skip_invalid)
+    examples, skipped = flexmoe.data.load_data(str(data_path), fields=dict(config.data.fields) or None,
+                                               skip_invalid=config.data.skip_invalid)
     part = flexmoe.data.partition(examples, 1, scheme="iid", seed=config.seed,
                                   test_fraction=config.data.test_fraction)[0]
     if not part.train:
         raise FlexmoeError(f"{data_path}: no training examples for client {client_id}")
-    return flexmoe.data.ClientData(client_id, part.train, part.test)
+    return flexmoe.data.ClientData(client_id, part.train, part.test, tuple(skipped))
 
 
 class _Node:

@@ -256,4 +256,4 @@ def _record(reply: Message) -> dict:
 def _info(client_id: int, info) -> ClientInfo:
     fields = json.loads(str(info["describe"]))
     return ClientInfo(**{**fields, "client_id": client_id, "domains": tuple(fields["domains"]),
-                         "categories": tuple(fields["categories"])})
+                         "categories": tuple(fields["categories"]), "skipped": tuple(fields.get("skipped", ()))})
