@@ -84,3 +84,63 @@ def test_bad_methods_seeds_and_settings_fail_before_any_run(model_dir, tmp_path)
     with pytest.raises(FlexmoeError, match="train.lrr"):
         compare.run(bad)
     assert not (tmp_path / "a").exists()
+
+
+def dolly_without_ids(path: Path) -> Path:
+    """Dolly's shape (instruction, context, response, category; no id field, as databricks-dolly-15k):
+    the synthetic examples with their domain as the category, and two invalid rows, lines 3 and 10."""
+    rows = [json.dumps({"instruction": e.instruction, "context": "", "response": e.response, "category": e.domain})
+            for e in synthetic_examples()]
+    rows.insert(2, json.dumps({"instruction": "a question without an answer", "context": "", "category": "x"}))
+    rows.insert(9, '{"instruction": "cut off')
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def paired_by_hand(run_dir: Path, final: int, other: str, other_round: int, other_dir: Path | None = None):
+    """(pooled mean of personal − `other` over every evaluated example, examples): matched by example id."""
+    def scores(folder: Path, round_index: int, model: str) -> dict:
+        out = {}
+        for path in sorted((folder / "evals" / f"round-{round_index}").glob(f"{model}-client-*.json")):
+            client = path.stem.removeprefix(f"{model}-client-")
+            if client.isdigit():  # not the client's knowledge file
+                payload = json.loads(path.read_text())
+                assert len(set(payload["ids"])) == len(payload["ids"]) and all(payload["ids"])
+                out.update({(client, i): s for i, s in zip(payload["ids"], payload["rouge_l"])})
+        return out
+    mine, theirs = scores(run_dir, final, "personal"), scores(other_dir or run_dir, other_round, other)
+    assert set(mine) == set(theirs)
+    return sum(mine[k] - theirs[k] for k in mine) / len(mine), len(mine)
+
+
+@pytest.mark.slow
+def test_paired_statistics_on_dolly_data_without_ids(model_dir, tmp_path):
+    """Paired statistics match every evaluated example of every client (not one per client, as when
+    every example of a file without ids had the id ""), in each run's summary and report and in the
+    comparison; the rows data.skip_invalid left out are counted, with their lines."""
+    data = dolly_without_ids(tmp_path / "dolly.jsonl")
+    out = tmp_path / "cmp"
+    settings = [*SETTINGS, f'model="{model_dir}"', f'data.source="{data}"', 'data.format="dolly"',
+                'data.by="category"', "data.skip_invalid=true", "num_clients=4", "clients_per_round=4",
+                "eval.max_test_examples=3", "eval.base=true"]
+    args = argparse.Namespace(methods="flex,fedavg", seeds="0", config=None, quiet=True, output_dir=str(out),
+                              overrides=settings)
+    assert compare.run(args) == 0
+    flex, fedavg = out / "flex" / "seed-0", out / "fedavg" / "seed-0"
+    for run_dir in (flex, fedavg):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        diff, examples = paired_by_hand(run_dir, 1, "base", 0)
+        assert examples > 4 and summary["rouge_l_vs_base"]["examples"] == examples
+        assert summary["rouge_l_vs_base"]["diff"] == pytest.approx(diff, abs=1e-9)
+        assert summary["skipped_rows"] == 2
+        assert [e.split(": ")[0] for e in summary["skipped_row_errors"]] == [f"{data}:line 3", f"{data}:line 10"]
+        report = (run_dir / "report.md").read_text()
+        assert f"({examples} pairs)" in report
+        assert "Invalid data rows left out (data.skip_invalid = true): 2." in report
+        assert f"- {data}:line 3: missing field 'response' (response)" in report
+    paired = json.loads((out / "summary.json").read_text())["paired"]
+    assert paired["reference"] == "fedavg"
+    diff, examples = paired_by_hand(flex, 1, "personal", 1, other_dir=fedavg)
+    assert paired["methods"]["flex"]["rouge_l_vs_reference"]["examples"] == examples
+    assert paired["methods"]["flex"]["rouge_l_vs_reference"]["diff"] == pytest.approx(diff, abs=1e-9)
+    assert paired["methods"]["flex"]["rouge_l_vs_base"]["examples"] == examples

@@ -50,7 +50,9 @@ def alpaca_file(tmp_path):
 def test_dolly_fields_map_to_example(dolly_file):
     examples = load_examples(dolly_file, "dolly")
     assert examples[0] == Example(instruction=DOLLY_ROWS[0]["instruction"], response=DOLLY_ROWS[0]["response"],
-                                  context=DOLLY_ROWS[0]["context"], category="closed_qa")
+                                  context=DOLLY_ROWS[0]["context"], category="closed_qa",
+                                  id=examples[0].id)
+    assert examples[0].id.startswith("row-1-")  # Dolly has no id field: each row gets its own
     assert [e.category for e in examples] == ["closed_qa", "classification", "open_qa"]
 
 

@@ -258,6 +258,7 @@ def test_a_client_drops_the_state_of_a_round_the_server_counts_as_failed(tmp_pat
     """A client whose reply was lost (killed after training, too late) must not keep that round's
     state: `settle` promotes pending state only of the round the server last counted for it."""
     from flexmoe.engine.flower.client_app import settle
+    from flexmoe.engine.flower.messages import COUNTED_ROUNDS, counted_rounds_text
     from flexmoe.rundir import ClientStore
 
     for counted, kept in ((0, b"round 0"), (1, b"round 1")):
@@ -266,7 +267,7 @@ def test_a_client_drops_the_state_of_a_round_the_server_counts_as_failed(tmp_pat
         (store.dir(0) / "state.safetensors").write_bytes(b"round 0")
         (store.begin(0) / "state.safetensors").write_bytes(b"round 1")
         store.finish(0, 1)
-        settle(store, 0, {"counted-round": counted, "phase": "train", "committed": 1})
+        settle(store, 0, {COUNTED_ROUNDS: counted_rounds_text({0: counted}), "phase": "train", "committed": 1})
         assert (store.dir(0) / "state.safetensors").read_bytes() == kept and not store.pending(0).exists()
 
 
@@ -276,6 +277,7 @@ def test_a_client_that_failed_a_round_and_missed_the_next_rejoins_without_that_s
     for round 4. Every message tells it the last round the server counted from it (1), so the
     round-2 state is dropped, whichever message comes first, and it trains on from round 1."""
     from flexmoe.engine.flower.client_app import settle
+    from flexmoe.engine.flower.messages import COUNTED_ROUNDS, counted_rounds_text
     from flexmoe.rundir import ClientStore
 
     for first in ("identify", "train", "eval"):
@@ -285,7 +287,7 @@ def test_a_client_that_failed_a_round_and_missed_the_next_rejoins_without_that_s
         (store.begin(0) / "state.safetensors").write_bytes(b"round 2")  # written, then killed
         store.finish(0, 2)
         # round 4 begins: rounds 1-3 are committed, and the server last counted client 0 in round 1
-        settle(store, 0, {"counted-round": 1, "phase": first, "committed": 3})
+        settle(store, 0, {COUNTED_ROUNDS: counted_rounds_text({0: 1, 1: 3}), "phase": first, "committed": 3})
         assert not store.pending(0).exists(), first
         assert (store.dir(0) / "state.safetensors").read_bytes() == b"round 1", first
 
@@ -311,16 +313,16 @@ class Deployment:
     def state(self, node: int) -> Path:
         return self.work / f"node-{node}" / "state"
 
-    def submit(self, log: Path, run_config: str) -> subprocess.Popen:
+    def submit(self, log: Path, run_config: str, round_timeout: float = 150.0) -> subprocess.Popen:
         """`flwr run . flexmoe-deploy` in the background, its output streamed into `log`."""
         with log.open("w") as out:
             return subprocess.Popen(
                 [str(BIN / "flwr"), "run", ".", "flexmoe-deploy", "--stream", "--run-config",
-                 f"connect-timeout=120.0 round-timeout=150.0 {run_config}"],
+                 f"connect-timeout=120.0 round-timeout={round_timeout} {run_config}"],
                 cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
 
-    def run(self, log: Path, run_config: str, timeout: float = 420) -> str:
-        process = self.submit(log, run_config)
+    def run(self, log: Path, run_config: str, timeout: float = 420, round_timeout: float = 150.0) -> str:
+        process = self.submit(log, run_config, round_timeout)
         try:
             assert process.wait(timeout=timeout) == 0, log.read_text()[-4000:]
         finally:
@@ -600,3 +602,44 @@ def corrupt_latest_personal(client: Path) -> None:
         except FileNotFoundError:  # promoted meanwhile
             continue
     raise AssertionError(f"no personal state in {client}")
+
+
+@pytest.fixture(scope="module")
+def sampled_run_config(run_config) -> Path:
+    """The run config with one client of two per round (seed 6 samples client 0 in round 1, client 1
+    in round 2) and evaluation after the last round only: after its round-1 reply client 0 gets no
+    message until the run ends, so its round-1 state stays pending on its disk."""
+    path = run_config.parent / "sampled.toml"
+    text = run_config.read_text().replace("clients_per_round = 2", "clients_per_round = 1")
+    path.write_text(text.replace("seed = 3", "seed = 6").replace("[eval]\n", "[eval]\nevery = 0\n"))
+    return path
+
+
+def test_resumed_run_with_sampled_clients_keeps_every_counted_round(plain, sampled_run_config, tmp_path):
+    """The ServerApp is killed (SIGKILL) while round 2 trains client 1; `resume=true` asks every node
+    which client it is. Client 0's round-1 state, counted by the server but still pending, must be
+    kept (the message says client 0's last counted round is 1): the resumed run's metrics equal
+    those of the uninterrupted in-process run."""
+    from flexmoe.config import load_config
+    from flexmoe.engine.simulation import Simulation
+    from flexmoe.engine.core import sample_clients
+
+    assert [sample_clients(6, r, 2, 1) for r in (1, 2)] == [[0], [1]]
+    expected = tmp_path / "in-process"
+    Simulation(load_config(sampled_run_config), expected).run()
+    run_dir = tmp_path / "run"
+    # no client may be skipped for being slow (a failure would change the metrics): generous timeouts
+    process = plain.submit(tmp_path / "first.log", f"config='{sampled_run_config}' output-dir='{run_dir}'", 900.0)
+    try:
+        wait_until(lambda: 1 in committed_rounds(run_dir), 900, "round 1")
+        servers = [p for p in descendants(plain.pid("superlink")) if "flwr-serverapp" in command_line(p)]
+        assert len(servers) == 1
+        os.kill(servers[0], signal.SIGKILL)
+    finally:  # `flwr run` only streams the dead run's log now
+        stop_process(process)
+    assert committed_rounds(run_dir) == [0, 1]
+    assert (client_dir(plain.state(0), run_dir, 0) / "pending").is_dir()  # round 1, not promoted yet
+    plain.run(tmp_path / "resume.log", f"resume=true output-dir='{run_dir}'", timeout=1800, round_timeout=900.0)
+    records = read_metrics(run_dir)
+    assert [(r["round"], r["client"]) for r in records if r["kind"] == "train"] == [(1, 0), (2, 1)]
+    assert without_bytes(records) == without_bytes(read_metrics(expected))

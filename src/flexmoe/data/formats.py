@@ -1,13 +1,16 @@
 """Loaders for instruction data files: Dolly, Alpaca, generic JSON/JSON lines, parquet, HF dirs.
 
 Every loader yields `Example`s; every user mistake (unreadable path, malformed JSON, a
-missing or mistyped field) raises `FlexmoeError` naming the file and line (or row). Invalid
-rows are all reported at once (the first `MAX_REPORTED`, and their total), or skipped with
-`skip_invalid=True`, which logs how many were.
+missing or mistyped field, a mapped key no row has, a repeated id) raises `FlexmoeError` naming
+the file and line (or row). Invalid rows are all reported at once (the first `MAX_REPORTED`, and
+their total), or skipped with `skip_invalid=True` (`load_data` says how many and which). A row
+without an id gets one of its own (its place among the file's records and a hash of its text).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -47,6 +50,12 @@ def load_examples(path: str | Path, format: str | None = None,
     rows raise one error listing them all, or with `skip_invalid` are left out (and counted in
     a log warning).
     """
+    return load_data(path, format, fields, skip_invalid)[0]
+
+
+def load_data(path: str | Path, format: str | None = None, fields: Mapping[str, str] | None = None,
+              skip_invalid: bool = False) -> tuple[list[Example], list[str]]:
+    """`load_examples`, and the message of each invalid row it skipped (`skip_invalid`)."""
     examples, invalid = read_examples(path, format, fields)
     if invalid and not skip_invalid:
         raise FlexmoeError(invalid_rows_message(invalid))
@@ -55,7 +64,7 @@ def load_examples(path: str | Path, format: str | None = None,
                     path, len(invalid), len(invalid) + len(examples), invalid[0])
     if not examples:
         raise FlexmoeError(f"{path}: no examples found" + (" (every row was invalid)" if invalid else ""))
-    return examples
+    return examples, invalid
 
 
 def read_examples(path: str | Path, format: str | None = None,
@@ -69,15 +78,45 @@ def read_examples(path: str | Path, format: str | None = None,
     if format not in FORMATS:
         raise FlexmoeError(f"unknown data format {format!r}; valid: {', '.join(FORMATS)}")
     mapping = _field_mapping(format, fields)
-    examples, invalid = [], []
-    for where, record in _records(path, format):
+    examples, invalid, places, keys = [], [], {}, set()
+    for row, (where, record) in enumerate(_records(path, format), 1):
+        if isinstance(record, dict):
+            keys.update(record)
         try:
             if isinstance(record, _Invalid):
                 raise FlexmoeError(f"{path}:{where}: {record.reason}")
-            examples.append(_to_example(record, mapping, path, where))
+            example = _with_id(_to_example(record, mapping, path, where), row)
         except FlexmoeError as err:
             invalid.append(str(err))
+            continue
+        if example.id in places:  # paired statistics match answers by id: an id must name one example
+            raise FlexmoeError(f"{path}:{where}: duplicate id {example.id!r} (also on {places[example.id]}); "
+                               f"ids must be unique (without an id field every row gets its own)")
+        places[example.id] = where
+        examples.append(example)
+    _check_mapped_keys(fields, keys, path)
     return examples, invalid
+
+
+def _check_mapped_keys(fields: Mapping[str, str] | None, keys: set[str], path: Path) -> None:
+    """A mapped key that no row has is a mistyped name: an optional field would stay empty unsaid."""
+    for name, key in (fields or {}).items():
+        if keys and key not in keys:
+            shown = sorted(keys, key=str)
+            listed = ", ".join(shown[:MAX_REPORTED]) + (f", ... ({len(shown)} keys)" if len(shown) > MAX_REPORTED else "")
+            raise FlexmoeError(f"{path}: field mapping {name}={key}: no row has the key {key!r}; "
+                               f"the file's keys: {listed}")
+
+
+def _with_id(example: Example, row: int) -> Example:
+    """The example, with an id of its own where the file gives none: its row (the record's place in
+    the file, invalid rows counted, so in any format and with or without skip_invalid) and a hash of
+    its text, the same for every run, method and seed on this file."""
+    if example.id:
+        return example
+    text = "\0".join((example.instruction, example.context, example.response))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    return dataclasses.replace(example, id=f"row-{row}-{digest}")
 
 
 def invalid_rows_message(invalid: list[str]) -> str:

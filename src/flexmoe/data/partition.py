@@ -30,6 +30,7 @@ class ClientData:
     client_id: int
     train: list[Example]
     test: list[Example]
+    skipped: tuple[str, ...] = ()  # invalid rows of the file it came from, left out (data.skip_invalid)
 
 
 def partition(examples: Sequence[Example], num_clients: int, scheme: str = "pathological",

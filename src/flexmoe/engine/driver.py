@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from flexmoe.config import RunConfig
-from flexmoe.data.clients import ClientInfo
+from flexmoe.data.clients import ClientInfo, skipped_rows
 from flexmoe.engine.core import (
     ServerRunner, base_knowledge, base_load, base_reference, evaluates, global_knowledge, load_model,
     sample_clients, shared_params, torch_threads,
@@ -102,7 +102,8 @@ class RoundDriver:
         # before any graft: the untouched base
         knowledge = base_knowledge(model, tokenizer, self.config, self.detail_dir)
         base_evals, self.infos = self.transport.round_zero(self.config.eval.base)
-        self.server.commit_round_zero([*base_evals, base_reference(base_evals, knowledge)])
+        self.server.commit_round_zero([*base_evals, {**base_reference(base_evals, knowledge),
+                                                     **skipped_rows(self.infos)}])
         return 0
 
     def _resume(self) -> int:

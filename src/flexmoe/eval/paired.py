@@ -2,7 +2,10 @@
 
 Answers are paired by example id within a (seed, client) cell: the personalised model of a run
 against the untouched base on the same sample, or against another method's personalised model
-of the same seed (same partition, same sample). Knowledge is paired per probe (exact McNemar,
+of the same seed (same partition, same sample). Ids are unique within a data file (files
+without ids get one per row, `data/formats.py`); answers whose ids repeat (a run directory of an
+older flexmoe on data without ids) are paired by position only where both sides list the same
+ids in the same order, and otherwise left unpaired with a warning. Knowledge is paired per probe (exact McNemar,
 eval/stats.py) and per held-out document (the document's mean token loss). Every difference
 comes with its stratified bootstrap 95% CI over clients × examples pooled across seeds and its
 sign per seed (`flexmoe.eval.stats`).
@@ -10,6 +13,7 @@ sign per seed (`flexmoe.eval.stats`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flexmoe.eval.detail import evaluated_rounds, read_round
@@ -17,7 +21,10 @@ from flexmoe.eval.knowledge import pooled_loss
 from flexmoe.rundir import EVALS_DIR
 from flexmoe.eval.stats import McNemar, PairedDifference, mcnemar_exact, paired_difference, seed_signs
 
-Scores = dict[int, dict[str, float]]  # client -> example id -> score
+Answers = tuple[list[str], list[float]]  # one client's example ids and scores, in sample order
+Scores = dict[int, Answers]  # client -> its answers
+
+log = logging.getLogger("flexmoe.eval")
 
 
 def last_round(run_dir: Path) -> int | None:
@@ -26,13 +33,13 @@ def last_round(run_dir: Path) -> int | None:
 
 
 def answer_scores(run_dir: Path, round_index: int, model: str, metric: str = "rouge_l") -> Scores:
-    """Per client, per example id: `metric` of `model` (personal, global, base, content-free)."""
+    """Per client: the example ids and `metric` of `model` (personal, global, base, content-free)."""
     out: Scores = {}
     prefix = f"{model}-client-"
     for name, payload in read_round(Path(run_dir) / EVALS_DIR, round_index).items():
         rest = name.removeprefix(prefix)
         if name.startswith(prefix) and rest.isdigit():
-            out[int(rest)] = dict(zip(payload["ids"], payload[metric]))
+            out[int(rest)] = (list(payload["ids"]), list(payload[metric]))
     return out
 
 
@@ -41,14 +48,30 @@ def knowledge_items(run_dir: Path, round_index: int, name: str) -> dict | None:
 
 
 def cells(pairs: list[tuple[int, Scores, Scores]]) -> dict:
-    """(seed, client) -> (scores of A, scores of B) over the example ids both have, in id order."""
+    """(seed, client) -> (scores of A, scores of B) over the examples both have, in id order."""
     out = {}
     for seed, a, b in pairs:
         for client in sorted(set(a) & set(b)):
-            ids = sorted(set(a[client]) & set(b[client]))
-            if ids:
-                out[(seed, client)] = ([a[client][i] for i in ids], [b[client][i] for i in ids])
+            found = paired_scores(a[client], b[client])
+            if found is None:
+                log.warning("seed %d, client %d: example ids repeat and differ between the two runs' "
+                            "samples; its answers are left out of the paired statistics", seed, client)
+            elif found[0]:
+                out[(seed, client)] = found
     return out
+
+
+def paired_scores(a: Answers, b: Answers) -> tuple[list[float], list[float]] | None:
+    """The scores of the examples both have, by id; by position where both list the same ids in the
+    same order; None when ids repeat otherwise (no way to tell which answers match)."""
+    (ids_a, scores_a), (ids_b, scores_b) = a, b
+    if ids_a == ids_b and len(set(ids_a)) < len(ids_a):
+        return list(scores_a), list(scores_b)
+    if len(set(ids_a)) < len(ids_a) or len(set(ids_b)) < len(ids_b):
+        return None
+    by_id_a, by_id_b = dict(zip(ids_a, scores_a)), dict(zip(ids_b, scores_b))
+    ids = sorted(set(by_id_a) & set(by_id_b))
+    return [by_id_a[i] for i in ids], [by_id_b[i] for i in ids]
 
 
 def difference(pairs: list[tuple[int, Scores, Scores]]) -> PairedDifference | None:
@@ -168,7 +191,7 @@ def learning_curve(run_dir: Path) -> dict[int, dict[str, float]]:
     curve_rounds = [r for r in rounds if r not in (0, final)]
     if not curve_rounds:
         return {}
-    ids = {c: set(scores) for c, scores in answer_scores(run_dir, curve_rounds[0], "personal").items()}
+    ids = {c: set(answers[0]) for c, answers in answer_scores(run_dir, curve_rounds[0], "personal").items()}
     first = knowledge_items(run_dir, curve_rounds[0], f"personal-client-{min(ids)}") if ids else None
     docs = len((first or {}).get("doc_nll", []))
     out = {}
@@ -176,7 +199,7 @@ def learning_curve(run_dir: Path) -> dict[int, dict[str, float]]:
         model = "base" if r == 0 else "personal"
         scores = answer_scores(run_dir, r, model)
         point = {}
-        per_client = [[s for i, s in scores[c].items() if i in ids[c]] for c in sorted(ids) if c in scores]
+        per_client = [[s for i, s in zip(*scores[c]) if i in ids[c]] for c in sorted(ids) if c in scores]
         if per_client and all(per_client):
             point["rouge_l"] = sum(sum(s) / len(s) for s in per_client) / len(per_client)
         names = ["base"] if r == 0 else [f"personal-client-{c}" for c in sorted(ids)]

@@ -59,7 +59,10 @@ def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: 
         "bytes_down": sum(r["bytes_down"] for r in servers),
         "train_loss": servers[-1]["train_loss"] if servers else None,
         "per_client": per_client(records),
+        "skipped_rows": base.get("skipped_rows", 0),  # invalid data rows left out (data.skip_invalid)
     }
+    if base.get("skipped_row_errors"):
+        summary["skipped_row_errors"] = base["skipped_row_errors"]
     if run_dir is not None:
         summary.update(run_statistics(Path(run_dir), config.seed))
     if config.privacy.noise_multiplier > 0:

@@ -78,6 +78,17 @@ def _names(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def skipped_lines(run: Run, shown: int = 20) -> list[str]:
+    """How many invalid data rows data.skip_invalid left out, and which (the first `shown`)."""
+    count = run.summary.get("skipped_rows") or 0
+    if not count:
+        return []
+    errors = run.summary.get("skipped_row_errors", [])
+    more = count - min(shown, len(errors))
+    return [f"Invalid data rows left out (data.skip_invalid = true): {count}.", "",
+            *[f"- {error}" for error in errors[:shown]], *([f"- ... and {more} more"] if more else [])]
+
+
 def truncation_lines(run: Run) -> list[str]:
     """How many training examples were cut to train.max_length, when any were."""
     truncated = sum(client.get("truncated", 0) for client in run.clients)

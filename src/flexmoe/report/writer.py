@@ -21,7 +21,9 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
     """
     run_dir = Path(run_dir)
     if clients is not None:
-        rows = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c) for c in clients]
+        # the skipped rows are the data file's, listed once in the metrics and the summary
+        rows = [{k: v for k, v in (dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c)).items()
+                 if k != "skipped"} for c in clients]
         write_text_atomic(run_dir / CLIENTS_FILE, json.dumps(rows, indent=1) + "\n")
     run = read_run(run_dir)
     summary, config = run.summary, run.config
@@ -44,9 +46,9 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         "the model's and the base's expert-load distributions, averaged over MoE layers.",
         "",
     ]
-    truncation = tables.truncation_lines(run)
-    if truncation:
-        lines += [*truncation, ""]
+    for extra in (tables.skipped_lines(run), tables.truncation_lines(run)):
+        if extra:
+            lines += [*extra, ""]
     lines += stats.run_lines(run)
     lines += tables.grafting_lines(run)
     reliability = tables.reliability_lines(run)

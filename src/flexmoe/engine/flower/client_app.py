@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexmoe.engine.flower.messages import (
-    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_from_text, from_arrays, to_arrays,
+    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_from_text, counted_round, from_arrays, to_arrays,
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import write_bytes_atomic
@@ -107,7 +107,7 @@ def commit(msg: Message, context: Context) -> Message:
 
         part = _client_data(config, context.node_config, client_id)
         train = capped_train(config, part)
-        content["info"] = _info(Client(client_id, train, part.test, []))
+        content["info"] = _info(Client(client_id, train, part.test, [], skipped=part.skipped))
     return Message(content, reply_to=msg)
 
 
@@ -121,9 +121,10 @@ def _reply(record: dict, client_id: int, num_examples: int) -> RecordDict:
 def settle(store, client_id: int, settings) -> None:
     """Bring the client's stored state in line with the server before anything reads it
     (`ClientStore.settle`): promote pending state only of the round the server last counted for
-    this client (`counted-round`), drop it otherwise; an evaluation keeps the state of the round in
+    this client (its entry in `counted-rounds`, looked up by its own id: the server may not know yet
+    which client this node is), drop it otherwise; an evaluation keeps the state of the round in
     progress, which it reads."""
-    store.settle(client_id, committed=int(settings["committed"]), counted=int(settings["counted-round"]),
+    store.settle(client_id, committed=int(settings["committed"]), counted=counted_round(settings, client_id),
                  keep_in_progress=settings["phase"] == "eval")
 
 
@@ -162,13 +163,13 @@ def _client_data(config, node_config, client_id: int):
     data_path = node_config.get("data-path")
     if not data_path:
         return partition_data(config)[client_id]
-    examples = flexmoe.data.load_examples(str(data_path), fields=dict(config.data.fields) or None,
-                                          skip_invalid=config.data.skip_invalid)
+    examples, skipped = flexmoe.data.load_data(str(data_path), fields=dict(config.data.fields) or None,
+                                               skip_invalid=config.data.skip_invalid)
     part = flexmoe.data.partition(examples, 1, scheme="iid", seed=config.seed,
                                   test_fraction=config.data.test_fraction)[0]
     if not part.train:
         raise FlexmoeError(f"{data_path}: no training examples for client {client_id}")
-    return flexmoe.data.ClientData(client_id, part.train, part.test)
+    return flexmoe.data.ClientData(client_id, part.train, part.test, tuple(skipped))
 
 
 class _Node:

@@ -1,8 +1,8 @@
 """What travels between the Flower ServerApp and ClientApps, and how its size is counted.
 
-Tensors travel as one `ArrayRecord` ("arrays"); the resolved flexmoe config, the round and the
-last committed round as a `ConfigRecord` ("config"); a client's metrics record as JSON in a
-`ConfigRecord` ("result"; JSON keeps floats exact and carries nested values), with Flower's
+Tensors travel as one `ArrayRecord` ("arrays"); the resolved flexmoe config, the round, the last
+committed round and every client's last counted round as a `ConfigRecord` ("config"); a client's
+metrics record as JSON in a `ConfigRecord` ("result"; JSON keeps floats exact and carries nested values), with Flower's
 `num-examples` in a `MetricRecord` ("metrics"). Communication is counted as the bytes of the ArrayRecord as
 Flower serialises it: every distinct object of its tree (each Array, then the record), once,
 because Flower transfers content-addressed objects and sends identical arrays only once.
@@ -10,6 +10,7 @@ because Flower transfers content-addressed objects and sends identical arrays on
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import tomli_w
@@ -20,6 +21,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.methods import Tensors
 
 ARRAYS, GLOBAL, CONFIG, METRICS, RESULT = "arrays", "global", "config", "metrics", "result"
+COUNTED_ROUNDS = "counted-rounds"  # config key: {client id: its last round the server counted}, as JSON
 
 
 def config_text(config: RunConfig) -> str:
@@ -28,6 +30,15 @@ def config_text(config: RunConfig) -> str:
 
 def config_from_text(text: str) -> RunConfig:
     return RunConfig.model_validate(tomllib.loads(text))
+
+
+def counted_rounds_text(counted: dict[int, int]) -> str:
+    return json.dumps({str(client): round_index for client, round_index in sorted(counted.items())})
+
+
+def counted_round(settings, client_id: int) -> int:
+    """The last round of `client_id` the server counted (0: none), from a message's config."""
+    return int(json.loads(str(settings[COUNTED_ROUNDS])).get(str(client_id), 0))
 
 
 def to_arrays(tensors: Tensors):

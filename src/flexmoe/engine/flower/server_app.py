@@ -19,7 +19,9 @@ Run config (`flwr run . --run-config "..."`, defaults in pyproject.toml `[tool.f
 
 Every round starts from the SuperNodes online now: a client whose node is gone is skipped, and a
 node the server has not seen (a restarted SuperNode gets a new node id unless SuperNode
-authentication is on) is asked which client it is and takes that client's place.
+authentication is on) is asked which client it is and takes that client's place. Every message
+carries every client's last counted round, keyed by client id, so such a node settles its state
+by its own round before the server knows which client it is.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from flexmoe.data.clients import ClientInfo
 from flexmoe.engine.flower.messages import (
-    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_text, from_arrays, parse_overrides, record_bytes, to_arrays,
+    ARRAYS, CONFIG, COUNTED_ROUNDS, GLOBAL, METRICS, RESULT, config_text, counted_rounds_text, from_arrays,
+    parse_overrides, record_bytes, to_arrays,
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.rundir import CONFIG_FILE
@@ -206,13 +209,16 @@ class FlowerTransport:
         aggregation sums in a fixed order in process too; {client id: why} for each known client
         whose node failed or did not reply within the round timeout, logged and skipped)."""
         committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
+        # every client's counted round, keyed by client id: a node the server has not seen yet (a
+        # restarted SuperNode, every node of a resumed run) only says which client it is when it
+        # replies, so it looks its own round up
         settings = {"flexmoe-config": config_text(self.config), "round": round_index, "committed": committed,
-                    "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load}
+                    "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load,
+                    COUNTED_ROUNDS: counted_rounds_text(self.counted)}
         clients = {node: cid for cid, node in self.nodes.items()}
         messages = []
         for node_id in node_ids:
-            counted = self.counted.get(clients.get(node_id, -1), 0)
-            content = RecordDict({CONFIG: ConfigRecord({**settings, "counted-round": counted})})
+            content = RecordDict({CONFIG: ConfigRecord(settings)})
             if arrays is not None:
                 content[ARRAYS] = arrays
             for key, record in (extra or {}).items():
@@ -250,4 +256,4 @@ def _record(reply: Message) -> dict:
 def _info(client_id: int, info) -> ClientInfo:
     fields = json.loads(str(info["describe"]))
     return ClientInfo(**{**fields, "client_id": client_id, "domains": tuple(fields["domains"]),
-                         "categories": tuple(fields["categories"])})
+                         "categories": tuple(fields["categories"]), "skipped": tuple(fields.get("skipped", ()))})
