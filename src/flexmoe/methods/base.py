@@ -71,6 +71,7 @@ class Method:
     grafts: ClassVar[bool] = False  # True: clients hold a personal grafted expert (FLEx)
     counts_experts: ClassVar[bool] = False  # True: local training reports per-expert activation counts
     rule_class: ClassVar[type[ServerRule]] = WeightedMean
+    averages: ClassVar[bool] = True  # its rule averages the replies, so `server.robust` can replace the mean
 
     def __init__(self, config: RunConfig):
         self.config = config
