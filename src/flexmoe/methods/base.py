@@ -123,6 +123,11 @@ class Method:
         """The model update a (valid) reply carries: what its norm bound and clipping apply to."""
         return {name: tensors[name].float() - x.float() for name, x in global_weights.items()}
 
+    def with_update(self, tensors: Tensors, global_weights: Tensors, update: Tensors) -> Tensors:
+        """`tensors` (a reply) carrying `update` instead of its own: the inverse of `reply_update`."""
+        return {**tensors, **{name: (global_weights[name].float() + u).to(tensors[name].dtype)
+                              for name, u in update.items()}}
+
     # ---- client side -------------------------------------------------------------------
     def start_weights(self, received: Tensors, client_state: Tensors, initial: Tensors) -> Tensors:
         """The shared weights the client trains from (`initial`: its freshly initialised ones)."""

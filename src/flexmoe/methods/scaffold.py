@@ -72,3 +72,6 @@ class Scaffold(Method):
 
     def reply_update(self, tensors: Tensors, global_weights: Tensors) -> Tensors:
         return {name: t.float() for name, t in strip_prefix("delta.", tensors).items()}
+
+    def with_update(self, tensors: Tensors, global_weights: Tensors, update: Tensors) -> Tensors:
+        return {**tensors, **with_prefix("delta.", update)}

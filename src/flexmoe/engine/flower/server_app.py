@@ -56,12 +56,20 @@ def main(grid: Grid, context: Context) -> None:
     else:
         config = load_config(str(settings["config"]) or None, parse_overrides(str(settings.get("set", ""))))
         run_dir = Path(str(settings["output-dir"]) or f"runs/flower-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    refuse_in_flower(config)
     run_dir = run_dir.resolve()
     transport = FlowerTransport(grid, config, run_dir, round_timeout=float(settings["round-timeout"]),
                                 min_clients=int(settings["min-clients"]) or config.num_clients,
                                 connect_timeout=float(settings["connect-timeout"]))
     RoundDriver(config, run_dir, transport).run(resume)
     log.info("flexmoe: %d rounds done, run directory %s", config.rounds, run_dir)
+
+
+def refuse_in_flower(config) -> None:
+    """The settings the Flower engine cannot honour, refused in one line before anything starts."""
+    if config.faults.malicious_clients:
+        raise FlexmoeError("faults.malicious_clients: the attack harness is an in-process research tool "
+                           "(flexmoe run); the Flower engine refuses it")
 
 
 def _resumable(settings) -> Path:
