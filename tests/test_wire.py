@@ -9,6 +9,7 @@ import torch
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
 from flexmoe.wire import INT8, SCALE, WireError, decode, deserialize, encode, serialize
+from test_engine import builtin_is_synthetic, metrics, model_dir, run  # noqa: F401  (fixtures)
 
 
 def wire(*overrides: str):
@@ -110,3 +111,50 @@ def test_impossible_wire_settings_are_one_line(overrides, words):
     with pytest.raises(FlexmoeError, match=words) as error:
         load_config(None, overrides)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_in_process_runs_send_compressed_bytes_and_keep_the_rounding_error(model_dir, tmp_path, monkeypatch):
+    from flexmoe.engine import simulation
+    from flexmoe.files import load_checked
+
+    sent = []
+    monkeypatch.setattr(simulation, "serialize", lambda t, m=None: sent.append(t) or serialize(t, m))
+    fp32 = run(model_dir, tmp_path / "fp32", "method=fedavg")
+    first_fp32 = dict(sent[0])
+    sent.clear()
+    int8 = run(model_dir, tmp_path / "int8", "method=fedavg", "wire.quantize=int8", "wire.error_feedback=true")
+    # every floating tensor travels as int8 with its scales, both ways
+    assert sent and all(k.startswith((INT8, SCALE)) for message in sent for k in message)
+    assert decode(sent[0]).keys() == first_fp32.keys()
+    # the bytes counted are those of the int8 messages: round 1 sends the downlink, then two uploads
+    train = [r for r in metrics(tmp_path / "int8") if r["kind"] == "train" and r["round"] == 1]
+    assert [r["bytes_up"] for r in train] == [len(serialize(m)) for m in sent[1:3]]
+    assert all(r["bytes_down"] == len(serialize(sent[0])) for r in train)
+    payload = sum(t.numel() * t.element_size() for t in sent[0].values())
+    assert payload < 0.3 * sum(t.numel() * t.element_size() for t in first_fp32.values())
+    assert int8["bytes_up"] != fp32["bytes_up"]  # (tiny LoRA tensors: headers, not values, dominate here)
+    for stats in (fp32, int8):
+        assert stats["rounds_completed"] == 2 and 0.0 <= stats["rouge_l_avg"] <= 1.0
+    state, _ = load_checked(next((tmp_path / "int8" / "clients").glob("*/state.safetensors")))
+    residual = {k: v for k, v in state.items() if k.startswith("wire_residual.")}
+    assert residual and all(t.dtype == torch.float32 for t in residual.values())
+    # the server's global model stays float32, and moved
+    server, _ = load_checked(tmp_path / "int8" / "checkpoints" / "server.safetensors")
+    assert all(t.dtype == torch.float32 for t in server.values() if t.is_floating_point())
+
+
+def test_an_undecodable_reply_is_rejected_and_the_round_goes_on(tmp_path):
+    from flexmoe.engine.core import ServerRunner
+    from flexmoe.methods import Reply, build_method
+
+    config = load_config(None, ["method=fedavg", "wire.quantize=int8"])
+    server = ServerRunner(config, build_method(config), tmp_path)
+    server.start({"w": torch.zeros(2, 3)})
+    down = server.downlink()
+    received = decode(down)
+    good, _ = encode({"w": received["w"] + 0.5}, config.wire, reference=received)
+    bad = {INT8 + "w": good[INT8 + "w"]}  # its scales lost
+    agg = server.aggregate([Reply(good, 3, client=0), Reply(bad, 3, client=1)])
+    assert agg["rejected"] == [{"client": 1, "reason": "undecodable message: int8 tensor 'w' arrived without its scales"}]
+    torch.testing.assert_close(server.global_weights["w"], torch.full((2, 3), 0.5))

@@ -288,6 +288,20 @@ class WireConfig(_Section):
         return self.dtype != "fp32" or self.quantize != "none"
 
 
+class SecAggConfig(_Section):
+    """Secure aggregation in Flower runs through Flower's SecAgg+ (engine/flower/secagg.py): each
+    client masks its quantised update so that the server learns only the round's weighted mean,
+    never one client's update; a client that drops out after sharing its keys is unmasked from
+    the others' shares. The in-process engine refuses it (it would aggregate in the clear)."""
+
+    enabled: bool = False
+    num_shares: float = Field(1.0, gt=0, le=1)  # each client's secrets are shared with this fraction of the round's clients
+    reconstruction_threshold: float = Field(0.67, gt=0, le=1)  # fraction of the shares that rebuild a dropped client's mask
+    clipping_range: float = Field(1.0, gt=0)  # every update value is clipped to +-this before quantisation (clipped values are counted)
+    quantization_range: int = Field(2**22, ge=2)  # integer levels over [-clipping_range, clipping_range]
+    max_weight: float = Field(1000.0, gt=0)  # the largest example count a client may weigh (precision falls as it grows)
+
+
 class RunConfig(_Section):
     method: str = "flex"  # a name from the method registry (flexmoe.methods.registry)
     rounds: int = Field(5, ge=1)
@@ -310,6 +324,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     faults: FaultsConfig = FaultsConfig()
     wire: WireConfig = WireConfig()
+    secagg: SecAggConfig = SecAggConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -373,6 +388,30 @@ class RunConfig(_Section):
         if server.robust == "krum" and not (server.krum_f < n and server.krum_keep <= n):
             raise ValueError(f"multi-Krum needs krum_f < clients_per_round and krum_keep <= clients_per_round = {n} "
                              f"(krum_f = {server.krum_f}, krum_keep = {server.krum_keep})")
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_fits(self) -> RunConfig:
+        """SecAgg+ hides every client's update: whatever needs one of them cannot run with it."""
+        from flexmoe.methods.registry import registered
+
+        if not self.secagg.enabled:
+            return self
+        private = [name for name, info in registered().items() if info.private]
+        hidden = "secagg.enabled hides each client's update from the server"
+        if self.method not in private:
+            raise ValueError(f"{hidden}; it sums shared weights, which method = {self.method!r} does not send "
+                             f"(allowed: {', '.join(private)})")
+        for needs, active in (("server.robust", self.server.robust != "none"),
+                              ("privacy.noise_multiplier (server-side DP clips each update)", self.privacy.noise_multiplier > 0),
+                              ("validation.max_update_norm", self.validation.max_update_norm > 0)):
+            if active:
+                raise ValueError(f"{needs} needs each client's update, but {hidden}: use one or the other")
+        if self.wire.lossy:
+            raise ValueError("secagg.enabled quantises and masks the uplink itself: leave wire.dtype = 'fp32' and "
+                             "wire.quantize = 'none'")
+        if self.clients_per_round < 2:
+            raise ValueError(f"secagg.enabled needs at least 2 clients per round (clients_per_round = {self.clients_per_round})")
         return self
 
     @model_validator(mode="after")

@@ -133,6 +133,8 @@ class FlowerTransport:
 
         self.counted = counted
         online = self._online(round_index - 1)
+        if self.config.secagg.enabled:
+            return self._secure_train(round_index, sampled, online, downlink)
         arrays = to_arrays(downlink) if downlink is not None else None
         bytes_down = record_bytes(arrays) if arrays is not None else 0
         replies, failures = self._exchange(MessageType.TRAIN, [online[c] for c in sampled if c in online],
@@ -148,6 +150,22 @@ class FlowerTransport:
                 uploads.append(Reply(from_arrays(reply.content[ARRAYS]), int(reply.content[METRICS]["num-examples"]),
                                      client=record["client"]))
         return records, uploads, {c: f"ClientFailed: {why}" for c, why in failures.items()}
+
+    def _secure_train(self, round_index: int, sampled: list[int], online: dict[int, int], downlink):
+        """The round through Flower's SecAgg+ (engine/flower/secagg.py): one reply, the mean update
+        added to the global weights; a sampled client that was not aggregated has failed."""
+        from flexmoe.engine.flower.secagg import secure_round
+
+        nodes = [online[c] for c in sampled if c in online]
+        settings = {node: self._settings(MessageType.TRAIN, round_index, node, phase="train") for node in nodes}
+        records, reply, aggregated = secure_round(self.grid, self.config, round_index, settings, downlink,
+                                                  timeout=self.round_timeout)
+        failures = {c: "no SuperNode of this client is online" for c in sampled if c not in online}
+        for client in sampled:
+            if client in online and online[client] not in aggregated:
+                failures[client] = "not aggregated by SecAgg+ (no reply in time, or the protocol halted)"
+                log.warning("round %d: client %d was not aggregated by SecAgg+; skipped", round_index, client)
+        return records, [reply] if reply is not None else [], {c: f"ClientFailed: {why}" for c, why in failures.items()}
 
     def evaluate(self, round_index: int, received, global_weights, base_load, counted: dict[int, int]) -> list[dict]:
         """Every online client evaluates on its own test split (`ClientRunner.evaluate`)."""
@@ -208,19 +226,26 @@ class FlowerTransport:
               extra: dict | None = None, base_load: str = "null") -> list[tuple[int, Message]]:
         return self._exchange(message_type, node_ids, round_index, arrays, phase, extra, base_load)[0]
 
+    def _settings(self, message_type: str, round_index: int, node_id: int, phase: str = "",
+                  base_load: str = "null") -> dict:
+        """The config record of one message to `node_id`: the run's config, the round, the last committed
+        round and the last round of this node's client that the server counted."""
+        committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
+        clients = {node: cid for cid, node in self.nodes.items()}
+        return {"flexmoe-config": config_text(self.config), "round": round_index, "committed": committed,
+                "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load,
+                "counted-round": self.counted.get(clients.get(node_id, -1), 0)}
+
     def _exchange(self, message_type: str, node_ids: list[int], round_index: int, arrays, phase: str = "",
                   extra: dict | None = None, base_load: str = "null") -> tuple[list[tuple[int, Message]], dict]:
         """One message per node -> (the successful replies as (node id, reply), in client order, as
         aggregation sums in a fixed order in process too; {client id: why} for each known client
         whose node failed or did not reply within the round timeout, logged and skipped)."""
-        committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
-        settings = {"flexmoe-config": config_text(self.config), "round": round_index, "committed": committed,
-                    "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load}
         clients = {node: cid for cid, node in self.nodes.items()}
         messages = []
         for node_id in node_ids:
-            counted = self.counted.get(clients.get(node_id, -1), 0)
-            content = RecordDict({CONFIG: ConfigRecord({**settings, "counted-round": counted})})
+            content = RecordDict({CONFIG: ConfigRecord(self._settings(message_type, round_index, node_id, phase,
+                                                                      base_load))})
             if arrays is not None:
                 content[ARRAYS] = arrays
             for key, record in (extra or {}).items():
