@@ -42,6 +42,7 @@ class LoopbackGrid:
 
         replies = []
         for message in messages:
+            message = own_copy(message)
             node = message.metadata.dst_node_id
             stage = message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
             if node in self.dropped and stage in (Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK):
@@ -49,6 +50,16 @@ class LoopbackGrid:
             replies.append(self.app(message, self.contexts[node]))
         self.replies.extend(replies)
         return replies
+
+
+def own_copy(message):
+    """On a real wire every node receives its own copy (the mod edits the config record it gets)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    content = RecordDict({key: ConfigRecord(dict(record)) if isinstance(record, ConfigRecord) else record
+                          for key, record in message.content.items()})
+    return Message(content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type,
+                   group_id=message.metadata.group_id)
 
 
 @pytest.fixture
@@ -125,9 +136,13 @@ def test_a_client_dropped_after_sharing_its_keys_does_not_stall_the_round(known_
 
 
 def test_values_beyond_the_clipping_range_are_clipped_and_counted(known_training):
-    config, _, downlink, records, reply, _ = secure(frozenset(), "secagg.clipping_range=0.05", "server.weighting=uniform")
-    assert sum(r["secagg_clipped"] for r in records) > 0
-    clipped = {n: downlink[n] + sum(updates_of(c)[n].clamp(-0.05, 0.05) for c in range(3)) / 3 for n in NAMES}
+    # SecAgg+ clips weight / max_weight * value: with uniform weights (1) and max_weight 1000, a
+    # clipping range of 2e-5 clips each update value to +-0.02
+    config, _, downlink, records, reply, _ = secure(frozenset(), "secagg.clipping_range=2e-5",
+                                                    "server.weighting=uniform")
+    beyond = sum(int((updates_of(c)[n].abs() > 0.02).sum()) for c in range(3) for n in NAMES)
+    assert beyond > 0 and sum(r["secagg_clipped"] for r in records) == beyond
+    clipped = {n: downlink[n] + sum(updates_of(c)[n].clamp(-0.02, 0.02) for c in range(3)) / 3 for n in NAMES}
     assert max(float((reply.tensors[n] - clipped[n]).abs().max()) for n in NAMES) <= 1e-5
 
 

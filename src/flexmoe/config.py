@@ -297,7 +297,7 @@ class SecAggConfig(_Section):
     enabled: bool = False
     num_shares: float = Field(1.0, gt=0, le=1)  # each client's secrets are shared with this fraction of the round's clients
     reconstruction_threshold: float = Field(0.67, gt=0, le=1)  # fraction of the shares that rebuild a dropped client's mask
-    clipping_range: float = Field(1.0, gt=0)  # every update value is clipped to +-this before quantisation (clipped values are counted)
+    clipping_range: float = Field(1.0, gt=0)  # each update value times weight / max_weight is clipped to +-this before quantisation (counted: secagg_clipped)
     quantization_range: int = Field(2**22, ge=2)  # integer levels over [-clipping_range, clipping_range]
     max_weight: float = Field(1000.0, gt=0)  # the largest example count a client may weigh (precision falls as it grows)
 

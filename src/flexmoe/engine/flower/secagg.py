@@ -4,8 +4,9 @@ SecAgg+ (Bell et al. 2020): the server's `SecAggPlusWorkflow` and the clients' `
 One training round becomes the workflow's four stages (setup, share keys, collect masked vectors,
 unmask). In the third, each client trains as usual (`client_app.train_content`), then hands the mod
 its *update* (trained minus received shared weights, in name order) and its weight (training
-examples, or 1 with `server.weighting = "uniform"`); the mod clips every value to
-±`secagg.clipping_range`, quantises it to `secagg.quantization_range` levels and masks it, and the
+examples, or 1 with `server.weighting = "uniform"`); the mod scales the update by weight /
+`secagg.max_weight`, clips every value to ±`secagg.clipping_range` (the train record counts the
+values clipped, `secagg_clipped`), quantises it to `secagg.quantization_range` levels and masks it, and the
 update's arrays never leave the client. The server learns only the weighted mean of the updates
 (unmasked after the fourth stage, also for a client that dropped out after sharing its keys), adds
 it to the global weights and hands the result to the method's rule as the round's one reply, as the
@@ -45,8 +46,10 @@ def masked_train(msg, context, train_content):
     trained, record = from_arrays(reply[ARRAYS]), json.loads(str(reply[RESULT]["record"]))
     config = config_from_text(str(settings["flexmoe-config"]))
     update = [(trained[n].float() - received[n].float()).numpy() for n in names]
-    record["secagg_clipped"] = int(sum((np.abs(u) > config.secagg.clipping_range).sum() for u in update))
     weight = 1 if config.server.weighting == "uniform" else int(record["num_examples"])
+    # the mod clips weight / max_weight * value to +-clipping_range: count the values it will clip
+    scaled = weight / config.secagg.max_weight
+    record["secagg_clipped"] = int(sum((np.abs(u) * scaled > config.secagg.clipping_range).sum() for u in update))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight,
                     {"record": json.dumps(record), "client": int(record["client"])})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
