@@ -294,7 +294,7 @@ class SecAggConfig(_Section):
     never one client's update; a client that drops out after sharing its keys is unmasked from
     the others' shares. The in-process engine refuses it (it would aggregate in the clear)."""
 
-    enabled: bool = False
+    enabled: bool = False  # run every training round of a Flower run through SecAgg+
     num_shares: float = Field(1.0, gt=0, le=1)  # each client's secrets are shared with this fraction of the round's clients
     reconstruction_threshold: float = Field(0.67, gt=0, le=1)  # fraction of the shares that rebuild a dropped client's mask
     clipping_range: float = Field(1.0, gt=0)  # each update value times weight / max_weight is clipped to +-this before quantisation (counted: secagg_clipped)
