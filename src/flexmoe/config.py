@@ -8,7 +8,9 @@ the key and the closest valid keys or the allowed values.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +151,14 @@ class ServerConfig(_Section):
     tau: float = Field(1e-3, gt=0)
     momentum_lr: float = Field(0.1, gt=0)  # FedAvgM eta (effective step eta / (1 - momentum))
     momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM beta
+    # a robust combination of the replies instead of their mean (methods/robust.py), for any method
+    # whose rule averages them (the server optimisers then step along it): the coordinate-wise
+    # "median", the "trimmed-mean" (trim_beta) or multi-"krum" (krum_f, krum_keep); median and
+    # trimmed mean are unweighted, multi-Krum averages the replies it keeps with `weighting`
+    robust: Literal["none", "median", "trimmed-mean", "krum"] = "none"
+    trim_beta: float = Field(0.25, ge=0, lt=0.5)  # per coordinate, int(trim_beta * n) replies cut at each end
+    krum_f: int = Field(1, ge=0)  # hostile clients multi-Krum tolerates (scores over n - f - 2 neighbours)
+    krum_keep: int = Field(0, ge=0)  # replies multi-Krum averages; 0 = n - f; 1 = Krum
 
 
 class EvalConfig(_Section):
@@ -214,6 +224,84 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)  # the delta epsilon is reported at
 
 
+ATTACK = re.compile(r"^(sign-flip|same-value(:(?P<value>[^:]+))?|scale:(?P<scale>[^:]+)|noise:(?P<sigma>[^:]+))$")
+
+
+class FaultsConfig(_Section):
+    """A research tool, off by default, in-process engine only: the listed clients attack by
+    rewriting their update (their uplink relative to what they received) after honest local
+    training (engine/faults.py): "sign-flip" (-update), "scale:<s>" (s * update), "noise:<sigma>"
+    (update + Gaussian noise of std sigma, seeded), "same-value" (every value the update's RMS;
+    "same-value:<c>": every value c)."""
+
+    malicious_clients: list[int] = []  # ids of the attacking clients; empty = no attack (the default)
+    attack: str = "sign-flip"  # sign-flip, scale:<s>, noise:<sigma>, same-value or same-value:<c>
+
+    @field_validator("attack")
+    @classmethod
+    def _attack_known(cls, attack: str) -> str:
+        match = ATTACK.match(attack)
+        if match is None:
+            raise ValueError("expected sign-flip, scale:<s>, noise:<sigma>, same-value or same-value:<c>")
+        for name in ("value", "scale", "sigma"):
+            text = match.group(name)
+            if text is None:
+                continue
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(f"{text!r} is not a number") from None
+            if not math.isfinite(number) or (name == "sigma" and number <= 0):
+                raise ValueError(f"{text!r} must be a finite number{' > 0' if name == 'sigma' else ''}")
+        return attack
+
+    @field_validator("malicious_clients")
+    @classmethod
+    def _distinct(cls, clients: list[int]) -> list[int]:
+        if len(set(clients)) != len(clients) or any(c < 0 for c in clients):
+            raise ValueError("client ids must be distinct and >= 0")
+        return sorted(clients)
+
+
+class WireConfig(_Section):
+    """How tensors travel between server and clients, both ways, in both engines (wire.py): fp32,
+    or bf16 / fp16 halves, or int8 with one float32 scale per row (a tensor's first dimension).
+    The uplink's shared weights travel as their difference from what the client received, so the
+    rounding falls on the update; `error_feedback` keeps each client's rounding error and adds it to
+    its next update. The server keeps its global model and checkpoints in fp32."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # floating-point tensors travel in this type
+    quantize: Literal["none", "int8"] = "none"  # int8: per-row symmetric int8 with a float32 scale per row
+    error_feedback: bool = False  # clients add last round's uplink rounding error to their next update
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WireConfig:
+        if self.quantize == "int8" and self.dtype != "fp32":
+            raise ValueError("wire.quantize = 'int8' sets the values' type itself (float32 scales); "
+                             "leave wire.dtype = 'fp32'")
+        if self.error_feedback and self.dtype == "fp32" and self.quantize == "none":
+            raise ValueError("wire.error_feedback needs a lossy wire (wire.dtype bf16 or fp16, or wire.quantize int8)")
+        return self
+
+    @property
+    def lossy(self) -> bool:
+        return self.dtype != "fp32" or self.quantize != "none"
+
+
+class SecAggConfig(_Section):
+    """Secure aggregation in Flower runs through Flower's SecAgg+ (engine/flower/secagg.py): each
+    client masks its quantised update so that the server learns only the round's weighted mean,
+    never one client's update; a client that drops out after sharing its keys is unmasked from
+    the others' shares. The in-process engine refuses it (it would aggregate in the clear)."""
+
+    enabled: bool = False  # run every training round of a Flower run through SecAgg+
+    num_shares: float = Field(1.0, gt=0, le=1)  # each client's secrets are shared with this fraction of the round's clients
+    reconstruction_threshold: float = Field(0.67, gt=0, le=1)  # fraction of the shares that rebuild a dropped client's mask
+    clipping_range: float = Field(1.0, gt=0)  # each update value times weight / max_weight is clipped to +-this before quantisation (counted: secagg_clipped)
+    quantization_range: int = Field(2**22, ge=2)  # integer levels over [-clipping_range, clipping_range]
+    max_weight: float = Field(1000.0, gt=0)  # the largest example count a client may weigh (precision falls as it grows)
+
+
 class RunConfig(_Section):
     method: str = "flex"  # a name from the method registry (flexmoe.methods.registry)
     rounds: int = Field(5, ge=1)
@@ -234,6 +322,9 @@ class RunConfig(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     validation: ValidationConfig = ValidationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    faults: FaultsConfig = FaultsConfig()
+    wire: WireConfig = WireConfig()
+    secagg: SecAggConfig = SecAggConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -274,6 +365,60 @@ class RunConfig(_Section):
             # only a reply that is the shared weights can be clipped and its mean noised
             raise ValueError(f"privacy.noise_multiplier > 0 needs a method whose reply is the shared weights "
                              f"({', '.join(private)}); method = {self.method!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_fits(self) -> RunConfig:
+        from flexmoe.methods.registry import registered
+
+        server, n = self.server, self.clients_per_round
+        if server.robust == "none":
+            return self
+        name = f"server.robust = {server.robust!r}"
+        averaging = [m for m, info in registered().items() if info.cls.averages]
+        if self.method not in averaging:
+            raise ValueError(f"{name} replaces the mean of a rule that averages the replies "
+                             f"({', '.join(averaging)}); method = {self.method!r}")
+        if self.privacy.noise_multiplier > 0:
+            raise ValueError(f"{name} needs each client's update, but privacy.noise_multiplier > 0 releases only "
+                             "their noised mean: use one or the other")
+        if server.robust == "trimmed-mean" and int(server.trim_beta * n) == 0:
+            raise ValueError(f"server.trim_beta = {server.trim_beta:g} trims no reply of clients_per_round = {n} "
+                             f"(int(trim_beta * n) = 0): raise it to at least {1 / n:g}")
+        if server.robust == "krum" and not (server.krum_f < n and server.krum_keep <= n):
+            raise ValueError(f"multi-Krum needs krum_f < clients_per_round and krum_keep <= clients_per_round = {n} "
+                             f"(krum_f = {server.krum_f}, krum_keep = {server.krum_keep})")
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_fits(self) -> RunConfig:
+        """SecAgg+ hides every client's update: whatever needs one of them cannot run with it."""
+        from flexmoe.methods.registry import registered
+
+        if not self.secagg.enabled:
+            return self
+        private = [name for name, info in registered().items() if info.private]
+        hidden = "secagg.enabled hides each client's update from the server"
+        if self.method not in private:
+            raise ValueError(f"{hidden}; it sums shared weights, which method = {self.method!r} does not send "
+                             f"(allowed: {', '.join(private)})")
+        for needs, active in (("server.robust", self.server.robust != "none"),
+                              ("privacy.noise_multiplier (server-side DP clips each update)", self.privacy.noise_multiplier > 0),
+                              ("validation.max_update_norm", self.validation.max_update_norm > 0)):
+            if active:
+                raise ValueError(f"{needs} needs each client's update, but {hidden}: use one or the other")
+        if self.wire.lossy:
+            raise ValueError("secagg.enabled quantises and masks the uplink itself: leave wire.dtype = 'fp32' and "
+                             "wire.quantize = 'none'")
+        if self.clients_per_round < 2:
+            raise ValueError(f"secagg.enabled needs at least 2 clients per round (clients_per_round = {self.clients_per_round})")
+        return self
+
+    @model_validator(mode="after")
+    def _attackers_exist(self) -> RunConfig:
+        outside = [c for c in self.faults.malicious_clients if c >= self.num_clients]
+        if outside:
+            raise ValueError(f"faults.malicious_clients names client {outside[0]}, outside 0..{self.num_clients - 1}")
         return self
 
 

@@ -22,6 +22,7 @@ from flexmoe.data import collate, tokenize_examples
 from flexmoe.data.clients import Client
 from flexmoe.data.sample import derived_seed
 from flexmoe.engine import privacy
+from flexmoe.engine.faults import attacked_update, attacks, noise_seed
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.validation import split_valid, update_norm
 from flexmoe.errors import FlexmoeError
@@ -43,10 +44,12 @@ from flexmoe.rundir import (
 from flexmoe.tensors import cpu_clone, strip_prefix, with_prefix
 from flexmoe.train import cosine_lr, local_train
 from flexmoe.train.loop import carried_optimizer_state, num_local_steps, response_loss
+from flexmoe.wire import WireError, decode, encode
 
 log = logging.getLogger("flexmoe.engine")
 HELD = "personal."  # client-state prefix of the personal parameters outside a graft (FedPer's expert LoRA)
-ENGINE_STATE = ("optim.", HELD)  # client-state prefixes the engine keeps for itself, not the method's
+RESIDUAL = "wire_residual."  # client-state prefix of the uplink's rounding error (`wire.error_feedback`)
+ENGINE_STATE = ("optim.", HELD, RESIDUAL)  # client-state prefixes the engine keeps for itself, not the method's
 
 
 # ---- the schedule ---------------------------------------------------------------------------
@@ -207,9 +210,10 @@ class ClientRunner:
         save_personal(self.model, self.store.dir(client.client_id) / PERSONAL_FILE)
 
     def train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
-        """One round of local training from the downlink `received`; saves the client's new state
-        as pending and returns (its train record, without bytes; the uplink tensors). If it fails,
-        the round's pending state is dropped: the client keeps its last committed state."""
+        """One round of local training from the downlink `received` (its wire form, `wire.py`);
+        saves the client's new state as pending and returns (its train record, without bytes; the
+        uplink tensors, in wire form). If it fails, the round's pending state is dropped: the client
+        keeps its last committed state."""
         try:
             return self._train(client, round_index, received)
         except BaseException:
@@ -218,6 +222,7 @@ class ClientRunner:
 
     def _train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
         cfg, cid = self.config, client.client_id
+        received = decode(received) if cfg.wire.lossy else received
         lr = round_lr(cfg, round_index)
         device, device_record = model_device(self.model), {}
         reset_peak_memory(device)
@@ -241,24 +246,44 @@ class ClientRunner:
         run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features),
                        expert_counts=result.expert_counts)
         message, client_state = self.method.uplink(received, trained, client_state, run)
-        self._save(cid, round_index, client_state, result.optimizer_state)
+        attacking = self.method.communicates and attacks(cfg.faults, cid)
+        if attacking:
+            message = self._attack(message, received, trained, round_index, cid)
+        message, residual = self._encode_uplink(message, received, stored)
+        self._save(cid, round_index, client_state, result.optimizer_state, residual)
         self.progress.client_done(cid, result.loss)
         record = {
             "round": round_index, "kind": "train", "client": cid, "loss": result.loss, "steps": result.steps,
             "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr,
-            **device_measures(device, device_record),
+            **device_measures(device, device_record), **({"attack": cfg.faults.attack} if attacking else {}),
         }
         return record, message if self.method.communicates else {}
+
+    def _attack(self, message: Tensors, received: Tensors, trained: Tensors, round_index: int, cid: int) -> Tensors:
+        """The research harness (`[faults]`, engine/faults.py): the message with its update rewritten."""
+        shared = {name: received[name] for name in trained}
+        update = self.method.reply_update(message, shared)
+        hostile = attacked_update(self.config.faults.attack, update, noise_seed(self.config.seed, round_index, cid))
+        return self.method.with_update(message, shared, hostile)
+
+    def _encode_uplink(self, message: Tensors, received: Tensors, stored: Tensors) -> tuple[Tensors, Tensors]:
+        """(the uplink in wire form, relative to what was received; the new rounding residuals to keep
+        with `wire.error_feedback`, else none)."""
+        wire = self.config.wire
+        residual = strip_prefix(RESIDUAL, stored) if wire.error_feedback else None
+        return encode(message, wire, reference=received, residual=residual)
 
     @staticmethod
     def _counted_layers(shared: dict) -> frozenset[str]:
         """The MoE layers whose experts are shared (trainable): FC-MoE counts their routing."""
         return frozenset(expert_layer(name) for name in shared) - {None}
 
-    def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
+    def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors,
+              residual: Tensors) -> None:
         pending = self.store.begin(cid)
         held = with_prefix(HELD, cpu_clone(self._held()))
-        save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state)})
+        save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state),
+                                            **with_prefix(RESIDUAL, residual)})
         if self.method.grafts:
             save_personal(self.model, pending / PERSONAL_FILE)
         self.store.finish(cid, round_index)
@@ -388,8 +413,24 @@ class ServerRunner:
         return self._initial
 
     def downlink(self) -> Tensors | None:
-        """What every sampled client receives this round (None: the method sends nothing)."""
-        return self.method.downlink(self.global_weights, self.server_state) if self.method.communicates else None
+        """What every sampled client receives this round, in wire form (None: the method sends nothing)."""
+        if not self.method.communicates:
+            return None
+        return encode(self.method.downlink(self.global_weights, self.server_state), self.config.wire)[0]
+
+    def _decoded(self, replies: list[Reply]) -> tuple[list[Reply], list[dict]]:
+        """The replies decoded from their wire form (`wire.py`) against what the clients received
+        this round; one that cannot be decoded is rejected with the reason."""
+        if not self.config.wire.lossy:
+            return replies, []
+        reference = decode(self.downlink())  # exactly what every client decoded: the same bytes, the same code
+        decoded, rejected = [], []
+        for reply in replies:
+            try:
+                decoded.append(Reply(decode(reply.tensors, reference), reply.num_examples, client=reply.client))
+            except WireError as error:
+                rejected.append({"client": reply.client, "reason": f"undecodable message: {error}"})
+        return decoded, rejected
 
     def client_failed(self, round_index: int, client_id: int, reason: str) -> None:
         """A sampled client raised, its node went away or it did not answer: the round goes on
@@ -404,7 +445,9 @@ class ServerRunner:
         if not self.method.communicates:
             return {}
         round_index = self.completed + 1
+        replies, undecodable = self._decoded(replies)
         accepted, rejected = split_valid(self.method, self.config.validation, self.global_weights, replies)
+        rejected = undecodable + rejected
         for item in rejected:
             log.warning("round %d: update of client %d rejected: %s", round_index, item["client"], item["reason"])
         agg_metrics = {"rejected": rejected} if rejected else {}

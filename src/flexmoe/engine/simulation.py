@@ -95,6 +95,9 @@ class Simulation:
     """One run directory, run in this process."""
 
     def __init__(self, config: RunConfig, run_dir: Path, progress: Progress | None = None):
+        if config.secagg.enabled:
+            raise FlexmoeError("secagg.enabled: secure aggregation runs in Flower runs (flwr run); the in-process "
+                               "engine would aggregate every update in the clear")
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress or Progress()

@@ -71,6 +71,7 @@ class Method:
     grafts: ClassVar[bool] = False  # True: clients hold a personal grafted expert (FLEx)
     counts_experts: ClassVar[bool] = False  # True: local training reports per-expert activation counts
     rule_class: ClassVar[type[ServerRule]] = WeightedMean
+    averages: ClassVar[bool] = True  # its rule averages the replies, so `server.robust` can replace the mean
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -121,6 +122,11 @@ class Method:
     def reply_update(self, tensors: Tensors, global_weights: Tensors) -> Tensors:
         """The model update a (valid) reply carries: what its norm bound and clipping apply to."""
         return {name: tensors[name].float() - x.float() for name, x in global_weights.items()}
+
+    def with_update(self, tensors: Tensors, global_weights: Tensors, update: Tensors) -> Tensors:
+        """`tensors` (a reply) carrying `update` instead of its own: the inverse of `reply_update`."""
+        return {**tensors, **{name: (global_weights[name].float() + u).to(tensors[name].dtype)
+                              for name, u in update.items()}}
 
     # ---- client side -------------------------------------------------------------------
     def start_weights(self, received: Tensors, client_state: Tensors, initial: Tensors) -> Tensors:

@@ -125,6 +125,7 @@ class ConflictAware:
 
     counts_experts = True
     rule_class = ConflictAwareRule
+    averages = False  # importance-weighted, projected updates: no mean for a robust rule to replace
 
     @property
     def retention(self) -> float:

@@ -13,6 +13,9 @@ FedAdagrad, FedYogi, FedAdam: Reddi et al. 2021, "Adaptive Federated Optimizatio
 with m_0 = 0, v_0 = tau^2 (the paper asks v_{-1} >= tau^2) and no bias correction. Defaults
 (`[server]`): beta1 = 0.9, beta2 = 0.99 (the paper's), eta = 1e-2, tau = 1e-3 (from its grids).
 FedAvgM: Hsu et al. 2019: m = beta m + delta, x = x + eta m (defaults eta = 1, beta = 0.9).
+
+With `server.robust` the round's mean is a robust combination instead (`robust_mean`, the
+functions in `robust`): every rule that averages replies composes with it, the optimisers included.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from flexmoe.config import RunConfig
+from flexmoe.methods.robust import krum_selection, median, trimmed_mean
 from flexmoe.tensors import Tensors, strip_prefix, with_prefix
 
 
@@ -46,6 +50,22 @@ def weighted_mean(dicts: list[Tensors], weights: list[float]) -> Tensors:
     return out
 
 
+def robust_mean(config: RunConfig, replies: list[Reply], weights: list[float]) -> tuple[Tensors, dict]:
+    """The replies' combination `server.robust` asks for (their weighted mean by default), and its
+    metrics (multi-Krum: `krum_kept`, the clients whose replies were averaged)."""
+    server, dicts = config.server, [r.tensors for r in replies]
+    if server.robust == "median":
+        return median(dicts), {}
+    if server.robust == "trimmed-mean":
+        return trimmed_mean(dicts, server.trim_beta), {}
+    if server.robust == "krum":
+        keep = server.krum_keep or max(1, len(replies) - server.krum_f)
+        kept = krum_selection(dicts, server.krum_f, keep)
+        return weighted_mean([dicts[i] for i in kept], [weights[i] for i in kept]), \
+            {"krum_kept": [replies[i].client for i in kept]}
+    return weighted_mean(dicts, weights), {}
+
+
 class ServerRule:
     """The server side of aggregation: its state and one aggregation step."""
 
@@ -64,12 +84,14 @@ class WeightedMean(ServerRule):
     """FedAvg: the replies' mean, weighted by training examples (or uniform, `server.weighting`)."""
 
     def aggregate(self, global_weights: Tensors, state: Tensors, replies: list[Reply]) -> tuple[Tensors, Tensors, dict]:
-        return self.average(replies), state, {}
+        mean, metrics = self.average(replies)
+        return mean, state, metrics
 
-    def average(self, replies: list[Reply]) -> Tensors:
+    def average(self, replies: list[Reply]) -> tuple[Tensors, dict]:
+        """(the round's mean, or its robust combination with `server.robust`; its metrics)."""
         uniform = self.config.server.weighting == "uniform"
         weights = [1.0 if uniform else float(r.num_examples) for r in replies]
-        return weighted_mean([r.tensors for r in replies], weights)
+        return robust_mean(self.config, replies, weights)
 
 
 class _ServerOptimizer(WeightedMean):
@@ -79,7 +101,7 @@ class _ServerOptimizer(WeightedMean):
         return {**with_prefix("m.", zeros), **with_prefix("v.", tau_sq)}
 
     def aggregate(self, global_weights: Tensors, state: Tensors, replies: list[Reply]) -> tuple[Tensors, Tensors, dict]:
-        mean = self.average(replies)
+        mean, metrics = self.average(replies)
         m_old, v_old = strip_prefix("m.", state), strip_prefix("v.", state)
         new_global, m_new, v_new = {}, {}, {}
         for name, x in global_weights.items():
@@ -88,7 +110,7 @@ class _ServerOptimizer(WeightedMean):
             if v is not None:
                 v_new[name] = v
             new_global[name] = (x.float() + step).to(x.dtype)
-        return new_global, {**with_prefix("m.", m_new), **with_prefix("v.", v_new)}, {}
+        return new_global, {**with_prefix("m.", m_new), **with_prefix("v.", v_new)}, metrics
 
     def step(self, delta, m, v):
         """(new m, new v, the update added to x)."""

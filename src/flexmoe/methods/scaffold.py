@@ -12,26 +12,26 @@ import torch
 
 from flexmoe.methods.base import LocalRun, Method, Tensors, TensorSpec, TrainHooks
 from flexmoe.methods.registry import register_method
-from flexmoe.methods.rules import Reply, ServerRule, weighted_mean
+from flexmoe.methods.rules import Reply, ServerRule, robust_mean
 from flexmoe.tensors import strip_prefix, with_prefix
 
 
 class ScaffoldRule(ServerRule):
-    """x += eta_g * mean(dy); c += |S|/N * mean(dc), uniform means as published."""
+    """x += eta_g * mean(dy); c += |S|/N * mean(dc), uniform means as published (with `server.robust`,
+    their robust combination: of both prefixes together, so multi-Krum keeps whole replies)."""
 
     def init_state(self, global_weights: Tensors) -> Tensors:
         return with_prefix("control.", {n: torch.zeros_like(t, dtype=torch.float32) for n, t in global_weights.items()})
 
     def aggregate(self, global_weights: Tensors, state: Tensors, replies: list[Reply]) -> tuple[Tensors, Tensors, dict]:
-        ones = [1.0] * len(replies)
-        mean_dy = weighted_mean([strip_prefix("delta.", r.tensors) for r in replies], ones)
-        mean_dc = weighted_mean([strip_prefix("control_delta.", r.tensors) for r in replies], ones)
+        mean, metrics = robust_mean(self.config, replies, [1.0] * len(replies))
+        mean_dy, mean_dc = strip_prefix("delta.", mean), strip_prefix("control_delta.", mean)
         eta_g = self.config.scaffold.server_lr
         fraction = len(replies) / self.config.num_clients
         new_global = {n: (x.float() + eta_g * mean_dy[n]).to(x.dtype) for n, x in global_weights.items()}
         server_c = strip_prefix("control.", state)
         new_c = {n: c + fraction * mean_dc[n] for n, c in server_c.items()}
-        return new_global, with_prefix("control.", new_c), {}
+        return new_global, with_prefix("control.", new_c), metrics
 
 
 @register_method("scaffold", section="scaffold")
@@ -72,3 +72,6 @@ class Scaffold(Method):
 
     def reply_update(self, tensors: Tensors, global_weights: Tensors) -> Tensors:
         return {name: t.float() for name, t in strip_prefix("delta.", tensors).items()}
+
+    def with_update(self, tensors: Tensors, global_weights: Tensors, update: Tensors) -> Tensors:
+        return {**tensors, **with_prefix("delta.", update)}

@@ -23,7 +23,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexmoe.engine.flower.messages import (
@@ -50,21 +50,41 @@ def audit_outgoing(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[audit_outgoing])
+def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
+    """A training message of Flower's SecAgg+ protocol (the server's `secagg.enabled`) goes through
+    Flower's `secaggplus_mod`, which trains through `secagg.masked_train` and sends only the masked,
+    quantised update; every other message passes untouched."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from flwr.client.mod import secaggplus_mod
+
+    from flexmoe.engine.flower.secagg import masked_train
+
+    return secaggplus_mod(msg, context, lambda inner, ctx: masked_train(inner, ctx, train_content))
+
+
+app = ClientApp(mods=[audit_outgoing, secure_aggregation])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node = _Node(msg, context)
+    return Message(train_content(msg.content, context), reply_to=msg)
+
+
+def train_content(content: RecordDict, context: Context) -> RecordDict:
+    """One round of local training for the message `content`: the reply's content."""
+    node = _Node(content, context)
     if node.method.grafts and not node.runner.has_personal(node.client.client_id):
         node.runner.graft(node.client)  # a client that missed round 0
-    received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
+    received = from_arrays(content[ARRAYS]) if ARRAYS in content else {}
     record, message = node.runner.train(node.client, node.round, received)
     node.remember(last_trained=node.round)
-    content = _reply(record, node.client.client_id, record["num_examples"])
+    reply = _reply(record, node.client.client_id, record["num_examples"])
     if node.method.communicates:
-        content[ARRAYS] = to_arrays(message)
-    return Message(content, reply_to=msg)
+        reply[ARRAYS] = to_arrays(message)
+    return reply
 
 
 @app.evaluate()
@@ -72,7 +92,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Round 0 ("phase" = "base"): the untouched base, then grafting; later rounds: the
     personalised model (what the client received + its own state) and, when the server sends
     it, the global model, both on this client's test split."""
-    node = _Node(msg, context)
+    node = _Node(msg.content, context)
     client, runner, settings = node.client, node.runner, msg.content[CONFIG]
     if settings["phase"] == "base":
         record = runner.evaluate_base(client) if node.config.eval.base else {}
@@ -98,7 +118,7 @@ def commit(msg: Message, context: Context) -> Message:
     from flexmoe.rundir import ClientStore
 
     settings = msg.content[CONFIG]
-    client_id, root = _identity(msg, context)
+    client_id, root = _identity(msg.content, context)
     settle(ClientStore(root), client_id, settings)
     content = _reply({}, client_id, 0)
     if settings["phase"] == "identify":
@@ -138,13 +158,13 @@ def _info(client) -> ConfigRecord:
     return ConfigRecord({"describe": json.dumps(dataclasses.asdict(describe(client)))})
 
 
-def _identity(msg: Message, context: Context) -> tuple[int, Path]:
+def _identity(content: RecordDict, context: Context) -> tuple[int, Path]:
     """(client id, personal-state root) from the node config and the server's run directory."""
     node = context.node_config
     if "partition-id" not in node:
         raise FlexmoeError("SuperNode node config lacks 'partition-id' (start it with "
                            "--node-config \"partition-id=0 state-dir='...'\")")
-    run_dir = Path(str(msg.content[CONFIG]["run-dir"]))
+    run_dir = Path(str(content[CONFIG]["run-dir"]))
     if not node.get("state-dir"):
         return int(node["partition-id"]), run_dir / "clients"
     return int(node["partition-id"]), Path(str(node["state-dir"])) / run_key(run_dir)
@@ -175,18 +195,18 @@ def _client_data(config, node_config, client_id: int):
 class _Node:
     """This node's client: config from the message, data and state from the node config."""
 
-    def __init__(self, msg: Message, context: Context):
+    def __init__(self, content: RecordDict, context: Context):
         from flexmoe.engine.core import ClientRunner, load_model, shared_params, use_threads
         from flexmoe.methods import build_method
         from flexmoe.rundir import ClientStore
         from flexmoe.tensors import cpu_clone
 
-        settings = msg.content[CONFIG]
+        settings = content[CONFIG]
         self.context = context
         self.config = config_from_text(str(settings["flexmoe-config"]))
         self.round = int(settings["round"])
         use_threads(self.config)  # this process serves this client alone
-        client_id, root = _identity(msg, context)
+        client_id, root = _identity(content, context)
         self._check_partitions(client_id)
         store = ClientStore(root)
         settle(store, client_id, settings)

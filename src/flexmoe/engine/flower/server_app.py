@@ -59,12 +59,20 @@ def main(grid: Grid, context: Context) -> None:
     else:
         config = load_config(str(settings["config"]) or None, parse_overrides(str(settings.get("set", ""))))
         run_dir = Path(str(settings["output-dir"]) or f"runs/flower-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    refuse_in_flower(config)
     run_dir = run_dir.resolve()
     transport = FlowerTransport(grid, config, run_dir, round_timeout=float(settings["round-timeout"]),
                                 min_clients=int(settings["min-clients"]) or config.num_clients,
                                 connect_timeout=float(settings["connect-timeout"]))
     RoundDriver(config, run_dir, transport).run(resume)
     log.info("flexmoe: %d rounds done, run directory %s", config.rounds, run_dir)
+
+
+def refuse_in_flower(config) -> None:
+    """The settings the Flower engine cannot honour, refused in one line before anything starts."""
+    if config.faults.malicious_clients:
+        raise FlexmoeError("faults.malicious_clients: the attack harness is an in-process research tool "
+                           "(flexmoe run); the Flower engine refuses it")
 
 
 def _resumable(settings) -> Path:
@@ -128,6 +136,8 @@ class FlowerTransport:
 
         self.counted = counted
         online = self._online(round_index - 1)
+        if self.config.secagg.enabled:
+            return self._secure_train(round_index, sampled, online, downlink)
         arrays = to_arrays(downlink) if downlink is not None else None
         bytes_down = record_bytes(arrays) if arrays is not None else 0
         replies, failures = self._exchange(MessageType.TRAIN, [online[c] for c in sampled if c in online],
@@ -143,6 +153,22 @@ class FlowerTransport:
                 uploads.append(Reply(from_arrays(reply.content[ARRAYS]), int(reply.content[METRICS]["num-examples"]),
                                      client=record["client"]))
         return records, uploads, {c: f"ClientFailed: {why}" for c, why in failures.items()}
+
+    def _secure_train(self, round_index: int, sampled: list[int], online: dict[int, int], downlink):
+        """The round through Flower's SecAgg+ (engine/flower/secagg.py): one reply, the mean update
+        added to the global weights; a sampled client that was not aggregated has failed."""
+        from flexmoe.engine.flower.secagg import secure_round
+
+        nodes = [online[c] for c in sampled if c in online]
+        settings = {node: self._settings(MessageType.TRAIN, round_index, phase="train") for node in nodes}
+        records, reply, aggregated = secure_round(self.grid, self.config, round_index, settings, downlink,
+                                                  timeout=self.round_timeout)
+        failures = {c: "no SuperNode of this client is online" for c in sampled if c not in online}
+        for client in sampled:
+            if client in online and online[client] not in aggregated:
+                failures[client] = "not aggregated by SecAgg+ (no reply in time, or the protocol halted)"
+                log.warning("round %d: client %d was not aggregated by SecAgg+; skipped", round_index, client)
+        return records, [reply] if reply is not None else [], {c: f"ClientFailed: {why}" for c, why in failures.items()}
 
     def evaluate(self, round_index: int, received, global_weights, base_load, counted: dict[int, int]) -> list[dict]:
         """Every online client evaluates on its own test split (`ClientRunner.evaluate`)."""
@@ -203,22 +229,25 @@ class FlowerTransport:
               extra: dict | None = None, base_load: str = "null") -> list[tuple[int, Message]]:
         return self._exchange(message_type, node_ids, round_index, arrays, phase, extra, base_load)[0]
 
+    def _settings(self, message_type: str, round_index: int, phase: str = "", base_load: str = "null") -> dict:
+        """The config record of a message: the run's config, the round, the last committed round, and
+        every client's counted round keyed by client id: a node the server has not seen yet (a restarted
+        SuperNode, every node of a resumed run) only says which client it is when it replies, so it
+        looks its own round up."""
+        committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
+        return {"flexmoe-config": config_text(self.config), "round": round_index, "committed": committed,
+                "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load,
+                COUNTED_ROUNDS: counted_rounds_text(self.counted)}
+
     def _exchange(self, message_type: str, node_ids: list[int], round_index: int, arrays, phase: str = "",
                   extra: dict | None = None, base_load: str = "null") -> tuple[list[tuple[int, Message]], dict]:
         """One message per node -> (the successful replies as (node id, reply), in client order, as
         aggregation sums in a fixed order in process too; {client id: why} for each known client
         whose node failed or did not reply within the round timeout, logged and skipped)."""
-        committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
-        # every client's counted round, keyed by client id: a node the server has not seen yet (a
-        # restarted SuperNode, every node of a resumed run) only says which client it is when it
-        # replies, so it looks its own round up
-        settings = {"flexmoe-config": config_text(self.config), "round": round_index, "committed": committed,
-                    "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load,
-                    COUNTED_ROUNDS: counted_rounds_text(self.counted)}
         clients = {node: cid for cid, node in self.nodes.items()}
         messages = []
         for node_id in node_ids:
-            content = RecordDict({CONFIG: ConfigRecord(settings)})
+            content = RecordDict({CONFIG: ConfigRecord(self._settings(message_type, round_index, phase, base_load))})
             if arrays is not None:
                 content[ARRAYS] = arrays
             for key, record in (extra or {}).items():
