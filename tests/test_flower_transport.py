@@ -41,7 +41,7 @@ class LoopbackGrid:
             if message.metadata.message_type == MessageType.QUERY:
                 replies.append(client_app.app(message, context))
             else:  # no reply: the round counts the client as failed, which these tests do not read
-                client_id, root = client_app._identity(message, context)
+                client_id, root = client_app._identity(message.content, context)
                 client_app.settle(ClientStore(root), client_id, message.content[CONFIG])
         TaskIdentity.node_id = 0
         return replies
