@@ -59,14 +59,8 @@ def build_tokenizer(path: Path):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from conftest import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-qwen2moe")
-    vocab = build_tokenizer(path)
-    model = tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128)
-    model.save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny_model) -> str:
+    return saved_tiny_model
 
 
 @pytest.fixture(autouse=True)
