@@ -95,6 +95,19 @@ def batches():
     return token_batches()
 
 
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory) -> str:
+    """The tiny qwen2_moe (seed 0) with the engine tests' word-level tokenizer, saved once for the
+    whole session: the model folder the end-to-end tests run on. Read-only: a test that changes a
+    model folder saves its own."""
+    from test_engine import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-qwen2moe")
+    vocab = build_tokenizer(path)
+    tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A saved tiny qwen2_moe with its tokenizer: a local Hugging Face model directory."""

@@ -15,7 +15,7 @@ from flexmoe.commands import compare
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.comm import meta_model, method_message_sizes
-from test_engine import build_tokenizer, builtin_is_synthetic, synthetic_examples  # noqa: F401 (fixture)
+from test_engine import builtin_is_synthetic, synthetic_examples  # noqa: F401 (fixture)
 
 SETTINGS = [
     "rounds=1", "num_clients=2", "clients_per_round=2", "train.local_steps=1", "train.batch_size=4",
@@ -26,13 +26,8 @@ SETTINGS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from conftest import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-qwen2moe")
-    vocab = build_tokenizer(path)
-    tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128).save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny_model) -> str:
+    return saved_tiny_model
 
 
 def args_for(model_dir: str, out, methods: str = "flex,scaffold", seeds: str = "0,1") -> argparse.Namespace:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -58,14 +59,8 @@ def build_tokenizer(path: Path):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from conftest import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny-qwen2moe")
-    vocab = build_tokenizer(path)
-    model = tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128)
-    model.save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny_model) -> str:
+    return saved_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -274,7 +269,14 @@ def test_cli_run_killed_mid_way_resumes_to_the_uninterrupted_metrics(model_dir, 
     for item in settings:
         command += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
-    subprocess.run(command + ["--output-dir", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    full = subprocess.run(command + ["--output-dir", str(tmp_path / "full")], check=True, env=env, capture_output=True,
+                          text=True)
+    # what to look at, then how long each phase took (make demo ends with these lines)
+    closing = full.stdout.splitlines()[-3:]
+    assert closing[0] == f"report: {tmp_path / 'full' / 'report.md'}"
+    assert closing[1].startswith("what matters: personalised ROUGE-L ") and "(base " in closing[1]
+    assert re.fullmatch(r"time: setup and round 0 \d+ s, training \d+ s, evaluation \d+ s, report \d+ s; "
+                        r"\d+ s in all", closing[2]), closing[2]
 
     victim = subprocess.Popen(command + ["--output-dir", str(tmp_path / "cut")], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

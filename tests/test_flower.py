@@ -56,15 +56,12 @@ probes = false
 
 
 @pytest.fixture(scope="module")
-def run_config(tmp_path_factory) -> Path:
-    """A tiny random qwen2_moe, its data file and a FLEx run config, all in a temp dir."""
-    from conftest import tiny_model
-    from test_engine import build_tokenizer, synthetic_examples
+def run_config(tmp_path_factory, saved_tiny_model) -> Path:
+    """The session's tiny random qwen2_moe, a data file and a FLEx run config in a temp dir."""
+    from test_engine import synthetic_examples
 
     root = tmp_path_factory.mktemp("flower")
-    model_dir = root / "model"
-    vocab = build_tokenizer(model_dir)
-    tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128).save_pretrained(model_dir)
+    model_dir = saved_tiny_model
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(e.__dict__) + "\n" for e in synthetic_examples()))
     path = root / "run.toml"

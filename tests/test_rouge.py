@@ -59,3 +59,53 @@ def test_messages_round_trip_with_their_exact_size():
     assert meta == {"num_examples": "12"} and torch.equal(back["a.lora_A.weight"], tensors["a.lora_A.weight"])
     header = int.from_bytes(blob[:8], "little")
     assert len(blob) == 8 + header + 2 * 8 * 4 + 3 * 2  # header + fp32 (2x8) + bf16 (3)
+
+
+def _generate_reference(model, tokenizer, prompts, max_new_tokens):
+    """transformers' greedy `generate`, one prompt at a time, new tokens up to eos."""
+    rows = []
+    for prompt in prompts:
+        enc = tokenizer([prompt], return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        row = out[0, enc["input_ids"].shape[1]:].tolist()
+        rows.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("eos_early", [False, True])
+def test_greedy_decode_gives_generates_tokens(eos_early):
+    """The joined-cache decode with rows leaving the batch gives, token for token, what
+    `generate` gives each prompt alone; with eos made likely, rows end at different steps."""
+    from flexmoe.eval.rouge import greedy_decode
+    from flexmoe.models import load_base
+
+    model, tokenizer = load_base("tiny")
+    if eos_early:  # push eos up, so that rows end at different steps and leave the batch
+        with torch.no_grad():
+            model.lm_head.weight[tokenizer.eos_token_id] *= 4.0
+    prompts = ["The noun \"dog\" means", "Define", "What is the opposite of the adjective \"wet\"? Answer:",
+               "A cat is a kind of", "Name three things that are red and round and often eaten", "The"]
+    tokenizer.padding_side = "left"
+    chunks = []
+    for start in (0, 2, 5):  # chunks of different widths, joined into one cache
+        enc = tokenizer(prompts[start:{0: 2, 2: 5, 5: 6}[start]], return_tensors="pt", padding=True)
+        chunks.append((enc["input_ids"], enc["attention_mask"]))
+    tokenizer.padding_side = "right"
+    got = greedy_decode(model, chunks, 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    expected = _generate_reference(model, tokenizer, prompts, 12)
+    assert got == expected
+    if eos_early:
+        assert len({len(row) for row in got}) > 1  # rows left the batch at different steps
+
+
+def test_generate_responses_keep_the_order_of_the_examples():
+    from flexmoe.data import Example
+    from flexmoe.models import load_base
+
+    model, tokenizer = load_base("tiny")
+    examples = [Example(instruction=text, response="x") for text in
+                ("Define the noun \"dog\".", "Define the noun \"encyclopedia of the natural world\".", "Define \"a\".")]
+    together = generate_responses(model, tokenizer, examples, max_new_tokens=8, batch_size=2)
+    alone = [generate_responses(model, tokenizer, [e], max_new_tokens=8, batch_size=1)[0] for e in examples]
+    assert together == alone and len(set(together)) > 1

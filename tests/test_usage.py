@@ -64,8 +64,8 @@ def data_file(workdir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir) -> str:
-    return save_model(workdir / "base", seed=0)
+def model_dir(saved_tiny_model) -> str:
+    return saved_tiny_model  # what save_model(path, seed=0) saves
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ class EvalConfig(_Section):
     max_test_examples: int = Field(128, ge=1)  # per client, last round (fewer when the test split is smaller)
     curve_test_examples: int = Field(16, ge=1)  # per client, earlier evaluated rounds
     max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(32, ge=1)  # examples per generation batch and documents per loss batch (32: greedy generation 1.4x faster than 8 here, equal mean ROUGE-L in a 128-example check)
+    batch_size: int = Field(32, ge=1)  # prompts per prefill chunk of greedy generation (the sample then decodes as one batch) and documents per loss batch
     knowledge: bool = True
     knowledge_max_docs: int = Field(512, ge=1)  # held-out documents, last round
     curve_docs: int = Field(64, ge=1)  # held-out documents, earlier evaluated rounds

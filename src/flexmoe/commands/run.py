@@ -41,7 +41,25 @@ def run(args: argparse.Namespace) -> int:
         + (f", (ε, δ) = ({summary['dp_epsilon']:.3g}, {summary['dp_delta']:g})" if summary.get("dp_epsilon") else "")
     )
     print(f"report: {run_dir / 'report.md'}")
+    print(_what_matters(summary))
+    if summary.get("phase_seconds"):
+        print(_timings(summary["phase_seconds"]))
     return 0
+
+
+def _what_matters(summary: dict) -> str:
+    """The three numbers to look at first, each beside the untouched base's."""
+    parts = []
+    for label, key in (("personalised ROUGE-L", "rouge_l_avg"), ("held-out loss", "knowledge_loss"),
+                       ("probe accuracy", "probe_accuracy")):
+        if summary.get(key) is not None:
+            parts.append(f"{label} {_fmt(summary[key])} (base {_fmt(summary.get(f'{key}_base'))})")
+    return "what matters: " + ("; ".join(parts) if parts else "no evaluation ran")
+
+
+def _timings(phases: dict[str, float]) -> str:
+    return ("time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
+            + f"; {sum(phases.values()):.0f} s in all")
 
 
 def _fmt(value) -> str:

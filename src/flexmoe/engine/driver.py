@@ -18,6 +18,8 @@ round the server counted as failed never becomes final, whatever the client miss
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from pathlib import Path
 from typing import Protocol
@@ -75,6 +77,15 @@ class RoundDriver:
         self.counted: dict[int, int] = {}
         self.infos: list[ClientInfo] = []
         self.detail_dir = self.run_dir / EVALS_DIR  # the server's own per-item results: base and global knowledge
+        self.phase_seconds: dict[str, float] = {}  # wall seconds per phase of this invocation
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.monotonic() - started
 
     def model(self):
         """(model, tokenizer) of the server's own: base reference and global-model knowledge."""
@@ -86,7 +97,8 @@ class RoundDriver:
         """Train through `config.rounds` (or stop after round `stop_after`); returns the summary."""
         with torch_threads(self.config):
             started = time.monotonic()
-            completed = self._resume() if resume else self._start()
+            with self._phase("setup and round 0"):
+                completed = self._resume() if resume else self._start()
             last = min(self.config.rounds, stop_after or self.config.rounds)
             self.progress.start(self.config.rounds, completed + 1)
             try:
@@ -118,14 +130,16 @@ class RoundDriver:
         cfg = self.config
         sampled = sample_clients(cfg.seed, round_index, cfg.num_clients, cfg.clients_per_round)
         self.progress.round_started(round_index, sampled)
-        records, replies, failures = self.transport.train(round_index, sampled, self.server.downlink(),
-                                                          dict(self.counted))
+        with self._phase("training"):
+            records, replies, failures = self.transport.train(round_index, sampled, self.server.downlink(),
+                                                              dict(self.counted))
         for client_id in sorted(failures):
             self.server.client_failed(round_index, client_id, failures[client_id])
         for record in records:
             self.counted[record["client"]] = round_index
         agg_metrics = self.server.aggregate(replies)
-        evals, global_eval = self._evaluate(round_index) if evaluates(cfg, round_index) else ([], {})
+        with self._phase("evaluation"):
+            evals, global_eval = self._evaluate(round_index) if evaluates(cfg, round_index) else ([], {})
         self.server.finish_round(round_index, sampled, records, agg_metrics, evals, global_eval)
         self.transport.commit(round_index, dict(self.counted))
         write_summary(self.run_dir, summarize(self.server.metrics.read(), cfg, None, self.run_dir))
@@ -151,7 +165,10 @@ class RoundDriver:
         return evals, global_eval
 
     def _finish(self, wall_seconds: float) -> dict:
+        """The summary (written, with the report); it also carries this invocation's `phase_seconds`
+        (the setup and round 0, training, evaluation, and the report), which summary.json does not."""
         summary = summarize(self.server.metrics.read(), self.config, wall_seconds, self.run_dir)
         write_summary(self.run_dir, summary)
-        write_run_report(self.run_dir, self.infos)
-        return summary
+        with self._phase("report"):
+            write_run_report(self.run_dir, self.infos)
+        return {**summary, "phase_seconds": dict(self.phase_seconds)}
