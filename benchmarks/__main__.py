@@ -13,7 +13,7 @@ import pathlib
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-BY_NAME_ONLY = {"fidelity"}
+BY_NAME_ONLY = {"fidelity", "speed"}  # hours-long: run by name
 
 
 def main(argv: list[str]) -> int:
