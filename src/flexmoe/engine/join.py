@@ -17,7 +17,6 @@ the first free id past the run's clients, with `joined.json` saying where its da
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -30,14 +29,13 @@ from flexmoe.files import load_checked, write_text_atomic
 from flexmoe.methods import build_method
 from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, INITIAL_WEIGHTS, METRICS_FILE, ClientStore, MetricsLog
 
-log = logging.getLogger("flexmoe.engine")
 JOINED_FILE = "joined.json"  # in a joined client's directory: its data source and its results
 JOINED_DIR = "joined"  # the default state root of joined clients, inside the run directory
 # what a joining client may change (--set): its own budget, evaluation and runtime; never what
 # the shared weights were trained with (model, method, LoRA, data template, ...)
 ADJUSTABLE = ("rounds", "seed", "train.", "eval.", "runtime.", "flex.calibration_examples",
               "flex.calibration_max_tokens", "flex.gate_init_bias", "data.test_fraction",
-              "data.max_train_per_client", "data.skip_invalid")
+              "data.max_train_per_client")
 
 
 def personal_part_refusal(method) -> str | None:
@@ -81,8 +79,7 @@ def joined_test(config, store: ClientStore, client_id: int) -> list:
     joined = read_joined(store, client_id)
     if joined is None:
         raise FlexmoeError(f"{store.dir(client_id)}: no {JOINED_FILE}; not a client that joined this run")
-    examples = load_examples(joined["data"], format=joined.get("format"), fields=joined.get("fields") or None,
-                             skip_invalid=config.data.skip_invalid)
+    examples = load_examples(joined["data"], format=joined.get("format"), fields=joined.get("fields") or None)
     return own_data(config, examples, client_id, joined["data"]).test
 
 
