@@ -92,9 +92,9 @@ def child(num_clients: int, run_dir: pathlib.Path) -> dict:
     rounds = {int(name.split()[1]): {"seconds": t_next - t, "graft_seconds": grafting["seconds"].get(int(name.split()[1]), 0.0)}
               for (name, t, _), (_, t_next, _) in zip(bounds, bounds[1:])}
     first_round = next(m for m in marks if m[0] == "round 1")
-    phases = {"load + round 0": first_round[2],
-              **{m[0]: m[2] for m in marks if m[0].startswith("round ") and m[0] != "round 1"},
-              "evaluation": marks[-1][2]}
+    phases = {"load + round 0": first_round[2],  # each: the running peak when the next phase begins
+              **{f"+ round {int(m[0].split()[1]) - 1}": m[2] for m in marks if m[0].startswith("round ") and m[0] != "round 1"},
+              f"+ round {ROUNDS} with its evaluation": marks[-1][2]}
     client_dirs = [d for d in (run_dir / "clients").iterdir() if d.is_dir()]
     disk = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in client_dirs]
     return {"clients": num_clients, "peak_rss": peak_rss(), "rounds": rounds, "phases": phases,
