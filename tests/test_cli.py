@@ -13,8 +13,8 @@ def _flexmoe(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_registered_command():
     result = _flexmoe("--help")
     assert result.returncode == 0, result.stderr
-    for name in cli.COMMANDS:
-        assert f"\n    {name} " in result.stdout, name
+    for name in cli.COMMANDS:  # a long name (personalize) has its help on the next line
+        assert f"\n    {name} " in result.stdout or f"\n    {name}\n" in result.stdout, name
 
 
 def test_no_command_prints_help_and_fails():

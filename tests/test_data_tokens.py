@@ -139,3 +139,16 @@ def test_collate_errors():
         collate([], 0)
     with pytest.raises(FlexmoeError, match="pad token"):
         collate([{"input_ids": [1], "labels": [1]}], None)
+
+
+def test_a_clients_training_features_are_compact_and_collate_as_the_lists_do(tokenizer):
+    from flexmoe.data.tokens import training_features
+
+    examples = [WITH_CONTEXT, WITHOUT_CONTEXT]
+    lists = tokenize_examples(examples, tokenizer, max_length=64)
+    compact, _ = training_features(examples, tokenizer, 64, "alpaca", client_id=0)
+    for as_list, packed in zip(lists, compact):
+        assert all(packed[k].dtype == torch.int32 and packed[k].tolist() == as_list[k] for k in as_list)
+    pad = tokenizer.pad_token_id
+    for key, tensor in collate(lists, pad).items():
+        assert torch.equal(collate(compact, pad)[key], tensor) and tensor.dtype == torch.long

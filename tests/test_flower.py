@@ -222,17 +222,38 @@ def without_bytes(records: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def in_process_metrics(run_config, tmp_path_factory) -> list[dict]:
+def in_process_run(run_config, tmp_path_factory) -> Path:
     """The run config through the in-process engine: what every Flower run must reproduce."""
     from flexmoe.config import load_config
     from flexmoe.engine.simulation import Simulation
 
     run_dir = tmp_path_factory.mktemp("inproc") / "run"
     Simulation(load_config(run_config), run_dir).run()
-    return read_metrics(run_dir)
+    return run_dir
 
 
-def test_flwr_run_local_simulation_matches_in_process_engine(run_config, in_process_metrics, tmp_path):
+@pytest.fixture(scope="module")
+def in_process_metrics(in_process_run) -> list[dict]:
+    return read_metrics(in_process_run)
+
+
+def assert_same_evaluation_files(flower: Path, in_process: Path) -> None:
+    """Every per-example file (answers, predictions, scores, knowledge items) of the in-process run,
+    identical in the Flower run's directory; so are the paired statistics of its summary."""
+    from flexmoe.eval.detail import evaluated_rounds, read_round
+
+    rounds = evaluated_rounds(in_process / "evals")
+    assert rounds == evaluated_rounds(flower / "evals") == [0, 2]
+    for round_index in rounds:
+        expected = read_round(in_process / "evals", round_index)
+        assert any("-client-" in name for name in expected)
+        assert read_round(flower / "evals", round_index) == expected, round_index
+    summary = lambda d: json.loads((d / "summary.json").read_text())  # noqa: E731
+    assert summary(flower)["rouge_l_vs_base"] == summary(in_process)["rouge_l_vs_base"]
+
+
+def test_flwr_run_local_simulation_matches_in_process_engine(run_config, in_process_metrics, in_process_run,
+                                                            tmp_path):
     home = tmp_path / "flwr-home"
     try:
         result = subprocess.run(
@@ -249,6 +270,7 @@ def test_flwr_run_local_simulation_matches_in_process_engine(run_config, in_proc
     assert [(r["round"], r["kind"], r.get("client")) for r in flower] == \
         [(r["round"], r["kind"], r.get("client")) for r in in_process_metrics]
     assert without_bytes(flower) == without_bytes(in_process_metrics)
+    assert_same_evaluation_files(tmp_path / "flower", in_process_run)
 
 
 def test_a_client_drops_the_state_of_a_round_the_server_counts_as_failed(tmp_path):

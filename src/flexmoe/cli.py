@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("flexmoe.commands.eval", "re-evaluate a finished run's personalized models"),
     "generate": ("flexmoe.commands.generate", "generate text with a client's personalized (or the global) model"),
     "export": ("flexmoe.commands.export", "export a client's personalized model as a self-contained directory"),
+    "personalize": ("flexmoe.commands.personalize", "a new organisation joins a trained federation: graft and train its personal part"),
     "pretrain": ("flexmoe.commands.pretrain", "pretrain the shipped tiny MoE from its config"),
     "plan": ("flexmoe.commands.plan", "bytes per round and device memory of one client step, for a model or a known shape"),
     "bench": ("flexmoe.commands.bench", "run the benchmarks of a source checkout (results under benchmarks/results/)"),

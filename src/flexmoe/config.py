@@ -169,6 +169,7 @@ class EvalConfig(_Section):
 
     every: int = Field(2, ge=0)  # also evaluate (curve sizes) every N rounds: the learning curve; 0 = only after the last round
     base: bool = True  # also evaluate the untouched base at round 0, as the reference
+    clients: int = Field(0, ge=0)  # clients evaluated: 0 = every client; N = a seeded sample of N, the same every round (large populations)
     max_test_examples: int = Field(128, ge=1)  # per client, last round (fewer when the test split is smaller)
     curve_test_examples: int = Field(16, ge=1)  # per client, earlier evaluated rounds
     max_new_tokens: int = Field(32, ge=1)

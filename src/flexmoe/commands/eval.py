@@ -90,6 +90,7 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, max
     from flexmoe.data.clients import Client, partition_data
     from flexmoe.data.sample import stratified_sample, stratify_field
     from flexmoe.engine.core import base_load, torch_threads
+    from flexmoe.engine.join import joined_test
     from flexmoe.engine.restore import restore
     from flexmoe.report.summary import eval_means
     from flexmoe.rundir import METRICS_FILE, MetricsLog
@@ -102,8 +103,9 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, max
     if progress is not None:
         runner.progress = progress
     if examples is None:
-        parts = partition_data(config)
-        tests = [parts[cid].test for cid in clients]
+        parts = partition_data(config) if any(cid < config.num_clients for cid in clients) else []
+        tests = [parts[cid].test if cid < config.num_clients else joined_test(config, checkpoint.store, cid)
+                 for cid in clients]
         data = "test splits"
     else:
         sample = stratified_sample(examples, size, seed=config.seed)

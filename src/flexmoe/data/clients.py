@@ -82,6 +82,17 @@ def partition_data(config: RunConfig):
     return parts
 
 
+def own_data(config: RunConfig, examples: list, client_id: int, source: str, skipped=()):
+    """A client's own examples (a Flower node's `data-path`, an organisation joining a finished run)
+    as its `ClientData`: all of them, split into train/test with `data.test_fraction`, seeded by the run."""
+    from flexmoe.data.partition import ClientData
+
+    part = partition(examples, 1, scheme="iid", seed=config.seed, test_fraction=config.data.test_fraction)[0]
+    if not part.train:
+        raise FlexmoeError(f"{source}: no training examples for client {client_id}")
+    return ClientData(client_id, part.train, part.test, tuple(skipped))
+
+
 def capped_train(config: RunConfig, part) -> list:
     """The client's training examples under `data.max_train_per_client` (a seeded subset)."""
     return capped(part.train, config.data.max_train_per_client, derived_seed(config.seed, part.client_id, 0xCA9))
@@ -92,3 +103,42 @@ def make_client(config: RunConfig, part, tokenizer) -> Client:
     features, truncation = training_features(train, tokenizer, config.train.max_length, config.data.template,
                                              part.client_id)
     return Client(part.client_id, train, part.test, features, truncation, part.skipped)
+
+
+class ClientPool:
+    """The run's clients for one process: the partition (examples only: the data set's size, whatever
+    the population) and the tokenised clients it needs. A client is tokenised when first needed and
+    kept while it is in the round's set (`start_round`) or `pinned` (the evaluated clients), so memory
+    holds the sampled and evaluated clients' features, not the population's; a small run, which
+    evaluates every client, keeps them all (nothing is tokenised twice)."""
+
+    def __init__(self, config: RunConfig, parts: list, tokenizer, pinned=()):
+        self.config = config
+        self.parts = parts
+        self.tokenizer = tokenizer
+        self.pinned = set(pinned)
+        self._kept: dict[int, Client] = {}
+        self._current: set[int] = set(self.pinned)
+        self._truncation: dict[int, Truncation] = {}  # of every client tokenised so far, for the report
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def start_round(self, client_ids) -> None:
+        """The clients this round keeps tokenised (with the pinned ones); every other one is dropped."""
+        self._current = set(client_ids) | self.pinned
+        self._kept = {cid: c for cid, c in self._kept.items() if cid in self._current}
+
+    def get(self, client_id: int) -> Client:
+        client = self._kept.get(client_id)
+        if client is None:
+            client = make_client(self.config, self.parts[client_id], self.tokenizer)
+            self._truncation[client_id] = client.truncation
+            if client_id in self._current:
+                self._kept[client_id] = client
+        return client
+
+    def infos(self) -> list[ClientInfo]:
+        """Every client's report entry (truncation counts: of the clients tokenised in this process)."""
+        return [describe(Client(part.client_id, capped_train(self.config, part), part.test, [],
+                                self._truncation.get(part.client_id), part.skipped)) for part in self.parts]

@@ -66,7 +66,8 @@ def training_features(examples: Sequence[Example], tokenizer, max_length: int, t
     """A client's training features and what truncation cost it (logged when anything was cut)."""
     counts = Truncation()
     log.info("client %d: tokenizing %d training examples", client_id, len(examples))
-    features = tokenize_examples(examples, tokenizer, max_length=max_length, template=template, counts=counts)
+    features = [compact(f) for f in
+                tokenize_examples(examples, tokenizer, max_length=max_length, template=template, counts=counts)]
     if counts.truncated or counts.unusable:
         log.info("client %d: %d of %d training examples longer than train.max_length = %d were cut "
                  "(context first; %d lost the tail of their response); %d unusable", client_id, counts.truncated,
@@ -109,6 +110,12 @@ def _shorter_context(example: Example, budget: int, tokenizer, template: str, ad
     return best
 
 
+def compact(feature: dict) -> dict:
+    """A feature as int32 tensors: a client holds its features for the whole run, and as lists of
+    Python ints they took ~146 bytes a token (606 MB for the builtin set's 4.2M tokens) against 8."""
+    return {key: torch.tensor(ids, dtype=torch.int32) for key, ids in feature.items()}
+
+
 def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pads a batch: padded input positions get `pad_token_id`, mask 0 and label -100."""
     if not features:
@@ -121,8 +128,8 @@ def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tens
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
     for row, feature in enumerate(features):
         length = len(feature["input_ids"])
-        input_ids[row, :length] = torch.tensor(feature["input_ids"], dtype=torch.long)
+        input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)  # lists or `compact`
         attention_mask[row, :length] = 1
-        labels[row, :length] = torch.tensor(feature["labels"], dtype=torch.long)
+        labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

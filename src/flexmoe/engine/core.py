@@ -59,6 +59,16 @@ def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
+def evaluated_clients(config: RunConfig) -> list[int]:
+    """The clients every evaluated round evaluates: all of them, or `eval.clients` of them drawn
+    once from the seed (the same every round, so rounds and methods compare on the same clients)."""
+    count = config.eval.clients
+    if count == 0 or count >= config.num_clients:
+        return list(range(config.num_clients))
+    rng = np.random.default_rng([config.seed, 0xE7A1])
+    return sorted(int(c) for c in rng.choice(config.num_clients, size=count, replace=False))
+
+
 def round_lr(config: RunConfig, round_index: int) -> float:
     return cosine_lr(config.train, round_index, config.rounds)
 
@@ -175,12 +185,15 @@ class ClientRunner:
     state, the graft and gate, the selection, and any other personal parameters (FedPer's expert
     LoRA, under `HELD`). `initial_shared` gives the seeded round-0 shared weights (Local clients
     start from them); the model's personal parameters as built (seeded) are every client's start.
+    `personal_only`: local training updates the personal part alone, the shared part staying what
+    was received (a client joining a finished federation, `engine/join.py`).
     """
 
     def __init__(self, config: RunConfig, method: Method, model: nn.Module, tokenizer, store: ClientStore,
                  initial_shared: Callable[[], Tensors], progress: Progress | None = None,
-                 detail_dir: Path | None = None):
+                 detail_dir: Path | None = None, personal_only: bool = False):
         self.config = config
+        self.personal_only = personal_only
         self.detail_dir = detail_dir  # where per-example scores go (eval/detail.py); None = not kept
         self.method = method
         self.model = model
@@ -195,6 +208,14 @@ class ClientRunner:
 
     def has_personal(self, client_id: int) -> bool:
         return self.store.latest(client_id, PERSONAL_FILE) is not None
+
+    def ensure_grafted(self, client: Client) -> None:
+        """Methods that graft: graft a client that has none yet (one not evaluated at round 0 in a
+        large population grafts before its first round), on the untouched base as round 0 does:
+        the shared part at its initial weights (LoRA at zero), the selection ignoring any graft."""
+        if self.method.grafts and not self.has_personal(client.client_id):
+            self.set_shared(self.initial_shared())
+            self.graft(client)
 
     def graft(self, client: Client) -> None:
         """FLEx step 2, once per client before its first round: select, graft, store."""
@@ -236,12 +257,17 @@ class ClientRunner:
         optimizer_state = carried_optimizer_state(strip_prefix("optim.", stored), replaced, cfg.train.optimizer_state)
         steps = num_local_steps(cfg.train, len(client.features))
         self.progress.client_started(cid, steps)
-        result = local_train(
-            self.model, split.trainable, client.features, self.collate, cfg.train, lr,
-            seed=derived_seed(cfg.seed, round_index, cid), hooks=self.method.train_hooks(received, client_state),
-            optimizer_state=optimizer_state, on_step=self.progress.step,
-            count_experts=self._counted_layers(split.shared) if self.method.counts_experts else frozenset(),
-        )
+        trainable, fixed = split.trainable, {}
+        if self.personal_only:
+            trainable = {name: p for name, p in trainable.items() if name in split.personal}
+            fixed = split.shared
+        with frozen(fixed.values()):
+            result = local_train(
+                self.model, trainable, client.features, self.collate, cfg.train, lr,
+                seed=derived_seed(cfg.seed, round_index, cid), hooks=self.method.train_hooks(received, client_state),
+                optimizer_state=optimizer_state, on_step=self.progress.step,
+                count_experts=self._counted_layers(split.shared) if self.method.counts_experts else frozenset(),
+            )
         trained = cpu_clone(split.shared)
         run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features),
                        expert_counts=result.expert_counts)
@@ -364,6 +390,19 @@ class ClientRunner:
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return collate(features, self.tokenizer.pad_token_id)
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """`params` take no gradient for the block (no backward through them is wasted), then train again."""
+    params = list(params)
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def method_state(stored: Tensors) -> Tensors:

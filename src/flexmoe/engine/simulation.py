@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
-from flexmoe.data.clients import Client, ClientInfo, describe, make_client, partition_data
-from flexmoe.engine.core import ClientRunner, failure_reason, load_model
+from flexmoe.data.clients import Client, ClientInfo, ClientPool, partition_data
+from flexmoe.engine.core import ClientRunner, evaluated_clients, failure_reason, load_model
 from flexmoe.engine.driver import RoundDriver
 from flexmoe.engine.progress import Progress
 from flexmoe.errors import FlexmoeError
@@ -30,23 +30,25 @@ __all__ = ["InProcess", "Simulation"]
 
 
 class InProcess:
-    """The transport of the in-process engine: every client on the one model instance."""
+    """The transport of the in-process engine: every client on the one model instance, its data
+    tokenised only while a round needs it (`ClientPool`), its state on disk between its rounds."""
 
-    def __init__(self, config: RunConfig, method: Method, runner: ClientRunner, clients: list[Client]):
+    def __init__(self, config: RunConfig, method: Method, runner: ClientRunner, clients: ClientPool):
         self.config = config
         self.method = method
         self.runner = runner
         self.clients = clients
+        self.evaluated = evaluated_clients(config)
+        self._trained: list[int] = []  # this round's clients: only their pending state to commit
 
     def infos(self) -> list[ClientInfo]:
-        return [describe(c) for c in self.clients]
+        return self.clients.infos()
 
     def round_zero(self, evaluate_base: bool) -> tuple[list[dict], list[ClientInfo]]:
         # before grafting, with LoRA at zero: the untouched base is the reference
-        base_evals = [self.runner.evaluate_base(c) for c in self.clients] if evaluate_base else []
-        if self.method.grafts:
-            for client in self.clients:
-                self.runner.graft(client)
+        base_evals = [self.runner.evaluate_base(self.clients.get(c)) for c in self.evaluated] if evaluate_base else []
+        for client_id in self.evaluated:  # the others graft before their first round (`ensure_grafted`)
+            self.runner.ensure_grafted(self.clients.get(client_id))
         return base_evals, self.infos()
 
     def resume(self, completed: int, counted: dict[int, int]) -> list[ClientInfo]:
@@ -57,9 +59,11 @@ class InProcess:
               counted: dict[int, int]) -> tuple[list[dict], list[Reply], dict[int, str]]:
         down_blob = serialize(downlink) if downlink is not None else None
         records, replies, failures = [], [], {}
+        self.clients.start_round(sampled)
+        self._trained = list(sampled)
         for client_id in sampled:
             try:
-                record, reply = self._train_client(self.clients[client_id], round_index, down_blob)
+                record, reply = self._train_client(self.clients.get(client_id), round_index, down_blob)
             except FlexmoeError:  # a user mistake (bad file, bad setting) stops the run with its one line
                 raise
             except Exception as error:  # one client's crash must not cost the others their round
@@ -73,6 +77,7 @@ class InProcess:
     def _train_client(self, client: Client, round_index: int, down_blob: bytes | None):
         """One client's round through real bytes: the downlink blob in, the uplink blob out."""
         received = deserialize(down_blob)[0] if down_blob is not None else {}
+        self.runner.ensure_grafted(client)
         record, message = self.runner.train(client, round_index, received)
         reply, bytes_up = None, 0
         if self.method.communicates:
@@ -85,10 +90,16 @@ class InProcess:
 
     def evaluate(self, round_index: int, received: Tensors, global_weights: Tensors | None,
                  base_load: dict | None, counted: dict[int, int]) -> list[dict]:
-        return [self.runner.evaluate(c, round_index, received, base_load, global_weights) for c in self.clients]
+        records = []
+        for client_id in self.evaluated:
+            client = self.clients.get(client_id)
+            self.runner.ensure_grafted(client)
+            records.append(self.runner.evaluate(client, round_index, received, base_load, global_weights))
+        return records
 
     def commit(self, round_index: int, counted: dict[int, int]) -> None:
-        self.runner.store.commit(round_index)
+        for client_id in self._trained:  # only they hold pending state: no walk over the population
+            self.runner.store.commit(round_index, client_id)
 
 
 class Simulation:
@@ -113,7 +124,7 @@ class Simulation:
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Train through `config.rounds` (or stop after round `stop_after`); returns the summary."""
         model, tokenizer = load_model(self.config, self.method)
-        clients = [make_client(self.config, part, tokenizer) for part in partition_data(self.config)]
+        clients = ClientPool(self.config, partition_data(self.config), tokenizer, evaluated_clients(self.config))
         driver = RoundDriver(self.config, self.run_dir, transport=None, progress=self.progress, method=self.method,
                              model=model, tokenizer=tokenizer)
         runner = ClientRunner(self.config, self.method, model, tokenizer, ClientStore(self.run_dir / CLIENTS_DIR),

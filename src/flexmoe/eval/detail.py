@@ -6,7 +6,10 @@ answers on the client's evaluation sample — example ids, categories, predictio
 exact match per example; `personal-client-<id>-knowledge.json`, `global-knowledge.json` and
 `base-knowledge.json` hold `probe_correct` (0/1 per probe) and `doc_nll` ([summed NLL, tokens]
 per held-out document), in the builtin files' order. Round 0 holds the base and the
-content-free answerer. Only the in-process engine keeps these files (it is given the folder).
+content-free answerer. The in-process engine writes them straight into the run directory; a
+Flower client writes its own into a temporary folder and sends them with its evaluation reply,
+and the ServerApp keeps them in the run directory (`engine/flower/messages.py`), so both engines'
+runs carry the same files and the same paired statistics.
 
 The evaluation sample of a client is `data.sample.stratified_sample` of its test split, seeded
 by (run seed, client): the same examples for every method of a seed. The last round evaluates

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexmoe.engine.flower.messages import (
-    ARRAYS, CONFIG, GLOBAL, METRICS, RESULT, config_from_text, counted_round, from_arrays, to_arrays,
+    ARRAYS, CONFIG, DETAIL, GLOBAL, METRICS, RESULT, config_from_text, counted_round, from_arrays, pack_detail,
+    to_arrays,
 )
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import write_bytes_atomic
@@ -94,20 +96,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     it, the global model, both on this client's test split."""
     node = _Node(msg.content, context)
     client, runner, settings = node.client, node.runner, msg.content[CONFIG]
-    if settings["phase"] == "base":
-        record = runner.evaluate_base(client) if node.config.eval.base else {}
-        if node.method.grafts:
-            runner.graft(client)
-        content = _reply(record, client.client_id, len(client.test))
-        content["info"] = _info(client)
-        return Message(content, reply_to=msg)
-    if node.method.grafts and not runner.has_personal(client.client_id):
-        runner.graft(client)
-    base_load = json.loads(str(settings["base-load"]))
-    received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
-    global_weights = from_arrays(msg.content[GLOBAL]) if GLOBAL in msg.content else None
-    record = runner.evaluate(client, node.round, received, base_load, global_weights)
-    return Message(_reply(record, client.client_id, len(client.test)), reply_to=msg)
+    with tempfile.TemporaryDirectory(prefix="flexmoe-evals-") as detail:
+        runner.detail_dir = Path(detail)  # the per-example files, sent with the reply (`DETAIL`)
+        if settings["phase"] == "base":
+            record = runner.evaluate_base(client) if node.config.eval.base else {}
+            if node.method.grafts:
+                runner.graft(client)
+            content = _reply(record, client.client_id, len(client.test))
+            content["info"] = _info(client)
+        else:
+            if node.method.grafts and not runner.has_personal(client.client_id):
+                runner.graft(client)
+            base_load = json.loads(str(settings["base-load"]))
+            received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
+            global_weights = from_arrays(msg.content[GLOBAL]) if GLOBAL in msg.content else None
+            record = runner.evaluate(client, node.round, received, base_load, global_weights)
+            content = _reply(record, client.client_id, len(client.test))
+        content[DETAIL] = ConfigRecord({"files": json.dumps(pack_detail(Path(detail)))})
+    return Message(content, reply_to=msg)
 
 
 @app.query()
@@ -178,18 +184,14 @@ def run_key(run_dir: Path) -> str:
 def _client_data(config, node_config, client_id: int):
     """This client's `ClientData`: its part of the run's partition, or the node's own `data-path`."""
     import flexmoe.data
-    from flexmoe.data.clients import partition_data
+    from flexmoe.data.clients import own_data, partition_data
 
     data_path = node_config.get("data-path")
     if not data_path:
         return partition_data(config)[client_id]
     examples, skipped = flexmoe.data.load_data(str(data_path), fields=dict(config.data.fields) or None,
                                                skip_invalid=config.data.skip_invalid)
-    part = flexmoe.data.partition(examples, 1, scheme="iid", seed=config.seed,
-                                  test_fraction=config.data.test_fraction)[0]
-    if not part.train:
-        raise FlexmoeError(f"{data_path}: no training examples for client {client_id}")
-    return flexmoe.data.ClientData(client_id, part.train, part.test, tuple(skipped))
+    return own_data(config, examples, client_id, str(data_path), skipped)
 
 
 class _Node:

@@ -3,7 +3,9 @@
 Tensors travel as one `ArrayRecord` ("arrays"); the resolved flexmoe config, the round, the last
 committed round and every client's last counted round as a `ConfigRecord` ("config"); a client's
 metrics record as JSON in a `ConfigRecord` ("result"; JSON keeps floats exact and carries nested values), with Flower's
-`num-examples` in a `MetricRecord` ("metrics"). Communication is counted as the bytes of the ArrayRecord as
+`num-examples` in a `MetricRecord` ("metrics"); an evaluation reply also carries the client's
+per-example result files (`eval/detail.py`) as JSON in a `ConfigRecord` ("detail"), which the
+server keeps in the run directory as the in-process engine does. Communication is counted as the bytes of the ArrayRecord as
 Flower serialises it: every distinct object of its tree (each Array, then the record), once,
 because Flower transfers content-addressed objects and sends identical arrays only once.
 """
@@ -11,7 +13,9 @@ because Flower transfers content-addressed objects and sends identical arrays on
 from __future__ import annotations
 
 import json
+import re
 import tomllib
+from pathlib import Path
 
 import tomli_w
 import torch
@@ -20,8 +24,26 @@ from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods import Tensors
 
-ARRAYS, GLOBAL, CONFIG, METRICS, RESULT = "arrays", "global", "config", "metrics", "result"
+ARRAYS, GLOBAL, CONFIG, METRICS, RESULT, DETAIL = "arrays", "global", "config", "metrics", "result", "detail"
 COUNTED_ROUNDS = "counted-rounds"  # config key: {client id: its last round the server counted}, as JSON
+DETAIL_NAME = re.compile(r"round-(\d+)/([a-z-]+)-client-(\d+)(-knowledge)?\.json")
+
+
+def pack_detail(root: Path) -> dict[str, str]:
+    """A client's per-example files under `root` (`evals/`'s layout): {relative path: text}."""
+    return {path.relative_to(root).as_posix(): path.read_text() for path in sorted(root.glob("round-*/*.json"))}
+
+
+def unpack_detail(files: dict[str, str], client_id: int, round_index: int, root: Path) -> None:
+    """Keep a client's per-example files under the run's `root` (`evals/`): only files of that
+    client and round, named as `eval/detail.py` names them (a reply cannot write elsewhere)."""
+    from flexmoe.files import write_text_atomic
+
+    for name, text in files.items():
+        match = DETAIL_NAME.fullmatch(name)
+        if not match or int(match[1]) != round_index or int(match[3]) != client_id:
+            raise FlexmoeError(f"client {client_id} sent an evaluation file {name!r} not of its own round {round_index}")
+        write_text_atomic(root / name, text)
 
 
 def config_text(config: RunConfig) -> str:

@@ -36,11 +36,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from flexmoe.data.clients import ClientInfo
 from flexmoe.engine.flower.messages import (
-    ARRAYS, CONFIG, COUNTED_ROUNDS, GLOBAL, METRICS, RESULT, config_text, counted_rounds_text, from_arrays,
-    parse_overrides, record_bytes, to_arrays,
+    ARRAYS, CONFIG, COUNTED_ROUNDS, DETAIL, GLOBAL, METRICS, RESULT, config_text, counted_rounds_text, from_arrays,
+    parse_overrides, record_bytes, to_arrays, unpack_detail,
 )
 from flexmoe.errors import FlexmoeError
-from flexmoe.rundir import CONFIG_FILE
+from flexmoe.rundir import CONFIG_FILE, EVALS_DIR
 
 app = ServerApp()
 log = logging.getLogger("flexmoe.flower")
@@ -118,6 +118,7 @@ class FlowerTransport:
                 raise FlexmoeError(f"two SuperNodes claim partition-id {cid}")
             self.nodes[cid] = node_id
             self.infos[cid] = _info(cid, reply.content["info"])
+            self._keep_detail(reply, 0)
             if record:
                 base_evals.append(record)
         return sorted(base_evals, key=lambda r: r["client"]), self._sorted_infos()
@@ -171,14 +172,26 @@ class FlowerTransport:
         return records, [reply] if reply is not None else [], {c: f"ClientFailed: {why}" for c, why in failures.items()}
 
     def evaluate(self, round_index: int, received, global_weights, base_load, counted: dict[int, int]) -> list[dict]:
-        """Every online client evaluates on its own test split (`ClientRunner.evaluate`)."""
+        """Every online client of `evaluated_clients` evaluates on its own test split (`ClientRunner.evaluate`)."""
+        from flexmoe.engine.core import evaluated_clients
+
         self.counted = counted
         arrays = to_arrays(received) if received else None
         extra = {} if global_weights is None else \
             {GLOBAL: arrays if received is global_weights else to_arrays(global_weights)}
-        replies = self._send(MessageType.EVALUATE, sorted(self._online(round_index - 1).values()), round_index, arrays,
+        evaluated = set(evaluated_clients(self.config))
+        nodes = sorted(node for cid, node in self._online(round_index - 1).items() if cid in evaluated)
+        replies = self._send(MessageType.EVALUATE, nodes, round_index, arrays,
                              phase="eval", extra=extra, base_load=json.dumps(base_load))
+        for _, reply in replies:
+            self._keep_detail(reply, round_index)
         return [_record(reply) for _, reply in replies]
+
+    def _keep_detail(self, reply: Message, round_index: int) -> None:
+        """The client's per-example files into the run's `evals/`, as the in-process engine keeps them."""
+        if DETAIL in reply.content:
+            unpack_detail(json.loads(str(reply.content[DETAIL]["files"])), _client(reply), round_index,
+                          self.run_dir / EVALS_DIR)
 
     def commit(self, round_index: int, counted: dict[int, int]) -> None:
         """Clients learn of a commit from the next message; after the last round, tell them now."""
