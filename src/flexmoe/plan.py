@@ -16,7 +16,6 @@ keeps the peak of the tensor bytes alive at once, exactly as it does on real ten
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,25 +29,17 @@ from flexmoe.models import personal_state, split_parameters
 from flexmoe.models.device import QUANTIZE_SKIP, resolve_dtype
 from flexmoe.models.families import unwrap
 from flexmoe.models.load import _check_family, resolve_model_dir
+from flexmoe.shapes import shape_config, shape_names
 from flexmoe.train.loop import activation_checkpointing
 from flexmoe.train.memory import TensorMemory, tensor_bytes
-
-
-SHAPES_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
-
-
-def shape_names() -> list[str]:
-    return sorted(path.stem for path in SHAPES_DIR.glob("*.json"))
 
 
 def hf_config(name_or_path: str):
     """The transformers config of a shipped shape, "tiny" or a local model directory."""
     from transformers import AutoConfig
 
-    shape = SHAPES_DIR / f"{name_or_path}.json"
-    if shape.is_file():
-        fields = {k: v for k, v in json.loads(shape.read_text()).items() if not k.startswith("_")}
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if str(name_or_path) in shape_names():
+        return shape_config(str(name_or_path))
     if not Path(str(name_or_path)).expanduser().exists() and str(name_or_path) != "tiny":
         raise FlexmoeError(f"model {name_or_path!r}: neither a model directory nor a known shape "
                            f"({', '.join(shape_names())})")
