@@ -25,6 +25,7 @@ from flexmoe.engine import privacy
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.validation import split_valid, update_norm
 from flexmoe.errors import FlexmoeError
+from flexmoe.eval.comm import serialized_size
 from flexmoe.eval.detail import (
     answer_sample, client_file, content_free, eval_sample, knowledge_round, means, pooled_means, write_detail,
 )
@@ -91,8 +92,19 @@ def load_model(config: RunConfig, method: Method) -> tuple[nn.Module, object]:
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every client
     model = method.prepare_model(model)
     apply_roles(model, method.roles)
+    if config.runtime.quantize == "nf4":
+        _check_frozen_experts(model, config.method)
     model.eval()
     return model, tokenizer
+
+
+def _check_frozen_experts(model: nn.Module, method: str) -> None:
+    """A 4-bit expert is dequantised on access and cannot train: nf4 is for methods that keep them frozen."""
+    trained = next((name for name, p in model.named_parameters() if p.requires_grad and ".experts." in name), None)
+    if trained is not None:
+        raise FlexmoeError(f"runtime.quantize = 'nf4' quantises the frozen experts, but method {method!r} trains "
+                           f"them ({trained}); use lora.scope=attention, a method that keeps them frozen, or "
+                           "runtime.quantize=none")
 
 
 def shared_params(model: nn.Module, method: Method) -> dict[str, nn.Parameter]:
@@ -241,11 +253,11 @@ class ClientRunner:
         run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features),
                        expert_counts=result.expert_counts)
         message, client_state = self.method.uplink(received, trained, client_state, run)
-        self._save(cid, round_index, client_state, result.optimizer_state)
+        personal_bytes = self._save(cid, round_index, client_state, result.optimizer_state)
         self.progress.client_done(cid, result.loss)
         record = {
             "round": round_index, "kind": "train", "client": cid, "loss": result.loss, "steps": result.steps,
-            "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr,
+            "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr, "personal_bytes": personal_bytes,
             **device_measures(device, device_record),
         }
         return record, message if self.method.communicates else {}
@@ -255,13 +267,17 @@ class ClientRunner:
         """The MoE layers whose experts are shared (trainable): FC-MoE counts their routing."""
         return frozenset(expert_layer(name) for name in shared) - {None}
 
-    def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
+    def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> int:
+        """Write the client's pending state; returns the bytes of its personal part as written (the
+        graft file, and the personal tensors outside a graft in its state file)."""
         pending = self.store.begin(cid)
         held = with_prefix(HELD, cpu_clone(self._held()))
         save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state)})
+        personal_bytes = serialized_size(held) if held else 0
         if self.method.grafts:
-            save_personal(self.model, pending / PERSONAL_FILE)
+            personal_bytes += save_personal(self.model, pending / PERSONAL_FILE).stat().st_size
         self.store.finish(cid, round_index)
+        return personal_bytes
 
     def load_client_model(self, client_id: int, global_weights: Tensors) -> None:
         """Make the model client `client_id`'s personalised model: its graft and gate, and the shared

@@ -13,6 +13,7 @@ import torch
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.device import quantization_config, resolve_device, resolve_dtype
 from flexmoe.models.families import FAMILIES, moe_layers
+from flexmoe.models.quantize import quantize_experts
 
 TINY = "tiny"
 log = logging.getLogger("flexmoe.models")
@@ -77,8 +78,10 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype | None
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padded labels are -100 anyway
     moe_layers(model)  # refuses a layout we cannot graft
     _check_vocabulary(path, model, tokenizer)
-    if quantize == "none":  # a quantised model is placed by device_map and refuses .to()
+    if not quantized:  # a bitsandbytes model is placed by device_map and refuses .to()
         model = model.to(device)
+    if quantize == "nf4":
+        log.info("runtime.quantize = nf4: %s fused expert parameters quantised", f"{quantize_experts(model):,}")
     return model.eval(), tokenizer
 
 
