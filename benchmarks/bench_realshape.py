@@ -80,7 +80,7 @@ def shape_rows(name: str, work: pathlib.Path) -> dict:
     commands = {
         "run": flexmoe("run", *sets, "--output-dir", str(run_dir)),
         "graft": flexmoe("graft", "--model", str(model), "--max-examples", "4", "--max-length", str(LENGTH),
-                         "--batch-size", str(BATCH), "--dtype", "bf16", "--device", "cpu", "--json"),
+                         "--batch-size", str(BATCH), "--dtype", "bfloat16", "--device", "cpu", "--json"),
         "generate": flexmoe("generate", "--run", str(run_dir), "--client", "0", "--prompt", "Name a colour.",
                             "--max-new-tokens", "8"),
         "export": flexmoe("export", "--run", str(run_dir), "--client", "0", "--out", str(work / "export")),

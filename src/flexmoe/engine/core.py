@@ -90,21 +90,21 @@ def load_model(config: RunConfig, method: Method) -> tuple[nn.Module, object]:
     builds the same."""
     model, tokenizer = load_base(config.model, **placement(config.runtime))  # runtime.device, runtime.base_dtype
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every client
+    if config.runtime.quantize == "nf4":
+        _check_frozen_experts(method, config.method)
     model = method.prepare_model(model)
     apply_roles(model, method.roles)
-    if config.runtime.quantize == "nf4":
-        _check_frozen_experts(model, config.method)
     model.eval()
     return model, tokenizer
 
 
-def _check_frozen_experts(model: nn.Module, method: str) -> None:
-    """A 4-bit expert is dequantised on access and cannot train: nf4 is for methods that keep them frozen."""
-    trained = next((name for name, p in model.named_parameters() if p.requires_grad and ".experts." in name), None)
-    if trained is not None:
-        raise FlexmoeError(f"runtime.quantize = 'nf4' quantises the frozen experts, but method {method!r} trains "
-                           f"them ({trained}); use lora.scope=attention, a method that keeps them frozen, or "
-                           "runtime.quantize=none")
+def _check_frozen_experts(method: Method, name: str) -> None:
+    """A 4-bit expert is dequantised on access and cannot train (PEFT's `target_parameters` would
+    silently match nothing): nf4 is for methods that keep the experts frozen."""
+    roles = (*method.roles.shared, *method.roles.personal)
+    if getattr(method, "scope", "attention") != "attention" or "expert_lora" in roles:
+        raise FlexmoeError(f"runtime.quantize = 'nf4' quantises the frozen experts, but method {name!r} trains "
+                           "them; use lora.scope=attention, a method that keeps them frozen, or runtime.quantize=none")
 
 
 def shared_params(model: nn.Module, method: Method) -> dict[str, nn.Parameter]:
