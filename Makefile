@@ -24,9 +24,16 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# `make bench` runs every benchmark but those run by name; `make bench realshape` (or any names) only those
+BENCH_NAMES := $(filter-out bench,$(MAKECMDGOALS))
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH_NAMES)
+
+ifneq ($(filter bench,$(MAKECMDGOALS)),)
+$(BENCH_NAMES):
+	@:
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -113,7 +113,12 @@ def measure(overrides: list[str], hf_config, device: torch.device, batch: int, l
     config = load_config(None, [*overrides, "runtime.base_dtype=bf16", f"train.batch_size={batch}",
                                 f"train.max_length={length}", f"train.local_steps={steps}"])
     method = build_method(config)
-    model = method.prepare_model(random_model(hf_config, device))
+    base = random_model(hf_config, device)
+    if config.runtime.quantize == "nf4":  # the fused experts at 4 bits, as load_base quantises them
+        from flexmoe.models.quantize import quantize_experts
+
+        quantize_experts(base)
+    model = method.prepare_model(base)
     fixed = random_batch(batch, length, hf_config.vocab_size, seed=1)
     selection_seconds = None
     if method.grafts:

@@ -94,3 +94,28 @@ def test_plan_json_on_the_tiny_base(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["method"] == "fedavg" and result["bytes_up"] > 0 and result["personal_state_bytes"] == 0
     assert result["memory"]["peak"] > result["memory"]["weights_frozen"] > 0
+    assert result["peak_bytes"] == result["runtime_bytes"] + max(result["load_peak"], result["memory"]["peak"])
+
+
+def test_personal_bytes_of_every_method_with_a_personal_part(tmp_path):
+    """FedPer's personal expert LoRA and FLEx's graft, as the engine stores them (the bytes of the
+    real files a client writes), against the plan's count on the meta device."""
+    from flexmoe.engine.core import HELD, held_personal, load_model
+    from flexmoe.eval.comm import serialized_size
+    from flexmoe.methods import build_method
+    from flexmoe.models import graft, moe_layers, save_personal
+    from flexmoe.tensors import with_prefix
+
+    for method_name in ("fedper", "flex", "fedavg"):
+        config = load_config(None, [f"method={method_name}", "runtime.device=cpu"])
+        method = build_method(config)
+        model, _ = load_model(config, method)
+        real = serialized_size(with_prefix(HELD, {n: p.detach() for n, p in held_personal(model, method.roles).items()}))
+        real = real if held_personal(model, method.roles) else 0
+        if method.grafts:
+            graft(model, {layer.name: list(range(config.flex.k)) for layer in moe_layers(model)})
+            real += save_personal(model, tmp_path / f"{method_name}.safetensors").stat().st_size
+        planned = plan(config, "tiny", batch=2, length=16).personal_state_bytes
+        assert (planned > 0) == (method_name != "fedavg"), method_name
+        # the graft file's metadata (fingerprint, selection) is not in the plan's count: a few hundred bytes
+        assert planned == pytest.approx(real, abs=2048), method_name

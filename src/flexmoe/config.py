@@ -201,8 +201,9 @@ class RuntimeConfig(_Section):
     # federated routers) keep fp32 master weights; a half-precision base trains under autocast.
     base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # quantised frozen base through bitsandbytes (the optional `flexmoe[quant]` extra): "nf4"
-    # (QLoRA's 4-bit) or "int8". transformers quantises nn.Linear modules only: the fused expert
-    # parameters stay at base_dtype (docs/gpu.md gives the share of each shape's weights).
+    # quantises the fused experts to 4 bits (bitsandbytes' parametrisation; CPU and CUDA; methods
+    # that keep the experts frozen), and on CUDA also nn.Linear (QLoRA's config); "int8" quantises
+    # nn.Linear only, the fused experts stay at base_dtype (docs/gpu.md, "Quantised base").
     quantize: Literal["none", "nf4", "int8"] = "none"
 
 

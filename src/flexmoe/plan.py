@@ -16,8 +16,8 @@ keeps the peak of the tensor bytes alive at once, exactly as it does on real ten
 from __future__ import annotations
 
 import contextlib
-import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,25 +30,17 @@ from flexmoe.models import personal_state, split_parameters
 from flexmoe.models.device import QUANTIZE_SKIP, resolve_dtype
 from flexmoe.models.families import unwrap
 from flexmoe.models.load import _check_family, resolve_model_dir
+from flexmoe.shapes import shape_config, shape_names
 from flexmoe.train.loop import activation_checkpointing
 from flexmoe.train.memory import TensorMemory, tensor_bytes
-
-
-SHAPES_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
-
-
-def shape_names() -> list[str]:
-    return sorted(path.stem for path in SHAPES_DIR.glob("*.json"))
 
 
 def hf_config(name_or_path: str):
     """The transformers config of a shipped shape, "tiny" or a local model directory."""
     from transformers import AutoConfig
 
-    shape = SHAPES_DIR / f"{name_or_path}.json"
-    if shape.is_file():
-        fields = {k: v for k, v in json.loads(shape.read_text()).items() if not k.startswith("_")}
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if str(name_or_path) in shape_names():
+        return shape_config(str(name_or_path))
     if not Path(str(name_or_path)).expanduser().exists() and str(name_or_path) != "tiny":
         raise FlexmoeError(f"model {name_or_path!r}: neither a model directory nor a known shape "
                            f"({', '.join(shape_names())})")
@@ -95,11 +87,14 @@ class Plan:
     bytes_down: int  # server -> one client, round 1
     bytes_down_max: int  # the largest downlink of any round
     bytes_up: int  # one client -> server
-    personal_state_bytes: int  # the graft and gate a client keeps (0 for methods that do not graft)
+    personal_state_bytes: int  # what a client keeps of its own: graft and gate, FedPer's expert LoRA (0: none)
     client_optimizer_bytes: int  # the optimiser state a client keeps between rounds
     server_state_bytes: int  # global shared weights + server optimiser state
     memory: StepMemory
     memory_checkpointed: StepMemory
+    load_peak: int  # loading the base: its frozen weights + the one tensor being converted (flexmoe.models.load)
+    runtime_bytes: int  # CPU only: the process before any model (Python, torch, transformers), measured now
+    peak_bytes: int  # the run's peak: runtime + the larger of the load and a step (train.gradient_checkpointing's)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -127,6 +122,14 @@ def plan(config: RunConfig, model: str | None = None, batch: int | None = None, 
     optimizer = _optimizer_bytes(config, trainable)
     server = _server_bytes(method, prepared)
     common = dict(batch=batch, length=length, response_tokens=response_tokens, optimizer=optimizer)
+    runtime = process_bytes() if device.type == "cpu" else 0
+    memory = step_memory(prepared, checkpointing=False, **common)
+    checkpointed = step_memory(prepared, checkpointing=True, **common)
+    load = load_peak(meta_base(hf, dtype))
+    if config.runtime.quantize == "nf4":
+        memory, checkpointed = (with_nf4_experts(prepared, m, checkpointing=c)
+                                for m, c in ((memory, False), (checkpointed, True)))
+    step = checkpointed if config.train.gradient_checkpointing else memory
     return Plan(
         model=str(name), model_type=hf.model_type, method=config.method, base_dtype=str(dtype).removeprefix("torch."),
         device_type=device.type, batch=batch, length=length, response_tokens=response_tokens,
@@ -135,9 +138,43 @@ def plan(config: RunConfig, model: str | None = None, batch: int | None = None, 
         shared_params=sizes["shared_params"], bytes_down=sizes["down"], bytes_down_max=sizes["down_max"],
         bytes_up=sizes["up"], personal_state_bytes=personal, client_optimizer_bytes=optimizer,
         server_state_bytes=server,
-        memory=step_memory(prepared, checkpointing=False, **common),
-        memory_checkpointed=step_memory(prepared, checkpointing=True, **common),
+        memory=memory, memory_checkpointed=checkpointed, load_peak=load, runtime_bytes=runtime,
+        peak_bytes=runtime + max(load, step.peak),
     )
+
+
+def with_nf4_experts(model: torch.nn.Module, memory: StepMemory, checkpointing: bool) -> StepMemory:
+    """`memory` of `model` with its fused experts quantised to 4 bits (`flexmoe.models.quantize`):
+    they are stored packed, and each layer's forward dequantises them to the base's dtype, a copy
+    that autograd keeps for the backward (every MoE layer's without checkpointing, measured on the
+    tiny base: tests/test_device.py; one layer's at a time with it)."""
+    from flexmoe.models.families import moe_layers
+    from flexmoe.models.quantize import EXPERT_PARAMS, quantized_bytes
+
+    per_layer = [[getattr(layer.experts, name) for name in EXPERT_PARAMS] for layer in moe_layers(model)]
+    dense = [sum(p.numel() * p.element_size() for p in params) for params in per_layer]
+    packed = sum(quantized_bytes(p.numel()) for params in per_layer for p in params)
+    frozen = memory.weights_frozen - sum(dense) + packed
+    transient = memory.step_transient + (max(dense) if checkpointing else sum(dense))
+    return replace(memory, weights_frozen=frozen, step_transient=transient,
+                   peak=frozen + memory.weights_trainable + memory.optimizer_state + transient)
+
+
+def load_peak(base: torch.nn.Module) -> int:
+    """Bytes alive while the base loads: `flexmoe.models.load` converts one checkpoint tensor at a
+    time into its parameter (fused experts built from their per-expert pieces), so the weights
+    plus the largest parameter (measured: benchmarks/results/realshape-*.md)."""
+    params = list(base.parameters())
+    return tensor_bytes(params) + max(p.numel() * p.element_size() for p in params)
+
+
+def process_bytes() -> int:
+    """This process's resident bytes now (Linux /proc; 0 where unavailable): Python, torch and
+    transformers imported, as in every flexmoe process before it loads a model."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def quantizable_params(model: torch.nn.Module) -> int:
@@ -161,8 +198,14 @@ def _prepared(config: RunConfig, model: torch.nn.Module):
 
 
 def _personal_bytes(model, method) -> int:
+    """What a client keeps of its own, as the engine writes it: the graft file (graft and gate)
+    and the personal parameters outside a graft (FedPer's expert LoRA, in its state file)."""
+    from flexmoe.engine.core import HELD, held_personal
+    from flexmoe.tensors import with_prefix
 
-    return serialized_size(personal_state(model)) if method.grafts else 0
+    held = {name: p.detach() for name, p in held_personal(model, method.roles).items()}
+    graft = serialized_size(personal_state(model)) if method.grafts else 0
+    return graft + (serialized_size(with_prefix(HELD, held)) if held else 0)
 
 
 def _optimizer_bytes(config: RunConfig, trainable: list[torch.Tensor]) -> int:

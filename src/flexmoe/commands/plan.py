@@ -63,7 +63,7 @@ def render(p) -> str:
         f"  up (client -> server)       {_size(p.bytes_up)}",
         f"  shared parameters           {p.shared_params:,}",
         "kept between rounds",
-        f"  personal state per client   {_size(p.personal_state_bytes)} (graft and gate)",
+        f"  personal state per client   {_size(p.personal_state_bytes)} (graft and gate, or personal LoRA)",
         f"  optimiser state per client  {_size(p.client_optimizer_bytes)}",
         f"  server state                {_size(p.server_state_bytes)} (global shared weights + server optimiser)",
         "",
@@ -77,9 +77,17 @@ def render(p) -> str:
         lines.append(f"  {label:<36} {_size(getattr(p.memory, key)):>20}   {_size(getattr(p.memory_checkpointed, key)):>20}")
     lines.append(f"  ({p.trainable_params:,} trainable parameters; peak = weights + optimiser state + "
                  "forward+backward peak)")
+    lines.append(f"  loading the base (weights + one tensor in conversion) {_size(p.load_peak):>15}")
+    if p.runtime_bytes:
+        lines.append(f"  this process before any model (Python, torch) {_size(p.runtime_bytes):>23}")
+    lines.append(f"  peak of the run (train.gradient_checkpointing as set) {_size(p.peak_bytes):>15}")
     share = p.quantizable_params / p.total_params
-    if p.quantize != "none":
-        lines.append(f"  runtime.quantize = {p.quantize}: bitsandbytes quantises {p.quantizable_params:,} "
+    if p.quantize == "int8":
+        lines.append(f"  runtime.quantize = int8: bitsandbytes quantises {p.quantizable_params:,} nn.Linear "
                      f"parameters ({share:.1%}; fused experts are not quantised); they are counted here at "
                      f"{p.base_dtype}, so the frozen weights above are an upper bound")
+    elif p.quantize == "nf4":
+        lines.append("  runtime.quantize = nf4: the fused experts are counted at 4 bits (+ one fp32 absmax per 64), and "
+                     f"their {p.base_dtype} copy dequantised for each layer's backward; on cuda bitsandbytes also "
+                     f"quantises {p.quantizable_params:,} nn.Linear parameters ({share:.1%}), counted at {p.base_dtype}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from flexmoe.engine.faults import attacked_update, attacks, noise_seed
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.validation import split_valid, update_norm
 from flexmoe.errors import FlexmoeError
+from flexmoe.eval.comm import serialized_size
 from flexmoe.eval.detail import (
     answer_sample, client_file, content_free, eval_sample, knowledge_round, means, pooled_means, write_detail,
 )
@@ -102,10 +103,21 @@ def load_model(config: RunConfig, method: Method) -> tuple[nn.Module, object]:
     builds the same."""
     model, tokenizer = load_base(config.model, **placement(config.runtime))  # runtime.device, runtime.base_dtype
     torch.manual_seed(config.seed)  # LoRA initialisation: identical on every client
+    if config.runtime.quantize == "nf4":
+        _check_frozen_experts(method, config.method)
     model = method.prepare_model(model)
     apply_roles(model, method.roles)
     model.eval()
     return model, tokenizer
+
+
+def _check_frozen_experts(method: Method, name: str) -> None:
+    """A 4-bit expert is dequantised on access and cannot train (PEFT's `target_parameters` would
+    silently match nothing): nf4 is for methods that keep the experts frozen."""
+    roles = (*method.roles.shared, *method.roles.personal)
+    if getattr(method, "scope", "attention") != "attention" or "expert_lora" in roles:
+        raise FlexmoeError(f"runtime.quantize = 'nf4' quantises the frozen experts, but method {name!r} trains "
+                           "them; use lora.scope=attention, a method that keeps them frozen, or runtime.quantize=none")
 
 
 def shared_params(model: nn.Module, method: Method) -> dict[str, nn.Parameter]:
@@ -276,11 +288,11 @@ class ClientRunner:
         if attacking:
             message = self._attack(message, received, trained, round_index, cid)
         message, residual = self._encode_uplink(message, received, stored)
-        self._save(cid, round_index, client_state, result.optimizer_state, residual)
+        personal_bytes = self._save(cid, round_index, client_state, result.optimizer_state, residual)
         self.progress.client_done(cid, result.loss)
         record = {
             "round": round_index, "kind": "train", "client": cid, "loss": result.loss, "steps": result.steps,
-            "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr,
+            "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr, "personal_bytes": personal_bytes,
             **device_measures(device, device_record), **({"attack": cfg.faults.attack} if attacking else {}),
         }
         return record, message if self.method.communicates else {}
@@ -305,14 +317,18 @@ class ClientRunner:
         return frozenset(expert_layer(name) for name in shared) - {None}
 
     def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors,
-              residual: Tensors) -> None:
+              residual: Tensors) -> int:
+        """Write the client's pending state; returns the bytes of its personal part as written (the
+        graft file, and the personal tensors outside a graft in its state file)."""
         pending = self.store.begin(cid)
         held = with_prefix(HELD, cpu_clone(self._held()))
         save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state),
                                             **with_prefix(RESIDUAL, residual)})
+        personal_bytes = serialized_size(held) if held else 0
         if self.method.grafts:
-            save_personal(self.model, pending / PERSONAL_FILE)
+            personal_bytes += save_personal(self.model, pending / PERSONAL_FILE).stat().st_size
         self.store.finish(cid, round_index)
+        return personal_bytes
 
     def load_client_model(self, client_id: int, global_weights: Tensors) -> None:
         """Make the model client `client_id`'s personalised model: its graft and gate, and the shared

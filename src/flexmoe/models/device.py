@@ -147,20 +147,21 @@ def placement(runtime) -> dict:
 
 
 def quantization_config(quantize: str, dtype: torch.dtype, device: torch.device | None = None):
-    """transformers' BitsAndBytesConfig for `runtime.quantize` (None for "none"). Only nn.Linear
-    modules are quantised (transformers' `replace_with_bnb_linear`): attention, shared experts,
-    dense MLPs; the fused 3D expert parameters stay at `dtype`."""
+    """transformers' BitsAndBytesConfig for `runtime.quantize`'s nn.Linear modules (transformers'
+    `replace_with_bnb_linear`: attention, shared experts, dense MLPs); None for "none", and for
+    "nf4" on the CPU (nn.Linear stays at `dtype` there). The fused 3D experts are not nn.Linear:
+    "nf4" quantises them after loading (`flexmoe.models.quantize`), "int8" leaves them at `dtype`."""
     if quantize == "none":
         return None
     if dtype not in HALF:
         raise FlexmoeError(f"runtime.quantize = {quantize!r} computes in half precision: "
                            "set runtime.base_dtype to bf16 or fp16")
     if quantize == "nf4" and device is not None and device.type == "cpu":
-        # measured with bitsandbytes 0.50.2: its CPU 4-bit backend fails a FLEx client round
-        # ("a view of a leaf Variable that requires grad is being used in an in-place operation")
-        # and refuses layers whose width is not a multiple of its block; its CUDA backend is the QLoRA one
-        raise FlexmoeError("runtime.quantize = 'nf4' runs on a CUDA device only (bitsandbytes' CPU 4-bit "
-                           "backend fails in training); on the CPU use runtime.quantize=int8")
+        # the experts are quantised after loading (flexmoe.models.quantize); nn.Linear stays at `dtype`:
+        # measured with bitsandbytes 0.50.2, its CPU Linear4bit fails a FLEx client round ("a view of a
+        # leaf Variable that requires grad is being used in an in-place operation") and refuses layers
+        # whose width is not a multiple of its block; on CUDA, nn.Linear takes QLoRA's config below
+        return None
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -80,15 +80,20 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return self.experts.gate_up_proj.shape[0]
+        return self._shape("gate_up_proj")[0]
 
     @property
     def hidden_size(self) -> int:
-        return self.experts.gate_up_proj.shape[2]
+        return self._shape("gate_up_proj")[2]
 
     @property
     def intermediate_size(self) -> int:
-        return self.experts.down_proj.shape[2]
+        return self._shape("down_proj")[2]
+
+    def _shape(self, name: str) -> torch.Size:
+        from flexmoe.models.quantize import logical_shape  # a quantised expert is not dequantised for its shape
+
+        return logical_shape(self.experts, name)
 
     @property
     def gate_up_proj(self) -> torch.Tensor:

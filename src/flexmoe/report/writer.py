@@ -45,6 +45,9 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         "held-out corpus and the knowledge probes; routing drift is the total-variation distance between "
         "the model's and the base's expert-load distributions, averaged over MoE layers.",
         "",
+        f"Personal state kept per client (never sent): {summary.get('personal_bytes_per_client', 0):,} bytes "
+        "(the graft and gate, or the personal LoRA, as stored on the client's disk; the largest client's).",
+        "",
     ]
     for extra in (tables.skipped_lines(run), tables.truncation_lines(run)):
         if extra:

@@ -1,0 +1,42 @@
+"""`scripts/gpu-check.sh`: its dry run runs the GPU check's code on the CPU at cut depth (Qwen1.5-MoE-
+A2.7B's widths, 1 layer) and writes its dated result; without CUDA the real check refuses in one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_without_cuda_the_check_refuses_in_one_line(capsys):
+    from benchmarks.gpu_check import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device" in err and "--dry-run" in err
+
+
+@pytest.mark.slow
+def test_dry_run_writes_the_dated_result(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run([str(ROOT / "scripts" / "gpu-check.sh"), "--dry-run", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = tmp_path.glob("gpu-check-dry-run-*.md")
+    text = result.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| FLEx")]
+    assert [row.split("|")[1].strip() for row in rows] == ["FLEx, experts bf16", "FLEx, experts nf4"]
+    planned = [float(row.split("|")[6]) for row in rows]
+    assert planned[1] < planned[0]  # the nf4 experts take less memory, in the plan and measured
+    measured = [float(row.split("|")[7]) for row in rows]
+    assert measured[1] < measured[0]
+    ratios = [float(re.match(r"\s*([\d.]+)", row.split("|")[8]).group(1)) for row in rows]
+    assert all(0.8 <= r <= 1.2 for r in ratios), ratios
