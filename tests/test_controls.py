@@ -13,7 +13,7 @@ import flexmoe.engine.simulation as simulation
 from flexmoe.commands.compare import VARIANTS, parse_methods, plan
 from flexmoe.config import RunConfig, load_config
 from flexmoe.engine.restore import restore
-from flexmoe.methods import build_method
+from flexmoe.methods import LocalRun, build_method
 from flexmoe.methods.fedper import graft_params, matched_rank
 from flexmoe.models import graft, grafts, moe_layers, select_experts
 from flexmoe.models.roles import split_parameters
@@ -167,8 +167,12 @@ def test_fedavg_ft_client_that_never_trained_uses_the_global_weights():
     method = build_method(RunConfig(method="fedavg-ft"))
     global_weights, trained = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
     assert method.eval_weights(global_weights, {}) is global_weights
-    message, state = method.uplink(global_weights, trained, {}, None)
+    message, state = method.uplink(global_weights, trained, {}, LocalRun(steps=1, lr=1.0, num_examples=1))
     assert message is trained and torch.equal(method.eval_weights(global_weights, state)["w"], trained["w"])
+    fine_tuned = {"w": torch.full((2,), 3.0)}  # trained again at train.personal_lr: kept, not sent
+    run = LocalRun(steps=1, lr=1.0, num_examples=1, fine_tuned=fine_tuned)
+    message, state = method.uplink(global_weights, trained, {}, run)
+    assert message is trained and torch.equal(method.eval_weights(global_weights, state)["w"], fine_tuned["w"])
 
 
 # ---- the zero-initialised graft -------------------------------------------------------------

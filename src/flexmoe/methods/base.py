@@ -52,6 +52,8 @@ class LocalRun:
     lr: float  # local learning rate of this round
     num_examples: int  # size of the client's training set
     expert_counts: Tensors = field(default_factory=dict)  # per MoE layer, tokens routed to each expert (if asked)
+    # methods that `fine_tunes`, with train.personal_lr set: the shared weights trained again at that rate
+    fine_tuned: Tensors = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Method:
     communicates: ClassVar[bool] = True  # False: clients never exchange anything (local)
     grafts: ClassVar[bool] = False  # True: clients hold a personal grafted expert (FLEx)
     counts_experts: ClassVar[bool] = False  # True: local training reports per-expert activation counts
+    fine_tunes: ClassVar[bool] = False  # True: the personal model is a local fine-tuning of the shared weights
     rule_class: ClassVar[type[ServerRule]] = WeightedMean
 
     def __init__(self, config: RunConfig):

@@ -20,7 +20,7 @@ from torch import nn
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import Family, family_of, moe_layers, unwrap
-from flexmoe.models.graft import GRAFT
+from flexmoe.models.graft import GRAFT, grafts
 
 SCOPES = ("attention", "attention+experts", "full")
 
@@ -86,9 +86,8 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
         torch.manual_seed(seed)
         with peft_quietly():
             peft_model = get_peft_model(model, config)
-    for name, param in peft_model.named_parameters():
-        if GRAFT in name.split("."):
-            param.requires_grad_(True)  # PEFT freezes everything it did not add
+    for module in grafts(peft_model).values():
+        module.set_trainable()  # PEFT freezes everything it did not add
     check_lora_placement(peft_model, scope)
     if expert_r is not None:
         _check_expert_rank(peft_model, expert_r)
