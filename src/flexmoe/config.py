@@ -105,7 +105,7 @@ class FlexConfig(_Section):
     # authors' released code most likely does; the gate trains in both. A LoRA-mode client stores only its
     # selection, gate and LoRA: the frozen copy is rebuilt from the base
     graft_train: Literal["full", "lora"] = "full"
-    graft_r: int = Field(32, ge=1)
+    graft_r: int = Field(32, ge=1)  # rank of the graft's LoRA (graft_train = "lora"; the authors' r = 32)
 
     @model_validator(mode="after")
     def _lora_copies(self) -> FlexConfig:

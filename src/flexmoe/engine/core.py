@@ -251,12 +251,13 @@ class ClientRunner:
         run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features),
                        expert_counts=result.expert_counts, fine_tuned=fine_tuned)
         message, client_state = self.method.uplink(received, trained, client_state, run)
-        self._save(cid, round_index, client_state, result.optimizer_state)
+        stored_personal = self._save(cid, round_index, client_state, result.optimizer_state)
         self.progress.client_done(cid, result.loss)
         record = {
             "round": round_index, "kind": "train", "client": cid, "loss": result.loss, "steps": result.steps,
             "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr,
             **({"personal_lr": own_lr} if cfg.train.personal_lr else {}),
+            **({"personal_bytes": stored_personal} if stored_personal else {}),
             **device_measures(device, device_record),
         }
         return record, message if self.method.communicates else {}
@@ -277,13 +278,20 @@ class ClientRunner:
         """The MoE layers whose experts are shared (trainable): FC-MoE counts their routing."""
         return frozenset(expert_layer(name) for name in shared) - {None}
 
-    def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> None:
+    def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors) -> int:
+        """Write the client's new state as pending; returns the bytes its personal part takes on disk:
+        its graft file (measured) and the personal tensors of its state file (FedPer's expert LoRA,
+        FedAvg-FT's fine-tuned weights: safetensors stores them raw, numel x element size each)."""
         pending = self.store.begin(cid)
         held = with_prefix(HELD, cpu_clone(self._held()))
         save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state)})
+        stored = sum(t.numel() * t.element_size() for t in (*held.values(),
+                                                            *self.method.personal_part(client_state).values()))
         if self.method.grafts:
             save_personal(self.model, pending / PERSONAL_FILE)
+            stored += (pending / PERSONAL_FILE).stat().st_size
         self.store.finish(cid, round_index)
+        return stored
 
     def load_client_model(self, client_id: int, global_weights: Tensors) -> None:
         """Make the model client `client_id`'s personalised model: its graft and gate, and the shared

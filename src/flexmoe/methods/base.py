@@ -139,6 +139,12 @@ class Method:
         """(message to the server, the client's new persistent state)."""
         return trained, client_state
 
+    def personal_part(self, client_state: Tensors) -> Tensors:
+        """The tensors of the client's persistent state that make its model personal (its personal
+        parameters outside the model's personal roles: FedAvg-FT's fine-tuned weights); counted as
+        personal bytes."""
+        return {}
+
     def eval_received(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         """What a client holds after the last aggregation, to build its personalised model from
         (the `global_weights` argument of `eval_weights`): the global weights, or for FC-MoE the

@@ -26,5 +26,8 @@ class FedAvgFT(Method):
     ) -> tuple[Tensors, Tensors]:
         return trained, with_prefix(FINE_TUNED, run.fine_tuned or trained)
 
+    def personal_part(self, client_state: Tensors) -> Tensors:
+        return {k: v for k, v in client_state.items() if k.startswith(FINE_TUNED)}
+
     def eval_weights(self, global_weights: Tensors, client_state: Tensors) -> Tensors:
         return strip_prefix(FINE_TUNED, client_state) or global_weights
