@@ -247,3 +247,22 @@ def test_a_lora_run_evaluates_and_exports_like_the_run(lora_run, tmp_path, capsy
     assert torch.equal(logits(model, tokenizer), logits(reference.model, reference.tokenizer))
     assert command("generate", ["--run", str(lora_run), "--client", "1", "--prompt", "describe the word cat"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_the_authors_recipe_file_loads_with_lora_on_q_k_v_only():
+    from pathlib import Path
+
+    from flexmoe.models import lora_module_names
+    from flexmoe.train.loop import cosine_lr
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "flex-lora-graft.toml")
+    assert config.flex.graft_train == "lora" and config.flex.graft_r == 32 and config.lora.r == 32
+    assert cosine_lr(config.train, 1, config.rounds) == 4e-5
+    assert cosine_lr(config.train, config.rounds, config.rounds) == pytest.approx(1e-6)
+    model = build_method(config).prepare_model(tiny_model("qwen2_moe"))
+    placed = lora_module_names(model)
+    assert {name.rsplit(".", 1)[1] for name in placed} == {"q_proj", "k_proj", "v_proj"} and len(placed) == 2 * 3
+    default = build_method(load_config(None, [])).prepare_model(tiny_model("qwen2_moe"))
+    assert {name.rsplit(".", 1)[1] for name in lora_module_names(default)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with pytest.raises(FlexmoeError, match="lora.attention: 'w_proj' is not an attention projection of qwen2_moe"):
+        build_method(load_config(None, ['lora.attention=["q_proj", "w_proj"]'])).prepare_model(tiny_model("qwen2_moe"))

@@ -111,7 +111,7 @@ def test_summary_and_report_carry_the_stored_personal_bytes(tmp_path):
     out = tmp_path / "compare"
     write_compare_report([run], out)
     assert "personal bytes / client" in (out / "report.md").read_text()
-    assert json.loads((out / "summary.json").read_text())["flex"]["personal_bytes"] == 2005
+    assert json.loads((out / "summary.json").read_text())["flex-lora"]["personal_bytes"] == 2005
 
 
 class _Config:
@@ -119,3 +119,14 @@ class _Config:
 
     class privacy:
         noise_multiplier = 0.0
+
+
+def test_labels_name_the_graft_training_and_a_personal_learning_rate():
+    from flexmoe.commands.compare import VARIANTS
+    from flexmoe.report import run_label
+
+    assert run_label({"method": "flex", "flex": {"graft_train": "lora"}}) == "flex-lora"
+    assert run_label({"method": "flex", "flex": {"graft_train": "full"}}) == "flex"
+    assert run_label({"method": "fedper", "train": {"personal_lr": 1e-4}}) == "fedper-plr0.0001"
+    assert run_label({"method": "flex", "flex": {"graft_train": "lora"}, "train": {"personal_lr": 0.0}}) == "flex-lora"
+    assert VARIANTS["flex-lora"] == ("flex", ("flex.graft_train=lora",))

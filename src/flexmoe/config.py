@@ -86,6 +86,9 @@ class LoraConfig(_Section):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # the attention projections the LoRA goes on, e.g. ["q_proj", "k_proj", "v_proj"] (the FLEx authors');
+    # empty = every attention projection of the family
+    attention: tuple[str, ...] = ()
 
 
 class FlexConfig(_Section):

@@ -99,7 +99,7 @@ class Method:
         lora = self.config.lora
         lora_scope = "attention+experts" if self.scope == "experts" else self.scope
         return add_lora(model, scope=lora_scope, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                        seed=self.config.seed)
+                        seed=self.config.seed, attention=tuple(lora.attention))
 
     # ---- server side -------------------------------------------------------------------
     def init_server_state(self, global_weights: Tensors) -> Tensors:

@@ -74,7 +74,7 @@ class FedPer(Method):
 
         lora, rank = self.config.lora, self.expert_rank(model)
         model = add_lora(model, scope="attention+experts", r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                         seed=self.config.seed, expert_r=rank)
+                         seed=self.config.seed, expert_r=rank, attention=tuple(lora.attention))
         personal = split_parameters(model, self.roles).numel("personal")
         log.info("fedper: personal expert LoRA of rank %d, %s parameters per client", rank, f"{personal:,}")
         return model

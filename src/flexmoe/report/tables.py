@@ -197,9 +197,9 @@ def compare_table(groups: dict[str, list[Run]], lead: str = "rouge_l") -> list[s
     means = [("rouge_l_avg", "mean ROUGE-L"), ("exact_match_avg", "mean exact match")]
     if lead == "exact_match":
         means.reverse()
-    header = ["method", "seeds", means[0][1], *(f"client {c}" for c in clients), means[1][1], "global model",
-              "knowledge loss", "Δ vs base", "probe acc.", "bytes / round", "personal bytes / client", "wall s",
-              "expert-load std"]
+    header = ["method", "seeds", means[0][1], *(f"client {c}" for c in clients), "global model",
+              "knowledge loss", "Δ vs base", "probe acc.", "bytes / round", "wall s", "expert-load std", means[1][1],
+              "personal bytes / client"]
     rows = []
     for label, runs in groups.items():
         per_client = []
@@ -213,15 +213,15 @@ def compare_table(groups: dict[str, list[Run]], lead: str = "rouge_l") -> list[s
         rows.append([
             label, ",".join(str(run.seed) for run in runs),
             fmt_spread(*mean_std(_final(run, means[0][0]) for run in runs)), *per_client,
-            fmt_spread(*mean_std(_final(run, means[1][0]) for run in runs)),
             fmt_spread(*mean_std(_final(run, "rouge_l_global") for run in runs)),
             fmt_spread(*mean_std(_final(run, "knowledge_loss") for run in runs)),
             fmt_spread(*mean_std(delta), "{:+.4f}"),
             fmt_spread(*mean_std(_final(run, "probe_accuracy") for run in runs), "{:.3f}"),
             f"{mean_std([run.bytes_per_round() for run in runs])[0]:,.0f}",
-            f"{personal:,.0f}" if personal is not None else "0",
             fmt_spread(*mean_std(run.summary.get("wall_seconds") for run in runs), "{:.1f}"),
             fmt_spread(*mean_std(_final(run, "expert_load_std") for run in runs)),
+            fmt_spread(*mean_std(_final(run, means[1][0]) for run in runs)),
+            f"{personal:,.0f}" if personal is not None else "0",
         ])
     return table(header, rows, ["---", "---", *["---:"] * (len(header) - 2)])
 
