@@ -239,3 +239,23 @@ def test_control_variants_parse_and_validate(tmp_path):
     every = plan([*VARIANTS, "fedper", "fedavg-ft"], [0], None, [], tmp_path)
     for run_dir, config in every:  # a compare report groups runs by label: each variant keeps its name
         assert run_label(config.model_dump()) == run_dir.parent.name
+
+
+def test_fedavg_ft_fine_tunes_at_its_personal_lr_and_sends_the_shared_rates_weights(model_dir, tmp_path,
+                                                                                     monkeypatch):
+    trainings, sent = record_training(monkeypatch), record_messages(monkeypatch)
+    run(model_dir, tmp_path, "method=fedavg-ft", "rounds=1", "train.personal_lr=5e-2")  # train.lr 5e-3
+    clients = [r["client"] for r in metrics(tmp_path) if r["kind"] == "train"]
+    assert len(clients) == 2 and len(trainings) == 4  # each client trains twice: at lr, then at personal_lr
+    uplinks = [deserialize(blob)[0] for blob in sent]
+    for cid, (shared, personal) in zip(clients, (trainings[0:2], trainings[2:4])):
+        assert all(torch.equal(shared["start"][n], personal["start"][n]) for n in shared["start"])  # same start
+        assert any(not torch.equal(shared["end"][n], personal["end"][n]) for n in shared["end"])
+        state = load_file(tmp_path / "clients" / str(cid) / "state.safetensors")
+        for name, value in personal["end"].items():  # kept: the personal-rate weights
+            torch.testing.assert_close(state[f"fine_tuned.{name}"], value, rtol=0, atol=0)
+        sent_by_client = [u for u in uplinks if set(u) == set(shared["end"])
+                          and all(torch.equal(u[n], shared["end"][n]) for n in u)]
+        assert sent_by_client  # sent: the shared-rate weights, never the personal-rate ones
+        assert not any(all(torch.equal(u[n], personal["end"][n]) for n in u) for u in uplinks
+                       if set(u) == set(personal["end"]))
