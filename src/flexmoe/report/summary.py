@@ -60,6 +60,9 @@ def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: 
         "train_loss": servers[-1]["train_loss"] if servers else None,
         "per_client": per_client(records),
     }
+    stored = [row["personal_bytes"] for row in summary["per_client"].values() if "personal_bytes" in row]
+    if stored:  # what a client stores of its personal part, measured on its disk (mean over clients)
+        summary["personal_bytes"] = round(mean(stored))
     if run_dir is not None:
         summary.update(run_statistics(Path(run_dir), config.seed))
     if config.privacy.noise_multiplier > 0:
@@ -82,6 +85,8 @@ def per_client(records: list[dict]) -> dict[str, dict]:
             row["bytes_up"] += r["bytes_up"]
             row["bytes_down"] += r["bytes_down"]
             row["rounds_trained"] += 1
+            if "personal_bytes" in r:  # after its latest round
+                row["personal_bytes"] = r["personal_bytes"]
         elif r["kind"] == "eval" and r["round"] == 0:
             table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
             table[str(r["client"])]["rouge_l_base"] = r["rouge_l"]
