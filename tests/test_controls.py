@@ -13,7 +13,7 @@ import flexmoe.engine.simulation as simulation
 from flexmoe.commands.compare import VARIANTS, parse_methods, plan
 from flexmoe.config import RunConfig, load_config
 from flexmoe.engine.restore import restore
-from flexmoe.methods import build_method
+from flexmoe.methods import LocalRun, build_method
 from flexmoe.methods.fedper import graft_params, matched_rank
 from flexmoe.models import graft, grafts, moe_layers, select_experts
 from flexmoe.models.roles import split_parameters
@@ -167,8 +167,12 @@ def test_fedavg_ft_client_that_never_trained_uses_the_global_weights():
     method = build_method(RunConfig(method="fedavg-ft"))
     global_weights, trained = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
     assert method.eval_weights(global_weights, {}) is global_weights
-    message, state = method.uplink(global_weights, trained, {}, None)
+    message, state = method.uplink(global_weights, trained, {}, LocalRun(steps=1, lr=1.0, num_examples=1))
     assert message is trained and torch.equal(method.eval_weights(global_weights, state)["w"], trained["w"])
+    fine_tuned = {"w": torch.full((2,), 3.0)}  # trained again at train.personal_lr: kept, not sent
+    run = LocalRun(steps=1, lr=1.0, num_examples=1, fine_tuned=fine_tuned)
+    message, state = method.uplink(global_weights, trained, {}, run)
+    assert message is trained and torch.equal(method.eval_weights(global_weights, state)["w"], fine_tuned["w"])
 
 
 # ---- the zero-initialised graft -------------------------------------------------------------
@@ -235,3 +239,23 @@ def test_control_variants_parse_and_validate(tmp_path):
     every = plan([*VARIANTS, "fedper", "fedavg-ft"], [0], None, [], tmp_path)
     for run_dir, config in every:  # a compare report groups runs by label: each variant keeps its name
         assert run_label(config.model_dump()) == run_dir.parent.name
+
+
+def test_fedavg_ft_fine_tunes_at_its_personal_lr_and_sends_the_shared_rates_weights(model_dir, tmp_path,
+                                                                                     monkeypatch):
+    trainings, sent = record_training(monkeypatch), record_messages(monkeypatch)
+    run(model_dir, tmp_path, "method=fedavg-ft", "rounds=1", "train.personal_lr=5e-2")  # train.lr 5e-3
+    clients = [r["client"] for r in metrics(tmp_path) if r["kind"] == "train"]
+    assert len(clients) == 2 and len(trainings) == 4  # each client trains twice: at lr, then at personal_lr
+    uplinks = [deserialize(blob)[0] for blob in sent]
+    for cid, (shared, personal) in zip(clients, (trainings[0:2], trainings[2:4])):
+        assert all(torch.equal(shared["start"][n], personal["start"][n]) for n in shared["start"])  # same start
+        assert any(not torch.equal(shared["end"][n], personal["end"][n]) for n in shared["end"])
+        state = load_file(tmp_path / "clients" / str(cid) / "state.safetensors")
+        for name, value in personal["end"].items():  # kept: the personal-rate weights
+            torch.testing.assert_close(state[f"fine_tuned.{name}"], value, rtol=0, atol=0)
+        sent_by_client = [u for u in uplinks if set(u) == set(shared["end"])
+                          and all(torch.equal(u[n], shared["end"][n]) for n in u)]
+        assert sent_by_client  # sent: the shared-rate weights, never the personal-rate ones
+        assert not any(all(torch.equal(u[n], personal["end"][n]) for n in u) for u in uplinks
+                       if set(u) == set(personal["end"]))

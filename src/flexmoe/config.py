@@ -62,6 +62,9 @@ class TrainConfig(_Section):
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(4e-3, gt=0, le=1)
+    # learning rate of the personal parameters (FLEx's graft and gate, FedPer's expert LoRA, FedAvg-FT's
+    # fine-tuning), on the same schedule as lr; 0 = lr (one learning rate for everything)
+    personal_lr: float = Field(0.0, ge=0, le=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine schedule floor, as a fraction of lr
     schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -85,6 +88,9 @@ class LoraConfig(_Section):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # the attention projections the LoRA goes on, e.g. ["q_proj", "k_proj", "v_proj"] (the FLEx authors');
+    # empty = every attention projection of the family
+    attention: tuple[str, ...] = ()
 
 
 class FlexConfig(_Section):
@@ -99,13 +105,26 @@ class FlexConfig(_Section):
     # ablation: "copy" = the selected expert's weights; "zero" = its shape only, gate/up freshly
     # initialised (seeded) and down zeroed, so the graft starts at output 0 (personal capacity, no grafting)
     graft_init: Literal["copy", "zero"] = "copy"
+    # how the graft trains: "full" = every weight of the copy; "lora" = the copy frozen with LoRA of rank
+    # graft_r on its gate/up/down projections (scale lora.alpha / lora.r, dropout lora.dropout), as the
+    # authors' released code most likely does; the gate trains in both. A LoRA-mode client stores only its
+    # selection, gate and LoRA: the frozen copy is rebuilt from the base
+    graft_train: Literal["full", "lora"] = "full"
+    graft_r: int = Field(32, ge=1)  # rank of the graft's LoRA (graft_train = "lora"; the authors' r = 32)
+
+    @model_validator(mode="after")
+    def _lora_copies(self) -> FlexConfig:
+        if self.graft_train == "lora" and self.graft_init == "zero":
+            raise ValueError("flex.graft_init = 'zero' (no copy) needs flex.graft_train = 'full': "
+                             "a LoRA-mode graft trains through a frozen copy of the selected expert")
+        return self
 
 
 class FedPerConfig(_Section):
     """FedPer (methods/fedper.py): FLEx's shared attention LoRA, plus a personal LoRA on the routed
     experts that never leaves the client; a personal-capacity control for FLEx's grafting."""
 
-    rank: int = Field(0, ge=0)  # personal expert LoRA rank; 0 = as many parameters as FLEx's graft (flex.k experts + gate)
+    rank: int = Field(0, ge=0)  # personal expert LoRA rank; 0 = as many trainable parameters as FLEx's graft (flex.k experts + gate, or their LoRA with flex.graft_train = "lora")
 
 
 class FcmoeConfig(_Section):

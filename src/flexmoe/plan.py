@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
 from flexmoe.eval.comm import method_message_sizes, prepare_like_a_client, serialized_size
+from flexmoe.methods import LocalRun
 from flexmoe.models import personal_state, split_parameters
 from flexmoe.models.device import QUANTIZE_SKIP, resolve_dtype
 from flexmoe.models.families import unwrap
+from flexmoe.models.graft import GRAFT
 from flexmoe.models.load import _check_family, resolve_model_dir
 from flexmoe.shapes import shape_config, shape_names
 from flexmoe.train.loop import activation_checkpointing
@@ -87,7 +89,7 @@ class Plan:
     bytes_down: int  # server -> one client, round 1
     bytes_down_max: int  # the largest downlink of any round
     bytes_up: int  # one client -> server
-    personal_state_bytes: int  # what a client keeps of its own: graft and gate, FedPer's expert LoRA (0: none)
+    personal_state_bytes: int  # what a client stores of its personal part (graft file, personal LoRA, fine-tuned weights)
     client_optimizer_bytes: int  # the optimiser state a client keeps between rounds
     server_state_bytes: int  # global shared weights + server optimiser state
     memory: StepMemory
@@ -198,14 +200,16 @@ def _prepared(config: RunConfig, model: torch.nn.Module):
 
 
 def _personal_bytes(model, method) -> int:
-    """What a client keeps of its own, as the engine writes it: the graft file (graft and gate)
-    and the personal parameters outside a graft (FedPer's expert LoRA, in its state file)."""
-    from flexmoe.engine.core import HELD, held_personal
-    from flexmoe.tensors import with_prefix
-
-    held = {name: p.detach() for name, p in held_personal(model, method.roles).items()}
-    graft = serialized_size(personal_state(model)) if method.grafts else 0
-    return graft + (serialized_size(with_prefix(HELD, held)) if held else 0)
+    """What a client stores of its personal part (as a run's train records measure it): the graft file
+    (a LoRA-mode graft: its LoRA, gate and router rows only), the personal parameters outside a graft
+    (FedPer's expert LoRA) and the method's personal state (FedAvg-FT's fine-tuned weights)."""
+    split = split_parameters(model, method.roles)
+    held = [p for name, p in split.personal.items() if GRAFT not in name.split(".")]
+    shared = {name: p.detach() for name, p in split.shared.items()}
+    kept = method.personal_part(method.uplink(shared, shared, {}, LocalRun(steps=1, lr=1.0, num_examples=1))[1]) \
+        if method.fine_tunes else {}
+    size = sum(p.numel() * p.element_size() for p in (*held, *kept.values()))
+    return size + (serialized_size(personal_state(model)) if method.grafts else 0)
 
 
 def _optimizer_bytes(config: RunConfig, trainable: list[torch.Tensor]) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 from flexmoe.errors import FlexmoeError
 
 # variant name -> (method, config overrides): the FLEx paper's ablations, a graft that starts at
-# zero instead of from the selected expert (personal capacity without grafting), and MoE + FedAvg
+# zero instead of from the selected expert (personal capacity without grafting), the graft trained
+# as a frozen copy under LoRA (flex-lora), and MoE + FedAvg
 # with LoRA on attention and the experts (FC-MoE's trainables, aggregated plainly) or with every
 # weight trainable (the paper's MoE + X; "full" needs runtime.base_dtype=fp32)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -25,6 +26,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flex-k2": ("flex", ("flex.k=2",)),
     "flex-k3": ("flex", ("flex.k=3",)),
     "flex-zero": ("flex", ("flex.graft_init=zero",)),
+    "flex-lora": ("flex", ("flex.graft_train=lora",)),  # the graft a frozen copy under LoRA (the authors')
     "fedavg+experts": ("fedavg", ("lora.scope=attention+experts",)),
     "fedavg+full": ("fedavg", ("lora.scope=full",)),
 }
@@ -40,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key for every run (repeatable)")
     parser.add_argument("--output-dir", metavar="DIR", help="default: runs/compare-<timestamp>")
     parser.add_argument("--reference", metavar="METHOD",
-                        help="the method every other is compared with, paired (default: the best baseline)")
+                        help="the method every other is compared with, paired (default: the best shared "
+                             "federated baseline, never fedper, fedavg-ft, local or fcmoe)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of the live display")
 
 

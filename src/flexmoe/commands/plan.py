@@ -63,7 +63,8 @@ def render(p) -> str:
         f"  up (client -> server)       {_size(p.bytes_up)}",
         f"  shared parameters           {p.shared_params:,}",
         "kept between rounds",
-        f"  personal state per client   {_size(p.personal_state_bytes)} (graft and gate, or personal LoRA)",
+        f"  personal state per client   {_size(p.personal_state_bytes)} (what a client stores: graft and gate, "
+        "or its LoRA; personal LoRA; fine-tuned weights)",
         f"  optimiser state per client  {_size(p.client_optimizer_bytes)}",
         f"  server state                {_size(p.server_state_bytes)} (global shared weights + server optimiser)",
         "",

@@ -9,6 +9,7 @@ The round loop itself is `flexmoe.engine.driver`'s; engines only move messages.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,7 @@ from flexmoe.rundir import (
 )
 from flexmoe.tensors import cpu_clone, strip_prefix, with_prefix
 from flexmoe.train import cosine_lr, local_train
-from flexmoe.train.loop import carried_optimizer_state, num_local_steps, response_loss
+from flexmoe.train.loop import carried_optimizer_state, num_local_steps, personal_lr, response_loss
 from flexmoe.wire import WireError, decode, encode
 
 log = logging.getLogger("flexmoe.engine")
@@ -72,6 +73,11 @@ def evaluated_clients(config: RunConfig) -> list[int]:
 
 def round_lr(config: RunConfig, round_index: int) -> float:
     return cosine_lr(config.train, round_index, config.rounds)
+
+
+def round_personal_lr(config: RunConfig, round_index: int) -> float:
+    """The personal parameters' learning rate of the round (`train.personal_lr`; the shared one by default)."""
+    return personal_lr(config.train, round_index, config.rounds)
 
 
 def evaluates(config: RunConfig, round_index: int) -> bool:
@@ -256,43 +262,49 @@ class ClientRunner:
     def _train(self, client: Client, round_index: int, received: Tensors) -> tuple[dict, Tensors]:
         cfg, cid = self.config, client.client_id
         received = decode(received) if cfg.wire.lossy else received
-        lr = round_lr(cfg, round_index)
+        lr, own_lr = round_lr(cfg, round_index), round_personal_lr(cfg, round_index)
         device, device_record = model_device(self.model), {}
         reset_peak_memory(device)
         with timed(device, device_record, "swap_seconds"):  # the client's state from disk onto the device
             stored = self.store.load_state(cid)
             client_state = method_state(stored)
             self.load_personal(cid, stored)
-            self.set_shared(self.method.start_weights(received, client_state, self.initial_shared()))
+            start = self.method.start_weights(received, client_state, self.initial_shared())
+            self.set_shared(start)
         split = split_parameters(self.model, self.method.roles)
         replaced = set(split.shared) if self.method.communicates else set()  # Local keeps its own
         optimizer_state = carried_optimizer_state(strip_prefix("optim.", stored), replaced, cfg.train.optimizer_state)
         steps = num_local_steps(cfg.train, len(client.features))
         self.progress.client_started(cid, steps)
         trainable, fixed = split.trainable, {}
-        if self.personal_only:
+        if self.personal_only:  # an organisation joining a finished run trains its personal part only
             trainable = {name: p for name, p in trainable.items() if name in split.personal}
             fixed = split.shared
+        train = functools.partial(
+            local_train, self.model, trainable, client.features, self.collate, cfg.train,
+            seed=derived_seed(cfg.seed, round_index, cid), hooks=self.method.train_hooks(received, client_state),
+            optimizer_state=optimizer_state,
+            count_experts=self._counted_layers(split.shared) if self.method.counts_experts else frozenset(),
+        )
         with frozen(fixed.values()):
-            result = local_train(
-                self.model, trainable, client.features, self.collate, cfg.train, lr,
-                seed=derived_seed(cfg.seed, round_index, cid), hooks=self.method.train_hooks(received, client_state),
-                optimizer_state=optimizer_state, on_step=self.progress.step,
-                count_experts=self._counted_layers(split.shared) if self.method.counts_experts else frozenset(),
-            )
+            result = train(lr, on_step=self.progress.step,
+                           other_lr=dict.fromkeys(split.personal, own_lr) if own_lr != lr else None)
         trained = cpu_clone(split.shared)
+        fine_tuned = self._fine_tune(train, start, own_lr, trained) if self.method.fine_tunes and own_lr != lr else {}
         run = LocalRun(steps=result.steps, lr=lr, num_examples=len(client.features),
-                       expert_counts=result.expert_counts)
+                       expert_counts=result.expert_counts, fine_tuned=fine_tuned)
         message, client_state = self.method.uplink(received, trained, client_state, run)
         attacking = self.method.communicates and attacks(cfg.faults, cid)
         if attacking:
             message = self._attack(message, received, trained, round_index, cid)
         message, residual = self._encode_uplink(message, received, stored)
-        personal_bytes = self._save(cid, round_index, client_state, result.optimizer_state, residual)
+        stored_personal = self._save(cid, round_index, client_state, result.optimizer_state, residual)
         self.progress.client_done(cid, result.loss)
         record = {
             "round": round_index, "kind": "train", "client": cid, "loss": result.loss, "steps": result.steps,
-            "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr, "personal_bytes": personal_bytes,
+            "tokens": result.tokens, "num_examples": run.num_examples, "lr": lr,
+            **({"personal_lr": own_lr} if cfg.train.personal_lr else {}),
+            **({"personal_bytes": stored_personal} if stored_personal else {}),
             **device_measures(device, device_record), **({"attack": cfg.faults.attack} if attacking else {}),
         }
         return record, message if self.method.communicates else {}
@@ -311,6 +323,17 @@ class ClientRunner:
         residual = strip_prefix(RESIDUAL, stored) if wire.error_feedback else None
         return encode(message, wire, reference=received, residual=residual)
 
+    def _fine_tune(self, train: Callable, start: Tensors, lr: float, trained: Tensors) -> Tensors:
+        """A method whose personal model is a local fine-tuning of the shared weights (FedAvg-FT), at a
+        personal learning rate of its own: the round's training again, from the same start and seed,
+        at `lr`; those weights are kept, the first pass's (`trained`, at the shared rate) are sent. The
+        second pass doubles the round's training cost; its optimiser moments are not kept."""
+        self.set_shared(start)
+        train(lr)
+        fine_tuned = cpu_clone(split_parameters(self.model, self.method.roles).shared)
+        self.set_shared(trained)
+        return fine_tuned
+
     @staticmethod
     def _counted_layers(shared: dict) -> frozenset[str]:
         """The MoE layers whose experts are shared (trainable): FC-MoE counts their routing."""
@@ -318,17 +341,20 @@ class ClientRunner:
 
     def _save(self, cid: int, round_index: int, client_state: Tensors, optimizer_state: Tensors,
               residual: Tensors) -> int:
-        """Write the client's pending state; returns the bytes of its personal part as written (the
-        graft file, and the personal tensors outside a graft in its state file)."""
+        """Write the client's new state as pending; returns the bytes its personal part takes on disk:
+        its graft file (measured) and the personal tensors of its state file (FedPer's expert LoRA,
+        FedAvg-FT's fine-tuned weights: safetensors stores them raw, numel x element size each)."""
         pending = self.store.begin(cid)
         held = with_prefix(HELD, cpu_clone(self._held()))
         save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state),
                                             **with_prefix(RESIDUAL, residual)})
-        personal_bytes = serialized_size(held) if held else 0
+        stored = sum(t.numel() * t.element_size() for t in (*held.values(),
+                                                            *self.method.personal_part(client_state).values()))
         if self.method.grafts:
-            personal_bytes += save_personal(self.model, pending / PERSONAL_FILE).stat().st_size
+            save_personal(self.model, pending / PERSONAL_FILE)
+            stored += (pending / PERSONAL_FILE).stat().st_size
         self.store.finish(cid, round_index)
-        return personal_bytes
+        return stored
 
     def load_client_model(self, client_id: int, global_weights: Tensors) -> None:
         """Make the model client `client_id`'s personalised model: its graft and gate, and the shared

@@ -70,6 +70,7 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
 
 def _write_parts(restored, directory: Path, final: Path, merge: bool, dtype: str | None) -> dict:
     from flexmoe.models import base_fingerprint, grafts
+    from flexmoe.models.graft import fold_graft_lora
     from flexmoe.models.lora import peft_quietly
     from flexmoe.models.standalone import save_grafted
 
@@ -80,6 +81,9 @@ def _write_parts(restored, directory: Path, final: Path, merge: bool, dtype: str
     grafted = bool(grafts(model))
     if grafted:
         layout = "grafted"
+        # first: the shared LoRA's merge_and_unload would fold a LoRA-mode graft's own LoRA too,
+        # leaving its frozen copy under PEFT's names; folded here, the graft is a plain full copy
+        fold_graft_lora(model)
         with peft_quietly():
             save_grafted(model.merge_and_unload() if adapter else model, tokenizer, directory, target)
     elif adapter and not merge:

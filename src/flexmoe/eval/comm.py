@@ -12,6 +12,7 @@ import json
 import torch
 
 from flexmoe.methods import LocalRun, build_method
+from flexmoe.methods.flex import graft_training
 from flexmoe.methods.groups import expert_layer
 from flexmoe.models import apply_roles, graft, moe_layers
 
@@ -90,7 +91,7 @@ def prepare_like_a_client(config, model: torch.nn.Module):
         flex = config.flex
         with torch.device(next(model.parameters()).device):  # meta: the graft takes no memory
             graft(model, {layer.name: list(range(flex.k)) for layer in moe_layers(model)}, gate=flex.gate,
-                  gate_init_bias=flex.gate_init_bias)
+                  gate_init_bias=flex.gate_init_bias, training=graft_training(config))
     return model, method, apply_roles(model, method.roles)
 
 

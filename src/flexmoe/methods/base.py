@@ -52,6 +52,8 @@ class LocalRun:
     lr: float  # local learning rate of this round
     num_examples: int  # size of the client's training set
     expert_counts: Tensors = field(default_factory=dict)  # per MoE layer, tokens routed to each expert (if asked)
+    # methods that `fine_tunes`, with train.personal_lr set: the shared weights trained again at that rate
+    fine_tuned: Tensors = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Method:
     communicates: ClassVar[bool] = True  # False: clients never exchange anything (local)
     grafts: ClassVar[bool] = False  # True: clients hold a personal grafted expert (FLEx)
     counts_experts: ClassVar[bool] = False  # True: local training reports per-expert activation counts
+    fine_tunes: ClassVar[bool] = False  # True: the personal model is a local fine-tuning of the shared weights
     rule_class: ClassVar[type[ServerRule]] = WeightedMean
     averages: ClassVar[bool] = True  # its rule averages the replies, so `server.robust` can replace the mean
 
@@ -97,7 +100,7 @@ class Method:
         lora = self.config.lora
         lora_scope = "attention+experts" if self.scope == "experts" else self.scope
         return add_lora(model, scope=lora_scope, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                        seed=self.config.seed)
+                        seed=self.config.seed, attention=tuple(lora.attention))
 
     # ---- server side -------------------------------------------------------------------
     def init_server_state(self, global_weights: Tensors) -> Tensors:
@@ -141,6 +144,12 @@ class Method:
     ) -> tuple[Tensors, Tensors]:
         """(message to the server, the client's new persistent state)."""
         return trained, client_state
+
+    def personal_part(self, client_state: Tensors) -> Tensors:
+        """The tensors of the client's persistent state that make its model personal (its personal
+        parameters outside the model's personal roles: FedAvg-FT's fine-tuned weights); counted as
+        personal bytes."""
+        return {}
 
     def eval_received(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         """What a client holds after the last aggregation, to build its personalised model from

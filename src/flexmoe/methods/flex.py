@@ -6,7 +6,8 @@ the attention projections (plus the routers with `flex.federate_routers`); only 
 and is aggregated (FedAvg by default, any server optimiser with `flex.aggregator`). Before
 its first round each client grafts a trainable copy of the expert(s) that best reconstruct
 each MoE layer's routed output on its own data, behind an adaptive gate that starts nearly
-closed; graft and gate are personal: they never leave the client.
+closed; graft and gate are personal: they never leave the client. The graft trains in full, or
+(`flex.graft_train = "lora"`) as a frozen copy under LoRA of rank `flex.graft_r`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ from torch import nn
 
 from flexmoe.methods.base import Method
 from flexmoe.methods.registry import register_method
+from flexmoe.config import RunConfig
 from flexmoe.methods.rules import RULES, ServerRule
+from flexmoe.models.graft import FULL, GraftTraining
 from flexmoe.models.roles import Roles
+
+
+def graft_training(config: RunConfig) -> GraftTraining:
+    """How `config`'s graft trains; a LoRA-mode graft's LoRA has the shared LoRA's scale and dropout."""
+    flex, lora = config.flex, config.lora
+    if flex.graft_train == "full":
+        return FULL
+    return GraftTraining("lora", flex.graft_r, lora.alpha * flex.graft_r / lora.r, lora.dropout)
 
 
 @register_method("flex", section="flex", private=True)
@@ -47,5 +58,6 @@ class Flex(Method):
         selection = select_experts(
             model, batches, k=flex.k, strategy=flex.selection, max_tokens=flex.calibration_max_tokens, seed=seed
         )
-        graft(model, selection, gate=flex.gate, gate_init_bias=flex.gate_init_bias, init=flex.graft_init, seed=seed)
+        graft(model, selection, gate=flex.gate, gate_init_bias=flex.gate_init_bias, init=flex.graft_init, seed=seed,
+              training=graft_training(self.config))
         return selection.to_json()

@@ -7,6 +7,7 @@ from flexmoe.models.graft import (
     STRATEGIES,
     ExpertGraft,
     ExpertMLP,
+    GraftTraining,
     Selection,
     current_selection,
     extract_expert,
@@ -30,7 +31,7 @@ from flexmoe.models.personal import (
 
 __all__ = [
     "FAMILIES", "GATES", "SCOPES", "STRATEGIES",
-    "ExpertGraft", "ExpertMLP", "Family", "ModelSplit", "MoELayer", "PARTS", "Roles", "Selection",
+    "ExpertGraft", "ExpertMLP", "Family", "GraftTraining", "ModelSplit", "MoELayer", "PARTS", "Roles", "Selection",
     "add_lora", "apply_roles", "base_fingerprint", "check_lora_placement", "current_selection", "extract_expert",
     "family_of", "graft", "grafts", "grafts_disabled", "load_base", "load_personal", "lora_module_names",
     "moe_layers", "personal_state", "read_personal", "resolve_model_dir", "save_personal",

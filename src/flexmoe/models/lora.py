@@ -20,7 +20,7 @@ from torch import nn
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import Family, family_of, moe_layers, unwrap
-from flexmoe.models.graft import GRAFT
+from flexmoe.models.graft import GRAFT, grafts, set_trainable
 
 SCOPES = ("attention", "attention+experts", "full")
 
@@ -38,9 +38,19 @@ def peft_quietly():
         yield
 
 
-def attention_pattern(family: Family) -> str:
-    """Regex (PEFT `target_modules`) matching exactly the attention projections of every layer."""
-    return rf".*\.self_attn\.({'|'.join(map(re.escape, family.attention))})"
+def attention_pattern(family: Family, names: tuple[str, ...] = ()) -> str:
+    """Regex (PEFT `target_modules`) matching exactly the attention projections `names` (default: all of
+    the family's) of every layer."""
+    return rf".*\.self_attn\.({'|'.join(map(re.escape, names or family.attention))})"
+
+
+def attention_targets(family: Family, names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names` checked against the family's attention projections (empty: all of them)."""
+    unknown = [name for name in names if name not in family.attention]
+    if unknown:
+        raise FlexmoeError(f"config key lora.attention: {unknown[0]!r} is not an attention projection of "
+                           f"{family.model_type} (its projections: {', '.join(family.attention)})")
+    return tuple(names) or family.attention
 
 
 def expert_parameters(model: nn.Module) -> list[str]:
@@ -50,13 +60,14 @@ def expert_parameters(model: nn.Module) -> list[str]:
 
 
 def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int = 16, dropout: float = 0.0,
-             seed: int = 0, expert_r: int | None = None) -> nn.Module:
+             seed: int = 0, expert_r: int | None = None, attention: tuple[str, ...] = ()) -> nn.Module:
     """Make the shared part trainable: wrap with PEFT LoRA on `scope` (or unfreeze all, "full").
 
     Returns the PEFT model ("attention", "attention+experts") or the model itself ("full").
     A graft present before wrapping stays trainable. LoRA initialisation is seeded.
     `expert_r` ("attention+experts" only; default `r`) gives the fused experts' LoRA its own rank,
-    with alpha scaled alike so that its scale alpha/r is the attention LoRA's.
+    with alpha scaled alike so that its scale alpha/r is the attention LoRA's. `attention`: the attention
+    projections LoRA goes on (e.g. ("q_proj", "k_proj", "v_proj"), as the FLEx authors'); default all.
     """
     if scope not in SCOPES:
         raise FlexmoeError(f"unknown LoRA scope {scope!r}; choose one of {', '.join(SCOPES)}")
@@ -78,7 +89,7 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
                            "and a rank >= 1")
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-        target_modules=attention_pattern(family),
+        target_modules=attention_pattern(family, attention_targets(family, attention)),
         target_parameters=expert_parameters(model) if scope == "attention+experts" else None,
         **_expert_rank(model, r, alpha, expert_r),
     )
@@ -86,10 +97,9 @@ def add_lora(model: nn.Module, scope: str = "attention", r: int = 8, alpha: int 
         torch.manual_seed(seed)
         with peft_quietly():
             peft_model = get_peft_model(model, config)
-    for name, param in peft_model.named_parameters():
-        if GRAFT in name.split("."):
-            param.requires_grad_(True)  # PEFT freezes everything it did not add
-    check_lora_placement(peft_model, scope)
+    for module in grafts(peft_model).values():
+        set_trainable(module)  # PEFT freezes everything it did not add
+    check_lora_placement(peft_model, scope, attention)
     if expert_r is not None:
         _check_expert_rank(peft_model, expert_r)
     return peft_model
@@ -126,11 +136,12 @@ def lora_module_names(model: nn.Module) -> list[str]:
             if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and len(module.lora_A)]
 
 
-def check_lora_placement(model: nn.Module, scope: str) -> None:
+def check_lora_placement(model: nn.Module, scope: str, attention_names: tuple[str, ...] = ()) -> None:
     """Assert that LoRA sits exactly where `scope` says: never on a router, a shared expert or a
-    graft; on the fused experts only for "attention+experts"; on every attention projection."""
+    graft; on the fused experts only for "attention+experts"; on every attention projection named
+    (`attention_names`; default all of the family's) and on no other."""
     family = family_of(model)
-    attention = re.compile(attention_pattern(family))
+    attention = re.compile(attention_pattern(family, attention_names))
     layers = moe_layers(model)
     expert_names = {f"{layer.name}.experts" for layer in layers}
     placed = lora_module_names(model)

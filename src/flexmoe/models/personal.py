@@ -1,8 +1,9 @@
 """A client's personal state: its grafted experts and gates, kept on the client's disk.
 
 One safetensors file holds the graft tensors (keys `<layer>.graft.<name>`, independent of any
-PEFT wrapper) and, as metadata, the fingerprint of the base model it was grafted onto, the
-selection, k, the gate kind and the tensors' checksum (a truncated or corrupted file is refused). Loading into another base, or into a model grafted with another
+PEFT wrapper: a full copy's weights, or for a LoRA-mode graft only its LoRA, gate and router rows,
+the frozen copy being rebuilt from the base on load) and, as metadata, the fingerprint of the base
+model it was grafted onto, the selection, k, the gate kind, how the graft trains and the tensors' checksum (a truncated or corrupted file is refused). Loading into another base, or into a model grafted with another
 selection, is refused. In memory, `personal_state` / `set_personal_state` swap clients on one
 shared model instance.
 """
@@ -21,7 +22,16 @@ from torch import nn
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked, save_checked, unpack_metadata
 from flexmoe.models.families import moe_layers, unwrap
-from flexmoe.models.graft import GRAFT, current_selection, graft, grafts
+from flexmoe.models.graft import (
+    GRAFT,
+    GraftTraining,
+    current_selection,
+    graft,
+    grafts,
+    rebuild_copy,
+    stored_state,
+    training_of,
+)
 from flexmoe.models.roles import copy_checked
 
 FORMAT = "flexmoe-personal/1"
@@ -51,22 +61,27 @@ def _sample_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def personal_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every graft tensor (weights, gates, expert ids), keyed `<layer>.graft.<name>`."""
+    """Copies of every graft tensor a client keeps (weights, gates, expert ids; a LoRA-mode graft's
+    LoRA instead of its frozen copy), keyed `<layer>.graft.<name>`."""
     modules = grafts(model)
     if not modules:
         raise FlexmoeError("the model carries no graft: call flexmoe.models.graft first")
     return {f"{layer}.{GRAFT}.{key}": value.detach().clone()
-            for layer, module in modules.items() for key, value in module.state_dict().items()}
+            for layer, module in modules.items() for key, value in stored_state(module).items()}
 
 
 def set_personal_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a client's graft tensors (from `personal_state`) into the model's grafts, in place."""
+    """Copy a client's graft tensors (from `personal_state`) into the model's grafts, in place, and
+    rebuild a LoRA-mode graft's frozen copy from the base's experts the state names."""
     modules = grafts(model)
     if not modules:
         raise FlexmoeError("the model carries no graft: call flexmoe.models.graft first")
     targets = {f"{layer}.{GRAFT}.{key}": value
-               for layer, module in modules.items() for key, value in module.state_dict().items()}
+               for layer, module in modules.items() for key, value in stored_state(module).items()}
     copy_checked(targets, state, "personal state", "this model's grafts")
+    for layer in moe_layers(model):
+        if layer.name in modules:
+            rebuild_copy(modules[layer.name], layer)
 
 
 def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
@@ -80,6 +95,7 @@ def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
         "selection": json.dumps(current_selection(model)),
         "k": str(module.k),
         "gate": module.gate_kind,
+        **training_of(module).to_metadata(),
     }
     return save_checked(path, tensors, metadata, what="personal state")
 
@@ -105,7 +121,7 @@ def load_personal(model: nn.Module, path: str | os.PathLike, adopt_selection: bo
 
     An ungrafted model is grafted with the file's selection first. A model grafted with another
     selection is refused unless `adopt_selection` (swapping clients on one shared model).
-    A file made on another base model, or with another k or gate, is always refused.
+    A file made on another base model, or with another k, gate or graft training, is always refused.
     """
     tensors, metadata = read_personal(path)
     expected, found = metadata.get("base"), base_fingerprint(model)
@@ -115,7 +131,7 @@ def load_personal(model: nn.Module, path: str | os.PathLike, adopt_selection: bo
     selection = json.loads(metadata["selection"])
     modules = grafts(model)
     if not modules:
-        graft(model, selection, gate=metadata["gate"])
+        graft(model, selection, gate=metadata["gate"], training=GraftTraining.from_metadata(metadata))
     else:
         _check_compatible(path, model, modules, metadata, selection, adopt_selection)
     set_personal_state(model, tensors)
@@ -127,6 +143,10 @@ def _check_compatible(path, model, modules, metadata, selection, adopt_selection
     if (str(module.k), module.gate_kind) != (metadata["k"], metadata["gate"]):
         raise FlexmoeError(f"{path}: personal state has k={metadata['k']}, gate={metadata['gate']}; the model is "
                            f"grafted with k={module.k}, gate={module.gate_kind}")
+    training = GraftTraining.from_metadata(metadata)
+    if training != training_of(module):
+        raise FlexmoeError(f"{path}: personal state's graft trains as {training}; the model's graft "
+                           f"as {training_of(module)}")
     if adopt_selection:
         return
     carried = current_selection(model)

@@ -18,17 +18,23 @@ from torch import nn
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import moe_layers
-from flexmoe.models.graft import GRAFT
+from flexmoe.models.graft import FROZEN_COPY, GRAFT
 
 EXPERTS = ".experts."  # fused routed experts (and PEFT's wrappers of them); "shared_experts." does not match
 
 
 def _is_lora(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    """PEFT LoRA outside a graft (a LoRA-mode graft's own LoRA is part of the graft)."""
+    return (".lora_A." in name or ".lora_B." in name) and not _in_graft(name)
+
+
+def _in_graft(name: str) -> bool:
+    return GRAFT in name.split(".")
 
 
 def _is_graft(name: str) -> bool:
-    return GRAFT in name.split(".")
+    """What of a graft trains: all of it, but a LoRA-mode graft's frozen copy."""
+    return _in_graft(name) and FROZEN_COPY not in name
 
 
 def _router_ids(model: nn.Module) -> set[int]:
@@ -42,7 +48,7 @@ def _parts(model: nn.Module) -> dict[str, Callable[[str, nn.Parameter], bool]]:
         "expert_lora": lambda n, p: _is_lora(n) and EXPERTS in n,
         "routers": lambda n, p: id(p) in routers,
         "graft": lambda n, p: _is_graft(n),
-        "base": lambda n, p: not _is_lora(n) and not _is_graft(n),  # every pretrained parameter (full fine-tuning)
+        "base": lambda n, p: not _is_lora(n) and not _in_graft(n),  # every pretrained parameter (full fine-tuning)
     }
 
 

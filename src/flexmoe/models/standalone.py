@@ -29,7 +29,7 @@ from torch import nn
 from flexmoe.errors import FlexmoeError
 from flexmoe.models import graft_module
 from flexmoe.models.families import FAMILIES, family_of, unwrap
-from flexmoe.models.graft import GRAFT, grafts
+from flexmoe.models.graft import GRAFT, fold_graft_lora, grafts
 
 MODELING_FILE, GRAFT_FILE = "modeling_flexmoe.py", "flexmoe_graft.py"
 SPEC_KEY = "flexmoe_grafts"
@@ -79,11 +79,13 @@ def graft_spec(model: nn.Module) -> dict:
 
 
 def save_grafted(model: nn.Module, tokenizer, directory: pathlib.Path, dtype: torch.dtype) -> None:
-    """Write a grafted model (no PEFT wrapper: merge the LoRA first) as a standalone directory; the
-    base weights in `dtype`, the graft tensors in fp32."""
+    """Write a grafted model (no PEFT wrapper: merge the LoRA first, after `fold_graft_lora`) as a
+    standalone directory; the base weights in `dtype`, the graft tensors in fp32. LoRA-mode grafts
+    are folded into their copies, in place."""
     if unwrap(model) is not model:
         raise FlexmoeError("save_grafted needs a plain transformers model (merge or unload the LoRA first)")
     family = family_of(model)
+    fold_graft_lora(model)  # a LoRA-mode graft is exported as the full copy it amounts to: no PEFT to load it
     spec = graft_spec(model)
     for name, param in model.named_parameters():
         if GRAFT not in name.split("."):

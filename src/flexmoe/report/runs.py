@@ -59,7 +59,8 @@ class Run:
 
 def run_label(config: dict) -> str:
     """A run's name in comparisons: the method, plus what sets a variant apart from its defaults
-    (FLEx ablations: -nogate, -random, -frequency, -k2, -zero...; baselines: +experts / +full scope)."""
+    (FLEx ablations: -nogate, -random, -frequency, -k2, -zero, -lora (graft_train)...; baselines: +experts /
+    +full scope; any method: -plr<rate> for a personal learning rate of its own)."""
     method = config.get("method", "flex")
     label = method
     if method.startswith("flex"):
@@ -76,10 +77,15 @@ def run_label(config: dict) -> str:
             label += "-" + flex["aggregator"]
         if flex.get("graft_init", "copy") != "copy":
             label += "-" + flex["graft_init"]
+        if flex.get("graft_train", "full") != "full":
+            label += "-" + flex["graft_train"]
     else:
         scope = config.get("lora", {}).get("scope", DEFAULT_SCOPE)
         if scope != DEFAULT_SCOPE and method != "fcmoe":  # FC-MoE sets its scope in [fcmoe]
             label += "+" + scope.replace("attention+", "")
+    personal_lr = config.get("train", {}).get("personal_lr", 0.0)
+    if personal_lr:
+        label += f"-plr{personal_lr:g}"
     return label
 
 

@@ -76,12 +76,24 @@ def _base(run: Run, metric: str):
     return answer_scores(run.path, 0, "base", metric)
 
 
-def best_baseline(groups: dict[str, list[Run]]) -> str | None:
-    """The baseline (any label that is not a FLEx variant) with the highest mean ROUGE-L over seeds."""
-    scores = {label: mean_std((run.servers() or [{}])[-1].get("rouge_l_avg") for run in runs)[0]
-              for label, runs in groups.items() if not label.startswith("flex")}
+# methods whose evaluated model is a client's own, not the shared one: never the default reference
+PERSONAL_CONTROLS = ("fedper", "fedavg-ft", "local", "fcmoe")
+
+
+def best_baseline(groups: dict[str, list[Run]], metric: str = "rouge_l") -> str | None:
+    """The best *shared federated* baseline (MoE + X: no FLEx variant, no personal control (FedPer,
+    FedAvg-FT, Local) and no FC-MoE, whose client-side retention makes its evaluated model personal
+    too), by the highest mean `metric` over seeds."""
+    key = f"{metric}_avg"
+    scores = {label: mean_std((run.servers() or [{}])[-1].get(key) for run in runs)[0]
+              for label, runs in groups.items() if is_shared_baseline(runs[0].config)}
     scored = {label: value for label, value in scores.items() if value is not None}
     return max(scored, key=scored.get) if scored else None
+
+
+def is_shared_baseline(config: dict) -> bool:
+    method = config.get("method", "flex")
+    return not method.startswith("flex") and method not in PERSONAL_CONTROLS
 
 
 def compare_rows(groups: dict[str, list[Run]], reference: str | None, metric: str = "rouge_l") -> dict[str, dict]:
@@ -100,42 +112,51 @@ def compare_rows(groups: dict[str, list[Run]], reference: str | None, metric: st
     return out
 
 
-def compare_lines(groups: dict[str, list[Run]], reference: str | None) -> tuple[list[str], dict]:
-    """The comparison report's statistics section and its summary.json part."""
+METRIC_NAMES = {"rouge_l": "ROUGE-L", "exact_match": "exact match"}
+
+
+def compare_lines(groups: dict[str, list[Run]], reference: str | None,
+                  lead: str = "rouge_l") -> tuple[list[str], dict]:
+    """The comparison report's statistics section and its summary.json part; `lead` (the metric the
+    report leads with) comes first and decides "better than the reference?"."""
     rows, summary = [], {}
     stats = {metric: compare_rows(groups, reference, metric) for metric in ("rouge_l", "exact_match")}
+    other = "rouge_l" if lead == "exact_match" else "exact_match"
     for label in groups:
-        rouge, exact = stats["rouge_l"][label], stats["exact_match"][label]
-        vs_ref = rouge.get("vs_reference")
-        probes, docs = rouge["probes"], rouge["docs"]
+        first, second = stats[lead][label], stats[other][label]
+        vs_ref = first.get("vs_reference")
+        probes, docs = first["probes"], first["docs"]
         rows.append([
-            label, fmt_diff(rouge["vs_base"]), fmt_signs(rouge["vs_base"]),
+            label, fmt_diff(first["vs_base"]), fmt_signs(first["vs_base"]),
             fmt_diff(vs_ref) if vs_ref else "—", fmt_signs(vs_ref) if vs_ref else "—",
-            verdict(vs_ref) if vs_ref else "—", fmt_diff(exact["vs_base"]),
-            fmt_diff(exact.get("vs_reference")) if exact.get("vs_reference") else "—",
+            verdict(vs_ref) if vs_ref else "—", fmt_diff(second["vs_base"]),
+            fmt_diff(second.get("vs_reference")) if second.get("vs_reference") else "—",
             f"{probes.accuracy_a - probes.accuracy_b:+.3f} (p = {probes.p_value:.2g})" if probes else "n/a",
             fmt_diff(docs),
         ])
+        rouge, exact = stats["rouge_l"][label], stats["exact_match"][label]
         summary[label] = {
             "rouge_l_vs_base": _as_dict(rouge["vs_base"]), "exact_match_vs_base": _as_dict(exact["vs_base"]),
-            **({"rouge_l_vs_reference": {**_as_dict(vs_ref), "verdict": verdict(vs_ref)},
-                "exact_match_vs_reference": _as_dict(exact.get("vs_reference"))} if vs_ref else {}),
+            **({f"{metric}_vs_reference": {**_as_dict(row["vs_reference"]), "verdict": verdict(row["vs_reference"])}
+                for metric, row in (("rouge_l", rouge), ("exact_match", exact)) if row.get("vs_reference")}),
             **({"probes_vs_base": {"items": probes.items, "accuracy": probes.accuracy_a,
                                    "accuracy_base": probes.accuracy_b, "p_value": probes.p_value}} if probes else {}),
             **({"doc_loss_vs_base": _as_dict(docs)} if docs else {}),
         }
     if not any(r[1] != "n/a" for r in rows):
         return [], {}
-    ref = reference or "none"
-    header = ["method", "ROUGE-L − base [95% CI]", "signs", f"ROUGE-L − {ref} [95% CI]", "signs",
-              f"better than {ref}?", "exact match − base", f"exact match − {ref}", "probe acc. − base (McNemar)",
+    ref, name, other_name = reference or "none", METRIC_NAMES[lead], METRIC_NAMES[other]
+    header = ["method", f"{name} − base [95% CI]", "signs", f"{name} − {ref} [95% CI]", "signs",
+              f"better than {ref}?", f"{other_name} − base", f"{other_name} − {ref}", "probe acc. − base (McNemar)",
               "doc loss − base [95% CI]"]
     lines = ["## Paired statistics", "", EXPLANATION,
-             f"Reference method: **{ref}** (default: the baseline with the highest mean ROUGE-L; `--reference` "
-             "picks another). Probes: accuracy difference over every (client, probe) pair pooled across seeds, "
-             "exact McNemar p; doc loss: each held-out document's mean token loss (positive = knowledge lost).",
+             f"Reference method: **{ref}** (default: the shared federated baseline, MoE + X, with the highest mean "
+             f"{name}; never a personal control (FedPer, FedAvg-FT, Local) or FC-MoE; `--reference` picks another). "
+             f"\"better than {ref}?\" is decided on {name}. Probes: accuracy difference over every (client, probe) "
+             "pair pooled across seeds, exact McNemar p; doc loss: each held-out document's mean token loss "
+             "(positive = knowledge lost).",
              "", *table(header, rows, ["---", *["---:"] * (len(header) - 1)]), ""]
-    return lines, {"reference": reference, "methods": summary}
+    return lines, {"reference": reference, "lead_metric": lead, "methods": summary}
 
 
 def _as_dict(result: PairedDifference | None) -> dict | None:

@@ -63,8 +63,10 @@ def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: 
     }
     if base.get("skipped_row_errors"):
         summary["skipped_row_errors"] = base["skipped_row_errors"]
-    kept = [row["personal_bytes"] for row in summary["per_client"].values() if "personal_bytes" in row]
-    summary["personal_bytes_per_client"] = max(kept) if kept else 0
+    stored = [row["personal_bytes"] for row in summary["per_client"].values() if "personal_bytes" in row]
+    if stored:  # what a client stores of its personal part, measured on its disk (mean over clients)
+        summary["personal_bytes"] = round(mean(stored))
+    summary["personal_bytes_per_client"] = max(stored) if stored else 0  # the largest client's, for sizing
     if run_dir is not None:
         summary.update(run_statistics(Path(run_dir), config.seed))
     if config.privacy.noise_multiplier > 0:
@@ -87,8 +89,8 @@ def per_client(records: list[dict]) -> dict[str, dict]:
             row["bytes_up"] += r["bytes_up"]
             row["bytes_down"] += r["bytes_down"]
             row["rounds_trained"] += 1
-            if "personal_bytes" in r:
-                row["personal_bytes"] = r["personal_bytes"]  # as stored after its latest round
+            if "personal_bytes" in r:  # after its latest round
+                row["personal_bytes"] = r["personal_bytes"]
         elif r["kind"] == "eval" and r["round"] == 0:
             table.setdefault(str(r["client"]), {"bytes_up": 0, "bytes_down": 0, "rounds_trained": 0})
             table[str(r["client"])]["rouge_l_base"] = r["rouge_l"]

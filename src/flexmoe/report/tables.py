@@ -89,6 +89,21 @@ def skipped_lines(run: Run, shown: int = 20) -> list[str]:
             *[f"- {error}" for error in errors[:shown]], *([f"- ... and {more} more"] if more else [])]
 
 
+def personal_lines(run: Run) -> list[str]:
+    """What each client stores of its personal part, as measured on its disk after its last round."""
+    per_client = {cid: row["personal_bytes"] for cid, row in run.summary.get("per_client", {}).items()
+                  if row.get("personal_bytes")}
+    if not per_client:
+        return []
+    sizes = sorted(set(per_client.values()))
+    shown = f"{sizes[0]:,} bytes" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,} bytes"
+    graft = run.config.get("flex", {}).get("graft_train", "full") if run.config.get("method", "flex").startswith(
+        "flex") else None
+    what = {"full": "the grafted copy and its gate", "lora": "the graft's LoRA, gate and selection; the frozen copy is "
+            "rebuilt from the base"}.get(graft, "its personal parameters")
+    return [f"Personal state stored per client: {shown} ({what}), measured on the client's disk after its last round."]
+
+
 def truncation_lines(run: Run) -> list[str]:
     """How many training examples were cut to train.max_length, when any were."""
     truncated = sum(client.get("truncated", 0) for client in run.clients)
@@ -195,24 +210,49 @@ def _final(run: Run, key: str):
     return (run.servers() or [{}])[-1].get(key)
 
 
-def compare_table(groups: dict[str, list[Run]]) -> list[str]:
-    """Method × (mean and per-client ROUGE-L, the global model's ROUGE-L, retention, bytes, time, load
-    std), mean ± spread over seeds."""
+def content_free_lead(groups: dict[str, list[Run]]) -> str | None:
+    """The notice a comparison leads with when the content-free answerer (each client's answer template,
+    no facts) scores a higher mean ROUGE-L than every trained model, personalised or global: ROUGE-L
+    then rewards the format rather than the content, and the report leads with exact match. None otherwise."""
+    by_seed = {run.seed: run.base().get("rouge_l_avg_content_free") for runs in groups.values() for run in runs}
+    content_free = mean_std(by_seed.values())[0]
+    trained = {f"{label}{suffix}": mean_std(_final(run, key) for run in runs)[0]
+               for label, runs in groups.items()
+               for key, suffix in (("rouge_l_avg", ""), ("rouge_l_global", " (global model)"))}
+    trained = {name: value for name, value in trained.items() if value is not None}
+    if content_free is None or not trained or content_free <= max(trained.values()):
+        return None
+    best = max(trained, key=trained.get)
+    return (f"**Read exact match first.** The content-free answerer (each client's answer template, no facts) "
+            f"scores a higher mean ROUGE-L ({content_free:.4f}) than every trained model (best: {best}, "
+            f"{trained[best]:.4f}): on these answers ROUGE-L rewards the answer format, not its content, so this "
+            "report leads with exact match (the normalised answer equals the reference) and decides every "
+            "comparison on it; ROUGE-L follows.")
+
+
+def compare_table(groups: dict[str, list[Run]], lead: str = "rouge_l") -> list[str]:
+    """Method × (the lead metric's mean and per-client values, the other metric, the global model's ROUGE-L,
+    retention, bytes, personal state, time, load std), mean ± spread over seeds."""
     clients = sorted({c["client_id"] for runs in groups.values() for run in runs for c in run.clients})
-    header = ["method", "seeds", "mean ROUGE-L", *(f"client {c}" for c in clients), "global model", "knowledge loss",
-              "Δ vs base", "probe acc.", "bytes / round", "wall s", "expert-load std"]
+    means = [("rouge_l_avg", "mean ROUGE-L"), ("exact_match_avg", "mean exact match")]
+    if lead == "exact_match":
+        means.reverse()
+    header = ["method", "seeds", means[0][1], *(f"client {c}" for c in clients), "global model",
+              "knowledge loss", "Δ vs base", "probe acc.", "bytes / round", "wall s", "expert-load std", means[1][1],
+              "personal bytes / client"]
     rows = []
     for label, runs in groups.items():
         per_client = []
         for cid in clients:
             per_client.append(fmt_spread(*mean_std(
-                next((r.get("rouge_l") for r in run.evals() if r["client"] == cid), None) for run in runs)))
+                next((r.get(lead) for r in run.evals() if r["client"] == cid), None) for run in runs)))
         delta = [(_final(run, "knowledge_loss") - run.base()["knowledge_loss_base"])
                  if _final(run, "knowledge_loss") is not None and run.base().get("knowledge_loss_base") is not None
                  else None for run in runs]
+        personal = mean_std(run.summary.get("personal_bytes") for run in runs)[0]
         rows.append([
             label, ",".join(str(run.seed) for run in runs),
-            fmt_spread(*mean_std(_final(run, "rouge_l_avg") for run in runs)), *per_client,
+            fmt_spread(*mean_std(_final(run, means[0][0]) for run in runs)), *per_client,
             fmt_spread(*mean_std(_final(run, "rouge_l_global") for run in runs)),
             fmt_spread(*mean_std(_final(run, "knowledge_loss") for run in runs)),
             fmt_spread(*mean_std(delta), "{:+.4f}"),
@@ -220,8 +260,27 @@ def compare_table(groups: dict[str, list[Run]]) -> list[str]:
             f"{mean_std([run.bytes_per_round() for run in runs])[0]:,.0f}",
             fmt_spread(*mean_std(run.summary.get("wall_seconds") for run in runs), "{:.1f}"),
             fmt_spread(*mean_std(_final(run, "expert_load_std") for run in runs)),
+            fmt_spread(*mean_std(_final(run, means[1][0]) for run in runs)),
+            f"{personal:,.0f}" if personal is not None else "0",
         ])
     return table(header, rows, ["---", "---", *["---:"] * (len(header) - 2)])
+
+
+def small_test_lines(runs: list[Run]) -> list[str]:
+    """The clients (per seed) whose test split is smaller than the evaluation sample `eval.max_test_examples`:
+    they are evaluated on their whole, smaller, split."""
+    sample = runs[0].config.get("eval", {}).get("max_test_examples", 128) if runs else 0
+    by_seed = {}
+    for run in runs:
+        by_seed.setdefault(run.seed, [f"client {c['client_id']} ({c['num_test']})" for c in run.clients
+                                      if c.get("num_test") is not None and c["num_test"] < sample])
+    small = {seed: names for seed, names in sorted(by_seed.items()) if names}
+    if not small:
+        return []
+    where = "; ".join(f"seed {seed}: {', '.join(names)}" if len(by_seed) > 1 else ", ".join(names)
+                      for seed, names in small.items())
+    return [f"Test splits smaller than the evaluation sample (eval.max_test_examples = {sample}), evaluated on "
+            f"all of their examples instead (in brackets): {where}. Their means rest on fewer examples."]
 
 
 def base_table(groups: dict[str, list[Run]]) -> list[str]:

@@ -27,9 +27,11 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         write_text_atomic(run_dir / CLIENTS_FILE, json.dumps(rows, indent=1) + "\n")
     run = read_run(run_dir)
     summary, config = run.summary, run.config
+    lead = tables.content_free_lead({run.label: [run]})
     lines = [
         f"# flexmoe run: {run.label}",
         "",
+        *([lead, ""] if lead else []),
         f"Rounds completed: {summary.get('rounds_completed', len(run.servers()))} of {config.get('rounds')}; "
         f"{config.get('num_clients')} clients ({config.get('clients_per_round')} per round); seed {run.seed}"
         + (f"; wall time {summary['wall_seconds']:.0f} s." if summary.get("wall_seconds") is not None else "."),
@@ -49,7 +51,8 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
         "(the graft and gate, or the personal LoRA, as stored on the client's disk; the largest client's).",
         "",
     ]
-    for extra in (tables.skipped_lines(run), tables.truncation_lines(run)):
+    for extra in (tables.skipped_lines(run), tables.small_test_lines([run]), tables.truncation_lines(run),
+                  tables.personal_lines(run)):
         if extra:
             lines += [*extra, ""]
     lines += stats.run_lines(run)
@@ -111,8 +114,13 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
     groups = group_runs([read_run(Path(d)) for d in run_dirs])
     if reference is not None and reference not in groups:
         raise FlexmoeError(f"--reference {reference!r} is not among the compared methods ({', '.join(groups)})")
-    paired_lines, paired = stats.compare_lines(groups, reference or stats.best_baseline(groups))
+    notice = tables.content_free_lead(groups)
+    lead = "exact_match" if notice else "rouge_l"
+    small = tables.small_test_lines([run for runs in groups.values() for run in runs])
+    paired_lines, paired = stats.compare_lines(groups, reference or stats.best_baseline(groups, lead), lead)
     lines = [f"# {title}", ""]
+    if notice:
+        lines += [notice, ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
     lines += [
@@ -122,10 +130,13 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
         "last evaluation's means over clients (global model: the aggregated shared weights alone, without "
         "any client's personal part, on every client's test split); Δ vs base is the change of held-out loss from the untouched "
         "base (positive = knowledge lost); bytes / round counts every serialised message, up and down, of all "
-        "sampled clients; wall s is the run's wall-clock time.",
+        "sampled clients; personal bytes / client is what a client stores of its personal part (graft file, "
+        "personal LoRA or fine-tuned weights, measured on its disk after its last round); wall s is the run's "
+        "wall-clock time.",
         "",
-        *tables.compare_table(groups),
+        *tables.compare_table(groups, lead),
         "",
+        *([*small, ""] if small else []),
         "The untouched base model and the content-free answerer (each client's answer template, no facts), per seed:",
         "",
         *tables.base_table(groups),
@@ -161,12 +172,15 @@ def _compare_summary(groups: dict[str, list[Run]]) -> dict:
     out = {}
     for label, runs in groups.items():
         row = {"seeds": [run.seed for run in runs], "runs": [str(run.path) for run in runs]}
-        for key in ("rouge_l_avg", "rouge_l_global", "knowledge_loss", "probe_accuracy", "expert_load_std", "routing_entropy",
-                    "routing_drift"):
+        for key in ("rouge_l_avg", "exact_match_avg", "rouge_l_global", "knowledge_loss", "probe_accuracy",
+                    "expert_load_std", "routing_entropy", "routing_drift"):
             mu, sd = mean_std((run.servers() or [{}])[-1].get(key) for run in runs)
             if mu is not None:
                 row[key] = {"mean": mu, "std": sd}
         row["bytes_per_round"] = mean_std([run.bytes_per_round() for run in runs])[0]
+        personal = mean_std(run.summary.get("personal_bytes") for run in runs)[0]
+        if personal is not None:
+            row["personal_bytes"] = personal
         mu, sd = mean_std(run.summary.get("wall_seconds") for run in runs)
         if mu is not None:
             row["wall_seconds"] = {"mean": mu, "std": sd}

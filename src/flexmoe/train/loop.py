@@ -49,6 +49,13 @@ def cosine_lr(config: TrainConfig, round_index: int, rounds: int) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def personal_lr(config: TrainConfig, round_index: int, rounds: int) -> float:
+    """Learning rate of the personal parameters in round `round_index`: `personal_lr` (0: `lr`) on lr's schedule."""
+    if not config.personal_lr:
+        return cosine_lr(config, round_index, rounds)
+    return cosine_lr(config.model_copy(update={"lr": config.personal_lr}), round_index, rounds)
+
+
 def num_local_steps(config: TrainConfig, num_examples: int) -> int:
     if config.local_epochs > 0:
         per_step = config.batch_size * config.grad_accum
@@ -97,13 +104,16 @@ def local_train(
     optimizer_state: Tensors | None = None,
     on_step: StepCallback | None = None,
     count_experts: set[str] = frozenset(),
+    other_lr: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train `params` (name -> parameter) in place on `features`; deterministic given `seed`.
     `count_experts`: MoE layers (name prefixes of their expert tensors) whose per-expert token
-    counts over this training the result reports (`flexmoe.models.routing.ExpertCounts`)."""
+    counts over this training the result reports (`flexmoe.models.routing.ExpertCounts`).
+    `other_lr`: {name: learning rate} of the parameters trained at a rate other than `lr` (the
+    personal ones at `train.personal_lr`)."""
     if not features:
         raise ValueError("local_train needs at least one training example")
-    optimizer = _make_optimizer(params, config, lr)
+    optimizer = _make_optimizer(params, config, lr, other_lr or {})
     if optimizer_state:
         _load_optimizer_state(optimizer, params, optimizer_state)
     generator = torch.Generator().manual_seed(seed)
@@ -237,11 +247,16 @@ def carried_optimizer_state(state: Tensors, shared: set[str], policy: str) -> Te
     return {key: value for key, value in state.items() if key.split("::", 1)[0] not in shared}
 
 
-def _make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    values = list(params.values())
+def _make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig, lr: float,
+                    own_lr: dict[str, float]) -> torch.optim.Optimizer:
+    """One parameter group at `lr`, and one per other learning rate in `own_lr` ({name: lr})."""
+    by_lr: dict[float, list[nn.Parameter]] = {lr: []}
+    for name, param in params.items():
+        by_lr.setdefault(own_lr.get(name, lr), []).append(param)
+    groups = [{"params": values, "lr": rate} for rate, values in by_lr.items() if values]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(values, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(values, lr=lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
 
 
 def _dump_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> Tensors:
