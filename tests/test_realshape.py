@@ -46,4 +46,4 @@ def test_a_real_width_shape_runs_end_to_end(tmp_path):
     assert main(["generate", "--run", str(run), "--client", "0", "--prompt", "Name a colour.",
                  "--max-new-tokens", "2"]) == 0
     assert main(["export", "--run", str(run), "--client", "0", "--out", str(tmp_path / "export")]) == 0
-    assert (tmp_path / "export" / "model" / "config.json").is_file()
+    assert (tmp_path / "export" / "config.json").is_file()  # the export is itself a model directory
