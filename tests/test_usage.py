@@ -149,12 +149,14 @@ def test_generate_refuses_a_directory_that_is_no_run(tmp_path):
         command("generate", ["--run", str(tmp_path), "--client", "0", "--prompt", "x"])
 
 
-def test_generate_refuses_a_changed_base_model(flex_run, workdir, tmp_path):
+def test_generate_refuses_a_changed_base_model(flex_run, model_dir, workdir, tmp_path):
     other = save_model(workdir / "other-base", seed=1)
     run_copy = tmp_path / "run"
     shutil.copytree(flex_run, run_copy)
     config = run_copy / "config.toml"
-    config.write_text(config.read_text().replace(str(Path(workdir / "base")), other))
+    text = config.read_text()
+    assert model_dir in text  # the run names the base it was trained on
+    config.write_text(text.replace(model_dir, other))
     with pytest.raises(FlexmoeError, match="different base model|trained on base model"):
         command("generate", ["--run", str(run_copy), "--client", "0", "--prompt", PROMPT])
 
