@@ -20,7 +20,7 @@ from flexmoe.pretrain.train import (
     EOS,
     TokenizerSettings,
     TrainSettings,
-    batch_at,
+    batch_picks,
     load_config,
     lr_factor,
     pack_documents,
@@ -90,10 +90,10 @@ def test_packing_keeps_every_document_whole_and_in_order():
 
 def test_batches_are_a_pure_function_of_the_step_and_cover_each_epoch():
     rows = torch.arange(10).unsqueeze(1)
-    first_epoch = torch.cat([batch_at(rows, step, 2, seed=4) for step in range(5)]).reshape(-1)
+    first_epoch = torch.cat([rows[batch_picks(len(rows), step, 2, seed=4)] for step in range(5)]).reshape(-1)
     assert sorted(first_epoch.tolist()) == list(range(10))
-    assert torch.equal(batch_at(rows, 7, 2, seed=4), batch_at(rows, 7, 2, seed=4))
-    assert not torch.equal(first_epoch, torch.cat([batch_at(rows, s, 2, seed=5) for s in range(5)]).reshape(-1))
+    assert torch.equal(rows[batch_picks(len(rows), 7, 2, seed=4)], rows[batch_picks(len(rows), 7, 2, seed=4)])
+    assert not torch.equal(first_epoch, torch.cat([rows[batch_picks(len(rows), s, 2, seed=5)] for s in range(5)]).reshape(-1))
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

@@ -442,11 +442,6 @@ def batch_picks(n: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
     return torch.tensor(picks)
 
 
-def batch_at(rows: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Rows for optimiser step `step` (see batch_picks)."""
-    return rows[batch_picks(rows.shape[0], step, batch_size, seed)]
-
-
 _ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
 
 
