@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-slow bench clean
 
 install: $(STAMP)
 
@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/flexmoe run --set runtime.threads=2
 
+# The fast tier (everything not marked slow) on two pytest-xdist workers: the everyday check.
+# `make test-slow` runs the slow end-to-end tier (real Flower deployments, resumed runs, real
+# widths); CI runs both. Tests of one Flower module share a worker (their deployment fixtures).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m slow --durations=10
 
 # `make bench` runs every benchmark but those run by name; `make bench realshape` (or any names) only those
 BENCH_NAMES := $(filter-out bench,$(MAKECMDGOALS))

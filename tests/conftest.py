@@ -10,6 +10,14 @@ import torch
 # spinning for a core made a tiny forward pass ~400x slower (3.5 s vs 8 ms, measured).
 torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist's loadgroup scheduling, the tests of one Flower module run on one worker:
+    they share module-scoped deployments, which would otherwise be started once per worker."""
+    for item in items:
+        if item.get_closest_marker("flower") is not None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 VOCAB = 96
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
