@@ -14,7 +14,7 @@ import pathlib
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-BY_NAME_ONLY = {"fidelity", "speed", "realshape"}  # hours / tens of minutes: run by name
+BY_NAME_ONLY = {"fidelity", "speed", "realshape", "recipe"}  # hours / tens of minutes: run by name
 
 
 def main(argv: list[str]) -> int:
