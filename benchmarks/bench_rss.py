@@ -1,4 +1,5 @@
-"""Peak memory of the in-process simulation for 2, 8 and 16 clients.
+"""Peak memory of the in-process simulation for 2, 8 and 16 clients, and per phase of one run
+(`phases_section`: the data, each evaluation, grafting, local training, the report).
 
 Each client count runs `REPEATS` times, each in its own fresh process (`python -m benchmarks.bench_rss N DIR`): one
 FLEx round on the shipped tiny base where every client grafts, trains and is evaluated, with
@@ -157,6 +158,7 @@ def phases_child(run_dir: pathlib.Path) -> dict:
                 peak = _status("VmHWM")
                 entry.update(calls=entry["calls"] + 1, peak=max(entry["peak"], peak),
                              growth=max(entry["growth"], peak - start), end=_status("VmRSS"))
+                _reset_peak()  # what follows until the next phase is "between the phases"
 
         setattr(owner, name, measured_call)
 

@@ -4,9 +4,10 @@ torch's CPU tensors come from glibc malloc. A training step frees its activation
 keeps most freed memory in the process (the dynamic mmap threshold moves large blocks onto the
 heap after the first ones are freed, and a fragmented heap is only trimmed from its top), so the
 resident size of a run rose with every client's training and tokenisation long after their
-tensors were gone: +1.2 GB over four trainings of a two-client run whose training tensors peak at
-150 MB (benchmarks/results/rss-2026-12-02.md). `malloc_trim(0)` returns the free pages anywhere
-in the heap; it takes milliseconds and changes no result. Elsewhere than glibc it does nothing.
+tensors were gone: one client's 8-step training on the builtin data raised it by 341 MB while its
+tensors peaked at 153 MB, and `malloc_trim(0)` afterwards gave 238 MB back (docs/performance.md,
+"Memory of a run"). It returns the free pages anywhere in the heap; it takes milliseconds and
+changes no result. Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations
