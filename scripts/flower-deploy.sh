@@ -10,6 +10,8 @@
 # is client i (node config partition-id=i, num-partitions=N) and keeps its personal state in
 # WORKDIR/node-i/state. If WORKDIR/node-i/data.jsonl exists, it is that node's own data (node config
 # data-path); with FLEXMOE_AUDIT=1 every node keeps a copy of what it sends in WORKDIR/node-i/audit.
+# With FLEXMOE_START_NODES=K, `start` starts only SuperNodes 0..K-1 of the N (the others join later
+# with `node WORKDIR I`: a client that first appears after the run began).
 # With FLEXMOE_GPUS=G, SuperNode i (and the ClientApps it starts) sees only GPU i mod G
 # (CUDA_VISIBLE_DEVICES), so N = G gives one SuperNode per GPU; runtime.device auto or cuda uses it.
 # Without CERTS_DIR everything is --insecure; with it (holding ca.crt, server.pem, server.key) the
@@ -27,7 +29,7 @@ set -euo pipefail
 command=${1:-}
 workdir=${2:-}
 if [[ -z "$command" || -z "$workdir" ]]; then
-    sed -n '2,24p' "$0" >&2
+    sed -n '2,26p' "$0" >&2
     exit 2
 fi
 
@@ -165,7 +167,7 @@ awk '/^\[/ { skip = ($0 == "[superlink.flexmoe-deploy]") } !skip' "$flwr_home/co
 printf '\n[superlink.flexmoe-deploy]\naddress = "%s"\n%s\n' "$link" "$connection_security" >>"$flwr_home/config.toml.tmp"
 mv "$flwr_home/config.toml.tmp" "$flwr_home/config.toml"
 
-for ((i = 0; i < count; i++)); do
+for ((i = 0; i < ${FLEXMOE_START_NODES:-$count}; i++)); do
     if [[ "$use_auth" == auth ]]; then
         mkdir -p "$workdir/node-$i"
         [[ -f "$workdir/node-$i/key" ]] || ssh-keygen -q -t ecdsa -b 384 -N "" -C "flexmoe-node-$i" -f "$workdir/node-$i/key"
@@ -173,6 +175,6 @@ for ((i = 0; i < count; i++)); do
     fi
     start_node "$i"
 done
-echo "SuperLink $link and $count SuperNodes started; logs in $workdir"
+echo "SuperLink $link and ${FLEXMOE_START_NODES:-$count} of $count SuperNodes started; logs in $workdir"
 echo "submit a run:  flwr run . flexmoe-deploy --stream --run-config \"output-dir='$workdir/run'\""
 echo "stop them:     $0 stop $workdir"

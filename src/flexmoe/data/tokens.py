@@ -12,6 +12,7 @@ import torch
 from flexmoe.data.example import Example
 from flexmoe.data.prompts import format_prompt
 from flexmoe.errors import FlexmoeError
+from flexmoe.heap import release_freed_memory
 
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 
@@ -61,13 +62,23 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int = 
     return features
 
 
+# examples tokenised per call: the ids are Python-int lists (~146 bytes a token) until `compact`; a whole
+# client of the builtin set at once (20k examples) raised the RSS by ~300 MB that stayed
+# (benchmarks/results/rss-2026-12-02.md); a chunk keeps the batched tokenizer call's speed
+TOKENIZE_CHUNK = 1024
+
+
 def training_features(examples: Sequence[Example], tokenizer, max_length: int, template: str,
                       client_id: int) -> tuple[list[dict], Truncation]:
     """A client's training features and what truncation cost it (logged when anything was cut)."""
     counts = Truncation()
     log.info("client %d: tokenizing %d training examples", client_id, len(examples))
-    features = [compact(f) for f in
-                tokenize_examples(examples, tokenizer, max_length=max_length, template=template, counts=counts)]
+    features = []
+    for start in range(0, len(examples), TOKENIZE_CHUNK):  # Python-int lists only of one chunk at a time
+        chunk = examples[start : start + TOKENIZE_CHUNK]
+        features += [compact(f) for f in
+                     tokenize_examples(chunk, tokenizer, max_length=max_length, template=template, counts=counts)]
+    release_freed_memory()  # the chunks' Python-int lists
     if counts.truncated or counts.unusable:
         log.info("client %d: %d of %d training examples longer than train.max_length = %d were cut "
                  "(context first; %d lost the tail of their response); %d unusable", client_id, counts.truncated,

@@ -61,6 +61,9 @@ class Transport(Protocol):
     def commit(self, round_index: int, counted: dict[int, int]) -> None:
         """Round `round_index` is committed: clients may promote its pending state."""
 
+    def infos(self) -> list[ClientInfo]:
+        """Every client's info as known now (a Flower client that joined late included)."""
+
 
 class RoundDriver:
     """One run directory, from round 0 (or its last checkpoint) to `config.rounds`."""
@@ -170,5 +173,5 @@ class RoundDriver:
         summary = summarize(self.server.metrics.read(), self.config, wall_seconds, self.run_dir)
         write_summary(self.run_dir, summary)
         with self._phase("report"):
-            write_run_report(self.run_dir, self.infos)
+            write_run_report(self.run_dir, self.transport.infos())
         return {**summary, "phase_seconds": dict(self.phase_seconds)}

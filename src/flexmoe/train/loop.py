@@ -21,6 +21,7 @@ from torch import nn
 
 from flexmoe.config import TrainConfig
 from flexmoe.data.tokens import IGNORE_INDEX
+from flexmoe.heap import release_freed_memory
 from flexmoe.methods.base import TrainHooks
 from flexmoe.models.device import autocast, compute_dtype, model_device
 from flexmoe.models.families import unwrap
@@ -143,6 +144,7 @@ def local_train(
             if on_step is not None:
                 on_step(step, steps, loss_sum / max(tokens, 1))
     model.eval()
+    release_freed_memory()  # the round's activations: freed, but glibc would keep them resident
     return TrainResult(
         loss=total_loss / max(total_tokens, 1),
         steps=steps,

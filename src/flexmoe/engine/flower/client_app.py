@@ -78,8 +78,7 @@ def train(msg: Message, context: Context) -> Message:
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """One round of local training for the message `content`: the reply's content."""
     node = _Node(content, context)
-    if node.method.grafts and not node.runner.has_personal(node.client.client_id):
-        node.runner.graft(node.client)  # a client that missed round 0
+    node.runner.ensure_grafted(node.client)  # a client that missed round 0 (a late SuperNode) grafts now
     received = from_arrays(content[ARRAYS]) if ARRAYS in content else {}
     record, message = node.runner.train(node.client, node.round, received)
     node.remember(last_trained=node.round)
@@ -94,19 +93,23 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Round 0 ("phase" = "base"): the untouched base, then grafting; later rounds: the
     personalised model (what the client received + its own state) and, when the server sends
     it, the global model, both on this client's test split."""
+    from flexmoe.engine.core import evaluated_clients
+
     node = _Node(msg.content, context)
     client, runner, settings = node.client, node.runner, msg.content[CONFIG]
     with tempfile.TemporaryDirectory(prefix="flexmoe-evals-") as detail:
         runner.detail_dir = Path(detail)  # the per-example files, sent with the reply (`DETAIL`)
         if settings["phase"] == "base":
-            record = runner.evaluate_base(client) if node.config.eval.base else {}
-            if node.method.grafts:
-                runner.graft(client)
+            # as in process: the evaluated clients (`eval.clients`) evaluate the base and graft now, the
+            # others graft before their first round
+            evaluated = client.client_id in evaluated_clients(node.config)
+            record = runner.evaluate_base(client) if node.config.eval.base and evaluated else {}
+            if evaluated:
+                runner.ensure_grafted(client)
             content = _reply(record, client.client_id, len(client.test))
             content["info"] = _info(client)
         else:
-            if node.method.grafts and not runner.has_personal(client.client_id):
-                runner.graft(client)
+            runner.ensure_grafted(client)
             base_load = json.loads(str(settings["base-load"]))
             received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
             global_weights = from_arrays(msg.content[GLOBAL]) if GLOBAL in msg.content else None

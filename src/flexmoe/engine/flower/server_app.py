@@ -104,7 +104,7 @@ class FlowerTransport:
         self.min_clients = min_clients
         self.connect_timeout = connect_timeout
         self.nodes: dict[int, int] = {}  # client id -> node id
-        self.infos: dict[int, ClientInfo] = {}
+        self._infos: dict[int, ClientInfo] = {}
         self.counted: dict[int, int] = {}  # client id -> its last round the server counted
 
     # ---- the driver's transport ---------------------------------------------------------------
@@ -117,7 +117,7 @@ class FlowerTransport:
             if cid in self.nodes:
                 raise FlexmoeError(f"two SuperNodes claim partition-id {cid}")
             self.nodes[cid] = node_id
-            self.infos[cid] = _info(cid, reply.content["info"])
+            self._infos[cid] = _info(cid, reply.content["info"])
             self._keep_detail(reply, 0)
             if record:
                 base_evals.append(record)
@@ -200,9 +200,13 @@ class FlowerTransport:
             self._send(MessageType.QUERY, sorted(self._online(round_index).values()), round_index, None,
                        phase="commit")
 
+    def infos(self) -> list[ClientInfo]:
+        """Every client seen so far, late joiners included (for the report)."""
+        return self._sorted_infos()
+
     # ---- nodes ---------------------------------------------------------------------------------
     def _sorted_infos(self) -> list[ClientInfo]:
-        return [self.infos[cid] for cid in sorted(self.infos)]
+        return [self._infos[cid] for cid in sorted(self._infos)]
 
     def _online(self, committed: int) -> dict[int, int]:
         """Client id -> node id of the clients whose SuperNode is online now; a node not seen
@@ -224,7 +228,7 @@ class FlowerTransport:
             if previous is not None:  # a restarted SuperNode without authentication: a new node id
                 log.warning("client %d is back, on node %d (was node %d)", cid, node_id, previous)
             self.nodes[cid] = node_id
-            self.infos.setdefault(cid, _info(cid, reply.content["info"]))
+            self._infos.setdefault(cid, _info(cid, reply.content["info"]))
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.connect_timeout
