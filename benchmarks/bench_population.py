@@ -52,12 +52,12 @@ def peak_rss() -> int:
 def child(num_clients: int, run_dir: pathlib.Path) -> dict:
     """One run in this process: its rounds' times, grafting time per round, peak RSS per phase, disk per client."""
     from flexmoe.config import load_config
-    from flexmoe.engine import core
+    from flexmoe.engine.client import ClientRunner
     from flexmoe.engine.progress import Progress
     from flexmoe.engine.simulation import Simulation
 
     grafting = {"round": 0, "seconds": {}}
-    original_graft = core.ClientRunner.graft
+    original_graft = ClientRunner.graft
 
     def timed_graft(self, client):
         started = time.monotonic()
@@ -82,7 +82,7 @@ def child(num_clients: int, run_dir: pathlib.Path) -> dict:
         def close(self):
             self.marks.append(("end", time.monotonic(), peak_rss()))
 
-    core.ClientRunner.graft = timed_graft
+    ClientRunner.graft = timed_graft
     config = load_config(None, [*OVERRIDES, f"num_clients={num_clients}"])
     clock = Clock()
     started, rss_start = time.monotonic(), peak_rss()

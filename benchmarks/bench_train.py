@@ -65,7 +65,8 @@ class Setup:
     def __init__(self, overrides: list[str], seed: int = 0):
         from flexmoe.config import load_config
         from flexmoe.data.clients import make_client, partition_data
-        from flexmoe.engine.core import ClientRunner, load_model
+        from flexmoe.engine.client import ClientRunner
+        from flexmoe.engine.model import load_model
         from flexmoe.models import split_parameters
         from flexmoe.rundir import ClientStore
         from flexmoe.methods import build_method

@@ -102,7 +102,7 @@ def test_full_scope_on_a_half_base_is_refused():
 
 def _params_after_steps(model_dir, *overrides):
     from flexmoe.data.clients import make_client, partition_data
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.train import local_train
 
@@ -133,7 +133,7 @@ def test_gradient_checkpointing_trains_the_same_weights(model_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["flex", "fedavg"])
 def test_bf16_base_on_the_cpu_runs_two_rounds(model_dir, tmp_path, method):
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
     from flexmoe.methods import build_method
 
@@ -188,7 +188,7 @@ def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantiz
     bf16. nf4: the fused experts are quantised (bitsandbytes' parametrisation), nn.Linear stays bf16
     on the CPU. Either way a FLEx round trains; on nf4 its graft moves away from its (dequantised) copied expert."""
     pytest.importorskip("bitsandbytes")
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
     from flexmoe.files import load_checked
     from flexmoe.methods import build_method
@@ -252,7 +252,7 @@ def test_nf4_experts_stay_close_to_the_bf16_base():
 
 def test_nf4_refuses_a_method_that_trains_the_experts(model_dir):
     pytest.importorskip("bitsandbytes")
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
 
     config = tiny_config(model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", "runtime.quantize=nf4",
@@ -265,7 +265,7 @@ def test_nf4_plan_counts_the_quantised_experts():
     """The plan's frozen bytes and step on a nf4 base against the real ones, counted the same way."""
     pytest.importorskip("bitsandbytes")
     from flexmoe.config import load_config
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.models import graft, moe_layers
     from flexmoe.models.quantize import stored_bytes

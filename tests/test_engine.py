@@ -14,7 +14,7 @@ import torch
 
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
-from flexmoe.engine.core import sample_clients
+from flexmoe.engine.driver import sample_clients
 from flexmoe.engine.simulation import InProcess, Simulation
 from flexmoe.wire import serialize
 from flexmoe.methods import registered

@@ -641,7 +641,7 @@ def test_resumed_run_with_sampled_clients_keeps_every_counted_round(plain, sampl
     those of the uninterrupted in-process run."""
     from flexmoe.config import load_config
     from flexmoe.engine.simulation import Simulation
-    from flexmoe.engine.core import sample_clients
+    from flexmoe.engine.driver import sample_clients
 
     assert [sample_clients(6, r, 2, 1) for r in (1, 2)] == [[0], [1]]
     expected = tmp_path / "in-process"

@@ -141,7 +141,7 @@ def test_methods_without_a_personal_part_and_federation_settings_are_refused(wor
 def test_fedper_newcomer_trains_its_expert_lora_and_a_failed_join_leaves_nothing(workdir, model_dir, data_file,
                                                                               newcomer_file, monkeypatch):
     from flexmoe.data import load_examples
-    from flexmoe.engine.core import ClientRunner
+    from flexmoe.engine.client import ClientRunner
     from flexmoe.engine.join import personalize
     from flexmoe.engine.restore import restore
     from flexmoe.models.roles import split_parameters

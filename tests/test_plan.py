@@ -61,7 +61,7 @@ def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides
     one `local_train` step with a fresh optimiser on a fixed 4 x 96 batch with 150 response
     positions, under TensorMemory; plus the weights alive before it. With and without gradient
     checkpointing."""
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.models import apply_roles, graft, moe_layers
     from flexmoe.train import local_train
@@ -100,7 +100,9 @@ def test_plan_json_on_the_tiny_base(capsys):
 def test_personal_bytes_of_every_method_with_a_personal_part(tmp_path):
     """FedPer's personal expert LoRA and FLEx's graft, as the engine stores them (the bytes of the
     real files a client writes), against the plan's count on the meta device."""
-    from flexmoe.engine.core import HELD, held_personal, load_model
+    from flexmoe.engine.client import HELD
+    from flexmoe.engine.model import load_model
+    from flexmoe.models.roles import personal_outside_graft
     from flexmoe.eval.comm import serialized_size
     from flexmoe.methods import build_method
     from flexmoe.models import graft, moe_layers, save_personal
@@ -111,7 +113,7 @@ def test_personal_bytes_of_every_method_with_a_personal_part(tmp_path):
         method = build_method(config)
         model, _ = load_model(config, method)
         # personal tensors in the state file count raw (numel x element size), as the engine counts them
-        real = sum(p.numel() * p.element_size() for p in held_personal(model, method.roles).values())
+        real = sum(p.numel() * p.element_size() for p in personal_outside_graft(model, method.roles).values())
         if method.grafts:
             graft(model, {layer.name: list(range(config.flex.k)) for layer in moe_layers(model)})
             real += save_personal(model, tmp_path / f"{method_name}.safetensors").stat().st_size

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 import flexmoe.data.clients as clients_module
-from flexmoe.engine.core import evaluated_clients, sample_clients
+from flexmoe.engine.driver import evaluated_clients, sample_clients
 from flexmoe.files import load_checked
 from test_engine import builtin_is_synthetic, metrics, model_dir, run, tiny_config  # noqa: F401 (fixtures)
 

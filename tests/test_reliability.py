@@ -21,7 +21,7 @@ from test_engine import builtin_is_synthetic, metrics, model_dir, run, tiny_conf
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
 from flexmoe.engine import privacy
-from flexmoe.engine.core import ServerRunner
+from flexmoe.engine.server import ServerRunner
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.simulation import Simulation
 from flexmoe.errors import FlexmoeError
@@ -440,7 +440,7 @@ def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeyp
 def roles_personal_names(model_dir, stored: set[str]) -> set[str]:
     """The personal parameters FLEx's roles name on a grafted model, spelled as the personal-state
     file spells them (no PEFT prefix), plus the graft's buffers (expert ids) the file also keeps."""
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.models import graft, moe_layers, split_parameters
 

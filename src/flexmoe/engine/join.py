@@ -22,7 +22,9 @@ from pathlib import Path
 
 from flexmoe.config import load_config
 from flexmoe.data.clients import Client, make_client, own_data
-from flexmoe.engine.core import ClientRunner, base_load, load_model, torch_threads
+from flexmoe.engine.client import ClientRunner
+from flexmoe.engine.evaluator import base_load
+from flexmoe.engine.model import load_model, torch_threads
 from flexmoe.engine.progress import Progress
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked, write_text_atomic
@@ -126,9 +128,7 @@ def _join(checkpoint, config, method, store: ClientStore, client_id: int, exampl
         write_joined(store, client_id, {"client": client_id, "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
                                         "format": data_format, "fields": fields or {}, "round": checkpoint.round,
                                         "overrides": overrides})
-        base = runner.evaluate_base(client)  # before the graft: the untouched base, the reference
-        if method.grafts:
-            runner.graft(client)
+        base, = runner.round_zero([client], evaluate_base=True)  # the untouched base, the reference; then the graft
         train = train_personal(runner, client, method.downlink(checkpoint.global_weights, checkpoint.server_state))
         reference = base_load(MetricsLog(run_dir / METRICS_FILE).read())
         final = runner.evaluate(client, config.rounds, checkpoint.received(), reference,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
-from flexmoe.engine.core import ClientRunner, load_model
+from flexmoe.engine.client import ClientRunner
+from flexmoe.engine.model import load_model
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked
 from flexmoe.methods import Method, Tensors, build_method

@@ -1,4 +1,4 @@
-"""The flexmoe ClientApp: one federated client per SuperNode, running `flexmoe.engine.core`'s
+"""The flexmoe ClientApp: one federated client per SuperNode, running `flexmoe.engine.client`'s
 client step on the node's own data and personal state.
 
 Node config (`flower-supernode --node-config "..."`; simulation sets the first two itself):
@@ -78,8 +78,6 @@ def train(msg: Message, context: Context) -> Message:
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """One round of local training for the message `content`: the reply's content."""
     node = _Node(content, context)
-    if node.method.grafts and not node.runner.has_personal(node.client.client_id):
-        node.runner.graft(node.client)  # a client that missed round 0
     received = from_arrays(content[ARRAYS]) if ARRAYS in content else {}
     record, message = node.runner.train(node.client, node.round, received)
     node.remember(last_trained=node.round)
@@ -97,16 +95,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _Node(msg.content, context)
     client, runner, settings = node.client, node.runner, msg.content[CONFIG]
     with tempfile.TemporaryDirectory(prefix="flexmoe-evals-") as detail:
-        runner.detail_dir = Path(detail)  # the per-example files, sent with the reply (`DETAIL`)
+        runner.evaluator.detail_dir = Path(detail)  # the per-example files, sent with the reply (`DETAIL`)
         if settings["phase"] == "base":
-            record = runner.evaluate_base(client) if node.config.eval.base else {}
-            if node.method.grafts:
-                runner.graft(client)
-            content = _reply(record, client.client_id, len(client.test))
+            records = runner.round_zero([client], node.config.eval.base)
+            content = _reply(records[0] if records else {}, client.client_id, len(client.test))
             content["info"] = _info(client)
         else:
-            if node.method.grafts and not runner.has_personal(client.client_id):
-                runner.graft(client)
             base_load = json.loads(str(settings["base-load"]))
             received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
             global_weights = from_arrays(msg.content[GLOBAL]) if GLOBAL in msg.content else None
@@ -198,7 +192,8 @@ class _Node:
     """This node's client: config from the message, data and state from the node config."""
 
     def __init__(self, content: RecordDict, context: Context):
-        from flexmoe.engine.core import ClientRunner, load_model, shared_params, use_threads
+        from flexmoe.engine.client import ClientRunner
+        from flexmoe.engine.model import load_model, shared_params, use_threads
         from flexmoe.methods import build_method
         from flexmoe.rundir import ClientStore
         from flexmoe.tensors import cpu_clone
