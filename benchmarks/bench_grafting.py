@@ -25,7 +25,7 @@ SETTINGS = {"default": None, "persona": ROOT / "configs" / "persona.toml",
 def client_selections(config_path, seed: int = 0, overrides: tuple[str, ...] = ()) -> list[dict]:
     """[selection JSON per client] under one config, as the engine's grafting step computes it."""
     from flexmoe.config import load_config
-    from flexmoe.data.clients import make_client, partition_data
+    from flexmoe.clients import make_client, partition_data
     from flexmoe.data.sample import derived_seed
     from flexmoe.engine.client import calibration_batches
     from flexmoe.models import load_base, select_experts

@@ -75,7 +75,7 @@ def child(work: str) -> dict:
 
     torch.set_num_threads(1)
     from flexmoe.config import load_config
-    from flexmoe.data.clients import make_client, partition_data
+    from flexmoe.clients import make_client, partition_data
     from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
 

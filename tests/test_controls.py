@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batches
+from conftest import metrics, run, tiny_model, token_batches
 from safetensors.torch import load_file
 
 import flexmoe.engine.client as client_side
@@ -21,8 +21,10 @@ from flexmoe.models.roles import apply_roles, personal_disabled, personal_outsid
 from flexmoe.report import run_label
 from flexmoe.rundir import load_server
 from flexmoe.wire import deserialize, serialize
-from test_engine import builtin_is_synthetic, metrics, model_dir, run  # noqa: F401  (fixtures)
 from test_reliability import leaks
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 # The tiny random qwen2_moe (conftest): 2 MoE layers, hidden H=32, expert width I=16, E=8 experts.
 # FLEx's graft per layer, k=1: gate/up/down 3*H*I = 1536, plus the gate's H+1 = 33 -> 1569; 2 layers: 3138.

@@ -9,7 +9,9 @@ import torch
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
 from flexmoe.wire import INT8, SCALE, WireError, decode, deserialize, encode, serialize
-from test_engine import builtin_is_synthetic, metrics, model_dir, run  # noqa: F401  (fixtures)
+from conftest import metrics, run
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
 
 def wire(*overrides: str):

@@ -87,7 +87,7 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, max
 
     Each record's `examples` is the number of examples it really scored (`max_examples`, default
     the run's eval.max_test_examples, or fewer when the test split is smaller)."""
-    from flexmoe.data.clients import Client, partition_data
+    from flexmoe.clients import Client, partition_data
     from flexmoe.data.sample import stratified_sample, stratify_field
     from flexmoe.engine.evaluator import base_load
     from flexmoe.engine.model import torch_threads

@@ -17,26 +17,21 @@ from torch import nn
 
 from flexmoe.config import RunConfig
 from flexmoe.data import collate
-from flexmoe.data.clients import Client
+from flexmoe.clients import Client
 from flexmoe.data.sample import derived_seed
 from flexmoe.engine.evaluator import Evaluator
 from flexmoe.engine.faults import attacked_update, attacks, noise_seed
 from flexmoe.engine.progress import Progress
-from flexmoe.files import save_checked
 from flexmoe.methods import LocalRun, Method, Tensors
 from flexmoe.methods.groups import expert_layer
-from flexmoe.models import load_personal, save_personal
+from flexmoe.models import load_graft, save_graft
 from flexmoe.models.device import device_measures, model_device, reset_peak_memory, timed
 from flexmoe.models.roles import apply_roles, copy_checked, personal_outside_graft, set_shared_state, split_parameters
-from flexmoe.rundir import PERSONAL_FILE, STATE_FILE, ClientStore
-from flexmoe.tensors import cpu_clone, strip_prefix, with_prefix
+from flexmoe.rundir import GRAFT_FILE, ClientState, ClientStore
+from flexmoe.tensors import cpu_clone
 from flexmoe.train import cosine_lr, local_train
 from flexmoe.train.loop import carried_optimizer_state, num_local_steps, personal_lr
 from flexmoe.wire import decode, encode
-
-HELD = "personal."  # client-state prefix of the personal parameters outside a graft (FedPer's expert LoRA)
-RESIDUAL = "wire_residual."  # client-state prefix of the uplink's rounding error (`wire.error_feedback`)
-ENGINE_STATE = ("optim.", HELD, RESIDUAL)  # client-state prefixes the engine keeps for itself, not the method's
 
 
 def calibration_batches(config: RunConfig, client: Client, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
@@ -51,7 +46,7 @@ class ClientRunner:
 
     Its persistent state lives in `store` (`<root>/<client id>/`): method state and optimiser
     state, the graft and gate, the selection, and any other personal parameters (FedPer's expert
-    LoRA, under `HELD`). `initial_shared` gives the seeded round-0 shared weights (Local clients
+    LoRA: `ClientState.personal`). `initial_shared` gives the seeded round-0 shared weights (Local clients
     start from them); the model's personal parameters as built (seeded) are every client's start.
     `personal_only`: local training updates the personal part alone, the shared part staying what
     was received (a client joining a finished federation, `engine/join.py`).
@@ -69,19 +64,19 @@ class ClientRunner:
         self.initial_shared = initial_shared
         self.progress = progress or Progress()
         self.evaluator = Evaluator(config, model, tokenizer, method.roles, detail_dir)
-        self.initial_held = cpu_clone(self._held())
+        self.initial_personal = cpu_clone(self._personal_outside_graft())
 
-    def _held(self) -> dict[str, nn.Parameter]:
+    def _personal_outside_graft(self) -> dict[str, nn.Parameter]:
         return personal_outside_graft(self.model, self.method.roles)
 
-    def has_personal(self, client_id: int) -> bool:
-        return self.store.latest(client_id, PERSONAL_FILE) is not None
+    def has_graft(self, client_id: int) -> bool:
+        return self.store.latest(client_id, GRAFT_FILE) is not None
 
     def ensure_grafted(self, client: Client) -> None:
         """Methods that graft: graft a client that has none yet (one not evaluated at round 0 in a
         large population grafts before its first round), on the untouched base as round 0 does:
         the shared part at its initial weights (LoRA at zero), the selection ignoring any graft."""
-        if self.method.grafts and not self.has_personal(client.client_id):
+        if self.method.grafts and not self.has_graft(client.client_id):
             self.set_shared(self.initial_shared())
             self.graft(client)
 
@@ -94,7 +89,7 @@ class ClientRunner:
                                                  seed=derived_seed(cfg.seed, client.client_id))
         apply_roles(self.model, self.method.roles)
         self.store.save_selection(client.client_id, selection)
-        save_personal(self.model, self.store.dir(client.client_id) / PERSONAL_FILE)
+        save_graft(self.model, self.store.dir(client.client_id) / GRAFT_FILE)
 
     def round_zero(self, clients: list[Client], evaluate_base: bool) -> list[dict]:
         """Round 0 of these clients: the untouched base on each one's test split (when
@@ -124,13 +119,13 @@ class ClientRunner:
         reset_peak_memory(device)
         with timed(device, device_record, "swap_seconds"):  # the client's state from disk onto the device
             stored = self.store.load_state(cid)
-            client_state = method_state(stored)
+            client_state = stored.method
             self.load_personal(cid, stored)
             start = self.method.start_weights(received, client_state, self.initial_shared())
             self.set_shared(start)
         split = split_parameters(self.model, self.method.roles)
         replaced = set(split.shared) if self.method.communicates else set()  # Local keeps its own
-        optimizer_state = carried_optimizer_state(strip_prefix("optim.", stored), replaced, cfg.train.optimizer_state)
+        optimizer_state = carried_optimizer_state(stored.optimizer, replaced, cfg.train.optimizer_state)
         steps = num_local_steps(cfg.train, len(client.features))
         self.progress.client_started(cid, steps)
         trainable, fixed = split.trainable, {}
@@ -173,11 +168,11 @@ class ClientRunner:
         hostile = attacked_update(self.config.faults.attack, update, noise_seed(self.config.seed, round_index, cid))
         return self.method.with_update(message, shared, hostile)
 
-    def _encode_uplink(self, message: Tensors, received: Tensors, stored: Tensors) -> tuple[Tensors, Tensors]:
+    def _encode_uplink(self, message: Tensors, received: Tensors, stored: ClientState) -> tuple[Tensors, Tensors]:
         """(the uplink in wire form, relative to what was received; the new rounding residuals to keep
         with `wire.error_feedback`, else none)."""
         wire = self.config.wire
-        residual = strip_prefix(RESIDUAL, stored) if wire.error_feedback else None
+        residual = stored.residual if wire.error_feedback else None
         return encode(message, wire, reference=received, residual=residual)
 
     def _fine_tune(self, train: Callable, start: Tensors, lr: float, trained: Tensors) -> Tensors:
@@ -202,14 +197,14 @@ class ClientRunner:
         its graft file (measured) and the personal tensors of its state file (FedPer's expert LoRA,
         FedAvg-FT's fine-tuned weights: safetensors stores them raw, numel x element size each)."""
         pending = self.store.begin(cid)
-        held = with_prefix(HELD, cpu_clone(self._held()))
-        save_checked(pending / STATE_FILE, {**client_state, **held, **with_prefix("optim.", optimizer_state),
-                                            **with_prefix(RESIDUAL, residual)})
-        stored = sum(t.numel() * t.element_size() for t in (*held.values(),
+        state = ClientState(method=client_state, optimizer=optimizer_state, personal=cpu_clone(self._personal_outside_graft()),
+                            residual=residual)
+        self.store.save_state(cid, state)
+        stored = sum(t.numel() * t.element_size() for t in (*state.personal.values(),
                                                             *self.method.personal_part(client_state).values()))
         if self.method.grafts:
-            save_personal(self.model, pending / PERSONAL_FILE)
-            stored += (pending / PERSONAL_FILE).stat().st_size
+            save_graft(self.model, pending / GRAFT_FILE)
+            stored += (pending / GRAFT_FILE).stat().st_size
         self.store.finish(cid, round_index)
         return stored
 
@@ -219,7 +214,7 @@ class ClientRunner:
         weights when nothing was received)."""
         stored = self.store.load_state(client_id)
         self.load_personal(client_id, stored)
-        client_state = method_state(stored)
+        client_state = stored.method
         self.set_shared(self.method.eval_weights(global_weights or self.initial_shared(), client_state))
 
     def evaluate(self, client: Client, round_index: int, received: Tensors, base_load: dict | None = None,
@@ -239,14 +234,14 @@ class ClientRunner:
     def set_shared(self, weights: Tensors) -> None:
         set_shared_state(self.model, self.method.roles, weights)
 
-    def load_personal(self, cid: int, stored: Tensors) -> None:
+    def load_personal(self, cid: int, stored: ClientState) -> None:
         """Client `cid`'s personal parameters into the model: its graft and gate (methods that graft),
         and the others from its state file `stored` (their initial values before its first round)."""
         if self.method.grafts:
-            load_personal(self.model, self.store.latest(cid, PERSONAL_FILE), adopt_selection=True)
+            load_graft(self.model, self.store.latest(cid, GRAFT_FILE), adopt_selection=True)
             apply_roles(self.model, self.method.roles)
-        if self.initial_held:
-            copy_checked(self._held(), strip_prefix(HELD, stored) or self.initial_held, "personal state",
+        if self.initial_personal:
+            copy_checked(self._personal_outside_graft(), stored.personal or self.initial_personal, "personal state",
                          "this model")
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
@@ -264,10 +259,3 @@ def frozen(params):
     finally:
         for p in params:
             p.requires_grad_(True)
-
-
-def method_state(stored: Tensors) -> Tensors:
-    """The method's part of a client's stored state (without the engine's optimiser and personal tensors)."""
-    return {k: v for k, v in stored.items() if not k.startswith(ENGINE_STATE)}
-
-

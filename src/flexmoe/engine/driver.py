@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from flexmoe.config import RunConfig
-from flexmoe.data.clients import ClientInfo, skipped_rows
+from flexmoe.clients import ClientInfo, skipped_rows
 from flexmoe.engine.evaluator import Evaluator, base_load, base_reference
 from flexmoe.engine.model import load_model, shared_params, torch_threads
 from flexmoe.engine.progress import Progress

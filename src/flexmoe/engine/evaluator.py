@@ -16,7 +16,7 @@ from torch import nn
 
 from flexmoe.config import RunConfig
 from flexmoe.data import collate, tokenize_examples
-from flexmoe.data.clients import Client
+from flexmoe.clients import Client
 from flexmoe.eval.detail import (
     answer_sample, client_file, content_free, eval_sample, knowledge_round, means, pooled_means, write_detail,
 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
-from flexmoe.data.clients import Client, ClientInfo, ClientPool, partition_data
+from flexmoe.clients import Client, ClientInfo, ClientPool, partition_data
 from flexmoe.engine.client import ClientRunner
 from flexmoe.engine.driver import RoundDriver, evaluated_clients
 from flexmoe.engine.model import load_model

@@ -29,7 +29,7 @@ from flexmoe.pretrain.train import (
     PretrainConfig,
     document_domain,
     read_documents,
-    resolve_device,
+    training_device,
 )
 
 EVALUATION = "evaluation.json"
@@ -117,7 +117,7 @@ def evaluate(model_dir: Path, config: PretrainConfig, log=print) -> dict:
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     started = time.time()
-    device = resolve_device(config.train.device)
+    device = training_device(config.train.device)
     model, tokenizer = load_base(model_dir, device=device)
     load_seconds = time.time() - started
     settings = config.eval

@@ -29,6 +29,7 @@ import torch
 from flexmoe.config import parse_override, set_dotted
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import write_atomic, write_text_atomic
+from flexmoe.models.device import resolve_device
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
@@ -529,18 +530,14 @@ def make_optimizer(model, settings: TrainSettings) -> torch.optim.AdamW:
         lr=settings.lr, betas=(settings.beta1, settings.beta2))
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device for `train.device`; "cuda" without a visible GPU is a one-line error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FlexmoeError(f"train.device = 'cuda' but torch {torch.__version__} sees no CUDA GPU "
-                           "(use device = 'auto' or 'cpu')")
-    if name == "cuda":
+def training_device(name: str) -> torch.device:
+    """The torch device for `train.device`, resolved as a run's `runtime.device` is (`resolve_device`)."""
+    device = resolve_device(name, key="train.device")
+    if device.type == "cuda":
         # float32 matmuls as TF32: transformers runs the fused experts in the weights' dtype (float32
         # master weights), outside autocast
         torch.set_float32_matmul_precision("high")
-    return torch.device(name)
+    return device
 
 
 def router_z_loss(router_logits) -> torch.Tensor:
@@ -590,7 +587,7 @@ def pretrain(config: PretrainConfig, output: str | Path, resume: bool = False,
     started = time.time()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.train.device)
+    device = training_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.seed)

@@ -123,7 +123,7 @@ def commit(msg: Message, context: Context) -> Message:
     content = _reply({}, client_id, 0)
     if settings["phase"] == "identify":
         config = config_from_text(str(settings["flexmoe-config"]))
-        from flexmoe.data.clients import Client, capped_train
+        from flexmoe.clients import Client, capped_train
 
         part = _client_data(config, context.node_config, client_id)
         train = capped_train(config, part)
@@ -153,7 +153,7 @@ def _info(client) -> ConfigRecord:
     truncation; no examples)."""
     import dataclasses
 
-    from flexmoe.data.clients import describe
+    from flexmoe.clients import describe
 
     return ConfigRecord({"describe": json.dumps(dataclasses.asdict(describe(client)))})
 
@@ -178,7 +178,7 @@ def run_key(run_dir: Path) -> str:
 def _client_data(config, node_config, client_id: int):
     """This client's `ClientData`: its part of the run's partition, or the node's own `data-path`."""
     import flexmoe.data
-    from flexmoe.data.clients import own_data, partition_data
+    from flexmoe.clients import own_data, partition_data
 
     data_path = node_config.get("data-path")
     if not data_path:
@@ -223,7 +223,7 @@ class _Node:
             raise FlexmoeError(f"node config partition-id = {client_id} is outside 0..{self.config.num_clients - 1}")
 
     def _client(self, client_id: int, tokenizer):
-        from flexmoe.data.clients import make_client
+        from flexmoe.clients import make_client
 
         return make_client(self.config, _client_data(self.config, self.context.node_config, client_id), tokenizer)
 

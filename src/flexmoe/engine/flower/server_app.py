@@ -34,7 +34,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from flexmoe.data.clients import ClientInfo
+from flexmoe.clients import ClientInfo
 from flexmoe.engine.flower.messages import (
     ARRAYS, CONFIG, COUNTED_ROUNDS, DETAIL, GLOBAL, METRICS, RESULT, config_text, counted_rounds_text, from_arrays,
     parse_overrides, record_bytes, to_arrays, unpack_detail,
