@@ -17,17 +17,10 @@ from conftest import corpus_documents, tiny_pretrain_overrides
 from flexmoe.commands import pretrain as pretrain_command
 from flexmoe.errors import FlexmoeError
 from flexmoe.pretrain.card import document_domain, evaluate_and_write_card, unigram_loss
-from flexmoe.pretrain.train import (
-    EOS,
-    TokenizerSettings,
-    TrainSettings,
-    batch_picks,
-    load_config,
-    lr_factor,
-    pack_documents,
-    pretrain,
-    train_tokenizer,
-)
+from flexmoe.pretrain.config import EOS, TokenizerSettings, TrainSettings, load_config
+from flexmoe.pretrain.packing import batch_picks, pack_documents, train_tokenizer
+from flexmoe.pretrain.step import lr_factor
+from flexmoe.pretrain.train import pretrain
 
 
 

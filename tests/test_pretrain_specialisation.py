@@ -14,24 +14,17 @@ from safetensors.torch import load_file
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.pretrain.specialisation import check_targets, domain_separation, total_variation
-from flexmoe.pretrain.train import (
-    MIXED,
-    EvalSettings,
-    TokenizerSettings,
-    TrainSettings,
+from flexmoe.pretrain.config import EvalSettings, MIXED, TokenizerSettings, TrainSettings, load_config
+from flexmoe.pretrain.packing import (
     assign_domain_experts,
     domain_batch_at,
-    load_config,
     pack_by_domain,
-    pretrain,
-    router_supervision_loss,
-    router_z_loss,
     row_targets,
-    supervision_weight,
     train_tokenizer,
     training_batches,
-    training_device,
 )
+from flexmoe.pretrain.step import router_supervision_loss, router_z_loss, supervision_weight, training_device
+from flexmoe.pretrain.train import pretrain
 from conftest import corpus_documents, tiny_pretrain_overrides
 
 _LABEL = re.compile(r"\(noun, (\w+)\):")
@@ -116,7 +109,8 @@ def test_router_supervision_is_the_cross_entropy_toward_each_rows_expert_and_ann
 
 def test_router_supervision_pulls_routers_toward_the_domain_expert(corpus_files, tmp_path):  # noqa: F811
     from flexmoe.models import load_base
-    from flexmoe.pretrain.train import DOMAIN_EXPERTS, read_documents
+    from flexmoe.pretrain.config import DOMAIN_EXPERTS
+    from flexmoe.pretrain.packing import read_documents
 
     overrides = tiny_pretrain_overrides(corpus_files, steps=40) + [
         'train.domain_grouping="sequences"', "train.router_supervision_coef=5.0", "train.router_supervision_until=1.0",
@@ -125,7 +119,7 @@ def test_router_supervision_pulls_routers_toward_the_domain_expert(corpus_files,
     mapping = json.loads((out / DOMAIN_EXPERTS).read_text())
     model, tok = load_base(out)
     hits = total = 0
-    from flexmoe.pretrain.train import document_domain
+    from flexmoe.pretrain.packing import document_domain
     for doc in read_documents(str(corpus_files / "train.txt"), "train")[:40]:
         expert = mapping.get(document_domain(doc))
         if expert is None:
@@ -255,7 +249,7 @@ def test_v2_config_meets_the_size_and_token_budget():
     """configs/pretrain-tiny-v2.toml: qwen2_moe, >= 16 routed experts, <= 60 MB in bfloat16, >= 50M tokens."""
     from pathlib import Path
 
-    from flexmoe.pretrain.train import build_model
+    from flexmoe.pretrain.step import build_model
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pretrain-tiny-v2.toml")
     vocab = SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -67,8 +67,8 @@ class Transport(Protocol):
     def resume(self, completed: int) -> list[ClientInfo]:
         """Continue after round `completed`: clients drop state of rounds never committed."""
 
-    def train(self, round_index: int, sampled: list[int], downlink: Tensors | None
-              ) -> tuple[list[dict], list[Reply], dict[int, str]]:
+    def train(self, round_index: int, sampled: list[int],
+              downlink: Tensors | None) -> tuple[list[dict], list[Reply], dict[int, str]]:
         """The sampled clients train -> (their train records with `bytes_up`/`bytes_down`, their
         uploads, {client id: why} for each sampled client that failed)."""
 

@@ -23,14 +23,9 @@ from flexmoe.eval.knowledge import (
 from flexmoe.models.routing import RoutingCounter
 from flexmoe.files import write_text_atomic
 from flexmoe.pretrain.specialisation import check_targets, domain_separation, graft_by_domain, padded_batch
-from flexmoe.pretrain.train import (
-    TRAIN_LOG,
-    TRAIN_SUMMARY,
-    PretrainConfig,
-    document_domain,
-    read_documents,
-    training_device,
-)
+from flexmoe.pretrain.config import PretrainConfig, TRAIN_LOG, TRAIN_SUMMARY
+from flexmoe.pretrain.packing import document_domain, read_documents
+from flexmoe.pretrain.step import training_device
 
 EVALUATION = "evaluation.json"
 CARD = "README.md"
