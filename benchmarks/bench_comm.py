@@ -3,9 +3,9 @@
 On the tiny base the messages are real: built from the loaded model and serialised, their
 length counted. Qwen1.5-MoE-A2.7B, OLMoE-1B-7B and Mixtral-8x7B are built on the meta device from their
 published configs; each method prepares, grafts and builds its round-1 messages with its own
-code (`flexmoe.eval.comm.method_message_sizes`), and the safetensors message size is computed
+code (`flexmoe.cost.comm.method_message_sizes`), and the safetensors message size is computed
 from the tensors' names, dtypes and shapes (checked byte for byte against real messages in
-tests/test_eval_comm.py). Weights travel in fp32 (what the engines send), LoRA r = 8.
+tests/test_cost_comm.py). Weights travel in fp32 (what the engines send), LoRA r = 8.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _mb(n: int) -> str:
 
 
 def main(results_dir: pathlib.Path) -> None:
-    from flexmoe.eval.comm import REAL_SHAPES, real_shape_model
+    from flexmoe.cost.comm import REAL_SHAPES, real_shape_model
 
     started = time.monotonic()
     lines = [header_markdown("Communication per client per round on real MoE shapes", "python -m benchmarks comm"),
@@ -73,7 +73,7 @@ def _shape_section(title: str, fresh_model, measure, ratios: dict) -> list[str]:
     """One table of every method's message sizes on `fresh_model()` (a new base per method);
     records (FLEx / full, FLEx / attention+experts LoRA) bytes-up ratios in `ratios[title]`."""
     from flexmoe.config import load_config
-    from flexmoe.eval.comm import method_message_sizes, serialized_size
+    from flexmoe.cost.comm import method_message_sizes, serialized_size
 
     lines = [f"## {title}", "", "| method | shared (sent) parameters | MB up | MB down |", "|---|---:|---:|---:|"]
     up = {}

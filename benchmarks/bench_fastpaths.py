@@ -46,8 +46,8 @@ def child(threads: int, steps: int = STEPS) -> dict:
 
     from flexmoe.config import load_config
     from flexmoe.data import collate
-    from flexmoe.data.clients import make_client, partition_data
-    from flexmoe.engine.core import load_model
+    from flexmoe.clients import make_client, partition_data
+    from flexmoe.engine.model import load_model
     from flexmoe.models import apply_roles
     from flexmoe.methods import build_method
     from flexmoe.models import select_experts

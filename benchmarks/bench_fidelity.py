@@ -7,7 +7,7 @@ compare` runs the methods over the seeds on the same partitions; every claim is 
 difference (A − B on the same examples: the same stratified test sample of each client, the same
 probes, the same held-out documents) with its stratified bootstrap 95% CI over clients × examples
 pooled across seeds and its sign per seed, judged supported / contradicted / inconclusive
-(`flexmoe.eval.stats.verdict`).
+(`flexmoe.analysis.stats.verdict`).
 
 The full study takes hours on a small CPU: FLEXMOE_FIDELITY_METHODS (";"-separated
 `setting=method,method`; a setting left out is not run), FLEXMOE_FIDELITY_SEEDS and
@@ -155,8 +155,8 @@ def _how_to_read() -> str:
 
 
 def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple) -> list[str]:
-    from flexmoe.eval.stats import verdict
-    from flexmoe.report.stats import fmt_diff, fmt_signs
+    from flexmoe.analysis.stats import verdict
+    from flexmoe.report.comparison import fmt_diff, fmt_signs
 
     runs = {m: {s: root / m / f"seed-{s}" for s in seeds if _finished(root / m / f"seed-{s}")} for m in methods}
     lines = [f"## Setting: {setting} — {SETTINGS[setting][1]}", "",
@@ -188,7 +188,7 @@ def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple
 def claim_stats(runs_a: dict, runs_b: dict, seeds: list[int]):
     """ROUGE-L and exact-match paired differences of A's and B's personalised models, and their
     knowledge (probes, held-out documents) paired per (seed, client)."""
-    from flexmoe.eval.paired import answer_scores, difference, knowledge_between, last_round
+    from flexmoe.analysis.paired import answer_scores, difference, knowledge_between, last_round
 
     def personal(run_dir, metric):
         return answer_scores(run_dir, last_round(run_dir), "personal", metric)

@@ -8,7 +8,7 @@ evenly). Sequences of 512 random tokens, every position a response token (the mo
 can cost). The per-client batch is the largest of 8, 4, 2, 1 whose `flexmoe plan` peak fits in
 90% of the GPU's memory. Each method is built by flexmoe's own code (the method's
 `prepare_model`, `select_experts` and `graft` for FLEx) and trained by `local_train`.
-Model FLOPs are the matmul FLOPs a step executes (`flexmoe.train.flops`, torch's FlopCounterMode
+Model FLOPs are the matmul FLOPs a step executes (`flexmoe.cost.flops`, torch's FlopCounterMode
 over the real forward and backward); MFU = those FLOPs / step time / the bf16 matmul peak
 measured in this run (a 8192^3 torch.matmul). Swap = one client's personal state and optimiser
 state written to disk from the GPU and read back onto it (what a simulated client's turn adds).
@@ -107,8 +107,8 @@ def measure(overrides: list[str], hf_config, device: torch.device, batch: int, l
     from flexmoe.models import graft, select_experts
     from flexmoe.models.device import peak_memory, reset_peak_memory, synchronize
     from flexmoe.train import local_train
-    from flexmoe.train.flops import counted_flops
-    from flexmoe.train.memory import TensorMemory, tensor_bytes
+    from flexmoe.cost.flops import counted_flops
+    from flexmoe.cost.memory import TensorMemory, tensor_bytes
 
     config = load_config(None, [*overrides, "runtime.base_dtype=bf16", f"train.batch_size={batch}",
                                 f"train.max_length={length}", f"train.local_steps={steps}"])
@@ -159,7 +159,7 @@ def _swap_seconds(model, method, optimizer_state: dict, device: torch.device) ->
     """Median time to write a client's personal + optimiser state from the device to disk and read
     it back onto the device (the files a simulated client keeps between its turns)."""
     from flexmoe.files import load_checked, save_checked
-    from flexmoe.models import load_personal, save_personal
+    from flexmoe.models import load_graft, save_graft
     from flexmoe.models.device import synchronize
 
     times = []
@@ -169,10 +169,10 @@ def _swap_seconds(model, method, optimizer_state: dict, device: torch.device) ->
             synchronize(device)
             start = time.perf_counter()
             if method.grafts:
-                save_personal(model, root / "personal.safetensors")
+                save_graft(model, root / "personal.safetensors")
             save_checked(root / "optim.safetensors", optimizer_state)
             if method.grafts:
-                load_personal(model, root / "personal.safetensors", adopt_selection=True)
+                load_graft(model, root / "personal.safetensors", adopt_selection=True)
             back = {k: v.to(device) for k, v in load_checked(root / "optim.safetensors")[0].items()}
             synchronize(device)
             times.append(time.perf_counter() - start)
@@ -195,7 +195,7 @@ def _round_seconds(train, state, swap: float, steps: int, clients: int, device) 
 def fitting_batch(device: torch.device, overrides: list[str]) -> int:
     """The largest batch of BATCHES whose planned peak fits in 90% of the GPU's memory."""
     from flexmoe.config import load_config
-    from flexmoe.plan import plan
+    from flexmoe.cost.plan import plan
 
     total = torch.cuda.get_device_properties(device).total_memory
     config = load_config(None, [*overrides, "runtime.base_dtype=bf16"])
@@ -219,7 +219,7 @@ def main(results_dir: pathlib.Path) -> None:
 
 
 def _run_gpu(results_dir: pathlib.Path) -> None:
-    from flexmoe.plan import hf_config
+    from flexmoe.cost.plan import hf_config
 
     device = torch.device("cuda", 0)
     name = torch.cuda.get_device_name(device)

@@ -25,9 +25,9 @@ SETTINGS = {"default": None, "persona": ROOT / "configs" / "persona.toml",
 def client_selections(config_path, seed: int = 0, overrides: tuple[str, ...] = ()) -> list[dict]:
     """[selection JSON per client] under one config, as the engine's grafting step computes it."""
     from flexmoe.config import load_config
-    from flexmoe.data import collate
-    from flexmoe.data.clients import make_client, partition_data
+    from flexmoe.clients import make_client, partition_data
     from flexmoe.data.sample import derived_seed
+    from flexmoe.engine.client import calibration_batches
     from flexmoe.models import load_base, select_experts
 
     config = load_config(config_path, [f"seed={seed}", *overrides])
@@ -35,10 +35,7 @@ def client_selections(config_path, seed: int = 0, overrides: tuple[str, ...] = (
     selections = []
     for part in partition_data(config):
         client = make_client(config, part, tokenizer)
-        sample = client.features[: config.flex.calibration_examples]
-        batches = [collate(sample[i : i + config.train.batch_size], tokenizer.pad_token_id)
-                   for i in range(0, len(sample), config.train.batch_size)]
-        selection = select_experts(model, batches, k=config.flex.k, strategy=config.flex.selection,
+        selection = select_experts(model, calibration_batches(config, client, tokenizer.pad_token_id), k=config.flex.k, strategy=config.flex.selection,
                                    max_tokens=config.flex.calibration_max_tokens,
                                    seed=derived_seed(config.seed, client.client_id))
         selections.append(selection.to_json())

@@ -4,7 +4,7 @@ client at 10, 100 and 1,000 clients, 10 sampled per round, on the builtin data.
 Each population runs in its own fresh process (`python -m benchmarks.bench_population N DIR`):
 FLEx on the shipped tiny base, `ROUNDS` rounds of `clients_per_round = 10`, the same 10
 clients evaluated (`eval.clients = 10`) at the last round only. The in-process engine tokenises
-only the clients a round needs and keeps every client's state on disk (`data.clients.ClientPool`),
+only the clients a round needs and keeps every client's state on disk (`clients.ClientPool`),
 so peak RSS and the time of a round should not depend on the population. A round's time is split
 into the first-time grafting of the round's new clients (every client grafts once, before its
 first round: at 10 clients all graft at round 0, at 1,000 nearly every sampled client is new)
@@ -52,12 +52,12 @@ def peak_rss() -> int:
 def child(num_clients: int, run_dir: pathlib.Path) -> dict:
     """One run in this process: its rounds' times, grafting time per round, peak RSS per phase, disk per client."""
     from flexmoe.config import load_config
-    from flexmoe.engine import core
+    from flexmoe.engine.client import ClientRunner
     from flexmoe.engine.progress import Progress
     from flexmoe.engine.simulation import Simulation
 
     grafting = {"round": 0, "seconds": {}}
-    original_graft = core.ClientRunner.graft
+    original_graft = ClientRunner.graft
 
     def timed_graft(self, client):
         started = time.monotonic()
@@ -82,7 +82,7 @@ def child(num_clients: int, run_dir: pathlib.Path) -> dict:
         def close(self):
             self.marks.append(("end", time.monotonic(), peak_rss()))
 
-    core.ClientRunner.graft = timed_graft
+    ClientRunner.graft = timed_graft
     config = load_config(None, [*OVERRIDES, f"num_clients={num_clients}"])
     clock = Clock()
     started, rss_start = time.monotonic(), peak_rss()

@@ -55,7 +55,7 @@ def _matmul_ceiling() -> list[str]:
 def _knowledge(config, model, tokenizer) -> list[str]:
     from flexmoe.data.builtin import builtin_corpus, builtin_probes
     from flexmoe.eval.knowledge import document_nll, probe_predictions
-    from flexmoe.eval.stats import paired_difference
+    from flexmoe.analysis.stats import paired_difference
 
     probes, docs = builtin_probes()[:PROBES], builtin_corpus("heldout")[:DOCS]
     bf16_copy = copy.deepcopy(model).to(torch.bfloat16)
@@ -92,10 +92,10 @@ def _autocast():
 
 
 def _greedy(config, model, tokenizer) -> list[str]:
-    from flexmoe.data.clients import partition_data
+    from flexmoe.clients import partition_data
     from flexmoe.eval.detail import eval_sample
     from flexmoe.eval.rouge import generate_responses, rouge_l
-    from flexmoe.eval.stats import paired_difference
+    from flexmoe.analysis.stats import paired_difference
 
     examples = eval_sample(config, 0, partition_data(config)[0].test, config.rounds)
     references = [e.response for e in examples]
@@ -136,7 +136,7 @@ def _training() -> list[str]:
 def main(results_dir) -> None:
     torch.set_num_threads(1)
     from flexmoe.config import load_config
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
 
     config = load_config(None, ["runtime.threads=1"])

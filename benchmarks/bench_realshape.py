@@ -14,7 +14,7 @@ Grafting selection: a child loads the base and runs `select_experts` on calibrat
 of the run's shape (random token ids); per MoE layer, wall seconds and the peak of the tensor
 bytes the selection creates (`TensorMemory`: captured inputs and routed outputs, and the chunked
 expert outputs), at the shapes' 8, 60, 64 and 128 experts. The chunking keeps a chunk's
-activations under a fixed number of elements (`flexmoe.models.graft`), so the peak should not
+activations under a fixed number of elements (`flexmoe.models.selection`), so the peak should not
 grow with the expert count; the time should grow about linearly with it (and the widths).
 
 `python -m benchmarks realshape [SHAPE ...]` (`make bench realshape`); the machine is shared, so
@@ -69,7 +69,7 @@ def measured(argv: list[str]) -> dict:
 def shape_rows(name: str, work: pathlib.Path) -> dict:
     """Build `name` at cut depth in `work`, plan it, run every command on it, time its selection."""
     from flexmoe.config import load_config
-    from flexmoe.plan import plan
+    from flexmoe.cost.plan import plan
     from flexmoe.shapes import random_checkpoint
 
     model = work / "model"
@@ -98,7 +98,7 @@ def select_child(model_dir: str) -> dict:
     import torch
 
     from flexmoe.models import load_base, moe_layers, select_experts
-    from flexmoe.train.memory import TensorMemory
+    from flexmoe.cost.memory import TensorMemory
 
     torch.set_num_threads(1)
     model, _ = load_base(model_dir, dtype=torch.bfloat16, device="cpu")

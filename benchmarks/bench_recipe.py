@@ -75,7 +75,7 @@ def choose(rows: list[dict]) -> tuple[dict, bool]:
 
 
 def main(results_dir: pathlib.Path) -> None:
-    from flexmoe.report.stats import fmt_diff
+    from flexmoe.report.comparison import fmt_diff
 
     reference = run_cell("fedavg", ["method=fedavg"])
     rows = []

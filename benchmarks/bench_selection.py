@@ -68,7 +68,7 @@ def loop_losses(layer, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def vectorised_losses(layer, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    from flexmoe.models.graft import greedy_reconstruction
+    from flexmoe.models.selection import greedy_reconstruction
 
     return greedy_reconstruction(layer, x, r, k=1)[1][0]
 

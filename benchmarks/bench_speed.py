@@ -77,9 +77,14 @@ def child(work: str) -> dict:
 
     torch.set_num_threads(1)
     from flexmoe.config import load_config
-    from flexmoe.data.clients import make_client, partition_data
-    from flexmoe.engine.core import load_model
     from flexmoe.methods import build_method
+
+    try:
+        from flexmoe.clients import make_client, partition_data
+        from flexmoe.engine.model import load_model
+    except ImportError:  # the base commit's layout, before engine/ was split by side
+        from flexmoe.data.clients import make_client, partition_data
+        from flexmoe.engine.core import load_model
 
     if work == "greedy" or work == "knowledge":
         config = load_config(None, COMMON + (KNOWLEDGE if work == "knowledge" else []))

@@ -4,7 +4,7 @@ Each method's model is built by the engine's own code (`load_model`, and for FLE
 one-shot graft through `ClientRunner.graft`) on client 0 of the default run, and trained by
 `local_train` with the default train config (batch 8, max length 256), for the steps per timed
 round given below, after a one-step warm-up. Model FLOPs are the matmul FLOPs that one such round executes,
-counted by torch's FlopCounterMode over the real forward and backward (`flexmoe.train.flops`:
+counted by torch's FlopCounterMode over the real forward and backward (`flexmoe.cost.flops`:
 with LoRA, frozen weights get no weight gradient, so a step costs ~2x the forward, not 3x).
 MFU = those FLOPs / time / the matmul peak of the same precision, measured in this run with a
 large torch.matmul. Times are CPU seconds of this process (one intra-op thread, so CPU seconds
@@ -64,8 +64,9 @@ class Setup:
 
     def __init__(self, overrides: list[str], seed: int = 0):
         from flexmoe.config import load_config
-        from flexmoe.data.clients import make_client, partition_data
-        from flexmoe.engine.core import ClientRunner, load_model
+        from flexmoe.clients import make_client, partition_data
+        from flexmoe.engine.client import ClientRunner
+        from flexmoe.engine.model import load_model
         from flexmoe.models import split_parameters
         from flexmoe.rundir import ClientStore
         from flexmoe.methods import build_method
@@ -96,7 +97,7 @@ class Setup:
         return time.process_time() - cpu, time.perf_counter() - wall, collate.tokens, collate.positions, losses
 
     def flops(self, steps: int, seed: int = 1) -> int:
-        from flexmoe.train.flops import counted_flops
+        from flexmoe.cost.flops import counted_flops
 
         return counted_flops(lambda: self.train("fp32", steps, seed))
 

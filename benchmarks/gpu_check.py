@@ -31,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def check(dry_run: bool) -> tuple[list[str], list[dict]]:
     from flexmoe.config import load_config
-    from flexmoe.plan import plan
+    from flexmoe.cost.plan import plan
     from flexmoe.shapes import shape_config
 
     size = DRY if dry_run else FULL

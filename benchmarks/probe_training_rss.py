@@ -1,6 +1,6 @@
 """One client's local training alone, the RSS after each step (the investigation behind
 docs/performance.md, "What holds it"): `python -m benchmarks.probe_training_rss STEPS [tm] [trim]`.
-`tm` also counts the tensors alive at once during the training (`train.memory.TensorMemory`; slow),
+`tm` also counts the tensors alive at once during the training (`cost.memory.TensorMemory`; slow),
 `trim` calls glibc `malloc_trim(0)` afterwards and prints the RSS again. Allocator settings come from
 the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_ARENA_MAX, ONEDNN_PRIMITIVE_CACHE_CAPACITY ...).
 Each line: phase (peak RSS MB since the previous line, RSS MB now). Not run by `make bench`."""
@@ -18,11 +18,12 @@ def mark(n):
 import torch
 from flexmoe.config import load_config
 from flexmoe.methods import build_method
-from flexmoe.engine.core import load_model, ClientRunner, shared_params
-from flexmoe.data.clients import partition_data, make_client
+from flexmoe.engine.client import ClientRunner
+from flexmoe.engine.model import load_model, shared_params
+from flexmoe.clients import partition_data, make_client
 from flexmoe.rundir import ClientStore
 from flexmoe.tensors import cpu_clone
-from flexmoe.train.memory import TensorMemory
+from flexmoe.cost.memory import TensorMemory
 from flexmoe.train import loop
 mark("imports")
 steps = int(sys.argv[1]); tm = "tm" in sys.argv[2:]

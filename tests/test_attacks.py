@@ -12,7 +12,10 @@ from flexmoe.engine.faults import attacked_update
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods import build_method
 from flexmoe.wire import deserialize, serialize
-from test_engine import builtin_is_synthetic, metrics, model_dir, run  # noqa: F401  (fixtures)
+from conftest import metrics, run
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 UPDATE = {"a": torch.tensor([3.0, -4.0]), "b": torch.tensor([[0.0]])}  # RMS = sqrt(25 / 3)
 

@@ -67,7 +67,7 @@ def test_user_mistakes_exit_2_with_one_line(tiny_model_dir, data_file, tmp_path,
 def test_cli_choices_follow_the_library():
     from flexmoe.commands import graft as command
     from flexmoe.models import STRATEGIES
-    from flexmoe.models.graft import DEFAULT_MAX_TOKENS
+    from flexmoe.models.selection import DEFAULT_MAX_TOKENS
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)

@@ -14,8 +14,11 @@ import pytest
 from flexmoe.commands import compare
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.comm import meta_model, method_message_sizes
-from test_engine import builtin_is_synthetic, synthetic_examples  # noqa: F401 (fixture)
+from flexmoe.cost.comm import meta_model, method_message_sizes
+from conftest import synthetic_examples
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 SETTINGS = [
     "rounds=1", "num_clients=2", "clients_per_round=2", "train.local_steps=1", "train.batch_size=4",

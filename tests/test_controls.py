@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batches
+from conftest import metrics, run, tiny_model, token_batches
 from safetensors.torch import load_file
 
-import flexmoe.engine.core as core
+import flexmoe.engine.client as client_side
 import flexmoe.engine.simulation as simulation
 from flexmoe.commands.compare import VARIANTS, parse_methods, plan
 from flexmoe.config import RunConfig, load_config
+from flexmoe.engine.evaluator import Evaluator
 from flexmoe.engine.restore import restore
 from flexmoe.methods import LocalRun, build_method
 from flexmoe.methods.fedper import graft_params, matched_rank
 from flexmoe.models import graft, grafts, moe_layers, select_experts
-from flexmoe.models.roles import split_parameters
+from flexmoe.models.roles import apply_roles, personal_disabled, personal_outside_graft, split_parameters
 from flexmoe.report import run_label
 from flexmoe.rundir import load_server
 from flexmoe.wire import deserialize, serialize
-from test_engine import builtin_is_synthetic, metrics, model_dir, run  # noqa: F401  (fixtures)
 from test_reliability import leaks
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 # The tiny random qwen2_moe (conftest): 2 MoE layers, hidden H=32, expert width I=16, E=8 experts.
 # FLEx's graft per layer, k=1: gate/up/down 3*H*I = 1536, plus the gate's H+1 = 33 -> 1569; 2 layers: 3138.
@@ -65,7 +68,7 @@ def test_fedper_expert_lora_keeps_the_attention_lora_scale():
 def record_training(monkeypatch) -> list[dict]:
     """Every local training's trainable tensors at its start and its end, in training order."""
     seen = []
-    original = core.local_train
+    original = client_side.local_train
 
     def recording(model, trainable, *args, **kwargs):
         start = {n: p.detach().clone() for n, p in trainable.items()}
@@ -73,7 +76,7 @@ def record_training(monkeypatch) -> list[dict]:
         seen.append({"start": start, "end": {n: p.detach().clone() for n, p in trainable.items()}})
         return result
 
-    monkeypatch.setattr(core, "local_train", recording)
+    monkeypatch.setattr(client_side, "local_train", recording)
     return seen
 
 
@@ -86,15 +89,15 @@ def record_messages(monkeypatch) -> list[bytes]:
 def test_fedper_personal_lora_stays_home_and_persists_across_rounds(model_dir, tmp_path, monkeypatch):
     trainings, sent = record_training(monkeypatch), record_messages(monkeypatch)
     global_personal = []  # the expert LoRA while the global model is evaluated: none (all zero)
-    answers = core.ClientRunner.answers
+    answers = Evaluator.answers
 
-    def recording_answers(runner, client, round_index, model_kind):
+    def recording_answers(evaluator, client, round_index, model_kind):
         if model_kind == "global":
-            held = core.held_personal(runner.model, runner.method.roles)
+            held = personal_outside_graft(evaluator.model, evaluator.roles)
             global_personal.append([p.detach().clone() for p in held.values()])
-        return answers(runner, client, round_index, model_kind)
+        return answers(evaluator, client, round_index, model_kind)
 
-    monkeypatch.setattr(core.ClientRunner, "answers", recording_answers)
+    monkeypatch.setattr(Evaluator, "answers", recording_answers)
     run(model_dir, tmp_path, "method=fedper", "clients_per_round=4")  # rounds 1, 2: clients 0..3 in order
     assert len(global_personal) == 4 and all(not p.any() for held in global_personal for p in held)
     assert len(trainings) == 8 and sent
@@ -125,14 +128,14 @@ def test_fedper_personal_lora_stays_home_and_persists_across_rounds(model_dir, t
 def test_the_global_model_has_no_personal_lora():
     method = fedper("lora.r=2")
     model = method.prepare_model(tiny_model("qwen2_moe"))
-    core.apply_roles(model, method.roles)
+    apply_roles(model, method.roles)
     ids = token_batches()[0]
     with torch.no_grad():
         base = model(ids).logits  # expert LoRA at its start: B = 0
-        for p in core.held_personal(model, method.roles).values():
+        for p in personal_outside_graft(model, method.roles).values():
             p.normal_(0, 0.5)
         personal = model(ids).logits
-        with core.personal_disabled(model, method.roles):
+        with personal_disabled(model, method.roles):
             torch.testing.assert_close(model(ids).logits, base)
         torch.testing.assert_close(model(ids).logits, personal, rtol=0, atol=0)
     assert not torch.allclose(personal, base)

@@ -10,7 +10,7 @@ import pytest
 from flexmoe import cli
 from flexmoe.data import load_data, load_examples
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.paired import cells
+from flexmoe.analysis.paired import cells
 
 
 def write_jsonl(path, rows) -> str:

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import builtin_is_synthetic, model_dir, tiny_config  # noqa: F401  (fixtures)
+from conftest import engine_config
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.device import autocast, compute_dtype, fp32_master, resolve_device, resolve_dtype
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 
@@ -101,12 +104,12 @@ def test_full_scope_on_a_half_base_is_refused():
 
 
 def _params_after_steps(model_dir, *overrides):
-    from flexmoe.data.clients import make_client, partition_data
-    from flexmoe.engine.core import load_model
+    from flexmoe.clients import make_client, partition_data
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.train import local_train
 
-    config = tiny_config(model_dir, *overrides)
+    config = engine_config(model_dir, *overrides)
     method = build_method(config)
     model, tokenizer = load_model(config, method)
     client = make_client(config, partition_data(config)[0], tokenizer)
@@ -133,14 +136,14 @@ def test_gradient_checkpointing_trains_the_same_weights(model_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["flex", "fedavg"])
 def test_bf16_base_on_the_cpu_runs_two_rounds(model_dir, tmp_path, method):
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
     from flexmoe.methods import build_method
 
     overrides = [f"method={method}", "runtime.device=cpu", "runtime.base_dtype=bf16"]
     if method == "flex":
         overrides.append("flex.federate_routers=true")
-    config = tiny_config(model_dir, *overrides)
+    config = engine_config(model_dir, *overrides)
     summary = Simulation(config, tmp_path).run()
     assert summary["rounds_completed"] == 2 and 0.0 <= summary["rouge_l_avg"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -171,7 +174,7 @@ def wide_model_dir(tmp_path_factory) -> str:
     """The engine tests' model at real-model-like widths (multiples of 128): bitsandbytes' CPU
     4-bit kernels work in blocks and refuse the 32-wide tiny model's layers."""
     from conftest import tiny_model
-    from test_engine import build_tokenizer
+    from conftest import build_tokenizer
 
     path = tmp_path_factory.mktemp("wide-qwen2moe")
     vocab = build_tokenizer(path)
@@ -188,14 +191,14 @@ def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantiz
     bf16. nf4: the fused experts are quantised (bitsandbytes' parametrisation), nn.Linear stays bf16
     on the CPU. Either way a FLEx round trains; on nf4 its graft moves away from its (dequantised) copied expert."""
     pytest.importorskip("bitsandbytes")
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
     from flexmoe.files import load_checked
     from flexmoe.methods import build_method
     from flexmoe.models import moe_layers
     from flexmoe.models.quantize import is_quantized
 
-    config = tiny_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",
+    config = engine_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",
                          "rounds=1")
     model, _ = load_model(config, build_method(config))
     linear = {type(m).__name__ for m in model.modules()} & {"Linear4bit", "Linear8bitLt"}
@@ -252,10 +255,10 @@ def test_nf4_experts_stay_close_to_the_bf16_base():
 
 def test_nf4_refuses_a_method_that_trains_the_experts(model_dir):
     pytest.importorskip("bitsandbytes")
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
 
-    config = tiny_config(model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", "runtime.quantize=nf4",
+    config = engine_config(model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", "runtime.quantize=nf4",
                          "method=fedavg", "lora.scope=attention+experts", "lora.dropout=0")
     with pytest.raises(FlexmoeError, match="trains them"):
         load_model(config, build_method(config))
@@ -265,12 +268,12 @@ def test_nf4_plan_counts_the_quantised_experts():
     """The plan's frozen bytes and step on a nf4 base against the real ones, counted the same way."""
     pytest.importorskip("bitsandbytes")
     from flexmoe.config import load_config
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.models import graft, moe_layers
     from flexmoe.models.quantize import stored_bytes
     from flexmoe.models.roles import apply_roles
-    from flexmoe.plan import plan, step_memory
+    from flexmoe.cost.plan import plan, step_memory
 
     config = load_config(None, ["runtime.device=cpu", "runtime.base_dtype=bf16", "runtime.quantize=nf4"])
     planned = plan(config, "tiny", batch=2, length=64)

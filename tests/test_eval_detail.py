@@ -7,11 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from test_engine import builtin_is_synthetic, model_dir, run  # noqa: F401  (fixtures)
+from conftest import run
 
 from flexmoe.rundir import ClientStore
 from flexmoe.eval.detail import read_round
 from flexmoe.files import load_checked
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 EVAL = ("eval.every=1", "eval.max_test_examples=6", "eval.curve_test_examples=2", "eval.knowledge=true",
         "eval.knowledge_max_docs=6", "eval.curve_docs=3", "eval.max_probes=5", "eval.curve_probes=2",
@@ -21,7 +24,7 @@ EVAL = ("eval.every=1", "eval.max_test_examples=6", "eval.curve_test_examples=2"
 @pytest.fixture(scope="module")
 def flex_run(model_dir, tmp_path_factory):  # noqa: F811
     import flexmoe.data
-    from test_engine import synthetic_examples
+    from conftest import synthetic_examples
 
     out = tmp_path_factory.mktemp("detail-run")
     patch = pytest.MonkeyPatch()

@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from flexmoe.eval.stats import (
+from flexmoe.analysis.stats import (
     binomial_two_sided, bootstrap_ci, mcnemar_exact, paired_difference, seed_signs, verdict,
 )
 

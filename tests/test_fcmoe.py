@@ -17,7 +17,10 @@ from flexmoe.methods.conflict import (
 )
 from flexmoe.methods.fcmoe import ACTIVATION, CONSENSUS, ROUND, UPDATE, UPDATE_ROUND
 from flexmoe.methods.groups import build_groups, from_expert_rows, group_matrix, split_matrix, to_expert_rows
-from test_engine import builtin_is_synthetic, model_dir, tiny_config  # noqa: F401  (fixtures)
+from conftest import engine_config
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 EXPERT_A = "m.layers.0.mlp.experts.lora_A.default.weight"
 EXPERT_B = "m.layers.0.mlp.experts.lora_B.default.weight"
@@ -198,7 +201,7 @@ def run_recording(model_dir, tmp_path, monkeypatch, method: str) -> tuple[dict, 
         return serialize(tensors, metadata)
 
     monkeypatch.setattr(simulation, "serialize", recording_serialize)
-    config = tiny_config(model_dir, f'method="{method}"', "clients_per_round=4")
+    config = engine_config(model_dir, f'method="{method}"', "clients_per_round=4")
     summary = simulation.Simulation(config, tmp_path).run()
     return summary, sent
 
@@ -267,7 +270,7 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
         return honest_uplink(self, received, trained, client_state, run)
 
     monkeypatch.setattr(Fcmoe, "uplink", contrary_first_client)
-    config = tiny_config(model_dir, "method=fcmoe", "clients_per_round=4", "rounds=1", "fcmoe.retention=0.5")
+    config = engine_config(model_dir, "method=fcmoe", "clients_per_round=4", "rounds=1", "fcmoe.retention=0.5")
     simulation.Simulation(config, tmp_path).run()
     server = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert server["kind"] == "server" and server["fcmoe_conflict_fraction"] > 0
@@ -277,7 +280,7 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
     store = ClientStore(tmp_path / "clients")
     norms = []
     for client in range(4):
-        retained = method.retained(received, store.load_state(client))
+        retained = method.retained(received, store.load_state(client).method)
         assert retained and retained.keys() <= global_weights.keys()  # groups with a conflict
         norms.append(sum(float(t.norm()) for t in retained.values()))
         restored = shared_state(restore(tmp_path, client).model, method.roles)
@@ -290,10 +293,10 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
 @pytest.mark.slow
 def test_fcmoe_resumed_run_matches_uninterrupted(model_dir, tmp_path):
     """Round 2 depends on round 1's consensus (server checkpoint) and each client's stored update."""
-    from test_engine import assert_same_safetensors, metrics
+    from conftest import assert_same_safetensors, metrics
 
     def run(out, stop_after=None):
-        config = tiny_config(model_dir, "method=fcmoe", "clients_per_round=4", "rounds=2")
+        config = engine_config(model_dir, "method=fcmoe", "clients_per_round=4", "rounds=2")
         return simulation.Simulation(config, out).run(stop_after=stop_after)
 
     run(tmp_path / "full")

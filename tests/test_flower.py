@@ -28,45 +28,6 @@ BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.flower, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("flwr", path=str(BIN)) is None, reason="flwr is not installed")]
 
-RUN_CONFIG = """\
-model = "{model}"
-rounds = 2
-num_clients = 2
-clients_per_round = 2
-seed = 3
-[data]
-source = "{data}"
-test_fraction = 0.2
-[train]
-local_steps = 2
-batch_size = 4
-max_length = 64
-lr = 5e-3
-[lora]
-r = 2
-[flex]
-calibration_examples = 4
-[eval]
-max_test_examples = 2
-max_new_tokens = 4
-knowledge_max_docs = 2
-knowledge_max_length = 32
-probes = false
-"""
-
-
-@pytest.fixture(scope="module")
-def run_config(tmp_path_factory, saved_tiny_model) -> Path:
-    """The session's tiny random qwen2_moe, a data file and a FLEx run config in a temp dir."""
-    from test_engine import synthetic_examples
-
-    root = tmp_path_factory.mktemp("flower")
-    model_dir = saved_tiny_model
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(e.__dict__) + "\n" for e in synthetic_examples()))
-    path = root / "run.toml"
-    path.write_text(RUN_CONFIG.format(model=model_dir, data=data))
-    return path
 
 
 def flower_env(home: Path) -> dict:
@@ -500,7 +461,7 @@ def test_no_personal_tensor_leaves_a_client(secured, secured_run):
     gate: no key naming a graft, and none of the bytes of any personal tensor or of any of its rows."""
     import torch
 
-    from flexmoe.models.personal import read_personal
+    from flexmoe.models.graft_file import read_graft
 
     run_dir, _, _ = secured_run
     uploads, wire = {}, {}
@@ -509,7 +470,7 @@ def test_no_personal_tensor_leaves_a_client(secured, secured_run):
         # the first run: round-0 evaluation (and a round-1 training if it finished before the kill);
         # the resumed run: identification, 2 trainings, final evaluation, final commit
         assert len(messages) >= 6
-        personal, _ = read_personal(client_dir(secured.state(client), run_dir, client) / "personal.safetensors")
+        personal, _ = read_graft(client_dir(secured.state(client), run_dir, client) / "personal.safetensors")
         secrets = [p for key, t in personal.items() if t.is_floating_point() for p in fingerprints(t)]
         assert len(secrets) > 10
         for objects, message in messages:
@@ -641,7 +602,7 @@ def test_resumed_run_with_sampled_clients_keeps_every_counted_round(plain, sampl
     those of the uninterrupted in-process run."""
     from flexmoe.config import load_config
     from flexmoe.engine.simulation import Simulation
-    from flexmoe.engine.core import sample_clients
+    from flexmoe.engine.driver import sample_clients
 
     assert [sample_clients(6, r, 2, 1) for r in (1, 2)] == [[0], [1]]
     expected = tmp_path / "in-process"

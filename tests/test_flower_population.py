@@ -60,7 +60,7 @@ def population_examples(per_domain: int):
 
 def test_flower_simulation_with_100_supernodes_matches_in_process(saved_tiny_model, tmp_path):
     from flexmoe.config import load_config
-    from flexmoe.engine.core import evaluated_clients, sample_clients
+    from flexmoe.engine.driver import evaluated_clients, sample_clients
     from flexmoe.engine.simulation import Simulation
     from flexmoe.eval.detail import evaluated_rounds, read_round
 

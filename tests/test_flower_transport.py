@@ -16,6 +16,8 @@ from flexmoe.config import load_config
 from flexmoe.engine.flower import client_app
 from flexmoe.engine.flower.messages import CONFIG, counted_round
 from flexmoe.engine.flower.server_app import FlowerTransport
+from flexmoe.engine.server import ServerRunner
+from flexmoe.methods import build_method
 from flexmoe.rundir import ClientStore
 
 
@@ -71,8 +73,8 @@ def transport_and_store(tmp_path, grid_nodes: dict[int, int], **settings):
     config = load_config(None, [f"{k}={v}" for k, v in settings.items()])
     run_dir = tmp_path / "run"
     grid = LoopbackGrid(tmp_path / "state", grid_nodes)
-    transport = FlowerTransport(grid, config, run_dir, round_timeout=1.0, min_clients=len(grid_nodes),
-                                connect_timeout=1.0)
+    server = ServerRunner(config, build_method(config), run_dir)
+    transport = FlowerTransport(grid, server, round_timeout=1.0, min_clients=len(grid_nodes), connect_timeout=1.0)
     return transport, grid, ClientStore(tmp_path / "state" / client_app.run_key(run_dir))
 
 
@@ -86,7 +88,8 @@ def test_a_restarted_supernode_keeps_the_state_of_the_round_the_server_counted(t
     transport.nodes = {0: 10, 1: 11, 2: 12}  # node 11 is gone; node 21 is new
     with_pending(store, 1, b"round 2", 3)
     with_pending(store, 2, b"round 2", 3)
-    transport.train(4, [0, 1, 2], None, counted={0: 3, 1: 3, 2: 2})
+    transport.server.counted = {0: 3, 1: 3, 2: 2}
+    transport.train(4, [0, 1, 2], None)
     identify = [m for m in grid.sent if m.content[CONFIG]["phase"] == "identify"]
     assert [m.metadata.dst_node_id for m in identify] == [21]
     assert counted_round(identify[0].content[CONFIG], 1) == 3
@@ -105,7 +108,8 @@ def test_resume_tells_every_client_its_own_last_counted_round(tmp_path, server_i
     with_pending(store, 0, b"round 3", 4)
     with_pending(store, 1, b"round 1", 2)
     with_pending(store, 2, b"round 1", 3)
-    infos = transport.resume(4, {0: 4, 1: 2, 2: 1})
+    transport.server.counted = {0: 4, 1: 2, 2: 1}
+    infos = transport.resume(4)
     assert [info.client_id for info in infos] == [0, 1, 2]
     assert all(m.content[CONFIG]["committed"] == 4 for m in grid.sent)
     assert [counted_round(m.content[CONFIG], c) for m in grid.sent for c in range(3)] == [4, 2, 1] * 3

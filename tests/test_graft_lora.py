@@ -10,23 +10,22 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
-from conftest import tiny_model, token_batches
+from conftest import command, logits, tiny_model, token_batches, train
 
 from flexmoe.config import load_config
 from flexmoe.engine.restore import restore
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.comm import serialized_size
+from flexmoe.cost.comm import serialized_size
 from flexmoe.methods import build_method
 from flexmoe.methods.fedper import graft_params, matched_rank
 from flexmoe.models import (
-    GraftTraining, extract_expert, graft, grafts, load_personal, moe_layers, personal_state, read_personal,
-    save_personal, select_experts, set_personal_state,
+    GraftTraining, extract_expert, graft, grafts, load_graft, moe_layers, graft_state, read_graft,
+    save_graft, select_experts, set_graft_state,
 )
 from flexmoe.models.graft import fold_graft_lora, grafts_disabled, new_graft
 from flexmoe.models.roles import apply_roles
-from flexmoe.plan import plan
+from flexmoe.cost.plan import plan
 from flexmoe.train.loop import _make_optimizer, personal_lr
-from test_usage import command, data_file, logits, model_dir, train, workdir  # noqa: F401  (fixtures)
 
 # The tiny random qwen2_moe (conftest): 2 MoE layers, hidden H=32, expert width I=16.
 # LoRA of rank r on gate/up (H -> I) and down (I -> H): 3 * r * (H + I) = 144 r per expert; the gate H + 1 = 33.
@@ -102,23 +101,23 @@ def test_fedper_matches_the_trainable_count_of_either_graft():
 def test_lora_personal_state_holds_no_copy_and_is_rebuilt_from_the_base(tmp_path):
     model = lora_grafted()
     trained_a_little(model)
-    state = personal_state(model)
+    state = graft_state(model)
     assert state and not any(".base_layer." in key for key in state)
-    path = save_personal(model, tmp_path / "personal.safetensors")
-    _, metadata = read_personal(path)
+    path = save_graft(model, tmp_path / "personal.safetensors")
+    _, metadata = read_graft(path)
     assert metadata["graft_train"] == "lora" and metadata["graft_r"] == "4"
-    fresh = tiny_model("qwen2_moe")  # ungrafted: load_personal grafts with the file's selection and training
-    load_personal(fresh, path)
+    fresh = tiny_model("qwen2_moe")  # ungrafted: load_graft grafts with the file's selection and training
+    load_graft(fresh, path)
     x = token_batches()[1]
     assert torch.equal(fresh(input_ids=x).logits, model(input_ids=x).logits)
     # bytes on disk: the file is what `serialized_size` (flexmoe plan) counts, and a fraction of a full copy's
     full = lora_grafted(training=GraftTraining())
-    full_path = save_personal(full, tmp_path / "full.safetensors")
+    full_path = save_graft(full, tmp_path / "full.safetensors")
     assert path.stat().st_size == serialized_size(state, _metadata(path))
     assert path.stat().st_size < full_path.stat().st_size
     ids = 2 * 8  # one int64 expert id per layer
     assert sum(t.numel() * t.element_size() for t in state.values()) == 4 * GRAFT_LORA4_K1 + ids
-    assert sum(t.numel() * t.element_size() for t in personal_state(full).values()) == 4 * 3138 + ids
+    assert sum(t.numel() * t.element_size() for t in graft_state(full).values()) == 4 * 3138 + ids
 
 
 def _metadata(path):
@@ -132,23 +131,23 @@ def test_swapping_clients_rebuilds_each_ones_frozen_copy(tmp_path):
     a, b = lora_grafted([1], seed=1), lora_grafted([3], seed=2)
     trained_a_little(a, 1)
     trained_a_little(b, 2)
-    path_a, path_b = save_personal(a, tmp_path / "a.safetensors"), save_personal(b, tmp_path / "b.safetensors")
+    path_a, path_b = save_graft(a, tmp_path / "a.safetensors"), save_graft(b, tmp_path / "b.safetensors")
     x = token_batches()[0]
     server = lora_grafted([5])  # one instance serving both clients in turn
     for path, reference in ((path_b, b), (path_a, a), (path_b, b)):
-        load_personal(server, path, adopt_selection=True)
+        load_graft(server, path, adopt_selection=True)
         assert torch.equal(server(input_ids=x).logits, reference(input_ids=x).logits)
-    in_memory = personal_state(a)
-    set_personal_state(server, in_memory)
+    in_memory = graft_state(a)
+    set_graft_state(server, in_memory)
     assert torch.equal(server(input_ids=x).logits, a(input_ids=x).logits)
 
 
 def test_a_file_of_the_other_training_is_refused(tmp_path):
-    path = save_personal(lora_grafted([1]), tmp_path / "lora.safetensors")
+    path = save_graft(lora_grafted([1]), tmp_path / "lora.safetensors")
     with pytest.raises(FlexmoeError, match="graft trains as"):
-        load_personal(lora_grafted([1], training=GraftTraining()), path, adopt_selection=True)
+        load_graft(lora_grafted([1], training=GraftTraining()), path, adopt_selection=True)
     with pytest.raises(FlexmoeError, match="graft trains as"):
-        load_personal(lora_grafted([1], training=GraftTraining("lora", r=8, alpha=8.0)), path, adopt_selection=True)
+        load_graft(lora_grafted([1], training=GraftTraining("lora", r=8, alpha=8.0)), path, adopt_selection=True)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -207,7 +206,7 @@ def lora_run(workdir, model_dir, data_file):  # noqa: F811
 @pytest.mark.slow
 def test_a_lora_run_resumes_to_the_uninterrupted_metrics(lora_run, model_dir, data_file, tmp_path):  # noqa: F811
     from flexmoe.engine.simulation import Simulation
-    from test_engine import assert_same_safetensors, metrics
+    from conftest import assert_same_safetensors, metrics
 
     config = load_config(lora_run / "config.toml")
     Simulation(config, tmp_path / "cut").run(stop_after=1)
@@ -246,10 +245,10 @@ def test_folding_the_graft_lora_leaves_a_plain_full_copy_with_the_same_output():
 
 
 def test_a_lora_client_stores_no_copy_and_restores_exactly(lora_run):
-    stored, metadata = read_personal(lora_run / "clients" / "0" / "personal.safetensors")
+    stored, metadata = read_graft(lora_run / "clients" / "0" / "personal.safetensors")
     assert metadata["graft_train"] == "lora" and not any(".base_layer." in key for key in stored)
     restored = restore(lora_run, 0)
-    state = personal_state(restored.model)
+    state = graft_state(restored.model)
     assert set(state) == set(stored) and all(torch.equal(state[k], stored[k]) for k in stored)
     for layer in moe_layers(restored.model):  # the frozen copy is the base's expert, untouched by training
         module = grafts(restored.model)[layer.name]

@@ -12,7 +12,7 @@ import pytest
 
 from flexmoe import cli
 from flexmoe.config import load_config
-from flexmoe.data.clients import partition_data
+from flexmoe.clients import partition_data
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 DOLLY_CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming",

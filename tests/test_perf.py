@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from flexmoe.train.flops import counted_flops
+from flexmoe.cost.flops import counted_flops
 
 
 def qwen2_moe_forward_flops_by_hand(tokens: int, seq_len: int) -> int:

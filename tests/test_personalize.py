@@ -10,17 +10,7 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexmoeError
-from test_usage import CATEGORIES, command, logits, save_model, train, write_dolly
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("join")
-
-
-@pytest.fixture(scope="module")
-def data_file(workdir) -> Path:
-    return write_dolly(workdir / "dolly.jsonl")
+from conftest import CATEGORIES, command, logits, train
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +27,6 @@ def newcomer_file(workdir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(workdir) -> str:
-    return save_model(workdir / "base", seed=0)
-
-
-@pytest.fixture(scope="module")
-def flex_run(workdir, model_dir, data_file) -> Path:
-    return train(model_dir, data_file, workdir / "flex-run")
-
-
-@pytest.fixture(scope="module")
 def joined(flex_run, newcomer_file, workdir) -> dict:
     from flexmoe.data import load_examples
     from flexmoe.engine.join import personalize
@@ -58,11 +38,11 @@ def joined(flex_run, newcomer_file, workdir) -> dict:
 
 def test_joined_client_trains_its_graft_only_and_keeps_the_global_shared_part(joined, flex_run, workdir):
     from flexmoe.engine.restore import open_run, restore
-    from flexmoe.models import read_personal, shared_state
+    from flexmoe.models import read_graft, shared_state
 
     assert joined["client"] == 4  # the first id past the run's four clients
     client_dir = workdir / "joined" / "4"
-    stored, metadata = read_personal(client_dir / "personal.safetensors")
+    stored, metadata = read_graft(client_dir / "personal.safetensors")
     assert json.loads(metadata["selection"])
     restored = restore(flex_run, 4, state_dir=workdir / "joined")
     shared = shared_state(restored.model, restored.checkpoint.method.roles)
@@ -141,7 +121,7 @@ def test_methods_without_a_personal_part_and_federation_settings_are_refused(wor
 def test_fedper_newcomer_trains_its_expert_lora_and_a_failed_join_leaves_nothing(workdir, model_dir, data_file,
                                                                               newcomer_file, monkeypatch):
     from flexmoe.data import load_examples
-    from flexmoe.engine.core import ClientRunner
+    from flexmoe.engine.client import ClientRunner
     from flexmoe.engine.join import personalize
     from flexmoe.engine.restore import restore
     from flexmoe.models.roles import split_parameters

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flexmoe.config import load_config
-from flexmoe.plan import hf_config, meta_base, plan, shape_names
+from flexmoe.cost.plan import hf_config, meta_base, plan, shape_names
 
 # total parameters as published with each checkpoint (billions)
 PUBLISHED = {"qwen1.5-moe-a2.7b": 14.3, "olmoe-1b-7b": 6.9, "qwen3-30b-a3b": 30.5, "deepseek-v2-lite": 15.7,
@@ -30,7 +30,7 @@ def test_shapes_have_the_published_parameter_counts(name):
 
 def test_quantisation_reaches_only_the_non_expert_linear_weights():
     """docs/gpu.md: bitsandbytes quantises 8.6% of Qwen1.5-MoE-A2.7B (its fused experts stay bf16)."""
-    from flexmoe.plan import _prepared, quantizable_params
+    from flexmoe.cost.plan import _prepared, quantizable_params
 
     model, _ = _prepared(load_config(None, []), meta_base(hf_config("qwen1.5-moe-a2.7b"), torch.bfloat16))
     share = quantizable_params(model) / sum(p.numel() for p in model.parameters())
@@ -61,11 +61,11 @@ def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides
     one `local_train` step with a fresh optimiser on a fixed 4 x 96 batch with 150 response
     positions, under TensorMemory; plus the weights alive before it. With and without gradient
     checkpointing."""
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.models import apply_roles, graft, moe_layers
     from flexmoe.train import local_train
-    from flexmoe.train.memory import TensorMemory, tensor_bytes
+    from flexmoe.cost.memory import TensorMemory, tensor_bytes
 
     batch, length, response = 4, 96, 150
     config = load_config(None, [*overrides, "train.local_steps=1", f"train.batch_size={batch}"])
@@ -100,10 +100,11 @@ def test_plan_json_on_the_tiny_base(capsys):
 def test_personal_bytes_of_every_method_with_a_personal_part(tmp_path):
     """FedPer's personal expert LoRA and FLEx's graft, as the engine stores them (the bytes of the
     real files a client writes), against the plan's count on the meta device."""
-    from flexmoe.engine.core import HELD, held_personal, load_model
-    from flexmoe.eval.comm import serialized_size
+    from flexmoe.engine.model import load_model
+    from flexmoe.models.roles import personal_outside_graft
+    from flexmoe.cost.comm import serialized_size
     from flexmoe.methods import build_method
-    from flexmoe.models import graft, moe_layers, save_personal
+    from flexmoe.models import graft, moe_layers, save_graft
     from flexmoe.tensors import with_prefix
 
     for method_name in ("fedper", "flex", "fedavg"):
@@ -111,10 +112,10 @@ def test_personal_bytes_of_every_method_with_a_personal_part(tmp_path):
         method = build_method(config)
         model, _ = load_model(config, method)
         # personal tensors in the state file count raw (numel x element size), as the engine counts them
-        real = sum(p.numel() * p.element_size() for p in held_personal(model, method.roles).values())
+        real = sum(p.numel() * p.element_size() for p in personal_outside_graft(model, method.roles).values())
         if method.grafts:
             graft(model, {layer.name: list(range(config.flex.k)) for layer in moe_layers(model)})
-            real += save_personal(model, tmp_path / f"{method_name}.safetensors").stat().st_size
+            real += save_graft(model, tmp_path / f"{method_name}.safetensors").stat().st_size
         planned = plan(config, "tiny", batch=2, length=16).personal_state_bytes
         assert (planned > 0) == (method_name != "fedavg"), method_name
         # the graft file's metadata (fingerprint, selection) is not in the plan's count: a few hundred bytes

@@ -4,23 +4,27 @@ would have had at round 0 (the tiny random qwen2_moe and synthetic data of test_
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-import flexmoe.data.clients as clients_module
-from flexmoe.engine.core import evaluated_clients, sample_clients
+import flexmoe.clients as clients_module
+from flexmoe.engine.driver import evaluated_clients, sample_clients
 from flexmoe.files import load_checked
-from test_engine import builtin_is_synthetic, metrics, model_dir, run, tiny_config  # noqa: F401 (fixtures)
+from conftest import engine_config, metrics, run
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
+
 
 POPULATION = ("num_clients=8", "clients_per_round=2", "rounds=3", "eval.every=0")
 
 
 def test_evaluated_clients_are_a_fixed_seeded_sample(model_dir):
-    config = tiny_config(model_dir, *POPULATION, "eval.clients=3")
+    config = engine_config(model_dir, *POPULATION, "eval.clients=3")
     chosen = evaluated_clients(config)
     assert len(chosen) == 3 == len(set(chosen)) and chosen == sorted(chosen) and all(0 <= c < 8 for c in chosen)
     assert chosen == evaluated_clients(config)
-    assert evaluated_clients(tiny_config(model_dir, *POPULATION)) == list(range(8))  # 0: every client
-    assert evaluated_clients(tiny_config(model_dir, *POPULATION, "eval.clients=20")) == list(range(8))
+    assert evaluated_clients(engine_config(model_dir, *POPULATION)) == list(range(8))  # 0: every client
+    assert evaluated_clients(engine_config(model_dir, *POPULATION, "eval.clients=20")) == list(range(8))
 
 
 def test_only_sampled_and_evaluated_clients_are_tokenised_and_kept(model_dir, tmp_path, monkeypatch):
@@ -39,7 +43,7 @@ def test_only_sampled_and_evaluated_clients_are_tokenised_and_kept(model_dir, tm
     monkeypatch.setattr(clients_module, "make_client", counting_make)
     monkeypatch.setattr(clients_module.ClientPool, "start_round", recording_start)
     run(model_dir, tmp_path, *POPULATION, "eval.clients=2")
-    config = tiny_config(model_dir, *POPULATION, "eval.clients=2")
+    config = engine_config(model_dir, *POPULATION, "eval.clients=2")
     evaluated = set(evaluated_clients(config))
     sampled = [set(sample_clients(config.seed, r, 8, 2)) for r in (1, 2, 3)]
     # the evaluated ones once (pinned); every other client when a round samples it and the previous did not

@@ -6,63 +6,28 @@ import dataclasses
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import corpus_documents, tiny_pretrain_overrides
+
 from flexmoe.commands import pretrain as pretrain_command
 from flexmoe.errors import FlexmoeError
 from flexmoe.pretrain.card import document_domain, evaluate_and_write_card, unigram_loss
-from flexmoe.pretrain.train import (
-    EOS,
-    TokenizerSettings,
-    TrainSettings,
-    batch_picks,
-    load_config,
-    lr_factor,
-    pack_documents,
-    pretrain,
-    train_tokenizer,
-)
+from flexmoe.pretrain.config import EOS, TokenizerSettings, TrainSettings, load_config
+from flexmoe.pretrain.packing import batch_picks, pack_documents, train_tokenizer
+from flexmoe.pretrain.step import lr_factor
+from flexmoe.pretrain.train import pretrain
 
-WORDS = ["stone", "river", "light", "bird", "song", "tree", "cold", "bright", "small", "green"]
-DOMAINS = ["animal", "plant", "artifact"]
-
-
-def _documents(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [f"{rng.choice(WORDS)}{i} (noun, {rng.choice(DOMAINS)}): a {rng.choice(WORDS)} "
-            f"{rng.choice(WORDS)} that is {rng.choice(WORDS)}. It is a kind of {rng.choice(WORDS)}."
-            for i in range(count)]
-
-
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("corpus")
-    (directory / "train.txt").write_text("\n".join(_documents(300, 0)) + "\n", encoding="utf-8")
-    (directory / "heldout.txt").write_text("\n".join(_documents(40, 1)) + "\n", encoding="utf-8")
-    return directory
-
-
-def _tiny_overrides(corpus_files, steps: int = 6) -> list[str]:
-    return [f"data.corpus={json.dumps(str(corpus_files / 'train.txt'))}",
-            f"data.heldout={json.dumps(str(corpus_files / 'heldout.txt'))}", 'data.probes="none"',
-            "tokenizer.vocab_size=320", "model.hidden_size=32", "model.num_hidden_layers=2",
-            "model.num_attention_heads=2", "model.num_key_value_heads=2", "model.moe_intermediate_size=16",
-            "model.shared_expert_intermediate_size=32", "model.max_position_embeddings=64",
-            f"train.steps={steps}", "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2",
-            "train.log_every=1", "train.eval_every=3", "train.eval_docs=10", "train.checkpoint_every=3",
-            "train.lr=0.01", 'eval.generation_prompts=["stone1 (noun, animal):"]', "eval.max_new_tokens=5",
-            "eval.batch_size=8"]
 
 
 def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    documents = _documents(200, 0)
+    documents = corpus_documents(200, 0)
     tokenizer = train_tokenizer(documents, TokenizerSettings(vocab_size=300))
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
@@ -77,7 +42,7 @@ def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
 
 
 def test_packing_keeps_every_document_whole_and_in_order():
-    documents = _documents(50, 3)
+    documents = corpus_documents(50, 3)
     tokenizer = train_tokenizer(documents, TokenizerSettings(vocab_size=300))
     rows = pack_documents(documents, tokenizer, seq_len=16, seed=0)
     stream = rows.reshape(-1).tolist()
@@ -135,7 +100,7 @@ def test_shipped_pretrain_configs_parse_and_stage_two_continues_stage_one():
 def test_pretrain_smoke_resume_and_card(corpus_files, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = load_config(None, _tiny_overrides(corpus_files))
+    config = load_config(None, tiny_pretrain_overrides(corpus_files))
     straight = pretrain(config, tmp_path / "straight", log=lambda line: None)
 
     def crash_at_step_5(line: str) -> None:
@@ -203,7 +168,7 @@ def test_command_reports_bad_flags_as_flexmoe_errors(tmp_path):
 
 
 def test_resume_refuses_a_missing_checkpoint_or_a_changed_config(corpus_files, tmp_path):
-    config = load_config(None, _tiny_overrides(corpus_files))
+    config = load_config(None, tiny_pretrain_overrides(corpus_files))
     with pytest.raises(FlexmoeError, match="no checkpoint"):
         pretrain(config, tmp_path, resume=True)
     (tmp_path / "checkpoint.pt").write_bytes(b"")

@@ -14,36 +14,29 @@ from safetensors.torch import load_file
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.pretrain.specialisation import check_targets, domain_separation, total_variation
-from flexmoe.pretrain.train import (
-    MIXED,
-    EvalSettings,
-    TokenizerSettings,
-    TrainSettings,
+from flexmoe.pretrain.config import EvalSettings, MIXED, TokenizerSettings, TrainSettings, load_config
+from flexmoe.pretrain.packing import (
     assign_domain_experts,
     domain_batch_at,
-    load_config,
     pack_by_domain,
-    pretrain,
-    resolve_device,
-    router_supervision_loss,
-    router_z_loss,
     row_targets,
-    supervision_weight,
     train_tokenizer,
     training_batches,
 )
-from test_pretrain import _documents, _tiny_overrides, corpus_files  # noqa: F401  (fixture)
+from flexmoe.pretrain.step import router_supervision_loss, router_z_loss, supervision_weight, training_device
+from flexmoe.pretrain.train import pretrain
+from conftest import corpus_documents, tiny_pretrain_overrides
 
 _LABEL = re.compile(r"\(noun, (\w+)\):")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(_documents(200, 0), TokenizerSettings(vocab_size=300))
+    return train_tokenizer(corpus_documents(200, 0), TokenizerSettings(vocab_size=300))
 
 
 def test_domain_packing_keeps_each_sequence_to_one_domain_and_loses_no_document(tokenizer):
-    documents = _documents(120, 5)
+    documents = corpus_documents(120, 5)
     rows, domains = pack_by_domain(documents, tokenizer, seq_len=24, seed=0)
     assert len(domains) == rows.shape[0] and set(domains) <= {"noun.animal", "noun.plant", "noun.artifact", MIXED}
     for row, domain in zip(rows, domains):
@@ -71,7 +64,7 @@ def test_domain_batches_are_one_domain_each_cover_an_epoch_and_are_pure(tokenize
 
 
 def test_training_batches_follow_the_grouping_setting(tokenizer):
-    documents = _documents(200, 6)
+    documents = corpus_documents(200, 6)
     for grouping in ("none", "sequences", "batches"):
         settings = TrainSettings(batch_size=4, seq_len=24, domain_grouping=grouping)
         rows, row_domains, picks_for_step = training_batches(documents, tokenizer, settings, seed=0)
@@ -116,16 +109,17 @@ def test_router_supervision_is_the_cross_entropy_toward_each_rows_expert_and_ann
 
 def test_router_supervision_pulls_routers_toward_the_domain_expert(corpus_files, tmp_path):  # noqa: F811
     from flexmoe.models import load_base
-    from flexmoe.pretrain.train import DOMAIN_EXPERTS, read_documents
+    from flexmoe.pretrain.config import DOMAIN_EXPERTS
+    from flexmoe.pretrain.packing import read_documents
 
-    overrides = _tiny_overrides(corpus_files, steps=40) + [
+    overrides = tiny_pretrain_overrides(corpus_files, steps=40) + [
         'train.domain_grouping="sequences"', "train.router_supervision_coef=5.0", "train.router_supervision_until=1.0",
         "train.lr=0.01", "train.warmup_steps=1", 'train.device="cpu"']
     out = pretrain(load_config(None, overrides), tmp_path / "supervised", log=lambda line: None)
     mapping = json.loads((out / DOMAIN_EXPERTS).read_text())
     model, tok = load_base(out)
     hits = total = 0
-    from flexmoe.pretrain.train import document_domain
+    from flexmoe.pretrain.packing import document_domain
     for doc in read_documents(str(corpus_files / "train.txt"), "train")[:40]:
         expert = mapping.get(document_domain(doc))
         if expert is None:
@@ -150,15 +144,15 @@ def test_device_and_grouping_settings_are_checked():
         load_config(None, ["train.router_supervision_until=0"])
     with pytest.raises(FlexmoeError, match="experts_implementation"):
         load_config(None, ['train.experts_implementation="batched"'])
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert training_device("cpu").type == "cpu"
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(FlexmoeError, match="no CUDA GPU"):
-            resolve_device("cuda")
+        with pytest.raises(FlexmoeError, match="train.device = 'cuda': no CUDA device"):
+            training_device("cuda")
 
 
 def test_time_limit_leaves_a_checkpoint_and_resume_ends_with_the_same_weights(corpus_files, tmp_path):  # noqa: F811
-    overrides = _tiny_overrides(corpus_files, steps=4) + ['train.domain_grouping="batches"',
+    overrides = tiny_pretrain_overrides(corpus_files, steps=4) + ['train.domain_grouping="batches"',
                                                             "train.router_z_loss_coef=0.001", 'train.device="cpu"',
                                                             'train.experts_implementation="eager"']
     config = load_config(None, overrides)
@@ -255,7 +249,7 @@ def test_v2_config_meets_the_size_and_token_budget():
     """configs/pretrain-tiny-v2.toml: qwen2_moe, >= 16 routed experts, <= 60 MB in bfloat16, >= 50M tokens."""
     from pathlib import Path
 
-    from flexmoe.pretrain.train import build_model
+    from flexmoe.pretrain.step import build_model
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pretrain-tiny-v2.toml")
     vocab = SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -270,8 +264,8 @@ def test_v2_config_meets_the_size_and_token_budget():
 
 
 def test_init_from_continues_from_a_model_directory_with_its_tokenizer(corpus_files, tmp_path):  # noqa: F811
-    first = pretrain(load_config(None, _tiny_overrides(corpus_files, steps=2)), tmp_path / "first", log=lambda line: None)
-    overrides = _tiny_overrides(corpus_files, steps=1) + [f"model.init_from={json.dumps(str(first))}",
+    first = pretrain(load_config(None, tiny_pretrain_overrides(corpus_files, steps=2)), tmp_path / "first", log=lambda line: None)
+    overrides = tiny_pretrain_overrides(corpus_files, steps=1) + [f"model.init_from={json.dumps(str(first))}",
                                                            "train.lr=0.0", "train.warmup_steps=1"]
     second = pretrain(load_config(None, overrides), tmp_path / "second", log=lambda line: None)
     # lr 0: one step changes nothing, so the continued model is the first one, tokenizer included
@@ -282,5 +276,5 @@ def test_init_from_continues_from_a_model_directory_with_its_tokenizer(corpus_fi
     with pytest.raises(FlexmoeError, match="num_experts = 8, the config says 4"):
         pretrain(load_config(None, wrong), tmp_path / "wrong", log=lambda line: None)
     with pytest.raises(FlexmoeError, match="no model directory"):
-        pretrain(load_config(None, _tiny_overrides(corpus_files) + ['model.init_from="/nonexistent"']),
+        pretrain(load_config(None, tiny_pretrain_overrides(corpus_files) + ['model.init_from="/nonexistent"']),
                  tmp_path / "none", log=lambda line: None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flexmoe.models import moe_layers
-from flexmoe.plan import meta_base
+from flexmoe.cost.plan import meta_base
 from flexmoe.shapes import shape_config, shape_fields, shape_names
 
 

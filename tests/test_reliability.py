@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine import builtin_is_synthetic, metrics, model_dir, run, tiny_config  # noqa: F401 (fixtures)
+from conftest import engine_config, metrics, run
+
 
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
 from flexmoe.engine import privacy
-from flexmoe.engine.core import ServerRunner
+from flexmoe.engine.server import ServerRunner
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.simulation import Simulation
 from flexmoe.errors import FlexmoeError
@@ -29,6 +30,8 @@ from flexmoe.wire import deserialize, serialize
 from flexmoe.files import CHECKSUM, load_checked, save_checked, tensors_digest, unpack_metadata
 from flexmoe.methods import Reply, build_method
 from flexmoe.methods.base import weighted_mean
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +75,7 @@ def test_a_client_that_failed_after_saving_and_missed_the_next_round_trains_on_f
     """The deployment sequence in process: client 1 fails round 2 after its new state is on disk,
     fails round 3 too, and trains again in round 4. It must continue from its round-1 state, so
     the run equals one where its round-2 failure came before anything was saved."""
-    config = tiny_config(model_dir, "method=flex", "rounds=4", "clients_per_round=4", "eval.base=false")
+    config = engine_config(model_dir, "method=flex", "rounds=4", "clients_per_round=4", "eval.base=false")
     after_saving = CrashingClients({(2, 1): "done", (3, 1): "step"}, tmp_path / "a")
     before_saving = CrashingClients({(2, 1): "step", (3, 1): "step"}, tmp_path / "b")
     Simulation(config, tmp_path / "a", after_saving).run()
@@ -96,7 +99,7 @@ def test_crashing_clients_are_skipped_logged_and_keep_their_state(model_dir, tmp
         return blob
 
     monkeypatch.setattr(simulation, "serialize", recording_serialize)
-    config = tiny_config(model_dir, "method=flex", "rounds=2", "clients_per_round=4")
+    config = engine_config(model_dir, "method=flex", "rounds=2", "clients_per_round=4")
     progress = CrashingClients({(1, 1): "step", (1, 3): "done"}, tmp_path)
     with caplog.at_level(logging.WARNING, logger="flexmoe.engine"):
         Simulation(config, tmp_path, progress).run(stop_after=1)
@@ -133,7 +136,7 @@ def test_crashing_clients_are_skipped_logged_and_keep_their_state(model_dir, tmp
 
 
 def test_a_round_where_every_client_fails_leaves_the_global_model_unchanged(model_dir, tmp_path):
-    config = tiny_config(model_dir, "method=fedavg", "rounds=1", "eval.base=false")
+    config = engine_config(model_dir, "method=fedavg", "rounds=1", "eval.base=false")
     Simulation(config, tmp_path, CrashingClients({(1, c): "step" for c in range(4)}, tmp_path)).run()
     initial = read_tensors(tmp_path / "checkpoints" / "initial.safetensors")
     final = read_tensors(tmp_path / "checkpoints" / "server.safetensors")
@@ -249,7 +252,7 @@ def corrupt(path: Path) -> None:
 def test_resume_refuses_a_corrupted_run_file_in_one_line(model_dir, tmp_path, capsys, victim):
     from flexmoe.cli import main
 
-    Simulation(tiny_config(model_dir, "method=flex", "rounds=2", "clients_per_round=4", "eval.base=false"),
+    Simulation(engine_config(model_dir, "method=flex", "rounds=2", "clients_per_round=4", "eval.base=false"),
                tmp_path).run(stop_after=1)
     corrupt(tmp_path / victim)
     assert main(["run", "--quiet", "--resume", str(tmp_path)]) == 2
@@ -260,7 +263,7 @@ def test_resume_refuses_a_corrupted_run_file_in_one_line(model_dir, tmp_path, ca
 
 
 def test_a_truncated_personal_state_is_refused(model_dir, tmp_path):
-    Simulation(tiny_config(model_dir, "method=flex", "rounds=1", "eval.base=false"), tmp_path).run()
+    Simulation(engine_config(model_dir, "method=flex", "rounds=1", "eval.base=false"), tmp_path).run()
     path = tmp_path / "clients" / "2" / "personal.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
     from flexmoe.engine.restore import restore
@@ -440,11 +443,11 @@ def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeyp
 def roles_personal_names(model_dir, stored: set[str]) -> set[str]:
     """The personal parameters FLEx's roles name on a grafted model, spelled as the personal-state
     file spells them (no PEFT prefix), plus the graft's buffers (expert ids) the file also keeps."""
-    from flexmoe.engine.core import load_model
+    from flexmoe.engine.model import load_model
     from flexmoe.methods import build_method
     from flexmoe.models import graft, moe_layers, split_parameters
 
-    config = tiny_config(model_dir, "method=flex", "flex.federate_routers=true")
+    config = engine_config(model_dir, "method=flex", "flex.federate_routers=true")
     method = build_method(config)
     model, _ = load_model(config, method)
     graft(model, {layer.name: [0] for layer in moe_layers(model)})
@@ -538,7 +541,7 @@ def test_dp_run_reports_epsilon_and_zero_noise_changes_nothing(model_dir, tmp_pa
     assert metrics(tmp_path / "off") == metrics(tmp_path / "plain")
     assert "dp_epsilon" not in plain
     private = run(model_dir, tmp_path / "dp", *base, "privacy.noise_multiplier=0.8", "privacy.clip_norm=0.05")
-    config = tiny_config(model_dir, *base, "privacy.noise_multiplier=0.8", "privacy.clip_norm=0.05")
+    config = engine_config(model_dir, *base, "privacy.noise_multiplier=0.8", "privacy.clip_norm=0.05")
     servers = [r for r in metrics(tmp_path / "dp") if r["kind"] == "server" and r["round"] > 0]
     assert [r["dp_epsilon"] for r in servers] == [privacy.epsilon(config, 1), privacy.epsilon(config, 2)]
     assert all(r["dp_noise_std"] == pytest.approx(0.8 * 0.05 / 2) for r in servers)

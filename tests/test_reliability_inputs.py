@@ -16,7 +16,7 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_engine import build_tokenizer, metrics, model_dir, synthetic_examples  # noqa: F401 (model_dir: fixture)
+from conftest import build_tokenizer, metrics, synthetic_examples
 
 from flexmoe.cli import main
 from flexmoe.config import RunConfig, load_config, save_config, valid_keys

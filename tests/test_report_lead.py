@@ -11,7 +11,7 @@ from test_report import write_run
 from test_report_stats import add_detail
 
 from flexmoe.report import group_runs, read_run, write_compare_report, write_run_report
-from flexmoe.report.stats import best_baseline
+from flexmoe.report.comparison import best_baseline
 from flexmoe.report.summary import summarize
 from flexmoe.report.tables import small_test_lines
 

@@ -11,7 +11,7 @@ from test_report import write_run
 
 from flexmoe.eval.detail import write_detail
 from flexmoe.report import group_runs, read_run, write_compare_report
-from flexmoe.report.stats import best_baseline, compare_rows
+from flexmoe.report.comparison import best_baseline, compare_rows
 
 IDS = ["a", "b", "c", "d"]
 
@@ -72,7 +72,7 @@ def test_learning_curve_puts_every_round_on_the_curve_sample(tmp_path):
     """The last round evaluates more examples and documents than the curve rounds: its curve point
     uses only the curve round's example ids and its first documents (hand-computed means)."""
     from flexmoe.eval.detail import write_detail
-    from flexmoe.eval.paired import learning_curve
+    from flexmoe.analysis.paired import learning_curve
     from flexmoe.rundir import EVALS_DIR
 
     root = tmp_path / EVALS_DIR

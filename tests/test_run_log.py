@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flexmoe.engine.progress import Progress, logs_to
 from flexmoe.engine.simulation import Simulation
-from test_engine import builtin_is_synthetic, model_dir, tiny_config  # noqa: F401 (fixtures)
+from conftest import engine_config
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
 
 class Recorder(Progress):
@@ -20,7 +24,7 @@ class Recorder(Progress):
 
 def test_a_run_announces_its_steps_counts_rows_and_truncation(model_dir, tmp_path):
     progress = Recorder()
-    config = tiny_config(model_dir, "rounds=1", "clients_per_round=0", "train.max_length=24", "eval.base=true")
+    config = engine_config(model_dir, "rounds=1", "clients_per_round=0", "train.max_length=24", "eval.base=true")
     with logs_to(progress):
         Simulation(config, tmp_path, progress).run()
     text = "\n".join(progress.lines)

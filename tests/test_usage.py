@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
@@ -13,91 +12,18 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexmoeError
-from test_engine import DOMAINS, build_tokenizer
-
-CATEGORIES = DOMAINS  # the engine tests' word lists, used here as Dolly categories
-PROMPT = "describe the word cat"
-
-
-def write_dolly(path: Path) -> Path:
-    with path.open("w") as handle:
-        for category, words in CATEGORIES.items():
-            for i in range(10):
-                word, other = words[i % len(words)], words[(i + 1) % len(words)]
-                record = {"instruction": f"describe the word {word}", "context": "",
-                          "response": f"a {word} is a {other} of {category}", "category": category}
-                handle.write(json.dumps(record) + "\n")
-    return path
-
-
-def save_model(path: Path, seed: int) -> str:
-    from conftest import tiny_model
-
-    vocab = build_tokenizer(path)
-    tiny_model("qwen2_moe", seed=seed, vocab_size=vocab, max_position_embeddings=128).save_pretrained(path)
-    return str(path)
-
-
-def train(model_dir: str, data: Path, out: Path, *overrides: str) -> Path:
-    from flexmoe.config import load_config
-    from flexmoe.engine.simulation import Simulation
-
-    config = load_config(None, [
-        f'model="{model_dir}"', f'data.source="{data}"', "data.by=category", "rounds=2", "num_clients=4",
-        "clients_per_round=4", "seed=5", "train.local_steps=3", "train.batch_size=4", "train.max_length=64",
-        "train.lr=2e-2", "lora.r=2", "flex.calibration_examples=4", "flex.gate_init_bias=2.0",
-        "eval.max_test_examples=2", "eval.max_new_tokens=6", "eval.knowledge_max_docs=3",
-        "eval.knowledge_max_length=32", "eval.max_probes=8", "data.test_fraction=0.2", *overrides,
-    ])
-    Simulation(config, out).run()
-    return out
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("usage")
-
-
-@pytest.fixture(scope="module")
-def data_file(workdir) -> Path:
-    return write_dolly(workdir / "dolly.jsonl")
-
-
-@pytest.fixture(scope="module")
-def model_dir(saved_tiny_model) -> str:
-    return saved_tiny_model  # what save_model(path, seed=0) saves
-
-
-@pytest.fixture(scope="module")
-def flex_run(workdir, model_dir, data_file) -> Path:
-    return train(model_dir, data_file, workdir / "flex-run")
-
-
-def command(name: str, argv: list[str]) -> int:
-    """Parse `argv` with the command's own arguments and run it (what `flexmoe NAME argv` does)."""
-    import importlib
-
-    module = importlib.import_module(f"flexmoe.commands.{name}")
-    parser = argparse.ArgumentParser(prog=f"flexmoe {name}")
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
-
-
-def logits(model, tokenizer, text: str = PROMPT) -> torch.Tensor:
-    enc = tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        return model(**enc).logits
+from conftest import PROMPT, command, logits, save_model, train
 
 
 def test_restored_clients_carry_their_own_graft_and_the_global_lora(flex_run):
     from flexmoe.engine.restore import restore
-    from flexmoe.models import current_selection, load_base, personal_state, read_personal, shared_state
+    from flexmoe.models import current_selection, load_base, graft_state, read_graft, shared_state
 
     first, second = restore(flex_run, 0), restore(flex_run, 1)
     for restored, cid in ((first, 0), (second, 1)):
-        stored, metadata = read_personal(flex_run / "clients" / str(cid) / "personal.safetensors")
+        stored, metadata = read_graft(flex_run / "clients" / str(cid) / "personal.safetensors")
         assert current_selection(restored.model) == json.loads(metadata["selection"])
-        state = personal_state(restored.model)
+        state = graft_state(restored.model)
         assert set(state) == set(stored) and all(torch.equal(state[k], stored[k]) for k in stored)
     shared, global_weights = shared_state(first.model, first.checkpoint.method.roles), first.checkpoint.global_weights
     assert shared and set(shared) == set(global_weights)

@@ -9,7 +9,9 @@ import torch
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
 from flexmoe.wire import INT8, SCALE, WireError, decode, deserialize, encode, serialize
-from test_engine import builtin_is_synthetic, metrics, model_dir, run  # noqa: F401  (fixtures)
+from conftest import metrics, run
+
+pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
 
 def wire(*overrides: str):
@@ -147,7 +149,7 @@ def test_in_process_runs_send_compressed_bytes_and_keep_the_rounding_error(model
 
 
 def test_an_undecodable_reply_is_rejected_and_the_round_goes_on(tmp_path):
-    from flexmoe.engine.core import ServerRunner
+    from flexmoe.engine.server import ServerRunner
     from flexmoe.methods import Reply, build_method
 
     config = load_config(None, ["method=fedavg", "wire.quantize=int8"])

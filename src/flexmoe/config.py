@@ -93,23 +93,31 @@ class LoraConfig(_Section):
     attention: tuple[str, ...] = ()
 
 
+# allowed values that code elsewhere checks too: each defined once, here (config imports nothing heavy)
+GATES = ("sigmoid", "none")  # the graft's gate (flexmoe.models.graft)
+STRATEGIES = ("reconstruction", "random", "frequency")  # expert selection (flexmoe.models.selection)
+GRAFT_INITS = ("copy", "zero")  # "zero": an ablation, the selected expert's shape but not its weights
+GRAFT_TRAIN_MODES = ("full", "lora")
+SERVER_RULES = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")  # flexmoe.methods.rules.RULES
+
+
 class FlexConfig(_Section):
-    gate: Literal["sigmoid", "none"] = "sigmoid"
-    selection: Literal["reconstruction", "random", "frequency"] = "reconstruction"
+    gate: Literal[GATES] = "sigmoid"
+    selection: Literal[STRATEGIES] = "reconstruction"
     k: int = Field(1, ge=1)
     gate_init_bias: float = -4.0
     calibration_examples: int = Field(32, ge=1)
     calibration_max_tokens: int = Field(2048, ge=16)
     federate_routers: bool = False
-    aggregator: Literal["fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam"] = "fedavg"
+    aggregator: Literal[SERVER_RULES] = "fedavg"
     # ablation: "copy" = the selected expert's weights; "zero" = its shape only, gate/up freshly
     # initialised (seeded) and down zeroed, so the graft starts at output 0 (personal capacity, no grafting)
-    graft_init: Literal["copy", "zero"] = "copy"
+    graft_init: Literal[GRAFT_INITS] = "copy"
     # how the graft trains: "full" = every weight of the copy; "lora" = the copy frozen with LoRA of rank
     # graft_r on its gate/up/down projections (scale lora.alpha / lora.r, dropout lora.dropout), as the
     # authors' released code most likely does; the gate trains in both. A LoRA-mode client stores only its
     # selection, gate and LoRA: the frozen copy is rebuilt from the base
-    graft_train: Literal["full", "lora"] = "full"
+    graft_train: Literal[GRAFT_TRAIN_MODES] = "full"
     graft_r: int = Field(32, ge=1)  # rank of the graft's LoRA (graft_train = "lora"; the authors' r = 32)
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ dropped, so every file matches the checkpoint's round. Every tensor file carries
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,8 +30,8 @@ INITIAL_WEIGHTS = "checkpoints/initial.safetensors"  # round-0 shared weights: L
 BASE_METADATA = "base"  # INITIAL_WEIGHTS metadata: fingerprint of the base model the run trains
 CLIENTS_DIR = "clients"  # clients/<id>/: each client's state (`ClientStore`)
 EVALS_DIR = "evals"  # evals/round-<r>/: per-example answers, probe results and document losses (eval/detail.py)
-PERSONAL_FILE = "personal.safetensors"  # a client's graft and gate
-STATE_FILE = "state.safetensors"  # a client's method and optimiser state
+GRAFT_FILE = "personal.safetensors"  # a client's graft and gate (the name existing runs resume with)
+STATE_FILE = "state.safetensors"  # a client's `ClientState`
 ROUND_MARKER = "ROUND"  # written last into a pending dir: the pending state is complete
 
 
@@ -79,9 +80,37 @@ def load_server(run_dir: Path) -> tuple[int, Tensors, Tensors]:
     return int(metadata["round"]), strip_prefix("global.", tensors), strip_prefix("state.", tensors)
 
 
+@dataclasses.dataclass
+class ClientState:
+    """A client's state file (`STATE_FILE`), by part: `method`, what its method keeps between
+    rounds (SCAFFOLD's control variate, Local's own weights, FC-MoE's last update, FedAvg-FT's
+    fine-tuned weights); `optimizer`, the optimiser's moments; `personal`, its personal parameters
+    outside the graft (FedPer's expert LoRA; the graft has `GRAFT_FILE`); `residual`, the uplink's
+    rounding error (`wire.error_feedback`). On disk one safetensors file, the engine's parts behind
+    the key prefixes of `_PREFIXES` (unchanged, so existing runs resume)."""
+
+    method: Tensors = dataclasses.field(default_factory=dict)
+    optimizer: Tensors = dataclasses.field(default_factory=dict)
+    personal: Tensors = dataclasses.field(default_factory=dict)
+    residual: Tensors = dataclasses.field(default_factory=dict)
+
+    _PREFIXES = {"personal": "personal.", "optimizer": "optim.", "residual": "wire_residual."}
+
+    def tensors(self) -> Tensors:
+        """The flat form the file holds."""
+        return {**self.method, **{key: value for part in ("personal", "optimizer", "residual")
+                                  for key, value in with_prefix(self._PREFIXES[part], getattr(self, part)).items()}}
+
+    @classmethod
+    def from_tensors(cls, stored: Tensors) -> ClientState:
+        prefixes = tuple(cls._PREFIXES.values())
+        return cls(method={k: v for k, v in stored.items() if not k.startswith(prefixes)},
+                   **{part: strip_prefix(prefix, stored) for part, prefix in cls._PREFIXES.items()})
+
+
 class ClientStore:
-    """Per-client files under `clients/<id>/`: `state.safetensors` (method state + optimiser
-    state), `personal.safetensors` (graft and gate), `selection.json`."""
+    """Per-client files under `clients/<id>/`: `state.safetensors` (its `ClientState`),
+    `personal.safetensors` (graft and gate, `GRAFT_FILE`), `selection.json`."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -100,9 +129,13 @@ class ClientStore:
         committed = self.dir(client_id) / name
         return committed if committed.exists() else None
 
-    def load_state(self, client_id: int) -> Tensors:
-        path = self.latest(client_id, "state.safetensors")
-        return load_checked(path)[0] if path else {}
+    def load_state(self, client_id: int) -> ClientState:
+        path = self.latest(client_id, STATE_FILE)
+        return ClientState.from_tensors(load_checked(path)[0] if path else {})
+
+    def save_state(self, client_id: int, state: ClientState) -> None:
+        """Into the client's pending directory (`begin`)."""
+        save_checked(self.pending(client_id) / STATE_FILE, state.tensors())
 
     def begin(self, client_id: int) -> Path:
         """A fresh pending directory for this round's new state."""

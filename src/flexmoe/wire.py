@@ -1,6 +1,6 @@
 """The wire format: everything that travels between server and clients is one safetensors blob
 (tensors plus string metadata). The in-process engine sends these bytes and counts `len(blob)`,
-exactly what is serialised, headers included (`flexmoe.eval.comm` computes the same length
+exactly what is serialised, headers included (`flexmoe.cost.comm` computes the same length
 without the bytes)."""
 
 from __future__ import annotations

@@ -87,9 +87,10 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, max
 
     Each record's `examples` is the number of examples it really scored (`max_examples`, default
     the run's eval.max_test_examples, or fewer when the test split is smaller)."""
-    from flexmoe.data.clients import Client, partition_data
+    from flexmoe.clients import Client, partition_data
     from flexmoe.data.sample import stratified_sample, stratify_field
-    from flexmoe.engine.core import base_load, torch_threads
+    from flexmoe.engine.evaluator import base_load
+    from flexmoe.engine.model import torch_threads
     from flexmoe.engine.join import joined_test
     from flexmoe.engine.restore import restore
     from flexmoe.report.summary import eval_means
@@ -99,7 +100,7 @@ def evaluate_run(run_dir, clients: list[int], examples=None, state_dir=None, max
     checkpoint, runner = restored.checkpoint, restored.runner
     config = checkpoint.config
     size = max_examples or config.eval.max_test_examples
-    runner.config = config.model_copy(update={"eval": config.eval.model_copy(update={"max_test_examples": size})})
+    runner.evaluator.config = config.model_copy(update={"eval": config.eval.model_copy(update={"max_test_examples": size})})
     if progress is not None:
         runner.progress = progress
     if examples is None:

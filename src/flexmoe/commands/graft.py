@@ -8,11 +8,11 @@ import math
 import random
 
 from flexmoe.commands.fields import add_field_argument
+from flexmoe.config import STRATEGIES
 from flexmoe.errors import FlexmoeError
 
 # Names only: torch, transformers and the data package load in run(), keeping `flexmoe --help` fast.
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU, float32 on the CPU
-STRATEGIES = ("reconstruction", "random", "frequency")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

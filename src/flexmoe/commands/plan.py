@@ -1,7 +1,7 @@
 """`flexmoe plan [MODEL]`: bytes per round and device memory of one client step, before anything runs.
 
 MODEL is a local model directory, "tiny", or a shipped shape (`--list`); default: the config's
-model. Built on the meta device from the real config (see flexmoe.plan), so it sizes a 47B
+model. Built on the meta device from the real config (see flexmoe.cost.plan), so it sizes a 47B
 Mixtral on a laptop in seconds.
 """
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from flexmoe.config import load_config
     from flexmoe.errors import FlexmoeError
-    from flexmoe.plan import plan, shape_names
+    from flexmoe.cost.plan import plan, shape_names
 
     if args.list:
         print("\n".join(shape_names()))

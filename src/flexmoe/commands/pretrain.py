@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from flexmoe.errors import FlexmoeError
     from flexmoe.pretrain import load_config, pretrain
-    from flexmoe.pretrain.train import CHECKPOINT
+    from flexmoe.pretrain.config import CHECKPOINT
 
     config_path = args.config
     if config_path is None and Path(DEFAULT_CONFIG).is_file():

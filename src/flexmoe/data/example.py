@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+_SUBJECT = re.compile(r'"([^"]+)"')
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,12 @@ class Example:
     category: str = ""
     domain: str = ""
     id: str = ""
+
+
+def subject_of(example: Example) -> str:
+    """The quoted word of an instruction (`Define the noun "dog".` -> dog), or ""."""
+    found = _SUBJECT.search(example.instruction)
+    return found.group(1) if found else ""
 
 
 @dataclass(frozen=True)

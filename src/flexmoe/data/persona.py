@@ -22,15 +22,13 @@ import dataclasses
 
 import numpy as np
 
-from flexmoe.data.example import Example
+from flexmoe.data.example import Example, subject_of
 from flexmoe.data.partition import ClientData
 
 CONVENTIONS = ("bare", "sentence", "labelled", "related")
 
 
 def _subject(example: Example) -> str:
-    from flexmoe.eval.answers import subject_of
-
     return subject_of(example) or "word"
 
 

@@ -7,7 +7,7 @@ the local steps of a round, the run's learning-rate schedule), the shared part s
 global one. All of it is the engine's client code (`ClientRunner`, `personal_only`). It is then
 evaluated as the run evaluated its clients: the untouched base (round 0), its personalised model
 and the global model, each on the same sample of its test split, with their per-example files
-and the paired statistics (`eval/paired.py`).
+and the paired statistics (`analysis/paired.py`).
 
 Its client directory lives in a state root of its own (`--out`, default `<run>/joined`), under
 the first free id past the run's clients, with `joined.json` saying where its data came from, so
@@ -21,8 +21,10 @@ import shutil
 from pathlib import Path
 
 from flexmoe.config import load_config
-from flexmoe.data.clients import Client, make_client, own_data
-from flexmoe.engine.core import ClientRunner, base_load, load_model, torch_threads
+from flexmoe.clients import Client, make_client, own_data
+from flexmoe.engine.client import ClientRunner
+from flexmoe.engine.evaluator import base_load
+from flexmoe.engine.model import load_model, torch_threads
 from flexmoe.engine.progress import Progress
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked, write_text_atomic
@@ -126,9 +128,7 @@ def _join(checkpoint, config, method, store: ClientStore, client_id: int, exampl
         write_joined(store, client_id, {"client": client_id, "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
                                         "format": data_format, "fields": fields or {}, "round": checkpoint.round,
                                         "overrides": overrides})
-        base = runner.evaluate_base(client)  # before the graft: the untouched base, the reference
-        if method.grafts:
-            runner.graft(client)
+        base, = runner.round_zero([client], evaluate_base=True)  # the untouched base, the reference; then the graft
         train = train_personal(runner, client, method.downlink(checkpoint.global_weights, checkpoint.server_state))
         reference = base_load(MetricsLog(run_dir / METRICS_FILE).read())
         final = runner.evaluate(client, config.rounds, checkpoint.received(), reference,
@@ -163,7 +163,7 @@ def joined_statistics(state_root: Path, run_dir: Path, client_id: int, config) -
     """Paired differences on the client's evaluation sample: its personalised model against the
     base and against the global model, the global model against the base (ROUGE-L and exact
     match); knowledge of its personalised model against the run's base (probes, documents)."""
-    from flexmoe.eval.paired import answer_scores, brief, difference, knowledge_items, mcnemar_dict, paired_knowledge
+    from flexmoe.analysis.paired import answer_scores, brief, difference, knowledge_items, mcnemar_dict, paired_knowledge
 
     def scores(round_index: int, model: str, metric: str):
         found = answer_scores(state_root, round_index, model, metric)

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
-from flexmoe.engine.core import ClientRunner, load_model
+from flexmoe.engine.client import ClientRunner
+from flexmoe.engine.model import load_model
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked
 from flexmoe.methods import Method, Tensors, build_method
 from flexmoe.rundir import (
-    BASE_METADATA, CLIENTS_DIR, CONFIG_FILE, INITIAL_WEIGHTS, PERSONAL_FILE, ClientStore, is_run_dir, load_server,
+    BASE_METADATA, CLIENTS_DIR, CONFIG_FILE, INITIAL_WEIGHTS, GRAFT_FILE, ClientStore, is_run_dir, load_server,
 )
 
 
@@ -72,8 +73,8 @@ def check_client(checkpoint: Checkpoint, client_id: int) -> None:
     if not (0 <= client_id < count or joined):
         raise FlexmoeError(f"{checkpoint.run_dir}: no client {client_id} (the run has clients 0..{count - 1}"
                            f"{'' if client_id < count else f'; none joined as {client_id} in {checkpoint.store.root}'})")
-    if checkpoint.method.grafts and checkpoint.store.latest(client_id, PERSONAL_FILE) is None:
-        raise FlexmoeError(f"{checkpoint.store.dir(client_id)}: client {client_id} has no {PERSONAL_FILE}")
+    if checkpoint.method.grafts and checkpoint.store.latest(client_id, GRAFT_FILE) is None:
+        raise FlexmoeError(f"{checkpoint.store.dir(client_id)}: client {client_id} has no {GRAFT_FILE}")
 
 
 def check_base(checkpoint: Checkpoint, model) -> None:

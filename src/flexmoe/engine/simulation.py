@@ -17,10 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
-from flexmoe.data.clients import Client, ClientInfo, ClientPool, partition_data
-from flexmoe.engine.core import ClientRunner, evaluated_clients, failure_reason, load_model
-from flexmoe.engine.driver import RoundDriver
+from flexmoe.clients import Client, ClientInfo, ClientPool, partition_data
+from flexmoe.engine.client import ClientRunner
+from flexmoe.engine.driver import RoundDriver, evaluated_clients
+from flexmoe.engine.model import load_model
 from flexmoe.engine.progress import Progress
+from flexmoe.engine.server import ServerRunner, failure_reason
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods import Method, Reply, Tensors, build_method
 from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, ClientStore, is_run_dir
@@ -45,18 +47,15 @@ class InProcess:
         return self.clients.infos()
 
     def round_zero(self, evaluate_base: bool) -> tuple[list[dict], list[ClientInfo]]:
-        # before grafting, with LoRA at zero: the untouched base is the reference
-        base_evals = [self.runner.evaluate_base(self.clients.get(c)) for c in self.evaluated] if evaluate_base else []
-        for client_id in self.evaluated:  # the others graft before their first round (`ensure_grafted`)
-            self.runner.ensure_grafted(self.clients.get(client_id))
+        # the others graft before their first round (`ClientRunner.train`)
+        base_evals = self.runner.round_zero([self.clients.get(c) for c in self.evaluated], evaluate_base)
         return base_evals, self.infos()
 
-    def resume(self, completed: int, counted: dict[int, int]) -> list[ClientInfo]:
+    def resume(self, completed: int) -> list[ClientInfo]:
         self.runner.store.commit(completed)
         return self.infos()
 
-    def train(self, round_index: int, sampled: list[int], downlink: Tensors | None,
-              counted: dict[int, int]) -> tuple[list[dict], list[Reply], dict[int, str]]:
+    def train(self, round_index: int, sampled: list[int], downlink: Tensors | None) -> tuple[list[dict], list[Reply], dict[int, str]]:
         down_blob = serialize(downlink) if downlink is not None else None
         records, replies, failures = [], [], {}
         self.clients.start_round(sampled)
@@ -77,7 +76,6 @@ class InProcess:
     def _train_client(self, client: Client, round_index: int, down_blob: bytes | None):
         """One client's round through real bytes: the downlink blob in, the uplink blob out."""
         received = deserialize(down_blob)[0] if down_blob is not None else {}
-        self.runner.ensure_grafted(client)
         record, message = self.runner.train(client, round_index, received)
         reply, bytes_up = None, 0
         if self.method.communicates:
@@ -89,15 +87,11 @@ class InProcess:
         return record, reply
 
     def evaluate(self, round_index: int, received: Tensors, global_weights: Tensors | None,
-                 base_load: dict | None, counted: dict[int, int]) -> list[dict]:
-        records = []
-        for client_id in self.evaluated:
-            client = self.clients.get(client_id)
-            self.runner.ensure_grafted(client)
-            records.append(self.runner.evaluate(client, round_index, received, base_load, global_weights))
-        return records
+                 base_load: dict | None) -> list[dict]:
+        return [self.runner.evaluate(self.clients.get(c), round_index, received, base_load, global_weights)
+                for c in self.evaluated]
 
-    def commit(self, round_index: int, counted: dict[int, int]) -> None:
+    def commit(self, round_index: int) -> None:
         for client_id in self._trained:  # only they hold pending state: no walk over the population
             self.runner.store.commit(round_index, client_id)
 
@@ -125,9 +119,8 @@ class Simulation:
         """Train through `config.rounds` (or stop after round `stop_after`); returns the summary."""
         model, tokenizer = load_model(self.config, self.method)
         clients = ClientPool(self.config, partition_data(self.config), tokenizer, evaluated_clients(self.config))
-        driver = RoundDriver(self.config, self.run_dir, transport=None, progress=self.progress, method=self.method,
-                             model=model, tokenizer=tokenizer)
+        server = ServerRunner(self.config, self.method, self.run_dir)
         runner = ClientRunner(self.config, self.method, model, tokenizer, ClientStore(self.run_dir / CLIENTS_DIR),
-                              driver.server.initial_weights, self.progress, detail_dir=self.run_dir / EVALS_DIR)
-        driver.transport = InProcess(self.config, self.method, runner, clients)
-        return driver.run(resume=resume, stop_after=stop_after)
+                              server.initial_weights, self.progress, detail_dir=self.run_dir / EVALS_DIR)
+        transport = InProcess(self.config, self.method, runner, clients)
+        return RoundDriver(server, transport, self.progress, model, tokenizer).run(resume=resume, stop_after=stop_after)

@@ -20,10 +20,9 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
-from flexmoe.data.example import Example
+from flexmoe.data.example import Example, subject_of
 
 _WORDS = re.compile(r"\w+|[^\w\s]")
-_SUBJECT = re.compile(r'"([^"]+)"')
 SUBJECT_SLOT = "\x00subject"
 
 
@@ -36,12 +35,6 @@ def normalise(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> float:
     return float(normalise(prediction) == normalise(reference))
-
-
-def subject_of(example: Example) -> str:
-    """The quoted word of an instruction (`Define the noun "dog".` -> dog), or ""."""
-    found = _SUBJECT.search(example.instruction)
-    return found.group(1) if found else ""
 
 
 def _tokens(example: Example) -> list[str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexmoe.config import RunConfig
+from flexmoe.config import SERVER_RULES, RunConfig
 from flexmoe.methods.robust import krum_selection, median, trimmed_mean
 from flexmoe.tensors import Tensors, strip_prefix, with_prefix
 
@@ -151,7 +151,5 @@ class MomentumRule(_ServerOptimizer):
 
 
 # the rules `flex.aggregator` chooses from (the names of the methods that use them alone)
-RULES: dict[str, type[ServerRule]] = {
-    "fedavg": WeightedMean, "fedavgm": MomentumRule, "fedadagrad": AdagradRule, "fedyogi": YogiRule,
-    "fedadam": AdamRule,
-}
+RULES: dict[str, type[ServerRule]] = dict(zip(
+    SERVER_RULES, (WeightedMean, MomentumRule, AdagradRule, YogiRule, AdamRule), strict=True))

@@ -22,28 +22,28 @@ HALF = (torch.bfloat16, torch.float16)
 QUANTIZE_SKIP = ("lm_head", "shared_expert_gate")  # modules runtime.quantize leaves unquantised
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", key: str = "runtime.device") -> torch.device:
     """"auto" = the first CUDA GPU when there is one, else the CPU; a CUDA device asked for on a
-    machine without one is a one-line error."""
+    machine without one is a one-line error naming the config `key` that asked for it."""
     if name == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise FlexmoeError(f"runtime.device = {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise FlexmoeError(f"{key} = {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-            raise FlexmoeError(f"runtime.device = {name!r}: no CUDA device is available on this machine "
-                               f"(torch {torch.__version__}, {build}); use runtime.device=cpu or auto")
+            raise FlexmoeError(f"{key} = {name!r}: no CUDA device is available on this machine "
+                               f"(torch {torch.__version__}, {build}); use {key}=cpu or auto")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise FlexmoeError(f"runtime.device = {name!r}: this machine has {count} CUDA device(s), "
+            raise FlexmoeError(f"{key} = {name!r}: this machine has {count} CUDA device(s), "
                                f"cuda:0..cuda:{count - 1}")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
-        raise FlexmoeError(f"runtime.device = {name!r}: flexmoe runs on cpu or cuda devices")
+        raise FlexmoeError(f"{key} = {name!r}: flexmoe runs on cpu or cuda devices")
     return device
 
 

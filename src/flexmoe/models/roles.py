@@ -10,6 +10,7 @@ by what `requires_grad` happens to say.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import moe_layers
-from flexmoe.models.graft import FROZEN_COPY, GRAFT
+from flexmoe.models.graft import FROZEN_COPY, GRAFT, grafts_disabled
 
 EXPERTS = ".experts."  # fused routed experts (and PEFT's wrappers of them); "shared_experts." does not match
 
@@ -141,3 +142,29 @@ def copy_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor
                 raise FlexmoeError(f"{what} {name}: shape {tuple(state[name].shape)}, "
                                    f"{owner} has {tuple(target.shape)}")
             target.copy_(state[name])
+
+
+def personal_outside_graft(model: nn.Module, roles: Roles) -> dict[str, nn.Parameter]:
+    """The personal parameters outside a graft (FedPer's expert LoRA): the graft has its own file
+    (`GRAFT_FILE`) and its own switch (`grafts_disabled`); these live in the client's state file."""
+    return {name: p for name, p in split_parameters(model, roles).personal.items() if not _in_graft(name)}
+
+
+@contextlib.contextmanager
+def personal_disabled(model: nn.Module, roles: Roles):
+    """The model without its personal part, for the block (the global model): grafts off, and the
+    personal LoRA zeroed (a zero LoRA adds nothing), its values restored after."""
+    held = personal_outside_graft(model, roles)
+    if any(".lora_A." not in name and ".lora_B." not in name for name in held):
+        raise ValueError("only LoRA personal parameters can be disabled by zeroing them")
+    saved = {name: p.detach().clone() for name, p in held.items()}
+    with torch.no_grad():
+        for p in held.values():
+            p.zero_()
+    try:
+        with grafts_disabled(model):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, p in held.items():
+                p.copy_(saved[name])

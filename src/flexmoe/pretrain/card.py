@@ -23,14 +23,9 @@ from flexmoe.eval.knowledge import (
 from flexmoe.models.routing import RoutingCounter
 from flexmoe.files import write_text_atomic
 from flexmoe.pretrain.specialisation import check_targets, domain_separation, graft_by_domain, padded_batch
-from flexmoe.pretrain.train import (
-    TRAIN_LOG,
-    TRAIN_SUMMARY,
-    PretrainConfig,
-    document_domain,
-    read_documents,
-    resolve_device,
-)
+from flexmoe.pretrain.config import PretrainConfig, TRAIN_LOG, TRAIN_SUMMARY
+from flexmoe.pretrain.packing import document_domain, read_documents
+from flexmoe.pretrain.step import training_device
 
 EVALUATION = "evaluation.json"
 CARD = "README.md"
@@ -117,7 +112,7 @@ def evaluate(model_dir: Path, config: PretrainConfig, log=print) -> dict:
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     started = time.time()
-    device = resolve_device(config.train.device)
+    device = training_device(config.train.device)
     model, tokenizer = load_base(model_dir, device=device)
     load_seconds = time.time() - started
     settings = config.eval

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from flexmoe.eval.paired import learning_curve
+from flexmoe.analysis.paired import learning_curve
 from flexmoe.files import write_atomic
 from flexmoe.report.runs import Run, mean_std
 

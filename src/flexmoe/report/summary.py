@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from flexmoe.eval.detail import pooled_means
-from flexmoe.eval.paired import run_statistics
+from flexmoe.analysis.paired import run_statistics
 from flexmoe.files import write_text_atomic
 from flexmoe.rundir import SUMMARY_FILE
 
@@ -42,7 +42,7 @@ def eval_means(evals: list[dict]) -> dict:
 
 def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: Path | None = None) -> dict:
     """The summary of a run from its metrics records and its config; with `run_dir`, also the
-    paired differences and CIs of its per-example files (eval/paired.py)."""
+    paired differences and CIs of its per-example files (analysis/paired.py)."""
     servers = [r for r in records if r["kind"] == "server" and r["round"] > 0]
     evaluated = [r for r in servers if "rouge_l_avg" in r]
     last_eval = evaluated[-1] if evaluated else {}
@@ -63,10 +63,7 @@ def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: 
     }
     if base.get("skipped_row_errors"):
         summary["skipped_row_errors"] = base["skipped_row_errors"]
-    stored = [row["personal_bytes"] for row in summary["per_client"].values() if "personal_bytes" in row]
-    if stored:  # what a client stores of its personal part, measured on its disk (mean over clients)
-        summary["personal_bytes"] = round(mean(stored))
-    summary["personal_bytes_per_client"] = max(stored) if stored else 0  # the largest client's, for sizing
+    summary.update(personal_storage(summary["per_client"]))
     if run_dir is not None:
         summary.update(run_statistics(Path(run_dir), config.seed))
     if config.privacy.noise_multiplier > 0:
@@ -74,6 +71,15 @@ def summarize(records: list[dict], config, wall_seconds: float | None, run_dir: 
     if wall_seconds is not None:
         summary["wall_seconds"] = round(wall_seconds, 2)
     return summary
+
+
+def personal_storage(clients: dict[str, dict]) -> dict:
+    """What the clients store of their personal part, measured on their disks after their last
+    round (`per_client`): `personal_bytes`, the mean over clients (absent when none stores any), and
+    `personal_bytes_per_client`, the largest client's (0 when none), for sizing a deployment."""
+    stored = [row["personal_bytes"] for row in clients.values() if "personal_bytes" in row]
+    return {**({"personal_bytes": round(mean(stored))} if stored else {}),
+            "personal_bytes_per_client": max(stored) if stored else 0}
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

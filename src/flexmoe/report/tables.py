@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flexmoe.eval.paired import learning_curve
+from flexmoe.analysis.paired import learning_curve
 from flexmoe.report.runs import Run, mean_std
 
 # (metrics key, column title, format) of per-client evaluation values, in table order

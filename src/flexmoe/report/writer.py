@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import write_text_atomic
-from flexmoe.report import plots, stats, tables
+from flexmoe.report import comparison, plots, tables
 from flexmoe.report.runs import CLIENTS_FILE, Run, mean_std, read_run
 
 
@@ -55,7 +55,7 @@ def write_run_report(run_dir: Path, clients: list | None = None) -> Path:
                   tables.personal_lines(run)):
         if extra:
             lines += [*extra, ""]
-    lines += stats.run_lines(run)
+    lines += comparison.run_lines(run)
     lines += tables.grafting_lines(run)
     reliability = tables.reliability_lines(run)
     if reliability:
@@ -117,7 +117,7 @@ def write_compare_report(run_dirs: list[Path], out_dir: Path, title: str = "flex
     notice = tables.content_free_lead(groups)
     lead = "exact_match" if notice else "rouge_l"
     small = tables.small_test_lines([run for runs in groups.values() for run in runs])
-    paired_lines, paired = stats.compare_lines(groups, reference or stats.best_baseline(groups, lead), lead)
+    paired_lines, paired = comparison.compare_lines(groups, reference or comparison.best_baseline(groups, lead), lead)
     lines = [f"# {title}", ""]
     if notice:
         lines += [notice, ""]

@@ -1,4 +1,4 @@
-"""The flexmoe ClientApp: one federated client per SuperNode, running `flexmoe.engine.core`'s
+"""The flexmoe ClientApp: one federated client per SuperNode, running `flexmoe.engine.client`'s
 client step on the node's own data and personal state.
 
 Node config (`flower-supernode --node-config "..."`; simulation sets the first two itself):
@@ -78,7 +78,6 @@ def train(msg: Message, context: Context) -> Message:
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """One round of local training for the message `content`: the reply's content."""
     node = _Node(content, context)
-    node.runner.ensure_grafted(node.client)  # a client that missed round 0 (a late SuperNode) grafts now
     received = from_arrays(content[ARRAYS]) if ARRAYS in content else {}
     record, message = node.runner.train(node.client, node.round, received)
     node.remember(last_trained=node.round)
@@ -93,23 +92,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Round 0 ("phase" = "base"): the untouched base, then grafting; later rounds: the
     personalised model (what the client received + its own state) and, when the server sends
     it, the global model, both on this client's test split."""
-    from flexmoe.engine.core import evaluated_clients
+    from flexmoe.engine.driver import evaluated_clients
 
     node = _Node(msg.content, context)
     client, runner, settings = node.client, node.runner, msg.content[CONFIG]
     with tempfile.TemporaryDirectory(prefix="flexmoe-evals-") as detail:
-        runner.detail_dir = Path(detail)  # the per-example files, sent with the reply (`DETAIL`)
+        runner.evaluator.detail_dir = Path(detail)  # the per-example files, sent with the reply (`DETAIL`)
         if settings["phase"] == "base":
             # as in process: the evaluated clients (`eval.clients`) evaluate the base and graft now, the
-            # others graft before their first round
-            evaluated = client.client_id in evaluated_clients(node.config)
-            record = runner.evaluate_base(client) if node.config.eval.base and evaluated else {}
-            if evaluated:
-                runner.ensure_grafted(client)
-            content = _reply(record, client.client_id, len(client.test))
+            # others graft before their first round (`ClientRunner.train`)
+            evaluated = [client] if client.client_id in evaluated_clients(node.config) else []
+            records = runner.round_zero(evaluated, node.config.eval.base)
+            content = _reply(records[0] if records else {}, client.client_id, len(client.test))
             content["info"] = _info(client)
         else:
-            runner.ensure_grafted(client)
             base_load = json.loads(str(settings["base-load"]))
             received = from_arrays(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
             global_weights = from_arrays(msg.content[GLOBAL]) if GLOBAL in msg.content else None
@@ -132,7 +128,7 @@ def commit(msg: Message, context: Context) -> Message:
     content = _reply({}, client_id, 0)
     if settings["phase"] == "identify":
         config = config_from_text(str(settings["flexmoe-config"]))
-        from flexmoe.data.clients import Client, capped_train
+        from flexmoe.clients import Client, capped_train
 
         part = _client_data(config, context.node_config, client_id)
         train = capped_train(config, part)
@@ -158,11 +154,11 @@ def settle(store, client_id: int, settings) -> None:
 
 
 def _info(client) -> ConfigRecord:
-    """What the server's report shows of this client (`data.clients.describe`: groups, counts,
+    """What the server's report shows of this client (`clients.describe`: groups, counts,
     truncation; no examples)."""
     import dataclasses
 
-    from flexmoe.data.clients import describe
+    from flexmoe.clients import describe
 
     return ConfigRecord({"describe": json.dumps(dataclasses.asdict(describe(client)))})
 
@@ -187,7 +183,7 @@ def run_key(run_dir: Path) -> str:
 def _client_data(config, node_config, client_id: int):
     """This client's `ClientData`: its part of the run's partition, or the node's own `data-path`."""
     import flexmoe.data
-    from flexmoe.data.clients import own_data, partition_data
+    from flexmoe.clients import own_data, partition_data
 
     data_path = node_config.get("data-path")
     if not data_path:
@@ -201,7 +197,8 @@ class _Node:
     """This node's client: config from the message, data and state from the node config."""
 
     def __init__(self, content: RecordDict, context: Context):
-        from flexmoe.engine.core import ClientRunner, load_model, shared_params, use_threads
+        from flexmoe.engine.client import ClientRunner
+        from flexmoe.engine.model import load_model, shared_params, use_threads
         from flexmoe.methods import build_method
         from flexmoe.rundir import ClientStore
         from flexmoe.tensors import cpu_clone
@@ -231,7 +228,7 @@ class _Node:
             raise FlexmoeError(f"node config partition-id = {client_id} is outside 0..{self.config.num_clients - 1}")
 
     def _client(self, client_id: int, tokenizer):
-        from flexmoe.data.clients import make_client
+        from flexmoe.clients import make_client
 
         return make_client(self.config, _client_data(self.config, self.context.node_config, client_id), tokenizer)
 

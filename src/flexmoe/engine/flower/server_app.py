@@ -34,7 +34,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from flexmoe.data.clients import ClientInfo
+from flexmoe.clients import ClientInfo
 from flexmoe.engine.flower.messages import (
     ARRAYS, CONFIG, COUNTED_ROUNDS, DETAIL, GLOBAL, METRICS, RESULT, config_text, counted_rounds_text, from_arrays,
     parse_overrides, record_bytes, to_arrays, unpack_detail,
@@ -50,6 +50,8 @@ log = logging.getLogger("flexmoe.flower")
 def main(grid: Grid, context: Context) -> None:
     from flexmoe.config import load_config
     from flexmoe.engine.driver import RoundDriver
+    from flexmoe.engine.server import ServerRunner
+    from flexmoe.methods import build_method
 
     settings = context.run_config
     resume = bool(settings.get("resume", False))
@@ -60,11 +62,11 @@ def main(grid: Grid, context: Context) -> None:
         config = load_config(str(settings["config"]) or None, parse_overrides(str(settings.get("set", ""))))
         run_dir = Path(str(settings["output-dir"]) or f"runs/flower-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     refuse_in_flower(config)
-    run_dir = run_dir.resolve()
-    transport = FlowerTransport(grid, config, run_dir, round_timeout=float(settings["round-timeout"]),
+    server = ServerRunner(config, build_method(config), run_dir.resolve())
+    transport = FlowerTransport(grid, server, round_timeout=float(settings["round-timeout"]),
                                 min_clients=int(settings["min-clients"]) or config.num_clients,
                                 connect_timeout=float(settings["connect-timeout"]))
-    RoundDriver(config, run_dir, transport).run(resume)
+    RoundDriver(server, transport).run(resume)
     log.info("flexmoe: %d rounds done, run directory %s", config.rounds, run_dir)
 
 
@@ -93,23 +95,24 @@ class FlowerTransport:
 
     Every exchange starts from the SuperNodes online now: a client whose node is gone is skipped,
     and a node not seen before (a restarted SuperNode gets a new node id unless SuperNode
-    authentication is on) is asked which client it is and takes that client's place."""
+    authentication is on) is asked which client it is and takes that client's place. Every message
+    carries the `server`'s counted rounds (`ServerRunner.counted`) as they stand when it is sent."""
 
-    def __init__(self, grid: Grid, config, run_dir: Path, round_timeout: float, min_clients: int,
-                 connect_timeout: float):
+    def __init__(self, grid: Grid, server, round_timeout: float, min_clients: int, connect_timeout: float):
         self.grid = grid
-        self.config = config
-        self.run_dir = run_dir
+        self.server = server
+        self.config = server.config
+        self.run_dir = server.run_dir
         self.round_timeout = round_timeout
         self.min_clients = min_clients
         self.connect_timeout = connect_timeout
         self.nodes: dict[int, int] = {}  # client id -> node id
         self._infos: dict[int, ClientInfo] = {}
-        self.counted: dict[int, int] = {}  # client id -> its last round the server counted
 
     # ---- the driver's transport ---------------------------------------------------------------
     def round_zero(self, evaluate_base: bool) -> tuple[list[dict], list[ClientInfo]]:
-        """Every node evaluates the untouched base, grafts, and says which client it is."""
+        """Every node says which client it is; the evaluated ones (`eval.clients`) evaluate the untouched
+        base and graft (the others graft before their first round)."""
         replies = self._send(MessageType.EVALUATE, self._wait_for_nodes(), 0, None, phase="base")
         base_evals = []
         for node_id, reply in replies:
@@ -123,19 +126,17 @@ class FlowerTransport:
                 base_evals.append(record)
         return sorted(base_evals, key=lambda r: r["client"]), self._sorted_infos()
 
-    def resume(self, completed: int, counted: dict[int, int]) -> list[ClientInfo]:
+    def resume(self, completed: int) -> list[ClientInfo]:
         """Every node says which client it is and drops the state of rounds that never committed."""
-        self.counted = counted
         self._identify(self._wait_for_nodes(), completed)
         log.info("flexmoe: resuming %s after round %d", self.run_dir, completed)
         return self._sorted_infos()
 
-    def train(self, round_index: int, sampled: list[int], downlink, counted: dict[int, int]):
+    def train(self, round_index: int, sampled: list[int], downlink):
         """The sampled clients train; one that fails, is gone or does not answer within the round
         timeout is reported back as failed, and the round aggregates the rest."""
         from flexmoe.methods import Reply
 
-        self.counted = counted
         online = self._online(round_index - 1)
         if self.config.secagg.enabled:
             return self._secure_train(round_index, sampled, online, downlink)
@@ -171,11 +172,10 @@ class FlowerTransport:
                 log.warning("round %d: client %d was not aggregated by SecAgg+; skipped", round_index, client)
         return records, [reply] if reply is not None else [], {c: f"ClientFailed: {why}" for c, why in failures.items()}
 
-    def evaluate(self, round_index: int, received, global_weights, base_load, counted: dict[int, int]) -> list[dict]:
+    def evaluate(self, round_index: int, received, global_weights, base_load) -> list[dict]:
         """Every online client of `evaluated_clients` evaluates on its own test split (`ClientRunner.evaluate`)."""
-        from flexmoe.engine.core import evaluated_clients
+        from flexmoe.engine.driver import evaluated_clients
 
-        self.counted = counted
         arrays = to_arrays(received) if received else None
         extra = {} if global_weights is None else \
             {GLOBAL: arrays if received is global_weights else to_arrays(global_weights)}
@@ -193,9 +193,8 @@ class FlowerTransport:
             unpack_detail(json.loads(str(reply.content[DETAIL]["files"])), _client(reply), round_index,
                           self.run_dir / EVALS_DIR)
 
-    def commit(self, round_index: int, counted: dict[int, int]) -> None:
+    def commit(self, round_index: int) -> None:
         """Clients learn of a commit from the next message; after the last round, tell them now."""
-        self.counted = counted
         if round_index == self.config.rounds:
             self._send(MessageType.QUERY, sorted(self._online(round_index).values()), round_index, None,
                        phase="commit")
@@ -254,7 +253,7 @@ class FlowerTransport:
         committed = round_index if message_type == MessageType.QUERY else max(round_index - 1, 0)
         return {"flexmoe-config": config_text(self.config), "round": round_index, "committed": committed,
                 "run-dir": str(self.run_dir), "phase": phase, "base-load": base_load,
-                COUNTED_ROUNDS: counted_rounds_text(self.counted)}
+                COUNTED_ROUNDS: counted_rounds_text(self.server.counted)}
 
     def _exchange(self, message_type: str, node_ids: list[int], round_index: int, arrays, phase: str = "",
                   extra: dict | None = None, base_load: str = "null") -> tuple[list[tuple[int, Message]], dict]:

@@ -8,8 +8,8 @@ base dtype, fp32 trainables, their gradients and optimiser state, and the activa
 batch x length step, with and without gradient checkpointing.
 
 Everything is built on the meta device from the real config (no memory, no weights): the
-bytes by the methods' own code (`flexmoe.eval.comm.method_message_sizes`), the step by running
-the real forward and backward on meta tensors under `flexmoe.train.memory.TensorMemory`, which
+bytes by the methods' own code (`flexmoe.cost.comm.method_message_sizes`), the step by running
+the real forward and backward on meta tensors under `flexmoe.cost.memory.TensorMemory`, which
 keeps the peak of the tensor bytes alive at once, exactly as it does on real tensors.
 """
 
@@ -25,16 +25,16 @@ import torch.nn.functional as F
 
 from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
-from flexmoe.eval.comm import method_message_sizes, prepare_like_a_client, serialized_size
+from flexmoe.cost.comm import method_message_sizes, prepare_like_a_client, serialized_size
 from flexmoe.methods import LocalRun
-from flexmoe.models import personal_state, split_parameters
+from flexmoe.models import graft_state, split_parameters
 from flexmoe.models.device import QUANTIZE_SKIP, resolve_dtype
 from flexmoe.models.families import unwrap
 from flexmoe.models.graft import GRAFT
 from flexmoe.models.load import _check_family, resolve_model_dir
 from flexmoe.shapes import shape_config, shape_names
 from flexmoe.train.loop import activation_checkpointing
-from flexmoe.train.memory import TensorMemory, tensor_bytes
+from flexmoe.cost.memory import TensorMemory, tensor_bytes
 
 
 def hf_config(name_or_path: str):
@@ -209,7 +209,7 @@ def _personal_bytes(model, method) -> int:
     kept = method.personal_part(method.uplink(shared, shared, {}, LocalRun(steps=1, lr=1.0, num_examples=1))[1]) \
         if method.fine_tunes else {}
     size = sum(p.numel() * p.element_size() for p in (*held, *kept.values()))
-    return size + (serialized_size(personal_state(model)) if method.grafts else 0)
+    return size + (serialized_size(graft_state(model)) if method.grafts else 0)
 
 
 def _optimizer_bytes(config: RunConfig, trainable: list[torch.Tensor]) -> int:

@@ -1,10 +1,10 @@
-"""A client's personal state: its grafted experts and gates, kept on the client's disk.
+"""A client's graft file: its grafted experts and gates, kept on the client's disk.
 
 One safetensors file holds the graft tensors (keys `<layer>.graft.<name>`, independent of any
 PEFT wrapper: a full copy's weights, or for a LoRA-mode graft only its LoRA, gate and router rows,
 the frozen copy being rebuilt from the base on load) and, as metadata, the fingerprint of the base
 model it was grafted onto, the selection, k, the gate kind, how the graft trains and the tensors' checksum (a truncated or corrupted file is refused). Loading into another base, or into a model grafted with another
-selection, is refused. In memory, `personal_state` / `set_personal_state` swap clients on one
+selection, is refused. In memory, `graft_state` / `set_graft_state` swap clients on one
 shared model instance.
 """
 
@@ -60,7 +60,7 @@ def _sample_bytes(tensor: torch.Tensor) -> bytes:
     return sample.view(torch.int16).numpy().tobytes()
 
 
-def personal_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def graft_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every graft tensor a client keeps (weights, gates, expert ids; a LoRA-mode graft's
     LoRA instead of its frozen copy), keyed `<layer>.graft.<name>`."""
     modules = grafts(model)
@@ -70,8 +70,8 @@ def personal_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for layer, module in modules.items() for key, value in stored_state(module).items()}
 
 
-def set_personal_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a client's graft tensors (from `personal_state`) into the model's grafts, in place, and
+def set_graft_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a client's graft tensors (from `graft_state`) into the model's grafts, in place, and
     rebuild a LoRA-mode graft's frozen copy from the base's experts the state names."""
     modules = grafts(model)
     if not modules:
@@ -84,10 +84,10 @@ def set_personal_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             rebuild_copy(modules[layer.name], layer)
 
 
-def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
+def save_graft(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
     """Write the model's personal state to one safetensors file (atomically)."""
     path = pathlib.Path(path)
-    tensors = {key: value.contiguous().cpu() for key, value in personal_state(model).items()}
+    tensors = {key: value.contiguous().cpu() for key, value in graft_state(model).items()}
     module = next(iter(grafts(model).values()))
     metadata = {
         "format": FORMAT,
@@ -100,7 +100,7 @@ def save_personal(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
     return save_checked(path, tensors, metadata, what="personal state")
 
 
-def read_personal(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_graft(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a personal state file, checked to be one and to be intact."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -116,14 +116,14 @@ def read_personal(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return load_checked(path)
 
 
-def load_personal(model: nn.Module, path: str | os.PathLike, adopt_selection: bool = False) -> nn.Module:
+def load_graft(model: nn.Module, path: str | os.PathLike, adopt_selection: bool = False) -> nn.Module:
     """Load a client's personal state into `model`, in place.
 
     An ungrafted model is grafted with the file's selection first. A model grafted with another
     selection is refused unless `adopt_selection` (swapping clients on one shared model).
     A file made on another base model, or with another k, gate or graft training, is always refused.
     """
-    tensors, metadata = read_personal(path)
+    tensors, metadata = read_graft(path)
     expected, found = metadata.get("base"), base_fingerprint(model)
     if expected != found:
         raise FlexmoeError(f"{path}: personal state was grafted onto base model {expected}, "
@@ -134,7 +134,7 @@ def load_personal(model: nn.Module, path: str | os.PathLike, adopt_selection: bo
         graft(model, selection, gate=metadata["gate"], training=GraftTraining.from_metadata(metadata))
     else:
         _check_compatible(path, model, modules, metadata, selection, adopt_selection)
-    set_personal_state(model, tensors)
+    set_graft_state(model, tensors)
     return model
 
 

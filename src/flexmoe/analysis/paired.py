@@ -6,9 +6,9 @@ of the same seed (same partition, same sample). Ids are unique within a data fil
 without ids get one per row, `data/formats.py`); answers whose ids repeat (a run directory of an
 older flexmoe on data without ids) are paired by position only where both sides list the same
 ids in the same order, and otherwise left unpaired with a warning. Knowledge is paired per probe (exact McNemar,
-eval/stats.py) and per held-out document (the document's mean token loss). Every difference
+analysis/stats.py) and per held-out document (the document's mean token loss). Every difference
 comes with its stratified bootstrap 95% CI over clients × examples pooled across seeds and its
-sign per seed (`flexmoe.eval.stats`).
+sign per seed (`flexmoe.analysis.stats`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from flexmoe.eval.detail import evaluated_rounds, read_round
 from flexmoe.eval.knowledge import pooled_loss
 from flexmoe.rundir import EVALS_DIR
-from flexmoe.eval.stats import McNemar, PairedDifference, mcnemar_exact, paired_difference, seed_signs
+from flexmoe.analysis.stats import McNemar, PairedDifference, mcnemar_exact, paired_difference, seed_signs
 
 Answers = tuple[list[str], list[float]]  # one client's example ids and scores, in sample order
 Scores = dict[int, Answers]  # client -> its answers

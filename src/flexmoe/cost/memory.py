@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 class TensorMemory(TorchDispatchMode):
     """`with TensorMemory() as m: ...` -> `m.peak`: the most bytes of tensor storage created in
     the block and alive at once (storages shared by views counted once). It works on meta
-    tensors too, which is how `flexmoe.plan` sizes a step of a model too large to run here."""
+    tensors too, which is how `flexmoe.cost.plan` sizes a step of a model too large to run here."""
 
     def __init__(self):
         super().__init__()

@@ -1,10 +1,10 @@
 """Paired statistics in reports: one run against its base, and methods against the base and a
-reference method, from the per-example files (`evals/`, eval/paired.py)."""
+reference method, from the per-example files (`evals/`, analysis/paired.py)."""
 
 from __future__ import annotations
 
-from flexmoe.eval.paired import answer_scores, difference, knowledge_pairs, last_round
-from flexmoe.eval.stats import PairedDifference, seed_signs, verdict
+from flexmoe.analysis.paired import answer_scores, difference, knowledge_pairs, last_round
+from flexmoe.analysis.stats import PairedDifference, seed_signs, verdict
 from flexmoe.report.runs import Run, mean_std
 from flexmoe.report.tables import fmt, table
 

@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from flexmoe.config import load_config
-from flexmoe.eval.comm import REAL_SHAPES, meta_model, method_message_sizes, real_shape_model, serialized_size
+from flexmoe.cost.comm import REAL_SHAPES, meta_model, method_message_sizes, real_shape_model, serialized_size
 from flexmoe.methods import registered
 from flexmoe.wire import serialize
 
