@@ -20,8 +20,8 @@ WITH_CONTEXT = Example(instruction="Translate the sentence into French.", contex
 WITHOUT_CONTEXT = Example(instruction="Name a primary colour.", response="Red")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def small_bpe_tokenizer():
+    """A byte-level BPE trained here on the two examples, with a chat template."""
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -34,6 +34,11 @@ def tokenizer():
                                       pad_token="<pad>", unk_token="<unk>")
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return small_bpe_tokenizer()
 
 
 def test_alpaca_prompt_with_and_without_context():

@@ -16,12 +16,11 @@ import pytest
 
 from test_flower import (
     BIN, Deployment, client_dir, clientapps_of, committed_rounds, free_base_port, node_ids_in_log, read_metrics,
-    run_config as _shared_run_config, stop_process, wait_until, without_bytes,
+    stop_process, wait_until, without_bytes,
 )
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("flwr", path=str(BIN)) is None, reason="flwr is not installed")]
-run_config = _shared_run_config  # the module fixture of test_flower: tiny random qwen2_moe, FLEx, 2 clients
 LATE = 1  # the client whose SuperNode starts late
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_data_tokens import WITH_CONTEXT, WITHOUT_CONTEXT, tokenizer  # noqa: F401 (the fixture)
+from test_data_tokens import WITH_CONTEXT, WITHOUT_CONTEXT, small_bpe_tokenizer
 
 
-def test_a_client_tokenised_in_chunks_gets_the_features_and_counts_of_one_call(tokenizer, monkeypatch):  # noqa: F811
+@pytest.fixture(scope="module")
+def tokenizer():
+    return small_bpe_tokenizer()
+
+
+def test_a_client_tokenised_in_chunks_gets_the_features_and_counts_of_one_call(tokenizer, monkeypatch):
     import flexmoe.data.tokens as tokens
     from flexmoe.data import Example
 
