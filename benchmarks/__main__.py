@@ -3,8 +3,8 @@
 Each module exposes `main(results_dir: pathlib.Path) -> None` and writes its own result
 file (markdown or JSON) named after itself and the date, with the machine described.
 `python -m benchmarks NAME ...` runs only the named ones (e.g. `selection`). With no names it
-runs all but the fidelity study (dozens of runs, hours) and the real-width shapes (multi-GB
-checkpoints), which run by name.
+runs all but the fidelity study (dozens of runs, hours), the speed study, the real-width shapes
+(multi-GB checkpoints) and the attack / compressed-message study (16 runs), which run by name.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pathlib
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-BY_NAME_ONLY = {"fidelity", "speed", "realshape", "recipe"}  # hours / tens of minutes: run by name
+BY_NAME_ONLY = {"fidelity", "speed", "realshape", "recipe", "attacks"}  # hours / tens of minutes: run by name
 
 
 def main(argv: list[str]) -> int:

@@ -5,7 +5,8 @@ length counted. Qwen1.5-MoE-A2.7B, OLMoE-1B-7B and Mixtral-8x7B are built on the
 published configs; each method prepares, grafts and builds its round-1 messages with its own
 code (`flexmoe.cost.comm.method_message_sizes`), and the safetensors message size is computed
 from the tensors' names, dtypes and shapes (checked byte for byte against real messages in
-tests/test_cost_comm.py). Weights travel in fp32 (what the engines send), LoRA r = 8.
+tests/test_cost_comm.py). Weights travel in fp32 (the engines' default), LoRA r = 8; the last
+table sizes FLEx's messages in the compressed forms (`wire.dtype`, `wire.quantize`).
 """
 
 from __future__ import annotations
@@ -49,12 +50,30 @@ def main(results_dir: pathlib.Path) -> None:
     lines += _shape_section("tiny (shipped base, real messages)", _tiny_base, _real_bytes, ratios)
     for shape in REAL_SHAPES:
         lines += _shape_section(shape, lambda shape=shape: real_shape_model(shape), None, ratios)
+    lines += _wire_section()
     ratio = ratios[TARGET_SHAPE][0]
     lines += ["## Targets", "",
               f"- FLEx / FedAvg-full bytes up at the {TARGET_SHAPE} shape: 1/{1 / ratio:,.0f} "
               f"(target <= 1/{1 / TARGET_RATIO:,.0f}: {'met' if ratio <= TARGET_RATIO else 'missed'}).", "",
               f"Computed in {time.monotonic() - started:.0f} s (load average {os.getloadavg()[0]:.1f})."]
     write_result(results_dir, "comm", lines, echo=False)
+
+
+WIRES = (("fp32", []), ("bf16", ["wire.dtype=bf16"]), ("fp16", ["wire.dtype=fp16"]), ("int8", ["wire.quantize=int8"]))
+
+
+def _wire_section() -> list[str]:
+    """FLEx's bytes up per client per round under each `wire` form, on every real shape."""
+    from flexmoe.config import load_config
+    from flexmoe.cost.comm import REAL_SHAPES, method_message_sizes, real_shape_model
+
+    lines = ["## Compressed messages (FLEx, `[wire]`)", "",
+             "MB up per client per round (the downlink shrinks alike); int8 carries one float32 scale per row.", "",
+             "| shape | " + " | ".join(w for w, _ in WIRES) + " | int8 / fp32 |", "|---|" + "---:|" * (len(WIRES) + 1)]
+    for shape in REAL_SHAPES:
+        up = [method_message_sizes(load_config(None, ["method=flex", *o]), real_shape_model(shape))["up"] for _, o in WIRES]
+        lines.append(f"| {shape} | " + " | ".join(_mb(u) for u in up) + f" | {up[-1] / up[0]:.3f} |")
+    return [*lines, ""]
 
 
 def _tiny_base():

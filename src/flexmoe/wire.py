@@ -89,6 +89,25 @@ def decode(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] 
     return out
 
 
+def wire_layout(tensors: dict[str, torch.Tensor], wire) -> dict[str, torch.Tensor]:
+    """Meta tensors with the names, dtypes and shapes `encode(tensors, wire)` sends: sizes a message
+    (`flexmoe.cost.comm.serialized_size`) without its values, also for meta models (`flexmoe plan`)."""
+    if not wire.lossy:
+        return tensors
+    out = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+        elif wire.quantize == "int8":
+            rows = tensor.shape[0] if tensor.dim() >= 2 else 1
+            out[INT8 + name] = torch.empty(tensor.shape, dtype=torch.int8, device="meta")
+            out[SCALE + name] = torch.empty(rows, dtype=torch.float32, device="meta")
+        else:
+            out[(BF16 if wire.dtype == "bf16" else FP16) + name] = torch.empty(
+                tensor.shape, dtype=torch.int16 if wire.dtype == "bf16" else torch.float16, device="meta")
+    return out
+
+
 def _encode_one(name: str, value: torch.Tensor, wire) -> dict[str, torch.Tensor]:
     if wire.quantize == "int8":
         rows = value.reshape(value.shape[0] if value.dim() >= 2 else 1, -1)

@@ -57,7 +57,7 @@ def render(p) -> str:
         f"base {p.base_dtype} on {p.device_type}; step of {p.batch} x {p.length} tokens, "
         f"{p.response_tokens} through the LM head",
         "",
-        "per client per round",
+        f"per client per round (tensors travel as {p.wire}: wire.dtype / wire.quantize)",
         f"  down (server -> client)     {_size(p.bytes_down)}" + (
             f" (largest round: {_size(p.bytes_down_max)})" if p.bytes_down_max != p.bytes_down else ""),
         f"  up (client -> server)       {_size(p.bytes_up)}",

@@ -72,12 +72,22 @@ def method_message_sizes(config, model: torch.nn.Module, num_examples: int = 100
     counts = _expert_counts(model, shared) if method.counts_experts else {}
     run = LocalRun(steps=1, lr=1.0, num_examples=num_examples, expert_counts=counts)
     message, _ = method.uplink(down, shared, {}, run)
+    wire = config.wire  # the messages as they travel: wire.dtype / wire.quantize change their bytes
     return {
-        "down": measure(down),
-        "down_max": measure(method.busiest_downlink(shared)),
-        "up": measure(message, {"num_examples": str(num_examples)}),
+        "down": measure(_on_wire(down, wire)),
+        "down_max": measure(_on_wire(method.busiest_downlink(shared), wire)),
+        "up": measure(_on_wire(message, wire), {"num_examples": str(num_examples)}),
         "shared_params": sum(t.numel() for t in shared.values()),
     }
+
+
+def _on_wire(tensors: dict[str, torch.Tensor], wire) -> dict[str, torch.Tensor]:
+    """The message as it travels under `wire`: real tensors encoded for real, meta ones laid out."""
+    from flexmoe.wire import encode, wire_layout
+
+    if any(t.is_meta for t in tensors.values()):
+        return wire_layout(tensors, wire)
+    return encode(tensors, wire)[0]
 
 
 def prepare_like_a_client(config, model: torch.nn.Module):

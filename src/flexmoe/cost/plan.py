@@ -89,6 +89,7 @@ class Plan:
     bytes_down: int  # server -> one client, round 1
     bytes_down_max: int  # the largest downlink of any round
     bytes_up: int  # one client -> server
+    wire: str  # how tensors travel (`[wire]`): the bytes above are of that form
     personal_state_bytes: int  # what a client stores of its personal part (graft file, personal LoRA, fine-tuned weights)
     client_optimizer_bytes: int  # the optimiser state a client keeps between rounds
     server_state_bytes: int  # global shared weights + server optimiser state
@@ -138,7 +139,7 @@ def plan(config: RunConfig, model: str | None = None, batch: int | None = None, 
         total_params=sum(p.numel() for p in params), trainable_params=sum(p.numel() for p in trainable),
         quantizable_params=quantizable_params(prepared), quantize=config.runtime.quantize,
         shared_params=sizes["shared_params"], bytes_down=sizes["down"], bytes_down_max=sizes["down_max"],
-        bytes_up=sizes["up"], personal_state_bytes=personal, client_optimizer_bytes=optimizer,
+        bytes_up=sizes["up"], wire=wire_form(config.wire), personal_state_bytes=personal, client_optimizer_bytes=optimizer,
         server_state_bytes=server,
         memory=memory, memory_checkpointed=checkpointed, load_peak=load, runtime_bytes=runtime,
         peak_bytes=runtime + max(load, step.peak),
@@ -160,6 +161,12 @@ def with_nf4_experts(model: torch.nn.Module, memory: StepMemory, checkpointing: 
     transient = memory.step_transient + (max(dense) if checkpointing else sum(dense))
     return replace(memory, weights_frozen=frozen, step_transient=transient,
                    peak=frozen + memory.weights_trainable + memory.optimizer_state + transient)
+
+
+def wire_form(wire) -> str:
+    """"fp32", "bf16", "fp16", "int8" or "int8 + error feedback"."""
+    form = "int8" if wire.quantize == "int8" else wire.dtype
+    return form + (" + error feedback" if wire.error_feedback and wire.lossy else "")
 
 
 def load_peak(base: torch.nn.Module) -> int:
