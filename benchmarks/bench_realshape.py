@@ -6,19 +6,20 @@ tiny tokenizer's vocabulary, randomly initialised (seed 0) and saved in bf16
 attention (DeepSeek-V2's MLA and its shared experts and dense first layer, Mixtral's 14336-wide
 experts, Qwen3's 128 experts). On it, each command runs in its own fresh process, exactly as a
 user types it: `flexmoe run` (FLEx, 2 clients, 1 round, base in bf16), `flexmoe graft`,
-`flexmoe generate` and `flexmoe export` of client 0. Peak RSS is the child's `ru_maxrss`
-(`os.wait4`); the plan is `flexmoe plan`'s `peak_bytes` for the run's config (the Python runtime,
-the load, and one client step), and the target is |measured / planned - 1| <= 20%.
+`flexmoe generate` and `flexmoe export` of client 0, and a run with `flex.graft_train=lora`.
+Peak RSS is the child's own VmHWM (`PEAK_WRAPPER`; not `ru_maxrss`, which counts the forking
+parent's RSS too); the plan is `flexmoe plan`'s `peak_bytes` for the run's config (the Python
+runtime, the load, and one client step), and the target is |measured / planned - 1| <= 20%.
 
 Grafting selection: a child loads the base and runs `select_experts` on calibration batches
 of the run's shape (random token ids); per MoE layer, wall seconds and the peak of the tensor
-bytes the selection creates (`TensorMemory`: captured inputs and routed outputs, and the chunked
-expert outputs), at the shapes' 8, 60, 64 and 128 experts. The chunking keeps a chunk's
-activations under a fixed number of elements (`flexmoe.models.graft`), so the peak should not
-grow with the expert count; the time should grow about linearly with it (and the widths).
+bytes the selection creates (`TensorMemory`). `benchmarks/bench_selection.py` sweeps the expert
+count itself (8, 60, 64, 128).
 
-`python -m benchmarks realshape [SHAPE ...]` (`make bench realshape`); the machine is shared, so
-the times are indicative only; memory does not depend on load.
+`FLEXMOE_REALSHAPE=shape,... python -m benchmarks realshape` (`make bench realshape`: all shapes;
+`FLEXMOE_REALSHAPE_QUICK=1`: the FLEx run only); each shape's row is kept in
+`realshape-<date>.json`, so shapes run one per invocation add up to one report. The machine is
+shared, so the times are indicative only; memory does not depend on load.
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ def shape_rows(name: str, work: pathlib.Path) -> dict:
     planned = plan(load_config(None, run_config), batch=BATCH, length=LENGTH, device_type="cpu")
     planned_lora = plan(load_config(None, lora_config), batch=BATCH, length=LENGTH, device_type="cpu")
     run_dir, lora_dir = work / "run", work / "run-lora"
-    sets = [arg for item in run_config for arg in ("--set", item)]
+    sets, lora_sets = ([arg for item in items for arg in ("--set", item)] for items in (run_config, lora_config))
     commands = {
         "run": flexmoe("run", *sets, "--output-dir", str(run_dir)),
-        "run-lora": flexmoe("run", *[a for item in lora_config for a in ("--set", item)], "--output-dir", str(lora_dir)),
+        "run-lora": flexmoe("run", *lora_sets, "--output-dir", str(lora_dir)),
         "graft": flexmoe("graft", "--model", str(model), "--max-examples", "4", "--max-length", str(LENGTH),
                          "--batch-size", str(BATCH), "--dtype", "bfloat16", "--device", "cpu", "--json"),
         "generate": flexmoe("generate", "--run", str(run_dir), "--client", "0", "--prompt", "Name a colour.",
@@ -119,12 +120,14 @@ def shape_rows(name: str, work: pathlib.Path) -> dict:
         results[label] = measured(argv)
     personal = {mode: json.loads((d / "summary.json").read_text()).get("personal_bytes_per_client")
                 for mode, d in (("full", run_dir), ("lora", lora_dir)) if (d / "summary.json").is_file()}
-    selection = json.loads(results["select"].pop("output").strip().splitlines()[-1]) if "select" in results else None
+    selection = None
+    if "select" in results:
+        selection = json.loads(results["select"].pop("output").strip().splitlines()[-1])
     for result in results.values():
         result.pop("output", None)
-    return {"shape": name, "layers": LAYERS[name], "moe_layers": len(moe_layers(meta_base(shape_config(name, LAYERS[name]),
-                                                                                          torch.bfloat16))), "plan": planned.to_json(), "plan_lora": planned_lora.to_json(),
-            "commands": results, "personal_bytes": personal, "selection": selection}
+    moe = len(moe_layers(meta_base(shape_config(name, LAYERS[name]), torch.bfloat16)))
+    return {"shape": name, "layers": LAYERS[name], "moe_layers": moe, "plan": planned.to_json(),
+            "plan_lora": planned_lora.to_json(), "commands": results, "personal_bytes": personal, "selection": selection}
 
 
 def select_child(model_dir: str) -> dict:
@@ -186,19 +189,20 @@ def report(rows: list[dict]) -> list[str]:
                 continue
             lines.append(f"| {r['shape']} | {r['layers']} | {planned['total_params'] / 1e9:.2f} B | {mode} | "
                          f"{versus(planned, run)} | {run['seconds']:.0f} |")
-    lines += ["", "The other commands, each in its own process (peak RSS, GiB; seconds):", "",
-              "| shape | graft | generate | export |", "|---|---:|---:|---:|"]
-    for r in rows:
+    others = [r for r in rows if "graft" in r["commands"]]
+    if others:
+        lines += ["", "The other commands, each in its own process (peak RSS, GiB; seconds):", "",
+                  "| shape | graft | generate | export |", "|---|---:|---:|---:|"]
+    for r in others:
         c = r["commands"]
-        lines.append(f"| {r['shape']} | " + " | ".join(f"{c[k]['peak_rss'] / gib:.2f} ({c[k]['seconds']:.0f} s)"
-                                                      if k in c else "not run" for k in ("graft", "generate", "export"))
-                     + " |")
+        cells = [f"{c[k]['peak_rss'] / gib:.2f} ({c[k]['seconds']:.0f} s)" for k in ("graft", "generate", "export")]
+        lines.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
     lines += ["", "FLEx personal state per client (bytes; the plan / a run's `personal_bytes_per_client`); "
               "graft_train = lora stores only the selection, the gate, the router rows and the graft's LoRA:", "",
               "| shape | MoE layers | full: plan | full: run | lora: plan | lora: run |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["personal_bytes"]
-        lines.append(f"| {r['shape']} | {r.get('moe_layers') or r['selection']['moe_layers']} | {r['plan']['personal_state_bytes']:,} | "
+        lines.append(f"| {r['shape']} | {r['moe_layers']} | {r['plan']['personal_state_bytes']:,} | "
                      f"{b['full']:,} | {r['plan_lora']['personal_state_bytes']:,} | "
                      f"{format(b['lora'], ',') if 'lora' in b else 'not run'} |")
     lines += ["", "Plan parts (GiB): runtime = the Python process before any model; load = weights + the largest "
@@ -208,10 +212,12 @@ def report(rows: list[dict]) -> list[str]:
         p = r["plan"]
         lines.append(f"| {r['shape']} | {p['runtime_bytes'] / gib:.2f} | {p['load_peak'] / gib:.2f} | "
                      f"{p['memory']['peak'] / gib:.2f} | {p['memory']['weights_frozen'] / gib:.2f} |")
-    lines += ["", "Grafting selection (`select_experts`, k = 1, random calibration tokens, one thread):", "",
-              "| shape | experts | MoE layers | tokens | seconds per layer | peak tensor bytes of the selection (MiB) |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted((r for r in rows if r["selection"]), key=lambda r: r["selection"]["experts"]):
+    selected = sorted((r for r in rows if r["selection"]), key=lambda r: r["selection"]["experts"])
+    if selected:
+        lines += ["", "Grafting selection (`select_experts`, k = 1, random calibration tokens, one thread):", "",
+                  "| shape | experts | MoE layers | tokens | seconds per layer | peak selection tensors (MiB) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+    for r in selected:
         s = r["selection"]
         lines.append(f"| {r['shape']} | {s['experts']} | {s['moe_layers']} | {s['tokens']} | "
                      f"{s['seconds_per_layer']:.2f} | {s['peak_tensor_bytes'] / 2**20:,.1f} |")
