@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build; install it first so nothing pulls a CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# quant: bitsandbytes (a 43 MB wheel, no new dependencies), so the nf4/int8 tests and the GPU check's dry run run
+	$(BIN)/python -m pip install --quiet -e '.[test,quant]'
 	touch $(STAMP)
 
 # FLEx on the shipped tiny MoE and the builtin dataset; prints where its report is. The default
@@ -34,7 +35,7 @@ test-slow: install
 # `make bench` runs every benchmark but those run by name; `make bench realshape` (or any names) only those
 BENCH_NAMES := $(filter-out bench,$(MAKECMDGOALS))
 bench: install
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,quant,bench]'
 	$(BIN)/python -m benchmarks $(BENCH_NAMES)
 
 ifneq ($(filter bench,$(MAKECMDGOALS)),)

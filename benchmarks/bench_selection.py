@@ -11,6 +11,18 @@ with random weights. Both methods compute every expert's reconstruction loss
 flexmoe's `greedy_reconstruction` (batched matmuls on the fused 3D weights, chunked over
 experts), `loop` slices one expert at a time and runs two linears. Times are per 1,000 tokens:
 CPU seconds of this process (robust to other processes sharing the machine) and wall seconds.
+
+At real expert counts: one layer's selection (`greedy_reconstruction`, k = 1) at 8, 60, 64 and
+128 experts, first at fixed widths (Qwen1.5-MoE-A2.7B's hidden 2048 and expert width 1408) so that
+only the count changes, then at each shipped shape's own widths. Experts are stored in bf16, as a
+bf16 base holds them. Per layer: CPU and wall seconds, CPU seconds per expert (constant if the
+time is linear in the count) and the peak of the tensor bytes the selection creates
+(`TensorMemory`: the fp32 chunk of expert weights and its activations), at 64 and 256 calibration
+tokens. The chunking (`flexmoe.models.selection._expert_chunks`) bounds that peak by a fixed budget
+or one expert, whichever is larger, whatever the count; the captured inputs and routed outputs
+(2 x tokens x hidden fp32 per layer) come on top.
+
+`python -m benchmarks selection`; `FLEXMOE_SELECTION=scale` runs the expert-count part only.
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ def qwen15_moe_layer(seed: int = 0):
     for param in block.parameters():
         param.normal_(0, 0.02)
     return MoELayer("model.layers.0.mlp", 0, block, block.experts, block.gate, block.shared_expert,
-                    FAMILIES["qwen2_moe"], TOP_K, 1.0)
+                    FAMILIES["qwen2_moe"], TOP_K, 1.0, "silu")
 
 
 def routed_output(layer, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +96,76 @@ def main(results_dir: pathlib.Path) -> None:
     run_with_threads(THREADS, _run, results_dir)
 
 
+SCALE_COUNTS = (8, 60, 64, 128)
+SCALE_TOKENS = (64, 256)
+# (label, experts, hidden, expert width, top-k) of the shipped shapes (flexmoe.shapes)
+SHAPE_LAYERS = (("mixtral-8x7b", 8, 4096, 14336, 2), ("qwen1.5-moe-a2.7b", 60, 2048, 1408, 4),
+                ("olmoe-1b-7b", 64, 2048, 1024, 8), ("qwen3-30b-a3b", 128, 2048, 768, 8))
+
+
+def moe_layer(experts: int, hidden: int, width: int, top_k: int, dtype=torch.bfloat16, seed: int = 0):
+    """A Qwen2-MoE sparse block of the given widths, random weights in `dtype`, as an flexmoe MoELayer."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    from flexmoe.models.families import FAMILIES, MoELayer
+
+    config = Qwen2MoeConfig(hidden_size=hidden, moe_intermediate_size=width, num_experts=experts,
+                            num_experts_per_tok=top_k, shared_expert_intermediate_size=8, norm_topk_prob=False)
+    config._experts_implementation = "grouped_mm"
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        block = Qwen2MoeSparseMoeBlock(config)
+    block = block.to(dtype).to_empty(device="cpu").requires_grad_(False)  # bf16 from the start: no fp32 copy
+    for param in block.parameters():
+        param.normal_(0, 0.02)
+    return MoELayer("model.layers.0.mlp", 0, block, block.experts, block.gate, block.shared_expert,
+                    FAMILIES["qwen2_moe"], top_k, 1.0, "silu")
+
+
+def scale_row(label: str, layer, tokens: int) -> str:
+    from flexmoe.models.selection import greedy_reconstruction
+    from flexmoe.cost.memory import TensorMemory
+
+    generator = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, layer.hidden_size, generator=generator).to(layer.gate_up_proj.dtype)
+    with torch.no_grad():
+        r = routed_output(layer, x).float()
+    x = x.float()
+    with TensorMemory() as counter:
+        cpu, wall, _ = timed(greedy_reconstruction, layer, x, r, 1)
+    captured = 2 * x.nbytes
+    return (f"| {label} | {layer.num_experts} | {layer.hidden_size} | {layer.intermediate_size} | {tokens} | "
+            f"{cpu:.2f} | {wall:.2f} | {1000 * cpu / layer.num_experts:.1f} | {counter.peak / 2**20:,.1f} | "
+            f"{captured / 2**20:,.1f} |")
+
+
+def _at_expert_counts() -> list[str]:
+    lines = ["| layer | experts | hidden | expert width | tokens | CPU s | wall s | CPU ms per expert | "
+             "peak selection tensors (MiB) | captured x and r (MiB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for experts in SCALE_COUNTS:
+        layer = moe_layer(experts, 2048, 1408, min(4, experts - 1))
+        lines += [scale_row("fixed widths", layer, tokens) for tokens in SCALE_TOKENS]
+        del layer
+    for label, experts, hidden, width, top_k in SHAPE_LAYERS:
+        layer = moe_layer(experts, hidden, width, top_k)
+        lines += [scale_row(label, layer, tokens) for tokens in SCALE_TOKENS]
+        del layer
+    return lines
+
+
+def _scale_only(results_dir: pathlib.Path) -> None:
+    lines = [header_markdown("Expert selection at real expert counts",
+                             "FLEXMOE_SELECTION=scale python -m benchmarks selection"),
+             __doc__.split("\n\n")[-2].strip(), "", *_at_expert_counts(), "",
+             f"Load average when done: {os.getloadavg()[0]:.1f} (shared machine: CPU seconds are the comparable "
+             "figure).", ""]
+    write_result(results_dir, "selection", lines)
+
+
 def _run(results_dir: pathlib.Path) -> None:
+    if os.environ.get("FLEXMOE_SELECTION") == "scale":
+        return _scale_only(results_dir)
     layer = qwen15_moe_layer()
     generator = torch.Generator().manual_seed(1)
     lines = [
@@ -107,6 +188,7 @@ def _run(results_dir: pathlib.Path) -> None:
             r = routed_output(layer, x)
         lines += _compare(layer, x, r)
     lines += ["", "## Selection vs one local round (tiny base, FLEx, client 0)", "", *_selection_vs_round()]
+    lines += ["", "## At real expert counts", "", __doc__.split("\n\n")[-2].strip(), "", *_at_expert_counts()]
     lines += ["", f"Load average when done: {os.getloadavg()[0]:.1f} (the machine was shared with other jobs; "
               "CPU seconds are the comparable figure).", ""]
     write_result(results_dir, "selection", lines)

@@ -36,8 +36,10 @@ def test_dry_run_writes_the_dated_result(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| FLEx")]
     assert [row.split("|")[1].strip() for row in rows] == ["FLEx, experts bf16", "FLEx, experts nf4"]
     planned = [float(row.split("|")[6]) for row in rows]
-    assert planned[1] < planned[0]  # the nf4 experts take less memory, in the plan and measured
     measured = [float(row.split("|")[7]) for row in rows]
-    assert measured[1] < measured[0]
+    # at one layer without checkpointing nf4 costs memory (measured 2026-12-02: planned 1.52 vs 1.25 GiB,
+    # measured 1.51 vs 1.27): the forward dequantises the experts and autograd keeps that bf16 copy for
+    # the backward, on top of the packed weights. The plan must predict which way nf4 moves the peak.
+    assert (planned[1] > planned[0]) == (measured[1] > measured[0])
     ratios = [float(re.match(r"\s*([\d.]+)", row.split("|")[8]).group(1)) for row in rows]
     assert all(0.8 <= r <= 1.2 for r in ratios), ratios

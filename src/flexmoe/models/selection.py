@@ -145,10 +145,11 @@ def greedy_reconstruction(layer: MoELayer, x: torch.Tensor, r: torch.Tensor, k: 
     num = torch.zeros_like(r)
     den = torch.zeros(len(x), 1, device=x.device)
     top = torch.full((len(x), 1), -math.inf, device=x.device)
+    gate_up, down = layer.gate_up_proj, layer.down_proj  # once: a quantised base dequantises on every access
     for step in range(k):
         losses = torch.empty(layer.num_experts, device=x.device)
-        for start, stop in _expert_chunks(layer, len(x)):
-            out = fused_expert_outputs(x, layer.gate_up_proj[start:stop].float(), layer.down_proj[start:stop].float(),
+        for start, stop in _expert_chunks(layer, len(x), copies=gate_up.dtype != torch.float32):
+            out = fused_expert_outputs(x, gate_up[start:stop].float(), down[start:stop].float(),
                                        layer.act_fn)  # (c, T, H)
             pred = out if not chosen else _mix(num, den, top, logs[:, start:stop].T.unsqueeze(-1), out)
             if layer.output_scale != 1.0:
@@ -181,8 +182,12 @@ def _single_output(layer: MoELayer, x: torch.Tensor, expert: int) -> torch.Tenso
     return fused_expert_outputs(x, layer.gate_up_proj[sl].float(), layer.down_proj[sl].float(), layer.act_fn)[0]
 
 
-def _expert_chunks(layer: MoELayer, tokens: int) -> Iterator[tuple[int, int]]:
-    per_expert = max(1, tokens * max(2 * layer.intermediate_size, layer.hidden_size))
+def _expert_chunks(layer: MoELayer, tokens: int, copies: bool) -> Iterator[tuple[int, int]]:
+    # a chunk's (c, T, 2I) activations and, from a half-precision base, its fp32 copy of the weights
+    # (3 I H an expert): without the copy, few tokens put every expert in one chunk and the peak grew
+    # with the expert count (benchmarks/results/selection-*.md)
+    copied = 3 * layer.intermediate_size * layer.hidden_size if copies else 0
+    per_expert = max(1, tokens * max(2 * layer.intermediate_size, layer.hidden_size) + copied)
     size = max(1, _CHUNK_ELEMENTS // per_expert)
     for start in range(0, layer.num_experts, size):
         yield start, min(start + size, layer.num_experts)
