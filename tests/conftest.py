@@ -354,3 +354,15 @@ def tiny_pretrain_overrides(corpus_files, steps: int = 6) -> list[str]:
             "train.log_every=1", "train.eval_every=3", "train.eval_docs=10", "train.checkpoint_every=3",
             "train.lr=0.01", 'eval.generation_prompts=["stone1 (noun, animal):"]', "eval.max_new_tokens=5",
             "eval.batch_size=8"]
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory) -> str:
+    """The engine tests' model at real-model-like widths (multiples of 128): bitsandbytes' CPU
+    4-bit kernels work in blocks and refuse the 32-wide tiny model's layers."""
+    path = tmp_path_factory.mktemp("wide-qwen2moe")
+    vocab = build_tokenizer(path)
+    tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128, hidden_size=256,
+               num_key_value_heads=4, moe_intermediate_size=128, intermediate_size=256,
+               shared_expert_intermediate_size=256).save_pretrained(path)
+    return str(path)

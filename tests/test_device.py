@@ -169,31 +169,15 @@ def test_bf16_base_on_the_cpu_runs_two_rounds(model_dir, tmp_path, method):
         assert any(".gate." in name for name in sent)  # the federated routers travel, in fp32
 
 
-@pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory) -> str:
-    """The engine tests' model at real-model-like widths (multiples of 128): bitsandbytes' CPU
-    4-bit kernels work in blocks and refuse the 32-wide tiny model's layers."""
-    from conftest import tiny_model
-    from conftest import build_tokenizer
-
-    path = tmp_path_factory.mktemp("wide-qwen2moe")
-    vocab = build_tokenizer(path)
-    tiny_model("qwen2_moe", vocab_size=vocab, max_position_embeddings=128, hidden_size=256,
-               num_key_value_heads=4, moe_intermediate_size=128, intermediate_size=256,
-               shared_expert_intermediate_size=256).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
 def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantize):
     """int8: bitsandbytes quantises the nn.Linear modules (attention here) and the fused experts stay
     bf16. nf4: the fused experts are quantised (bitsandbytes' parametrisation), nn.Linear stays bf16
-    on the CPU. Either way a FLEx round trains; on nf4 its graft moves away from its (dequantised) copied expert."""
+    on the CPU. Either way a FLEx round trains."""
     pytest.importorskip("bitsandbytes")
     from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
-    from flexmoe.files import load_checked
     from flexmoe.methods import build_method
     from flexmoe.models import moe_layers
     from flexmoe.models.quantize import is_quantized
@@ -206,15 +190,7 @@ def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantiz
     assert (bool(linear), all(experts)) == ((True, False) if quantize == "int8" else (False, True))
     summary = Simulation(config, tmp_path).run()
     assert summary["rounds_completed"] == 1 and summary["train_loss"] > 0
-    if quantize == "int8":
-        return
-    layer = moe_layers(model)[0]
-    (personal,) = sorted((tmp_path / "clients" / "0").rglob("personal.safetensors"))[-1:]
-    tensors, meta = load_checked(personal)
-    expert = json.loads(meta["selection"])[layer.name][0]
-    trained = tensors[f"{layer.name}.graft.experts.0.down_proj.weight"]
-    copied = layer.down_proj[expert].float()  # the (dequantised) expert the graft started from
-    assert trained.shape == copied.shape and not torch.equal(trained, copied)  # trained (the gate starts nearly shut: small steps)
+    # that the round trains every sampled client's graft: tests/test_quantized_graft_trains.py
 
 
 def test_nf4_experts_stay_close_to_the_bf16_base():

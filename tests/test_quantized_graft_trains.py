@@ -14,15 +14,14 @@ import json
 
 import pytest
 import torch
-from test_device import wide_model_dir  # noqa: F401  (fixture)
-from test_engine import tiny_config
+from conftest import engine_config
 
 GATE_INIT_BIAS = -4.0  # flex.gate_init_bias's default
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
-def test_a_quantised_round_trains_the_graft_of_every_sampled_client(wide_model_dir, tmp_path, quantize):  # noqa: F811
+def test_a_quantised_round_trains_the_graft_of_every_sampled_client(wide_model_dir, tmp_path, quantize):
     pytest.importorskip("bitsandbytes")
     from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
@@ -30,7 +29,7 @@ def test_a_quantised_round_trains_the_graft_of_every_sampled_client(wide_model_d
     from flexmoe.methods import build_method
     from flexmoe.models import moe_layers
 
-    config = tiny_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",
+    config = engine_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",
                          "rounds=1", "num_clients=3", "clients_per_round=2", "train.local_steps=1")
     Simulation(config, tmp_path).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from flexmoe.models.selection import greedy_reconstruction
 from flexmoe.cost.memory import TensorMemory
 
-graft_module = importlib.import_module("flexmoe.models.graft")  # the package's `graft` is the function
+selection_module = importlib.import_module("flexmoe.models.selection")
 
 
 def bf16_layer(experts: int, hidden: int = 64, width: int = 32):
@@ -59,7 +59,7 @@ def test_selection_peak_does_not_grow_with_the_expert_count(monkeypatch):
     """A budget of 4,096 elements per chunk: 4 tokens' activations of an expert are 256 of them and its
     fp32 weights 6,144, so a chunk holds one expert. Counting the activations only, 16 experts fitted a
     chunk, and at 64 experts the selection held twice the fp32 weights it held at 8."""
-    monkeypatch.setattr(graft_module, "_CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(selection_module, "_CHUNK_ELEMENTS", 4096)
     few, many = selection_peak(8), selection_peak(64)
     one_expert = 3 * 32 * 64 * 4  # an expert's fp32 copy, in bytes
     assert many < few + one_expert / 2, (few, many)  # only the (T, E) scores and (E,) losses grow, by bytes
@@ -68,7 +68,7 @@ def test_selection_peak_does_not_grow_with_the_expert_count(monkeypatch):
 @pytest.mark.parametrize("tokens", [1, 4, 300])
 def test_chunks_cover_every_expert_once(tokens):
     layer = bf16_layer(60)
-    chunks = list(graft_module._expert_chunks(layer, tokens, copies=True))
+    chunks = list(selection_module._expert_chunks(layer, tokens, copies=True))
     assert [e for start, stop in chunks for e in range(start, stop)] == list(range(60))
     per_expert = tokens * 2 * 32 + 3 * 32 * 64
-    assert all(stop - start <= max(1, graft_module._CHUNK_ELEMENTS // per_expert) for start, stop in chunks)
+    assert all(stop - start <= max(1, selection_module._CHUNK_ELEMENTS // per_expert) for start, stop in chunks)
