@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flexmoe.engine.simulation as simulation
-from conftest import assert_same_safetensors, engine_config, metrics, run
+from conftest import assert_same_safetensors, engine_config, metrics, run, synthetic_examples
 from flexmoe.config import load_config
 from flexmoe.engine.driver import sample_clients
 from flexmoe.engine.simulation import InProcess, Simulation
