@@ -13,8 +13,8 @@ counted on the wire. Intervals: stratified bootstrap 95% CI over clients x examp
 (`flexmoe.analysis.paired`). "holds" = the CI covers 0 or the attacked run is better; "harmed" = the CI
 lies wholly on the worse side; for the wire rows "inconclusive" where the CI covers 0.
 
-Runs one `flexmoe run` at a time, one thread (start it under `nice`; each run inherits it); the
-training budget and evaluation sizes are reduced uniformly (below) to fit a shared 2-core machine. FLEXMOE_BENCH_RUNS names the folder of the run
+Runs `flexmoe run`s on one thread each, FLEXMOE_BENCH_JOBS of them at a time (default 1; start it
+under `nice`, each run inherits it); the training budget and evaluation sizes are reduced uniformly (below) to fit a shared 2-core machine. FLEXMOE_BENCH_RUNS names the folder of the run
 directories (default /tmp/flexmoe-bench-attacks); finished runs are reused, so an interrupted
 benchmark continues; FLEXMOE_BENCH_REPORT_ONLY=1 writes the result from the runs that exist.
 """
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.machine import header_markdown, write_result
+from benchmarks.machine import bench_jobs, header_markdown, run_each, write_result
 
 # the default run scaled down uniformly to fit a shared 2-core machine (said in the result file)
 BUDGET = ("rounds=3", "train.local_steps=10", "data.max_train_per_client=400")
@@ -61,23 +61,25 @@ def planned_runs() -> list[tuple[str, list[str]]]:
 
 
 def run_all(root: pathlib.Path) -> dict[str, float]:
-    """Every planned run that has no summary yet, one at a time -> {name: seconds} of those run now."""
-    seconds = {}
-    for name, overrides in planned_runs():
+    """Every planned run that has no summary yet (FLEXMOE_BENCH_JOBS at a time) -> {name: seconds} of those run now."""
+    pending = [(name, overrides) for name, overrides in planned_runs()
+               if not (root / name / "summary.json").is_file()]
+
+    def run(item) -> tuple[str, float]:
+        name, overrides = item
         run_dir = root / name
-        if (run_dir / "summary.json").is_file():
-            continue
         started = time.monotonic()
         command = [sys.executable, "-m", "flexmoe.cli", "run", "--output-dir", str(run_dir), "--quiet"]
-        for item in (*BUDGET, *EVAL, *overrides):
-            command += ["--set", item]
+        for setting in (*BUDGET, *EVAL, *overrides):
+            command += ["--set", setting]
         print(f"== {name}: {' '.join(overrides) or 'defaults'}", flush=True)
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts again
         with (root / f"{name}.log").open("w") as log:
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                            stderr=subprocess.STDOUT)
-        seconds[name] = time.monotonic() - started
-    return seconds
+        return name, time.monotonic() - started
+
+    return dict(run_each(pending, run, bench_jobs()))
 
 
 # ---- paired statistics -----------------------------------------------------------------------

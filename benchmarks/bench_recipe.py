@@ -16,7 +16,8 @@ The rule, fixed before any cell ran (this file's first commit holds it):
    smaller personal state per client wins (then the larger gate bias: the gate opening later).
 3. When no recipe is knowledge-safe, the one with the smallest held-out-loss difference becomes
    the default and the result file says the knowledge rule failed.
-Finished cells are skipped, so an interrupted grid resumes (`runs/recipe-grid/`).
+Finished cells are skipped, so an interrupted grid resumes (`runs/recipe-grid/`); FLEXMOE_BENCH_JOBS
+(default 1) runs that many single-threaded cells at once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import subprocess
 import sys
 
 from benchmarks.bench_fidelity import STUDY_SET, _finished, claim_stats
-from benchmarks.machine import header_markdown, write_result
+from benchmarks.machine import bench_jobs, header_markdown, run_each, write_result
 
 SEED = 100
 GRAFT_TRAIN = ("full", "lora")
@@ -79,10 +80,10 @@ def choose(rows: list[dict]) -> tuple[dict, bool]:
 def main(results_dir: pathlib.Path) -> None:
     from flexmoe.report.comparison import fmt_diff
 
-    reference = run_cell("fedavg", ["method=fedavg"])
+    cells = [("fedavg", ["method=fedavg"]), *((name, overrides(recipe)) for name, recipe in recipes().items())]
+    reference, *grid = run_each(cells, lambda cell: run_cell(*cell), bench_jobs())
     rows = []
-    for name, recipe in recipes().items():
-        run_dir = run_cell(name, overrides(recipe))
+    for (name, recipe), run_dir in zip(recipes().items(), grid):
         summary = json.loads((run_dir / "summary.json").read_text())
         rouge, _, (_, docs) = claim_stats({SEED: run_dir}, {SEED: reference}, [SEED])
         rows.append({**recipe, "name": name, "rouge_l": summary["rouge_l_avg"], "rouge": rouge, "loss": docs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -36,6 +37,26 @@ def run_with_threads(threads: int, fn, *args):
         return fn(*args)
     finally:
         torch.set_num_threads(previous)
+
+
+def bench_jobs() -> int:
+    """How many single-threaded runs a run-based benchmark starts at once (FLEXMOE_BENCH_JOBS, default 1).
+
+    Each run is its own process on one torch thread, so on an otherwise idle 2-core machine two
+    jobs finish a grid in about half the wall time; each run's own result does not change.
+    """
+    text = os.environ.get("FLEXMOE_BENCH_JOBS", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"FLEXMOE_BENCH_JOBS must be a positive integer, not {text!r}")
+    return int(text)
+
+
+def run_each(items, fn, jobs: int) -> list:
+    """`[fn(item) for item in items]` with up to `jobs` calls at a time (each starts its own process)."""
+    if jobs == 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(fn, items))
 
 
 def write_result(results_dir, name: str, lines: list[str], echo: bool = True):
