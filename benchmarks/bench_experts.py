@@ -26,7 +26,7 @@ BF16_WEIGHTS = "grouped_mm, frozen experts stored in bf16"  # bf16 only: grouped
 PRECISIONS = ("fp32", "bf16")
 STEPS = 4
 REPEATS = 4
-COMMAND = "nice -n 5 .venv/bin/python -m benchmarks experts"
+COMMAND = ".venv/bin/python -m benchmarks experts"
 
 
 def main(results_dir: pathlib.Path) -> None:
