@@ -29,6 +29,14 @@ def grafted_model(family: str, k: int):
     return model.eval()
 
 
+def same_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding. Two instances with identical weights (same values and strides)
+    can differ in the last bit on some CPUs (measured 6e-8 on an AMD EPYC: the BLAS kernel's path
+    depends on where the weights lie in memory); a missing graft moves them by > 1e-2 (asserted
+    below; measured 3.7-6.3 over the families)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
@@ -62,10 +70,10 @@ def test_plain_transformers_loads_the_grafted_model_of_every_family(family, toke
 
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(loaded).__name__.startswith("Flexmoe") and isinstance(loaded, type(model))
-    assert torch.equal(logits(loaded, ids), expected)
+    same_logits(logits(loaded, ids), expected)
     own, _ = load_grafted(out, torch.float32, torch.device("cpu"))
     assert isinstance(own, type(model)) and current_selection(own) == current_selection(model)
-    assert torch.equal(logits(own, ids), expected)
+    same_logits(logits(own, ids), expected)
     with pytest.raises(ValueError, match="custom code"):  # never the base without its graft
         AutoModelForCausalLM.from_pretrained(out)
 
@@ -109,7 +117,7 @@ def test_generate_pipeline_and_save_pretrained_round_trip(tokenizer, tmp_path):
     loaded.save_pretrained(again)  # custom code travels with it
     reloaded = AutoModelForCausalLM.from_pretrained(again, trust_remote_code=True, dtype=torch.float32).eval()
     ids = token_batches(seed=4)[0]
-    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+    same_logits(logits(reloaded, ids), logits(model, ids))
 
 
 def test_a_half_precision_export_keeps_the_graft_in_fp32(tokenizer, tmp_path):
@@ -131,4 +139,4 @@ def test_a_half_precision_export_keeps_the_graft_in_fp32(tokenizer, tmp_path):
     assert loaded.model.layers[0].mlp.graft.expert_ids.dtype == torch.long
     own, _ = load_grafted(out, torch.bfloat16, torch.device("cpu"))
     ids = token_batches(seed=3)[0]
-    assert torch.equal(logits(loaded, ids), logits(own, ids))
+    same_logits(logits(loaded, ids), logits(own, ids))
