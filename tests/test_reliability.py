@@ -28,7 +28,8 @@ from flexmoe.engine.simulation import Simulation
 from flexmoe.errors import FlexmoeError
 from flexmoe.wire import deserialize, serialize
 from flexmoe.files import CHECKSUM, load_checked, save_checked, tensors_digest, unpack_metadata
-from flexmoe.methods import Reply, build_method
+from flexmoe.methods.build import build_method
+from flexmoe.methods.rules import Reply
 from flexmoe.methods.base import weighted_mean
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
@@ -444,7 +445,7 @@ def roles_personal_names(model_dir, stored: set[str]) -> set[str]:
     """The personal parameters FLEx's roles name on a grafted model, spelled as the personal-state
     file spells them (no PEFT prefix), plus the graft's buffers (expert ids) the file also keeps."""
     from flexmoe.engine.model import load_model
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import graft, moe_layers, split_parameters
 
     config = engine_config(model_dir, "method=flex", "flex.federate_routers=true")
