@@ -22,7 +22,7 @@ from flexmoe.models.roles import apply_roles, personal_disabled, personal_outsid
 from flexmoe.report import run_label
 from flexmoe.rundir import load_server
 from flexmoe.wire import deserialize, serialize
-from test_reliability import leaks
+from helpers.leaks import leaks
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
