@@ -49,7 +49,7 @@ def child(threads: int, steps: int = STEPS) -> dict:
     from flexmoe.clients import make_client, partition_data
     from flexmoe.engine.model import load_model
     from flexmoe.models import apply_roles
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import select_experts
     from flexmoe.train import local_train
 

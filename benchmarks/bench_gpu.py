@@ -103,7 +103,7 @@ def measure(overrides: list[str], hf_config, device: torch.device, batch: int, l
             clients: int, peak_flops: float) -> Measure:
     """Build one method's client model on `device` and time its step, selection, swap and round."""
     from flexmoe.config import load_config
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import graft, select_experts
     from flexmoe.models.device import peak_memory, reset_peak_memory, synchronize
     from flexmoe.train import local_train

@@ -137,7 +137,7 @@ def main(results_dir) -> None:
     torch.set_num_threads(1)
     from flexmoe.config import load_config
     from flexmoe.engine.model import load_model
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
 
     config = load_config(None, ["runtime.threads=1"])
     model, tokenizer = load_model(config, build_method(config))

@@ -77,7 +77,7 @@ def child(work: str) -> dict:
 
     torch.set_num_threads(1)
     from flexmoe.config import load_config
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
 
     try:
         from flexmoe.clients import make_client, partition_data

@@ -69,7 +69,7 @@ class Setup:
         from flexmoe.engine.model import load_model
         from flexmoe.models import split_parameters
         from flexmoe.rundir import ClientStore
-        from flexmoe.methods import build_method
+        from flexmoe.methods.build import build_method
 
         self.config = load_config(None, [*overrides, f"seed={seed}"])
         method = build_method(self.config)

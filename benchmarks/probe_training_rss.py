@@ -17,7 +17,7 @@ def mark(n):
     out[n] = (round(st("VmHWM")), round(st("VmRSS"))); print(n, out[n], flush=True); reset()
 import torch
 from flexmoe.config import load_config
-from flexmoe.methods import build_method
+from flexmoe.methods.build import build_method
 from flexmoe.engine.client import ClientRunner
 from flexmoe.engine.model import load_model, shared_params
 from flexmoe.clients import partition_data, make_client

@@ -10,7 +10,7 @@ from flexmoe.config import load_config
 from flexmoe.engine import simulation
 from flexmoe.engine.faults import attacked_update
 from flexmoe.errors import FlexmoeError
-from flexmoe.methods import build_method
+from flexmoe.methods.build import build_method
 from flexmoe.wire import deserialize, serialize
 from conftest import metrics, run
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,17 @@ def test_valid_keys_cover_every_section():
     for key in ("method", "rounds", "num_clients", "clients_per_round", "seed", "model", "data.partition",
                 "train.local_steps", "flex.gate", "fedprox.mu", "server.tau", "eval.max_new_tokens"):
         assert key in keys
+    # each method's section (declared beside it, methods/<method>/config.py) is a section of the run
+    # config, and each declared method has its implementation (methods/<method>/method.py)
+    from flexmoe.methods import registered
+    from flexmoe.methods.build import method_class
+
+    for name, info in registered().items():
+        assert info.section is None or info.section in RunConfig.model_fields
+        assert method_class(name).name == name
+    # and reading and checking a config loads no model code (torch)
+    code = "import sys, flexmoe.config as c; c.load_config(None, ['method=scaffold']); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_cli_reports_a_bad_key_on_one_line(capsys):

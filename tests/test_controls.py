@@ -14,14 +14,15 @@ from flexmoe.commands.compare import VARIANTS, parse_methods, plan
 from flexmoe.config import RunConfig, load_config
 from flexmoe.engine.evaluator import Evaluator
 from flexmoe.engine.restore import restore
-from flexmoe.methods import LocalRun, build_method
-from flexmoe.methods.fedper import graft_params, matched_rank
+from flexmoe.methods.base import LocalRun
+from flexmoe.methods.build import build_method
+from flexmoe.methods.fedper.method import graft_params, matched_rank
 from flexmoe.models import graft, grafts, moe_layers, select_experts
 from flexmoe.models.roles import apply_roles, personal_disabled, personal_outside_graft, split_parameters
 from flexmoe.report import run_label
 from flexmoe.rundir import load_server
 from flexmoe.wire import deserialize, serialize
-from test_reliability import leaks
+from helpers.leaks import leaks
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 

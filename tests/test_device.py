@@ -106,7 +106,7 @@ def test_full_scope_on_a_half_base_is_refused():
 def _params_after_steps(model_dir, *overrides):
     from flexmoe.clients import make_client, partition_data
     from flexmoe.engine.model import load_model
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.train import local_train
 
     config = engine_config(model_dir, *overrides)
@@ -138,7 +138,7 @@ def test_gradient_checkpointing_trains_the_same_weights(model_dir):
 def test_bf16_base_on_the_cpu_runs_two_rounds(model_dir, tmp_path, method):
     from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
 
     overrides = [f"method={method}", "runtime.device=cpu", "runtime.base_dtype=bf16"]
     if method == "flex":
@@ -178,7 +178,7 @@ def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantiz
     pytest.importorskip("bitsandbytes")
     from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import moe_layers
     from flexmoe.models.quantize import is_quantized
 
@@ -232,7 +232,7 @@ def test_nf4_experts_stay_close_to_the_bf16_base():
 def test_nf4_refuses_a_method_that_trains_the_experts(model_dir):
     pytest.importorskip("bitsandbytes")
     from flexmoe.engine.model import load_model
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
 
     config = engine_config(model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", "runtime.quantize=nf4",
                          "method=fedavg", "lora.scope=attention+experts", "lora.dropout=0")
@@ -245,7 +245,7 @@ def test_nf4_plan_counts_the_quantised_experts():
     pytest.importorskip("bitsandbytes")
     from flexmoe.config import load_config
     from flexmoe.engine.model import load_model
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import graft, moe_layers
     from flexmoe.models.quantize import stored_bytes
     from flexmoe.models.roles import apply_roles

@@ -11,11 +11,13 @@ import torch
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
 from flexmoe.wire import serialize
-from flexmoe.methods import LocalRun, Reply, build_method
+from flexmoe.methods.base import LocalRun
+from flexmoe.methods.build import build_method
+from flexmoe.methods.rules import Reply
 from flexmoe.methods.conflict import (
     client_cosines, conflict_aware_step, consensus_cosines, importance_weights, project_conflicts,
 )
-from flexmoe.methods.fcmoe import ACTIVATION, CONSENSUS, ROUND, UPDATE, UPDATE_ROUND
+from flexmoe.methods.fcmoe.method import ACTIVATION, CONSENSUS, ROUND, UPDATE, UPDATE_ROUND
 from flexmoe.methods.groups import build_groups, from_expert_rows, group_matrix, split_matrix, to_expert_rows
 from conftest import engine_config
 
@@ -258,7 +260,7 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
     client's restored model is the global one plus λ times exactly its removed component."""
     from flexmoe.engine.restore import restore
     from flexmoe.rundir import ClientStore, load_server
-    from flexmoe.methods.fcmoe import Fcmoe
+    from flexmoe.methods.fcmoe.method import Fcmoe
     from flexmoe.models import shared_state
 
     honest_uplink, calls = Fcmoe.uplink, []

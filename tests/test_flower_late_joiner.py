@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_flower import (
+from helpers.flower import (
     BIN, Deployment, client_dir, clientapps_of, committed_rounds, free_base_port, node_ids_in_log, read_metrics,
     stop_process, wait_until, without_bytes,
 )

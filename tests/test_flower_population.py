@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_flower import BIN, ROOT, flower_env, free_base_port, processes_mentioning, read_metrics, stop, without_bytes
+from helpers.flower import BIN, ROOT, flower_env, free_base_port, processes_mentioning, read_metrics, stop, without_bytes
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("flwr", path=str(BIN)) is None, reason="flwr is not installed")]

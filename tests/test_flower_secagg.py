@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_flower import BIN, Deployment, _alive, free_base_port, kill_machine, read_metrics, stop_process, wait_until
+from helpers.flower import BIN, Deployment, alive, free_base_port, kill_machine, read_metrics, stop_process, wait_until
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("flwr", path=str(BIN)) is None, reason="flwr is not installed")]
@@ -129,7 +129,7 @@ def secure_global(deployment, config_path: Path, run_dir: Path, log: Path, kill_
             wait_until(lambda: node_log.read_text().count("Receiving: train message") >= seen + 3, 300,
                        f"SuperNode {kill_node} to receive its masked-vector stage")
             kill_machine(node)
-            wait_until(lambda: not _alive(node), 10, "the killed SuperNode to exit")
+            wait_until(lambda: not alive(node), 10, "the killed SuperNode to exit")
         assert process.wait(timeout=ROUND_TIMEOUT + 60) == 0, log.read_text()[-4000:]
     finally:
         stop_process(process)

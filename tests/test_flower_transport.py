@@ -17,7 +17,7 @@ from flexmoe.engine.flower import client_app
 from flexmoe.engine.flower.messages import CONFIG, counted_round
 from flexmoe.engine.flower.server_app import FlowerTransport
 from flexmoe.engine.server import ServerRunner
-from flexmoe.methods import build_method
+from flexmoe.methods.build import build_method
 from flexmoe.rundir import ClientStore
 
 

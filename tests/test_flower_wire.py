@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from safetensors import safe_open
 
-from test_flower import BIN, ROOT, flower_env, processes_mentioning, read_metrics, stop, without_bytes
+from helpers.flower import BIN, ROOT, flower_env, processes_mentioning, read_metrics, stop, without_bytes
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 WIRE = "wire.quantize=int8;wire.error_feedback=true"

@@ -16,8 +16,8 @@ from flexmoe.config import load_config
 from flexmoe.engine.restore import restore
 from flexmoe.errors import FlexmoeError
 from flexmoe.cost.comm import serialized_size
-from flexmoe.methods import build_method
-from flexmoe.methods.fedper import graft_params, matched_rank
+from flexmoe.methods.build import build_method
+from flexmoe.methods.fedper.method import graft_params, matched_rank
 from flexmoe.models import (
     GraftTraining, extract_expert, graft, grafts, load_graft, moe_layers, graft_state, read_graft,
     save_graft, select_experts, set_graft_state,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_data_tokens import WITH_CONTEXT, WITHOUT_CONTEXT, small_bpe_tokenizer
+from helpers.tokens import WITH_CONTEXT, WITHOUT_CONTEXT, small_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

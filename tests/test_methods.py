@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from flexmoe.config import load_config
-from flexmoe.methods import LocalRun, Reply, build_method
+from flexmoe.methods.base import LocalRun
+from flexmoe.methods.build import build_method
+from flexmoe.methods.rules import Reply
 from flexmoe.methods.base import weighted_mean
 
 

@@ -62,7 +62,7 @@ def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides
     positions, under TensorMemory; plus the weights alive before it. With and without gradient
     checkpointing."""
     from flexmoe.engine.model import load_model
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import apply_roles, graft, moe_layers
     from flexmoe.train import local_train
     from flexmoe.cost.memory import TensorMemory, tensor_bytes
@@ -103,7 +103,7 @@ def test_personal_bytes_of_every_method_with_a_personal_part(tmp_path):
     from flexmoe.engine.model import load_model
     from flexmoe.models.roles import personal_outside_graft
     from flexmoe.cost.comm import serialized_size
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import graft, moe_layers, save_graft
     from flexmoe.tensors import with_prefix
 

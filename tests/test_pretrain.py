@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import json
 import math
@@ -92,8 +91,8 @@ def test_shipped_pretrain_configs_parse_and_stage_two_continues_stage_one():
         assert config.data.corpus == "builtin" and config.train.precision == "bf16"
     assert not first.model.init_from and second.model.init_from == "runs/pretrain-tiny-v1"
     assert second.train.router_supervision_coef > 0 and second.train.domain_grouping == "sequences"
-    shape = [f for f in dataclasses.fields(first.model) if f.name != "init_from"]
-    assert all(getattr(first.model, f.name) == getattr(second.model, f.name) for f in shape)
+    shape = [name for name in type(first.model).model_fields if name != "init_from"]
+    assert all(getattr(first.model, name) == getattr(second.model, name) for name in shape)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ def test_a_quantised_round_trains_the_graft_of_every_sampled_client(wide_model_d
     from flexmoe.engine.model import load_model
     from flexmoe.engine.simulation import Simulation
     from flexmoe.files import load_checked
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import moe_layers
 
     config = engine_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",

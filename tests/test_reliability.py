@@ -6,7 +6,6 @@ differential privacy clips, noises and accounts as specified."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -28,8 +27,10 @@ from flexmoe.engine.simulation import Simulation
 from flexmoe.errors import FlexmoeError
 from flexmoe.wire import deserialize, serialize
 from flexmoe.files import CHECKSUM, load_checked, save_checked, tensors_digest, unpack_metadata
-from flexmoe.methods import Reply, build_method
+from flexmoe.methods.build import build_method
+from flexmoe.methods.rules import Reply
 from flexmoe.methods.base import weighted_mean
+from helpers.leaks import leaks
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
@@ -372,41 +373,7 @@ def test_real_replies_of_every_layout_pass_validation(model_dir, tmp_path, metho
     assert "rejected" not in server
 
 
-# ---- privacy of personal experts -----------------------------------------------------------------
-MIN_ROW_BYTES = 32  # rows shorter than 8 float32 values could match sent bytes by chance
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def informative(tensor: torch.Tensor) -> bool:
-    """Constant values (a zero-initialised gate weight, like LoRA's zero B) reveal nothing and
-    match any other constant tensor of their size: only the others are fingerprinted."""
-    return tensor.numel() > 1 and not bool((tensor == tensor.reshape(-1)[0]).all())
-
-
-def leaks(personal: dict[str, torch.Tensor], blobs: list[bytes]) -> list[str]:
-    """Personal tensors found in sent blobs: by key; by the sha256 of a whole tensor's bytes;
-    or any row of one (last dimension, at least MIN_ROW_BYTES) anywhere in a blob's raw bytes."""
-    found = []
-    sent_hashes = set()
-    for blob in blobs:
-        tensors, _ = deserialize(blob)
-        found += [f"key {k}" for k in tensors if k in personal or "graft" in k.split(".")]
-        sent_hashes |= {hashlib.sha256(raw(t)).digest() for t in tensors.values() if t.numel()}
-    for name, tensor in personal.items():
-        if not informative(tensor):
-            continue
-        if hashlib.sha256(raw(tensor)).digest() in sent_hashes:
-            found.append(f"value {name}")
-        for index, row in enumerate(tensor.reshape(-1, tensor.shape[-1])):
-            row_bytes = raw(row)
-            if len(row_bytes) >= MIN_ROW_BYTES and informative(row) and any(row_bytes in blob for blob in blobs):
-                found.append(f"row {index} of {name}")
-    return found
-
-
+# ---- privacy of personal experts (helpers/leaks.py finds them in sent bytes) ---------------------
 def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeypatch):
     """Every blob the in-process engine serialises is captured; the personal state of every
     client at the time (graft experts, gates) is checked against them by key and by value."""
@@ -444,7 +411,7 @@ def roles_personal_names(model_dir, stored: set[str]) -> set[str]:
     """The personal parameters FLEx's roles name on a grafted model, spelled as the personal-state
     file spells them (no PEFT prefix), plus the graft's buffers (expert ids) the file also keeps."""
     from flexmoe.engine.model import load_model
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
     from flexmoe.models import graft, moe_layers, split_parameters
 
     config = engine_config(model_dir, "method=flex", "flex.federate_routers=true")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_report import write_run
-from test_report_stats import add_detail
+from helpers.runs import write_run
+from helpers.runs import add_detail
 
 from flexmoe.report import group_runs, read_run, write_compare_report, write_run_report
 from flexmoe.report.comparison import best_baseline

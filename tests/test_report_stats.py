@@ -7,24 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from test_report import write_run
+from helpers.runs import write_run
 
 from flexmoe.eval.detail import write_detail
 from flexmoe.report import group_runs, read_run, write_compare_report
 from flexmoe.report.comparison import best_baseline, compare_rows
-
-IDS = ["a", "b", "c", "d"]
-
-
-def add_detail(run_dir: Path, personal: dict[int, list[float]], base: dict[int, list[float]],
-               probes: list[int], base_probes: list[int]) -> None:
-    root = run_dir / "evals"
-    for cid, scores in personal.items():
-        write_detail(root, 2, f"personal-client-{cid}", {"ids": IDS, "rouge_l": scores, "exact_match": [0.0] * 4})
-        write_detail(root, 2, f"personal-client-{cid}-knowledge", {"probe_correct": probes, "doc_nll": [[2.0, 2]] * 3})
-    for cid, scores in base.items():
-        write_detail(root, 0, f"base-client-{cid}", {"ids": IDS, "rouge_l": scores, "exact_match": [0.0] * 4})
-    write_detail(root, 0, "base-knowledge", {"probe_correct": base_probes, "doc_nll": [[3.0, 2]] * 3})
+from helpers.runs import add_detail
 
 
 def make_runs(tmp_path: Path) -> list[Path]:

@@ -9,7 +9,8 @@ import torch
 
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
-from flexmoe.methods import Reply, build_method
+from flexmoe.methods.build import build_method
+from flexmoe.methods.rules import Reply
 from flexmoe.methods.robust import krum_scores, krum_selection, median, trimmed_mean
 
 

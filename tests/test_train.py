@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from flexmoe.config import load_config
 from flexmoe.data import collate
-from flexmoe.methods import TrainHooks
+from flexmoe.methods.base import TrainHooks
 from flexmoe.train import cosine_lr, local_train, response_loss
 from flexmoe.train.loop import num_local_steps
 

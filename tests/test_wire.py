@@ -150,7 +150,8 @@ def test_in_process_runs_send_compressed_bytes_and_keep_the_rounding_error(model
 
 def test_an_undecodable_reply_is_rejected_and_the_round_goes_on(tmp_path):
     from flexmoe.engine.server import ServerRunner
-    from flexmoe.methods import Reply, build_method
+    from flexmoe.methods.build import build_method
+    from flexmoe.methods.rules import Reply
 
     config = load_config(None, ["method=fedavg", "wire.quantize=int8"])
     server = ServerRunner(config, build_method(config), tmp_path)

@@ -2,7 +2,11 @@
 
 Every key has a default, so an empty config is the shipped demo (FLEx on the tiny base and
 the builtin dataset). Unknown keys and bad values raise a one-line `FlexmoeError` that names
-the key and the closest valid keys or the allowed values.
+the key and the closest valid keys or the allowed values (the machinery: `flexmoe.settings`).
+
+The sections every run reads are here; each method's own section lives beside its method
+(`flexmoe/methods/<method>/config.py`, which also declares the method and what the checks
+below read of it: `flexmoe.methods.registry`). Torch-free: importing it loads no model code.
 """
 
 from __future__ import annotations
@@ -11,20 +15,28 @@ import difflib
 import math
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from flexmoe.errors import FlexmoeError
+from flexmoe.methods.fcmoe.config import FcmoeConfig
+from flexmoe.methods.fedper.config import FedPerConfig
+from flexmoe.methods.fedprox.config import FedProxConfig
+from flexmoe.methods.flex.config import FlexConfig
+from flexmoe.methods.registry import registered
+from flexmoe.methods.rules_config import ServerConfig
+from flexmoe.methods.scaffold.config import ScaffoldConfig
+from flexmoe.settings import DEVICE_PATTERN, Section, load, parse_override, set_dotted, to_toml
+from flexmoe.settings import valid_keys as section_keys
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no setting means NaN or inf
+__all__ = ["DataConfig", "EvalConfig", "FaultsConfig", "FcmoeConfig", "FedPerConfig", "FedProxConfig", "FlexConfig",
+           "LoraConfig", "PrivacyConfig", "RunConfig", "RuntimeConfig", "ScaffoldConfig", "SecAggConfig",
+           "ServerConfig", "TrainConfig", "ValidationConfig", "WireConfig", "load_config", "parse_override",
+           "save_config", "set_dotted", "valid_keys"]
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: str = "builtin"  # "builtin" or a path to a dolly/alpaca/jsonl/json/parquet/HF dataset
     format: Literal["auto", "dolly", "alpaca", "jsonl", "json", "parquet", "hf"] = "auto"
     # example field -> the file's key, e.g. {response = "answer"} (--set data.fields.response=answer)
@@ -45,7 +57,7 @@ class DataConfig(_Section):
     @field_validator("fields")
     @classmethod
     def _known_fields(cls, fields: dict[str, str]) -> dict[str, str]:
-        from flexmoe.data.formats import EXAMPLE_FIELDS
+        from flexmoe.data.formats import EXAMPLE_FIELDS  # flexmoe.data loads torch: read only when data.fields is set
 
         for name, key in fields.items():
             if name not in EXAMPLE_FIELDS:
@@ -55,7 +67,7 @@ class DataConfig(_Section):
         return fields
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Local training. The default budget (5 rounds of 30 steps at lr 4e-3, cosine over rounds,
     bf16 autocast) was chosen on a development seed (100), never on a seed whose results are
     reported: docs/guide.md, "The default budget"."""
@@ -83,7 +95,7 @@ class TrainConfig(_Section):
     optimizer_state: Literal["keep", "reset-shared", "reset"] = "keep"
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     scope: Literal["attention", "attention+experts", "full"] = "attention"  # baselines only
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
@@ -93,102 +105,7 @@ class LoraConfig(_Section):
     attention: tuple[str, ...] = ()
 
 
-# allowed values that code elsewhere checks too: each defined once, here (config imports nothing heavy)
-GATES = ("sigmoid", "none")  # the graft's gate (flexmoe.models.graft)
-STRATEGIES = ("reconstruction", "random", "frequency")  # expert selection (flexmoe.models.selection)
-GRAFT_INITS = ("copy", "zero")  # "zero": an ablation, the selected expert's shape but not its weights
-GRAFT_TRAIN_MODES = ("full", "lora")
-SERVER_RULES = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")  # flexmoe.methods.rules.RULES
-
-
-class FlexConfig(_Section):
-    gate: Literal[GATES] = "sigmoid"
-    selection: Literal[STRATEGIES] = "reconstruction"
-    k: int = Field(1, ge=1)
-    gate_init_bias: float = -4.0
-    calibration_examples: int = Field(32, ge=1)
-    calibration_max_tokens: int = Field(2048, ge=16)
-    federate_routers: bool = False
-    aggregator: Literal[SERVER_RULES] = "fedavg"
-    # ablation: "copy" = the selected expert's weights; "zero" = its shape only, gate/up freshly
-    # initialised (seeded) and down zeroed, so the graft starts at output 0 (personal capacity, no grafting)
-    graft_init: Literal[GRAFT_INITS] = "copy"
-    # how the graft trains: "full" = every weight of the copy; "lora" = the copy frozen with LoRA of rank
-    # graft_r on its gate/up/down projections (scale lora.alpha / lora.r, dropout lora.dropout), as the
-    # authors' released code most likely does; the gate trains in both. A LoRA-mode client stores only its
-    # selection, gate and LoRA: the frozen copy is rebuilt from the base
-    graft_train: Literal[GRAFT_TRAIN_MODES] = "full"
-    graft_r: int = Field(32, ge=1)  # rank of the graft's LoRA (graft_train = "lora"; the authors' r = 32)
-
-    @model_validator(mode="after")
-    def _lora_copies(self) -> FlexConfig:
-        if self.graft_train == "lora" and self.graft_init == "zero":
-            raise ValueError("flex.graft_init = 'zero' (no copy) needs flex.graft_train = 'full': "
-                             "a LoRA-mode graft trains through a frozen copy of the selected expert")
-        return self
-
-
-class FedPerConfig(_Section):
-    """FedPer (methods/fedper.py): FLEx's shared attention LoRA, plus a personal LoRA on the routed
-    experts that never leaves the client; a personal-capacity control for FLEx's grafting."""
-
-    rank: int = Field(0, ge=0)  # personal expert LoRA rank; 0 = as many trainable parameters as FLEx's graft (flex.k experts + gate, or their LoRA with flex.graft_train = "lora")
-
-
-class FcmoeConfig(_Section):
-    """FC-MoE (arXiv 2606.15625; methods/fcmoe.py). Its details are known from summaries only,
-    so each choice they leave open is a knob with a stated default.
-
-    c_{i,k} ∝ frequency^frequency_power · ‖update‖^norm_power · examples^size_power, normalised
-    over clients (a power of 0 drops that factor); conflicting updates (cos < 0 with the
-    consensus) are projected; λ = retention re-adds the removed component on the client.
-    """
-
-    # what trains and is shared: expert LoRA with attention LoRA, expert LoRA alone, or everything
-    scope: Literal["attention+experts", "experts", "full"] = "attention+experts"
-    retention: float = Field(0.5, ge=0)  # λ; 0 = no local knowledge retention (and no consensus downlink)
-    frequency_power: float = Field(1.0, ge=0)
-    norm_power: float = Field(1.0, ge=0)
-    size_power: float = Field(1.0, ge=0)
-    groups: Literal["module", "tensor"] = "module"  # projection unit of the non-expert trainables
-
-
-class FedProxConfig(_Section):
-    mu: float = Field(0.01, ge=0)
-
-
-class ScaffoldConfig(_Section):
-    server_lr: float = Field(1.0, gt=0)
-
-
-class ServerConfig(_Section):
-    """Server optimisers (Reddi et al. 2021, "Adaptive Federated Optimization"; FedAvgM: Hsu et al. 2019).
-
-    Defaults: beta1 = 0.9, beta2 = 0.99 as in Reddi et al.; tau = 1e-3 and lr = 1e-2 from
-    their tuned grids; FedAvgM momentum 0.9 with server lr 1 - 0.9 = 0.1: the momentum sums a
-    geometric series of updates, so the long-run step is lr / (1 - momentum) times the mean update
-    (Hsu et al.'s effective learning rate); lr 0.1 keeps it at FedAvg's 1 (lr 1.0 made it 10 and
-    diverged: ROUGE-L 0.005, held-out loss +0.90 in benchmarks/results/fidelity-2026-11-21.md).
-    """
-
-    weighting: Literal["examples", "uniform"] = "examples"
-    lr: float = Field(1e-2, gt=0)  # FedAdam/FedYogi/FedAdagrad eta
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
-    momentum_lr: float = Field(0.1, gt=0)  # FedAvgM eta (effective step eta / (1 - momentum))
-    momentum: float = Field(0.9, ge=0, lt=1)  # FedAvgM beta
-    # a robust combination of the replies instead of their mean (methods/robust.py), for any method
-    # whose rule averages them (the server optimisers then step along it): the coordinate-wise
-    # "median", the "trimmed-mean" (trim_beta) or multi-"krum" (krum_f, krum_keep); median and
-    # trimmed mean are unweighted, multi-Krum averages the replies it keeps with `weighting`
-    robust: Literal["none", "median", "trimmed-mean", "krum"] = "none"
-    trim_beta: float = Field(0.25, ge=0, lt=0.5)  # per coordinate, int(trim_beta * n) replies cut at each end
-    krum_f: int = Field(1, ge=0)  # hostile clients multi-Krum tolerates (scores over n - f - 2 neighbours)
-    krum_keep: int = Field(0, ge=0)  # replies multi-Krum averages; 0 = n - f; 1 = Krum
-
-
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Each client is evaluated on a stratified sample of its test split (balanced over categories,
     the same examples for every method of a seed: eval/detail.py); per-example scores are kept
     under `evals/` in the run directory. The last round uses the full sizes, earlier evaluated
@@ -213,7 +130,7 @@ class EvalConfig(_Section):
     content_free: bool = True  # score the content-free answerer (right template, no facts) as a reference
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(Section):
     # torch intra-op threads; 0 = torch's default. One thread is the default: on a
     # shared CPU two busy-waiting threads competing with other processes ran up to 10x slower
     # than one, and the thread count changes float summation order, so results are bitwise
@@ -222,7 +139,7 @@ class RuntimeConfig(_Section):
     threads: int = Field(1, ge=0)
     # where the model runs: "auto" = the first CUDA GPU when there is one, else the CPU;
     # "cpu", "cuda" or "cuda:N" (a CUDA device asked for on a machine without one is an error)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     # dtype of the frozen base weights: "auto" = bf16 on a GPU, fp32 on the CPU (the CPU default:
     # it gives the measured results of benchmarks/results/). Trainable tensors (LoRA, graft, gate,
     # federated routers) keep fp32 master weights; a half-precision base trains under autocast.
@@ -234,7 +151,7 @@ class RuntimeConfig(_Section):
     quantize: Literal["none", "nf4", "int8"] = "none"
 
 
-class ValidationConfig(_Section):
+class ValidationConfig(Section):
     """Checks of every client update at the server, before aggregation (engine/validation.py):
     keys, shapes and dtypes must be what the method expects and every value finite; an update
     failing a check is rejected and logged, and the round aggregates the rest."""
@@ -242,7 +159,7 @@ class ValidationConfig(_Section):
     max_update_norm: float = Field(0.0, ge=0)  # reject an update whose L2 norm (vs the global model) exceeds this; 0 = no bound
 
 
-class PrivacyConfig(_Section):
+class PrivacyConfig(Section):
     """Central differential privacy for the shared part (engine/privacy.py): the server clips
     each client's update to L2 norm `clip_norm`, averages them uniformly and adds Gaussian noise
     of std noise_multiplier * clip_norm / (updates averaged), as Flower's
@@ -256,7 +173,7 @@ class PrivacyConfig(_Section):
 ATTACK = re.compile(r"^(sign-flip|same-value(:(?P<value>[^:]+))?|scale:(?P<scale>[^:]+)|noise:(?P<sigma>[^:]+))$")
 
 
-class FaultsConfig(_Section):
+class FaultsConfig(Section):
     """A research tool, off by default, in-process engine only: the listed clients attack by
     rewriting their update (their uplink relative to what they received) after honest local
     training (engine/faults.py): "sign-flip" (-update), "scale:<s>" (s * update), "noise:<sigma>"
@@ -292,7 +209,7 @@ class FaultsConfig(_Section):
         return sorted(clients)
 
 
-class WireConfig(_Section):
+class WireConfig(Section):
     """How tensors travel between server and clients, both ways, in both engines (wire.py): fp32,
     or bf16 / fp16 halves, or int8 with one float32 scale per row (a tensor's first dimension).
     The uplink's shared weights travel as their difference from what the client received, so the
@@ -317,7 +234,7 @@ class WireConfig(_Section):
         return self.dtype != "fp32" or self.quantize != "none"
 
 
-class SecAggConfig(_Section):
+class SecAggConfig(Section):
     """Secure aggregation in Flower runs through Flower's SecAgg+ (engine/flower/secagg.py): each
     client masks its quantised update so that the server learns only the round's weighted mean,
     never one client's update; a client that drops out after sharing its keys is unmasked from
@@ -331,7 +248,7 @@ class SecAggConfig(_Section):
     max_weight: float = Field(1000.0, gt=0)  # the largest example count a client may weigh (precision falls as it grows)
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     method: str = "flex"  # a name from the method registry (flexmoe.methods.registry)
     rounds: int = Field(5, ge=1)
     num_clients: int = Field(4, ge=1)
@@ -374,9 +291,6 @@ class RunConfig(_Section):
     @field_validator("method")
     @classmethod
     def _method_known(cls, method: str) -> str:
-        # the registry imports every method module (and torch): read only when a config is validated
-        from flexmoe.methods.registry import registered
-
         methods = list(registered())
         if method not in methods:
             close = difflib.get_close_matches(method, methods, n=1)
@@ -386,8 +300,6 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _method_fits_privacy(self) -> RunConfig:
-        from flexmoe.methods.registry import registered
-
         methods = registered()
         private = [name for name, info in methods.items() if info.private]
         if self.privacy.noise_multiplier > 0 and self.method not in private:
@@ -398,13 +310,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _robust_fits(self) -> RunConfig:
-        from flexmoe.methods.registry import registered
-
         server, n = self.server, self.clients_per_round
         if server.robust == "none":
             return self
         name = f"server.robust = {server.robust!r}"
-        averaging = [m for m, info in registered().items() if info.cls.averages]
+        averaging = [m for m, info in registered().items() if info.averages]
         if self.method not in averaging:
             raise ValueError(f"{name} replaces the mean of a rule that averages the replies "
                              f"({', '.join(averaging)}); method = {self.method!r}")
@@ -422,8 +332,6 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _secagg_fits(self) -> RunConfig:
         """SecAgg+ hides every client's update: whatever needs one of them cannot run with it."""
-        from flexmoe.methods.registry import registered
-
         if not self.secagg.enabled:
             return self
         private = [name for name, info in registered().items() if info.private]
@@ -453,101 +361,16 @@ class RunConfig(_Section):
 
 def valid_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
     """Every dotted key the config accepts, sections included."""
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(valid_keys(annotation, f"{prefix}{name}."))
-    return keys
+    return section_keys(model, prefix)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a TOML file (optional), apply `key=value` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_toml(Path(path))
-        _check_keys(raw, source=str(path))
-    for item in overrides:
-        key, value = parse_override(item)
-        _check_keys(_nest(key, value), source="--set")
-        set_dotted(raw, key, value)
-    return _validate(raw)
+    return load(RunConfig, path, overrides)
 
 
 def save_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config as TOML, atomically; `load_config` reads it back identically."""
     from flexmoe.files import write_text_atomic  # imports torch: not at module top, `--help` stays fast
 
-    write_text_atomic(path, tomli_w.dumps(config.model_dump(mode="json")))
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FlexmoeError(f"{path}: config file not found") from None
-    except OSError as err:
-        raise FlexmoeError(f"{path}: cannot read the config file: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise FlexmoeError(f"{path}: config file is not UTF-8 text (byte {err.start})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise FlexmoeError(f"{path}: invalid TOML: {err}") from None
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise FlexmoeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
-    try:  # a TOML literal (number, bool, quoted string, list); anything else is a bare string
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
-    return key, value
-
-
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    set_dotted(out, dotted, value)
-    return out
-
-
-def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        child = target.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise FlexmoeError(f"config key {part!r} is a value, not a section (in {dotted!r})")
-        target = child
-    target[leaf] = value
-
-
-def _check_keys(raw: dict[str, Any], source: str, model: type[BaseModel] = RunConfig, prefix: str = "") -> None:
-    for key, value in raw.items():
-        dotted = prefix + key
-        field = model.model_fields.get(key)
-        if field is None:
-            close = difflib.get_close_matches(dotted, valid_keys(), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid_keys(model, prefix))}"
-            raise FlexmoeError(f"{source}: unknown config key {dotted!r}{hint}")
-        annotation = field.annotation
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        if is_section and isinstance(value, dict):
-            _check_keys(value, source, annotation, dotted + ".")
-        elif is_section:
-            raise FlexmoeError(f"{source}: config key {dotted!r} is a section; set its keys, e.g. {dotted}.<key>=...")
-
-
-def _validate(raw: dict[str, Any]) -> RunConfig:
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # a cross-key check
-            raise FlexmoeError(f"config: {message}") from None
-        key = ".".join(str(part) for part in first["loc"])
-        value = first.get("input")
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
-        raise FlexmoeError(f"config key {key}{shown}: {message}") from None
+    write_text_atomic(path, to_toml(config))

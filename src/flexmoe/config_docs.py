@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from flexmoe.config import RunConfig
 from flexmoe.files import write_text_atomic
+from flexmoe.methods import registered
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -118,8 +119,6 @@ def meaning(section: str, name: str, model: type[BaseModel]) -> str | None:
 def value_kind(field) -> str:
     annotation = field.annotation
     if field is RunConfig.model_fields["method"]:  # a name from the method registry
-        from flexmoe.methods import registered
-
         return " \\| ".join(f"`{name}`" for name in registered())
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.methods import registered
 
 # variant name -> (method, config overrides): the FLEx paper's ablations, a graft that starts at
 # zero instead of from the selected expert (personal capacity without grafting), the graft trained
@@ -48,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_methods(text: str) -> list[str]:
-    from flexmoe.methods import registered
-
     methods = tuple(registered())
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:

@@ -8,7 +8,7 @@ import math
 import random
 
 from flexmoe.commands.fields import add_field_argument
-from flexmoe.config import STRATEGIES
+from flexmoe.methods.flex.config import STRATEGIES
 from flexmoe.errors import FlexmoeError
 
 # Names only: torch, transformers and the data package load in run(), keeping `flexmoe --help` fast.

@@ -11,8 +11,9 @@ import json
 
 import torch
 
-from flexmoe.methods import LocalRun, build_method
-from flexmoe.methods.flex import graft_training
+from flexmoe.methods.base import LocalRun
+from flexmoe.methods.build import build_method
+from flexmoe.methods.flex.method import graft_training
 from flexmoe.methods.groups import expert_layer
 from flexmoe.models import apply_roles, graft, moe_layers
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
 from flexmoe.cost.comm import method_message_sizes, prepare_like_a_client, serialized_size
-from flexmoe.methods import LocalRun
+from flexmoe.methods.base import LocalRun
 from flexmoe.models import graft_state, split_parameters
 from flexmoe.models.device import QUANTIZE_SKIP, resolve_dtype
 from flexmoe.models.families import unwrap

@@ -22,7 +22,8 @@ from flexmoe.data.sample import derived_seed
 from flexmoe.engine.evaluator import Evaluator
 from flexmoe.engine.faults import attacked_update, attacks, noise_seed
 from flexmoe.engine.progress import Progress
-from flexmoe.methods import LocalRun, Method, Tensors
+from flexmoe.methods.base import LocalRun, Method
+from flexmoe.tensors import Tensors
 from flexmoe.methods.groups import expert_layer
 from flexmoe.models import load_graft, save_graft
 from flexmoe.models.device import device_measures, model_device, reset_peak_memory, timed

@@ -27,7 +27,8 @@ from flexmoe.engine.evaluator import Evaluator, base_load, base_reference
 from flexmoe.engine.model import load_model, shared_params, torch_threads
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.server import ServerRunner
-from flexmoe.methods import Reply, Tensors
+from flexmoe.methods.rules import Reply
+from flexmoe.tensors import Tensors
 from flexmoe.models import base_fingerprint
 from flexmoe.report import write_run_report
 from flexmoe.report.summary import mean, summarize, write_summary

@@ -20,7 +20,7 @@ from flexmoe.clients import Client
 from flexmoe.eval.detail import (
     answer_sample, client_file, content_free, eval_sample, knowledge_round, means, pooled_means, write_detail,
 )
-from flexmoe.methods import Tensors
+from flexmoe.tensors import Tensors
 from flexmoe.models.roles import Roles, personal_disabled, set_shared_state
 from flexmoe.report.summary import mean
 from flexmoe.train.loop import response_loss

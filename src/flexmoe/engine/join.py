@@ -28,7 +28,7 @@ from flexmoe.engine.model import load_model, torch_threads
 from flexmoe.engine.progress import Progress
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked, write_text_atomic
-from flexmoe.methods import build_method
+from flexmoe.methods.build import build_method
 from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, INITIAL_WEIGHTS, METRICS_FILE, ClientStore, MetricsLog
 
 JOINED_FILE = "joined.json"  # in a joined client's directory: its data source and its results

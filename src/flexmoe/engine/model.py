@@ -10,7 +10,7 @@ from torch import nn
 
 from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
-from flexmoe.methods import Method
+from flexmoe.methods.base import Method
 from flexmoe.models import load_base
 from flexmoe.models.device import placement
 from flexmoe.models.roles import apply_roles, split_parameters

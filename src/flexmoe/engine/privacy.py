@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from flexmoe.config import PrivacyConfig, RunConfig
-from flexmoe.methods import Method, Reply, Tensors
+from flexmoe.methods.base import Method
+from flexmoe.methods.rules import Reply
+from flexmoe.tensors import Tensors
 
 ORDERS = tuple(float(order) for order in range(2, 257))  # integer RDP orders: exact, no convergence warnings
 _NOISE_STREAM = 0x0D9  # separates the noise draws from every other seeded stream of a round

@@ -17,7 +17,9 @@ from flexmoe.engine.client import ClientRunner
 from flexmoe.engine.model import load_model
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked
-from flexmoe.methods import Method, Tensors, build_method
+from flexmoe.methods.base import Method
+from flexmoe.methods.build import build_method
+from flexmoe.tensors import Tensors
 from flexmoe.rundir import (
     BASE_METADATA, CLIENTS_DIR, CONFIG_FILE, INITIAL_WEIGHTS, GRAFT_FILE, ClientStore, is_run_dir, load_server,
 )

@@ -15,7 +15,9 @@ from flexmoe.engine import privacy
 from flexmoe.engine.validation import split_valid, update_norm
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked, one_line, save_checked
-from flexmoe.methods import Method, Reply, Tensors
+from flexmoe.methods.base import Method
+from flexmoe.methods.rules import Reply
+from flexmoe.tensors import Tensors
 from flexmoe.report.summary import eval_means, weighted
 from flexmoe.rundir import BASE_METADATA, CONFIG_FILE, INITIAL_WEIGHTS, METRICS_FILE, MetricsLog, load_server, save_server
 from flexmoe.tensors import cpu_clone

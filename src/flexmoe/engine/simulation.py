@@ -24,7 +24,10 @@ from flexmoe.engine.model import load_model
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.server import ServerRunner, failure_reason
 from flexmoe.errors import FlexmoeError
-from flexmoe.methods import Method, Reply, Tensors, build_method
+from flexmoe.methods.base import Method
+from flexmoe.methods.build import build_method
+from flexmoe.methods.rules import Reply
+from flexmoe.tensors import Tensors
 from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, ClientStore, is_run_dir
 from flexmoe.wire import deserialize, serialize
 

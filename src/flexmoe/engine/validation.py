@@ -15,7 +15,9 @@ import math
 import torch
 
 from flexmoe.config import ValidationConfig
-from flexmoe.methods import Method, Reply, Tensors
+from flexmoe.methods.base import Method
+from flexmoe.methods.rules import Reply
+from flexmoe.tensors import Tensors
 
 
 def split_valid(method: Method, settings: ValidationConfig, global_weights: Tensors,

@@ -68,13 +68,12 @@ class TrainHooks:
 class Method:
     """FedAvg-shaped defaults; subclasses override the pieces that differ."""
 
-    name: ClassVar[str]  # set by `register_method`
+    name: ClassVar[str]  # set by `register_method`; what the config checks of it (private, averages) is declared in its config.py
     communicates: ClassVar[bool] = True  # False: clients never exchange anything (local)
     grafts: ClassVar[bool] = False  # True: clients hold a personal grafted expert (FLEx)
     counts_experts: ClassVar[bool] = False  # True: local training reports per-expert activation counts
     fine_tunes: ClassVar[bool] = False  # True: the personal model is a local fine-tuning of the shared weights
     rule_class: ClassVar[type[ServerRule]] = WeightedMean
-    averages: ClassVar[bool] = True  # its rule averages the replies, so `server.robust` can replace the mean
 
     def __init__(self, config: RunConfig):
         self.config = config

@@ -1,6 +1,14 @@
-"""The one registry of federated methods: each method module declares its name, the config
-section it reads and what it supports, once, with `@register_method` (the config, the CLI, the
-compare command and the docs read the names from here)."""
+"""The one registry of federated methods.
+
+A method lives in its own package, `flexmoe/methods/<method>/`, in two modules:
+- `config.py`, torch-free: its config section (if it has one of its own) and its declaration,
+  `declare_method(name, section=..., private=..., averages=...)`: the name and the capabilities
+  the config checks, the CLI, the compare command and the docs read without loading torch;
+- `method.py`: the `Method` subclass, bound to its declaration with `@register_method(name)`.
+
+`flexmoe.methods` imports every `config.py` (so `registered()` lists every method, torch-free);
+`flexmoe.methods.build` imports every `method.py` and builds a run's method.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +18,50 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
-    cls: type
     section: str | None  # the config section of its own settings ([fedprox], [flex], ...), if any
     private: bool  # its reply is the shared weights: differential privacy (clip + noise the mean) applies
+    averages: bool  # its rule averages the replies, so `server.robust` can replace the mean
 
 
 _METHODS: dict[str, MethodInfo] = {}
+_CLASSES: dict[str, type] = {}
 
 
-def register_method(name: str, section: str | None = None, private: bool = False):
-    """Class decorator: make a `Method` subclass available as `method = name`."""
+def declare_method(name: str, section: str | None = None, private: bool = False, averages: bool = True) -> MethodInfo:
+    """Make `method = name` valid in the config, with the capabilities the config checks."""
+    if name in _METHODS:
+        raise ValueError(f"method {name!r} is declared twice")
+    _METHODS[name] = info = MethodInfo(name, section, private, averages)
+    return info
+
+
+def register_method(name: str):
+    """Class decorator: the `Method` subclass that implements the declared method `name`."""
 
     def register(cls: type) -> type:
-        if name in _METHODS:
+        if name not in _METHODS:
+            raise ValueError(f"method {name!r} is not declared: call declare_method in its config.py")
+        if name in _CLASSES:
             raise ValueError(f"method {name!r} is registered twice")
         cls.name = name
-        _METHODS[name] = MethodInfo(name, cls, section, private)
+        _CLASSES[name] = cls
         return cls
 
     return register
 
 
 def registered() -> dict[str, MethodInfo]:
-    """Every method, by name, in registration order."""
-    import flexmoe.methods  # noqa: F401  (importing the package registers every method module)
-
+    """Every declared method, by name, in declaration order (the order the CLI and the docs list them in)."""
     return dict(_METHODS)
+
+
+def implemented() -> list[str]:
+    """The methods whose `method.py` has been imported (all of them after `import flexmoe.methods.build`)."""
+    return list(_CLASSES)
+
+
+def implementation(name: str) -> type:
+    """The class registered for `name` (its `method.py` must have been imported: `flexmoe.methods.build`)."""
+    if name not in _CLASSES:
+        raise KeyError(f"method {name!r} has no registered implementation")
+    return _CLASSES[name]

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flexmoe.config import SERVER_RULES, RunConfig
+from flexmoe.config import RunConfig
+from flexmoe.methods.rules_config import SERVER_RULES
 from flexmoe.methods.robust import krum_selection, median, trimmed_mean
 from flexmoe.tensors import Tensors, strip_prefix, with_prefix
 

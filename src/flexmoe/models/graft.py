@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from flexmoe.config import GATES, GRAFT_INITS, GRAFT_TRAIN_MODES
+from flexmoe.methods.flex.config import GATES, GRAFT_INITS, GRAFT_TRAIN_MODES
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import MoELayer, moe_layers, unwrap
 from flexmoe.models.graft_module import GRAFT, ExpertGraft, ExpertMLP, attach, detach

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexmoe.config import STRATEGIES
+from flexmoe.methods.flex.config import STRATEGIES
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.calibration import capture_calibration
 from flexmoe.models.families import MoELayer, moe_layers

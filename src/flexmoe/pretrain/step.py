@@ -4,7 +4,6 @@ supervision)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def _continued_model(settings: ModelSettings):
 
     path = init_dir(settings)
     model = Qwen2MoeForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    for key, value in dataclasses.asdict(settings).items():
+    for key, value in settings.model_dump().items():
         if key != "init_from" and getattr(model.config, key, value) != value:
             raise FlexmoeError(f"model.init_from: {path} has {key} = {getattr(model.config, key)!r}, "
                                f"the config says {value!r}")

@@ -22,7 +22,7 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import write_atomic, write_text_atomic
-from flexmoe.pretrain.config import CHECKPOINT, CONFIG_COPY, DOMAIN_EXPERTS, PretrainConfig, TRAIN_LOG, TRAIN_SUMMARY, config_to_toml
+from flexmoe.pretrain.config import CHECKPOINT, CONFIG_COPY, DOMAIN_EXPERTS, PretrainConfig, TRAIN_LOG, TRAIN_SUMMARY, config_to_toml, same_config
 from flexmoe.pretrain.packing import assign_domain_experts, read_documents, row_targets, train_tokenizer, training_batches
 from flexmoe.pretrain.step import build_model, init_dir, make_optimizer, train_step, training_device
 
@@ -86,7 +86,7 @@ def _check_resumable(config: PretrainConfig, output: Path) -> None:
     if not (output / CHECKPOINT).is_file():
         raise FlexmoeError(f"--resume: no checkpoint at {output / CHECKPOINT}")
     stored = output / CONFIG_COPY
-    if not stored.is_file() or stored.read_text(encoding="utf-8") != config_to_toml(config):
+    if not same_config(stored, config):  # compared as configs, not as text: a copy written by an earlier writer resumes
         raise FlexmoeError(f"--resume: the config differs from the one {output} was started with ({stored})")
 
 

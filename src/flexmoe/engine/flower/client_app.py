@@ -199,7 +199,7 @@ class _Node:
     def __init__(self, content: RecordDict, context: Context):
         from flexmoe.engine.client import ClientRunner
         from flexmoe.engine.model import load_model, shared_params, use_threads
-        from flexmoe.methods import build_method
+        from flexmoe.methods.build import build_method
         from flexmoe.rundir import ClientStore
         from flexmoe.tensors import cpu_clone
 

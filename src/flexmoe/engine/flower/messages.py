@@ -22,7 +22,7 @@ import torch
 
 from flexmoe.config import RunConfig
 from flexmoe.errors import FlexmoeError
-from flexmoe.methods import Tensors
+from flexmoe.tensors import Tensors
 
 ARRAYS, GLOBAL, CONFIG, METRICS, RESULT, DETAIL = "arrays", "global", "config", "metrics", "result", "detail"
 COUNTED_ROUNDS = "counted-rounds"  # config key: {client id: its last round the server counted}, as JSON

@@ -24,7 +24,8 @@ import json
 import numpy as np
 import torch
 
-from flexmoe.methods import Reply, Tensors
+from flexmoe.methods.rules import Reply
+from flexmoe.tensors import Tensors
 
 NAMES = "flexmoe-names"  # the instruction's config item: the shared tensors' names, in the parameters' order
 

@@ -51,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     from flexmoe.config import load_config
     from flexmoe.engine.driver import RoundDriver
     from flexmoe.engine.server import ServerRunner
-    from flexmoe.methods import build_method
+    from flexmoe.methods.build import build_method
 
     settings = context.run_config
     resume = bool(settings.get("resume", False))
@@ -135,7 +135,7 @@ class FlowerTransport:
     def train(self, round_index: int, sampled: list[int], downlink):
         """The sampled clients train; one that fails, is gone or does not answer within the round
         timeout is reported back as failed, and the round aggregates the rest."""
-        from flexmoe.methods import Reply
+        from flexmoe.methods.rules import Reply
 
         online = self._online(round_index - 1)
         if self.config.secagg.enabled:

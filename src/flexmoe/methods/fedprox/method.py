@@ -5,7 +5,7 @@ from flexmoe.methods.base import Method, Tensors, TrainHooks
 from flexmoe.methods.registry import register_method
 
 
-@register_method("fedprox", section="fedprox", private=True)
+@register_method("fedprox")
 class FedProx(Method):
     def train_hooks(self, received: Tensors, client_state: Tensors) -> TrainHooks:
         return TrainHooks(proximal_mu=self.config.fedprox.mu, proximal_anchor=received)

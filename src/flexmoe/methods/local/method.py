@@ -9,7 +9,6 @@ from flexmoe.tensors import strip_prefix, with_prefix
 @register_method("local")
 class Local(Method):
     communicates = False  # the engines neither send nor aggregate anything
-    averages = False
 
     def downlink(self, global_weights: Tensors, server_state: Tensors) -> Tensors:
         return {}

@@ -17,7 +17,7 @@ from flexmoe.tensors import strip_prefix, with_prefix
 FINE_TUNED = "fine_tuned."  # the client-state prefix of its latest trained weights
 
 
-@register_method("fedavg-ft", section="server", private=True)
+@register_method("fedavg-ft")
 class FedAvgFT(Method):
     fine_tunes = True
 

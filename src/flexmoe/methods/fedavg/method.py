@@ -5,6 +5,6 @@ from flexmoe.methods.base import Method
 from flexmoe.methods.registry import register_method
 
 
-@register_method("fedavg", section="server", private=True)
+@register_method("fedavg")
 class FedAvg(Method):
     pass

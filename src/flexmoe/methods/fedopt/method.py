@@ -6,21 +6,21 @@ from flexmoe.methods.registry import register_method
 from flexmoe.methods.rules import AdagradRule, AdamRule, MomentumRule, YogiRule
 
 
-@register_method("fedavgm", section="server", private=True)
+@register_method("fedavgm")
 class FedAvgM(Method):
     rule_class = MomentumRule
 
 
-@register_method("fedadagrad", section="server", private=True)
+@register_method("fedadagrad")
 class FedAdagrad(Method):
     rule_class = AdagradRule
 
 
-@register_method("fedyogi", section="server", private=True)
+@register_method("fedyogi")
 class FedYogi(Method):
     rule_class = YogiRule
 
 
-@register_method("fedadam", section="server", private=True)
+@register_method("fedadam")
 class FedAdam(Method):
     rule_class = AdamRule

@@ -33,7 +33,7 @@ def graft_training(config: RunConfig) -> GraftTraining:
     return GraftTraining("lora", flex.graft_r, lora.alpha * flex.graft_r / lora.r, lora.dropout)
 
 
-@register_method("flex", section="flex", private=True)
+@register_method("flex")
 class Flex(Method):
     grafts = True
 

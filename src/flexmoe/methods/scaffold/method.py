@@ -34,7 +34,7 @@ class ScaffoldRule(ServerRule):
         return new_global, with_prefix("control.", new_c), metrics
 
 
-@register_method("scaffold", section="scaffold")
+@register_method("scaffold")
 class Scaffold(Method):
     rule_class = ScaffoldRule
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from flexmoe.methods.base import Method
-from flexmoe.methods.flex import graft_training
+from flexmoe.methods.flex.method import graft_training
 from flexmoe.methods.registry import register_method
 from flexmoe.models.families import moe_layers
 from flexmoe.models.graft import FULL, GraftTraining, new_graft, set_trainable
@@ -54,7 +54,7 @@ def matched_rank(model: nn.Module, k: int, gate: str, training: GraftTraining = 
     return max(1, round(graft_params(model, k, gate, training) / expert_lora_params_per_rank(model)))
 
 
-@register_method("fedper", section="fedper", private=True)
+@register_method("fedper")
 class FedPer(Method):
     @property
     def scope(self) -> str:

@@ -43,7 +43,7 @@ from flexmoe.methods.base import LocalRun, Method, Tensors, TensorSpec
 from flexmoe.methods.conflict import (
     client_cosines, conflict_aware_step, consensus_cosines, importance_weights, project_conflicts,
 )
-from flexmoe.methods.flex import Flex
+from flexmoe.methods.flex.method import Flex
 from flexmoe.methods.groups import Group, build_groups, expert_layer, group_matrix, num_experts, split_matrix
 from flexmoe.methods.registry import register_method
 from flexmoe.methods.rules import Reply, ServerRule
@@ -125,7 +125,6 @@ class ConflictAware:
 
     counts_experts = True
     rule_class = ConflictAwareRule
-    averages = False  # importance-weighted, projected updates: no mean for a robust rule to replace
 
     @property
     def retention(self) -> float:
@@ -201,7 +200,7 @@ class ConflictAware:
         return weights
 
 
-@register_method("fcmoe", section="fcmoe")
+@register_method("fcmoe")
 class Fcmoe(ConflictAware, Method):
     """FC-MoE: experts trainable (LoRA on the fused experts), conflict-aware aggregation."""
 
@@ -210,7 +209,7 @@ class Fcmoe(ConflictAware, Method):
         return self.config.fcmoe.scope
 
 
-@register_method("flex+fcmoe", section="fcmoe")
+@register_method("flex+fcmoe")
 class FlexFcmoe(ConflictAware, Flex):
     """FLEx whose shared part (attention LoRA, plus the routers with `flex.federate_routers`)
     is aggregated by FC-MoE's conflict-aware rule: FLEx's grafting, gate and roles, FC-MoE's

@@ -1,0 +1,1 @@
+"""FedPer (a personal expert LoRA): `config` declares it and its settings (torch-free), `method` implements it."""

@@ -1,0 +1,1 @@
+"""FedProx: `config` declares it and its settings (torch-free), `method` implements it."""

@@ -1,0 +1,1 @@
+"""FLEx (expert grafting): `config` declares it and its settings (torch-free), `method` implements it."""
