@@ -44,7 +44,18 @@ def files(run_dir: Path, under: str) -> dict[str, bytes]:
 
 
 def assert_no_workers() -> None:
+    """No worker left: none of multiprocessing's children, and no other OS child process than
+    multiprocessing's own helpers (the fork server workers start from, its resource tracker)."""
     assert multiprocessing.active_children() == []
+    try:
+        import psutil
+    except ImportError:
+        return
+    from multiprocessing import forkserver, resource_tracker
+
+    helpers = {getattr(forkserver._forkserver, "_forkserver_pid", None),
+               getattr(resource_tracker._resource_tracker, "_pid", None)}
+    assert [p for p in psutil.Process().children(recursive=True) if p.pid not in helpers] == []
 
 
 # ---- worker-side faults (module-level: a spawned worker imports them by name) -----------------
@@ -73,7 +84,7 @@ def user_mistake() -> None:
     ClientRunner._train = mistaken
 
 
-def interrupt_main(flag: str) -> None:
+def interrupt_main(flag: str, main_pid: int) -> None:
     """In a worker: the run's first training (of any worker) sends Ctrl-C to the main process,
     once; workers themselves ignore SIGINT."""
     import signal
@@ -88,7 +99,7 @@ def interrupt_main(flag: str) -> None:
         except FileExistsError:
             pass
         else:
-            os.kill(os.getppid(), signal.SIGINT)
+            os.kill(main_pid, signal.SIGINT)
         return original(self, client, round_index, received)
 
     ClientRunner._train = interrupting
@@ -132,7 +143,7 @@ def test_a_flexmoe_error_in_a_worker_stops_the_run_with_its_line(model_dir, data
 def test_an_interrupt_ends_every_worker_and_the_run_resumes(model_dir, data_path, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         simulate(model_dir, data_path, tmp_path / "cut", "runtime.workers=2",
-                 setup=functools.partial(interrupt_main, str(tmp_path / "interrupted")))
+                 setup=functools.partial(interrupt_main, str(tmp_path / "interrupted"), os.getpid()))
     assert_no_workers()
     Simulation.resume(tmp_path / "cut")  # the resolved config says workers = 2
     assert_no_workers()

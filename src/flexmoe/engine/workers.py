@@ -1,7 +1,7 @@
 """Worker processes of the in-process engine (`runtime.workers` > 1).
 
-Each worker is a fresh process (multiprocessing's "spawn" context: no fork of a process whose
-torch threads already exist) that builds the client side exactly as `Simulation.run` does: the
+Each worker is a fresh process (multiprocessing's fork server, else "spawn": never a fork of a
+process whose torch threads already exist) that builds the client side exactly as `Simulation.run` does: the
 method, the model and tokenizer, the `ClientPool` and a `ClientRunner` on the run directory's
 client store, with `runtime.threads` torch threads of its own. It then serves tasks, each one
 whole client (round 0's base evaluation or graft, a round's training, an evaluation), from one
@@ -35,7 +35,12 @@ from flexmoe.errors import FlexmoeError
 
 __all__ = ["WorkerPool", "WorkerFailed"]
 
-CONTEXT = "spawn"
+# Workers start from multiprocessing's fork server, which imports torch, transformers and flexmoe
+# once (`PRELOAD`) and forks each worker from that single-threaded state, so a run's workers do
+# not pay the imports again (seconds of CPU each); never a fork of a process whose torch threads
+# exist. Where there is no fork server, workers are spawned.
+CONTEXT = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+PRELOAD = ["flexmoe.engine.simulation"]
 POLL_SECONDS = 0.5  # how often a waiting side checks that the other side is still alive
 
 
@@ -179,6 +184,8 @@ class WorkerPool:
     def __init__(self, config: RunConfig, run_dir: Path, count: int, progress: Progress | None = None,
                  setup: Callable[[], None] | None = None):
         context = multiprocessing.get_context(CONTEXT)
+        if CONTEXT == "forkserver":
+            context.set_forkserver_preload(PRELOAD)  # takes effect when the fork server starts
         self.progress = progress or Progress()
         self._tasks = context.Queue()
         self._results = context.Queue()
