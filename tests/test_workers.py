@@ -160,3 +160,14 @@ def test_workers_are_the_in_process_engines_own(model_dir, data_path):
     with pytest.raises(FlexmoeError, match="runtime.workers"):
         config(model_dir, data_path, "runtime.workers=0")
     assert InProcess.__init__.__defaults__ == (None,)  # workers = 1: no pool, the one-process code path
+
+
+def test_a_client_goes_back_to_its_worker_while_the_loads_stay_balanced():
+    from flexmoe.engine.workers import WorkerPool
+
+    pool = WorkerPool.__new__(WorkerPool)  # the scheduling alone, no process
+    pool._queues, pool._owner = [None, None], {}
+    assert pool._assign([0, 1, 2, 3]) == [0, 1, 0, 1]  # round 0
+    assert pool._assign([0, 1, 2, 3]) == [0, 1, 0, 1]  # every later task: the same worker, no re-tokenising
+    assert pool._assign([0, 2]) == [0, 1]  # both ran on worker 0: one moves, so both workers work
+    assert pool._assign([3]) == [1]

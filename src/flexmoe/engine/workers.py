@@ -4,8 +4,9 @@ Each worker is a fresh process (multiprocessing's fork server, else "spawn": nev
 process whose torch threads already exist) that builds the client side exactly as `Simulation.run` does: the
 method, the model and tokenizer, the `ClientPool` and a `ClientRunner` on the run directory's
 client store, with `runtime.threads` torch threads of its own. It then serves tasks, each one
-whole client (round 0's base evaluation or graft, a round's training, an evaluation), from one
-queue shared by all workers, so a free worker takes the next client. Tensors travel as
+whole client (round 0's base evaluation or graft, a round's training, an evaluation), from a
+queue of its own: the main process gives a client to the worker that ran it before (which keeps
+its tokenised data) while the workers' loads stay balanced (`WorkerPool._assign`). Tensors travel as
 safetensors bytes (`flexmoe.wire`); client state travels through `clients/<id>/` on disk as
 in the one-process engine (pending state, committed by the main process), so a client's
 result does not depend on which worker ran it, and `WorkerPool.map` returns the results in the
@@ -22,6 +23,8 @@ parent is gone exits by itself.
 
 from __future__ import annotations
 
+import logging
+import math
 import multiprocessing
 import queue
 import signal
@@ -151,6 +154,7 @@ def _serve(config: RunConfig, run_dir: str, tasks, results, setup: Callable[[], 
         results.put(("dead", None, (kind, _reason(error), traceback.format_exc())))
         return
     parent = multiprocessing.parent_process()
+    logging.getLogger("flexmoe").propagate = False  # shown once, by the main process, not also by a root handler here
     with logs_to(relay):  # the client side's log lines (truncation, failures) shown by the main process
         while True:
             try:
@@ -178,7 +182,7 @@ def _reason(error: BaseException) -> str:
 
 
 class WorkerPool:
-    """`count` worker processes serving one task queue; started at once (they load their model
+    """`count` worker processes, each serving its own task queue; started at once (they load their model
     while the main process sets the run up), ended by `close`."""
 
     def __init__(self, config: RunConfig, run_dir: Path, count: int, progress: Progress | None = None,
@@ -187,12 +191,13 @@ class WorkerPool:
         if CONTEXT == "forkserver":
             context.set_forkserver_preload(PRELOAD)  # takes effect when the fork server starts
         self.progress = progress or Progress()
-        self._tasks = context.Queue()
+        self._queues = [context.Queue() for _ in range(count)]  # one per worker: tasks go to a chosen worker
+        self._owner: dict[int, int] = {}  # client id -> the worker that last ran it (it holds its tokens)
         self._results = context.Queue()
         self._next = 0
         self._busy = False  # tasks are out: `close` terminates at once (an error or an interrupt mid-map)
         self._processes = [
-            context.Process(target=_serve, args=(config, str(run_dir), self._tasks, self._results, setup),
+            context.Process(target=_serve, args=(config, str(run_dir), self._queues[i], self._results, setup),
                             name=f"flexmoe-worker-{i}", daemon=True)
             for i in range(count)
         ]
@@ -210,8 +215,8 @@ class WorkerPool:
         first = self._next
         self._next += len(tasks)
         self._busy = True
-        for offset, args in enumerate(tasks):
-            self._tasks.put((first + offset, kind, args))
+        for offset, (args, worker) in enumerate(zip(tasks, self._assign([args[0] for args in tasks]))):
+            self._queues[worker].put((first + offset, kind, args))
         outcomes: dict[int, tuple] = {}
         while len(outcomes) < len(tasks):
             try:
@@ -222,6 +227,24 @@ class WorkerPool:
             self._handle(message, first, len(tasks), outcomes)
         self._busy = False
         return [outcomes[i] for i in range(len(tasks))]
+
+    def _assign(self, client_ids: list[int]) -> list[int]:
+        """The worker of each task (whose first argument is its client id): a client goes back to the
+        worker that ran it last (which keeps it tokenised, `ClientPool`), as long as that worker has
+        no more than its share of the tasks; the others go to the least loaded worker. Balanced and
+        deterministic; results do not depend on it."""
+        share = math.ceil(len(client_ids) / len(self._queues))
+        load, chosen = [0] * len(self._queues), [None] * len(client_ids)
+        for i, cid in enumerate(client_ids):
+            owner = self._owner.get(cid)
+            if owner is not None and load[owner] < share:
+                chosen[i], load[owner] = owner, load[owner] + 1
+        for i, cid in enumerate(client_ids):
+            if chosen[i] is None:
+                worker = min(range(len(load)), key=load.__getitem__)
+                chosen[i], load[worker] = worker, load[worker] + 1
+            self._owner[cid] = chosen[i]
+        return chosen
 
     def _handle(self, message: tuple, first: int, count: int, outcomes: dict) -> None:
         tag, key, value = message
@@ -253,9 +276,9 @@ class WorkerPool:
         """End every worker: after the last task each one stops when told; while tasks are out (an
         error, an interrupt) they are terminated at once."""
         if not self._busy:
-            for process in self._processes:
+            for process, tasks in zip(self._processes, self._queues):
                 if process.is_alive():
-                    self._tasks.put(None)
+                    tasks.put(None)
         for process in self._processes:
             if process.pid is None:
                 continue
@@ -267,7 +290,7 @@ class WorkerPool:
             if process.is_alive():
                 process.kill()
                 process.join()
-        for channel in (self._tasks, self._results):
+        for channel in (*self._queues, self._results):
             channel.close()
             channel.cancel_join_thread()
         self._processes = []
