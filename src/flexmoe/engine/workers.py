@@ -144,6 +144,8 @@ def _serve(config: RunConfig, run_dir: str, tasks, results, setup: Callable[[], 
     from flexmoe.engine.progress import logs_to
     from flexmoe.engine.server import failure_reason
 
+    # as `flexmoe.cli.main`: bitsandbytes' import-time warning about an optional kernel package, not shown
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     relay = _Relay(results)
     try:
         side = ClientSide(config, Path(run_dir), relay)
