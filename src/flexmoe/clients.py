@@ -138,6 +138,12 @@ class ClientPool:
                 self._kept[client_id] = client
         return client
 
+    def note_truncation(self, client_id: int, truncation: Truncation | None) -> None:
+        """A client tokenised in another process (a worker of `runtime.workers`): its truncation
+        counts, for the report."""
+        if truncation is not None:
+            self._truncation[client_id] = truncation
+
     def infos(self) -> list[ClientInfo]:
         """Every client's report entry (truncation counts: of the clients tokenised in this process)."""
         return [describe(Client(part.client_id, capped_train(self.config, part), part.test, [],

@@ -137,6 +137,13 @@ class RuntimeConfig(Section):
     # reproducible only at a fixed count (never chosen from the machine's load). On a machine
     # of your own, more threads can pay: benchmarks/results/fastpaths-*.md.
     threads: int = Field(1, ge=0)
+    # processes the in-process engine runs clients on: 1 = every client in turn in this process;
+    # N > 1 = N worker processes, each training and evaluating whole clients with `threads` torch
+    # threads of its own, results identical to 1 (the same clients, gathered in client order).
+    # Each worker holds its own copy of the model: N + 1 copies in memory with the main process's.
+    # On a small model two single-threaded workers gain more than two threads in one process
+    # (docs/guide.md). The Flower engine refuses N > 1: it runs each client in a SuperNode of its own.
+    workers: int = Field(1, ge=1)
     # where the model runs: "auto" = the first CUDA GPU when there is one, else the CPU;
     # "cpu", "cuda" or "cuda:N" (a CUDA device asked for on a machine without one is an error)
     device: str = Field("auto", pattern=DEVICE_PATTERN)

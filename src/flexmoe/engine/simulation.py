@@ -10,10 +10,16 @@ Every random choice derives from (seed, round, client), and every round ends wit
 checkpoint, so a resumed run continues a killed one to exactly the metrics of an uninterrupted one.
 A client that raises is skipped for the round (logged, its pending state dropped); a user
 mistake (`FlexmoeError`) stops the run with its one line.
+
+With `runtime.workers` = N > 1 the clients run on N worker processes instead (`engine/workers.py`),
+each with its own model instance built the same way: a round's clients are handed out one by one,
+their results gathered back in client order, so the run's metrics are those of one process. The
+server, the base reference and the global model's measures stay in this process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
@@ -23,6 +29,7 @@ from flexmoe.engine.driver import RoundDriver, evaluated_clients
 from flexmoe.engine.model import load_model
 from flexmoe.engine.progress import Progress
 from flexmoe.engine.server import ServerRunner, failure_reason
+from flexmoe.engine.workers import RemoteTraceback, WorkerFailed, WorkerPool
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods.base import Method
 from flexmoe.methods.build import build_method
@@ -38,11 +45,13 @@ class InProcess:
     """The transport of the in-process engine: every client on the one model instance, its data
     tokenised only while a round needs it (`ClientPool`), its state on disk between its rounds."""
 
-    def __init__(self, config: RunConfig, method: Method, runner: ClientRunner, clients: ClientPool):
+    def __init__(self, config: RunConfig, method: Method, runner: ClientRunner, clients: ClientPool,
+                 workers: WorkerPool | None = None):
         self.config = config
         self.method = method
         self.runner = runner
         self.clients = clients
+        self.workers = workers  # runtime.workers > 1: each client on a worker process (engine/workers.py)
         self.evaluated = evaluated_clients(config)
         self._trained: list[int] = []  # this round's clients: only their pending state to commit
 
@@ -51,6 +60,13 @@ class InProcess:
 
     def round_zero(self, evaluate_base: bool) -> tuple[list[dict], list[ClientInfo]]:
         # the others graft before their first round (`ClientRunner.train`)
+        if self.workers is not None:  # as `ClientRunner.round_zero`: every base evaluation before any graft
+            tasks = [(c,) for c in self.evaluated]
+            base_evals = [v for _, v in self._checked(self.evaluated, self.workers.map("base", tasks))] \
+                if evaluate_base else []
+            if self.method.grafts:
+                self._checked(self.evaluated, self.workers.map("graft", tasks))
+            return base_evals, self.infos()
         base_evals = self.runner.round_zero([self.clients.get(c) for c in self.evaluated], evaluate_base)
         return base_evals, self.infos()
 
@@ -60,9 +76,11 @@ class InProcess:
 
     def train(self, round_index: int, sampled: list[int], downlink: Tensors | None) -> tuple[list[dict], list[Reply], dict[int, str]]:
         down_blob = serialize(downlink) if downlink is not None else None
-        records, replies, failures = [], [], {}
         self.clients.start_round(sampled)
         self._trained = list(sampled)
+        if self.workers is not None:
+            return self._train_on_workers(round_index, sampled, down_blob)
+        records, replies, failures = [], [], {}
         for client_id in sampled:
             try:
                 record, reply = self._train_client(self.clients.get(client_id), round_index, down_blob)
@@ -78,19 +96,49 @@ class InProcess:
 
     def _train_client(self, client: Client, round_index: int, down_blob: bytes | None):
         """One client's round through real bytes: the downlink blob in, the uplink blob out."""
-        received = deserialize(down_blob)[0] if down_blob is not None else {}
-        record, message = self.runner.train(client, round_index, received)
-        reply, bytes_up = None, 0
-        if self.method.communicates:
-            up_blob = serialize(message, {"num_examples": str(record["num_examples"])})
-            bytes_up = len(up_blob)
-            tensors, meta = deserialize(up_blob)
-            reply = Reply(tensors, int(meta["num_examples"]), client=client.client_id)
-        record.update(bytes_up=bytes_up, bytes_down=len(down_blob) if down_blob is not None else 0)
-        return record, reply
+        record, up_blob = train_client(self.runner, self.method, client, round_index, down_blob)
+        return record, _reply(client.client_id, up_blob)
+
+    def _train_on_workers(self, round_index: int, sampled: list[int], down_blob: bytes | None):
+        """`train` with each client on a worker: the same records, replies and failures, in the same order."""
+        records, replies, failures = [], [], {}
+        outcomes = self.workers.map("train", [(cid, round_index, sampled, down_blob) for cid in sampled])
+        for client_id, (status, value) in zip(sampled, self._checked(sampled, outcomes, skip_failed=True)):
+            if status == "failed":
+                failures[client_id] = value[0]
+                continue
+            record, up_blob = value
+            records.append(record)
+            reply = _reply(client_id, up_blob)
+            if reply is not None:
+                replies.append(reply)
+        return records, replies, failures
+
+    def _checked(self, client_ids: list[int], outcomes: list[tuple], skip_failed: bool = False) -> list[tuple]:
+        """Workers' outcomes, each client's truncation counts noted for the report: the first
+        `FlexmoeError` (in client order) re-raised; a client's crash re-raised unless `skip_failed`."""
+        checked = []
+        for client_id, (status, value) in zip(client_ids, outcomes):
+            if status == "error":
+                raise FlexmoeError(value[0])
+            if status == "failed":
+                if not skip_failed:
+                    raise WorkerFailed(f"client {client_id}: {value[0]}") from RemoteTraceback(value[1])
+                checked.append((status, value))
+                continue
+            value, truncation = value
+            self.clients.note_truncation(client_id, truncation)
+            checked.append((status, value))
+        return checked
 
     def evaluate(self, round_index: int, received: Tensors, global_weights: Tensors | None,
                  base_load: dict | None) -> list[dict]:
+        if self.workers is not None:
+            received_blob = serialize(received)
+            global_blob = serialize(global_weights) if global_weights is not None else None
+            outcomes = self.workers.map("evaluate", [(c, round_index, received_blob, global_blob, base_load)
+                                                     for c in self.evaluated])
+            return [value for _, value in self._checked(self.evaluated, outcomes)]
         return [self.runner.evaluate(self.clients.get(c), round_index, received, base_load, global_weights)
                 for c in self.evaluated]
 
@@ -98,11 +146,37 @@ class InProcess:
         for client_id in self._trained:  # only they hold pending state: no walk over the population
             self.runner.store.commit(round_index, client_id)
 
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+
+
+def train_client(runner: ClientRunner, method: Method, client: Client, round_index: int,
+                 down_blob: bytes | None) -> tuple[dict, bytes | None]:
+    """One client's round through real bytes: the downlink blob in -> (its train record with
+    `bytes_up`/`bytes_down`, the uplink blob; None for a method that sends nothing)."""
+    received = deserialize(down_blob)[0] if down_blob is not None else {}
+    record, message = runner.train(client, round_index, received)
+    up_blob = None
+    if method.communicates:
+        up_blob = serialize(message, {"num_examples": str(record["num_examples"])})
+    record.update(bytes_up=len(up_blob) if up_blob is not None else 0,
+                  bytes_down=len(down_blob) if down_blob is not None else 0)
+    return record, up_blob
+
+
+def _reply(client_id: int, up_blob: bytes | None) -> Reply | None:
+    if up_blob is None:
+        return None
+    tensors, meta = deserialize(up_blob)
+    return Reply(tensors, int(meta["num_examples"]), client=client_id)
+
 
 class Simulation:
     """One run directory, run in this process."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, progress: Progress | None = None):
+    def __init__(self, config: RunConfig, run_dir: Path, progress: Progress | None = None,
+                 worker_setup: Callable[[], None] | None = None):
         if config.secagg.enabled:
             raise FlexmoeError("secagg.enabled: secure aggregation runs in Flower runs (flwr run); the in-process "
                                "engine would aggregate every update in the clear")
@@ -110,6 +184,7 @@ class Simulation:
         self.run_dir = Path(run_dir)
         self.progress = progress or Progress()
         self.method = build_method(config)
+        self.worker_setup = worker_setup  # runtime.workers > 1: called in each worker once it is built (tests inject faults)
 
     @classmethod
     def resume(cls, run_dir: Path, progress: Progress | None = None, stop_after: int | None = None) -> dict:
@@ -125,5 +200,11 @@ class Simulation:
         server = ServerRunner(self.config, self.method, self.run_dir)
         runner = ClientRunner(self.config, self.method, model, tokenizer, ClientStore(self.run_dir / CLIENTS_DIR),
                               server.initial_weights, self.progress, detail_dir=self.run_dir / EVALS_DIR)
-        transport = InProcess(self.config, self.method, runner, clients)
-        return RoundDriver(server, transport, self.progress, model, tokenizer).run(resume=resume, stop_after=stop_after)
+        workers = WorkerPool(self.config, self.run_dir, self.config.runtime.workers, self.progress, self.worker_setup) \
+            if self.config.runtime.workers > 1 else None
+        transport = InProcess(self.config, self.method, runner, clients, workers)
+        try:
+            return RoundDriver(server, transport, self.progress, model, tokenizer).run(resume=resume,
+                                                                                     stop_after=stop_after)
+        finally:
+            transport.close()

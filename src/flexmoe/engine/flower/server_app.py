@@ -75,6 +75,9 @@ def refuse_in_flower(config) -> None:
     if config.faults.malicious_clients:
         raise FlexmoeError("faults.malicious_clients: the attack harness is an in-process research tool "
                            "(flexmoe run); the Flower engine refuses it")
+    if config.runtime.workers > 1:
+        raise FlexmoeError(f"runtime.workers = {config.runtime.workers}: worker processes are the in-process "
+                           "engine's (flexmoe run); Flower runs each client in a SuperNode of its own, so leave it at 1")
 
 
 def _resumable(settings) -> Path:
