@@ -92,7 +92,7 @@ class ClientSide:
         from flexmoe.engine.driver import evaluated_clients
         from flexmoe.engine.model import load_model, use_threads
         from flexmoe.engine.server import ServerRunner
-        from flexmoe.methods import build_method
+        from flexmoe.methods.build import build_method
         from flexmoe.rundir import CLIENTS_DIR, EVALS_DIR, ClientStore
 
         use_threads(config)
