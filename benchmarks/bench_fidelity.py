@@ -421,13 +421,16 @@ def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple
     from flexmoe.analysis.stats import verdict
     from flexmoe.report.comparison import fmt_diff, fmt_signs
 
+    from flexmoe.analysis.paired import last_round
+
     runs = _variant_runs(root, methods, seeds, aliases)
+    answered = {v: {s for s, d in seed_runs.items() if last_round(d) is not None} for v, seed_runs in runs.items()}
     lines = [f"## Setting: {setting} — {SETTINGS[setting][1]}", "",
              "| claim (A better than B) | ROUGE-L A − B [95% CI] | signs | verdict | exact match A − B | "
              "held-out loss A − B [95% CI] | knowledge verdict | probes A − B (McNemar p) |",
              "|---|---:|---:|---|---:|---:|---|---:|"]
     for a, b, claim in CLAIMS:
-        common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        common = sorted(answered.get(a, set()) & answered.get(b, set()))  # seeds with per-example answers in both
         if not common:
             continue
         rouge, exact, (probes, docs) = claim_stats(runs[a], runs[b], common)
