@@ -2,43 +2,94 @@
 
 Two settings of the builtin data (both in the datasheet): `persona` (clients that conflict: each
 answers in its own convention, Dirichlet(0.5) content skew, at most 256 training examples) and
-`paper-category` (the FLEx paper's split: two task categories per client). In each, `flexmoe
-compare` runs the methods over the seeds on the same partitions; every claim is then a paired
-difference (A − B on the same examples: the same stratified test sample of each client, the same
-probes, the same held-out documents) with its stratified bootstrap 95% CI over clients × examples
-pooled across seeds and its sign per seed, judged supported / contradicted / inconclusive
-(`flexmoe.analysis.stats.verdict`).
+`paper-category` (the FLEx paper's split: two task categories per client). In each, every study
+variant (`VARIANTS`: a method name plus config overrides) runs over the seeds on the same
+partitions, one `flexmoe run` per (setting, variant, seed) into `ROOT/<setting>/<variant>/seed-<S>`
+(FLEXMOE_BENCH_JOBS of them at once, each single-threaded; a variant whose resolved config equals
+an earlier one's is not run again but read from it). Every claim row (`CLAIMS`, lettered a–j as
+in issue 27) is then a paired difference (A − B on the same examples: the same stratified test
+sample of each client, the same probes, the same held-out documents) with its stratified
+bootstrap 95% CI over clients × examples pooled across seeds and its sign per seed, judged
+supported / contradicted / inconclusive (`flexmoe.analysis.stats.verdict`). Rows d, e and i also
+get tables from the runs' summaries (k = 1, 2, 3 against bytes, personal state and step time;
+expert-load std; routing drift, entropy and bytes per round), means with 95% CIs over
+clients × seeds where per-client values exist.
 
-The full study takes hours on a small CPU: FLEXMOE_FIDELITY_METHODS (";"-separated
-`setting=method,method`; a setting left out is not run), FLEXMOE_FIDELITY_SEEDS and
-FLEXMOE_FIDELITY_SET (";"-separated KEY=VALUE overrides for every run, on top of `STUDY_SET`)
-reduce it, and the result file says so; FLEXMOE_FIDELITY_REPORT_ONLY=1 runs nothing and reports the
-finished runs only (those whose summary says every round ran); FLEXMOE_FIDELITY_NOTE adds a
-paragraph on how the runs were made. Finished runs are skipped, so the runs can be made
-beforehand by parallel `flexmoe compare` commands into the same directories.
+The full study takes many CPU hours: FLEXMOE_FIDELITY_PLAN=1 prints every run it would make, how
+many are finished and an estimate of the CPU minutes left (from the wall time of finished runs),
+and writes nothing. FLEXMOE_FIDELITY_METHODS (";"-separated `setting=variant,variant`; a setting
+left out is not run), FLEXMOE_FIDELITY_SEEDS and FLEXMOE_FIDELITY_SET (";"-separated KEY=VALUE
+overrides for every run, on top of `STUDY_SET`) reduce it, and the result file says so;
+FLEXMOE_FIDELITY_ROOT pins the run directory (default `runs/fidelity-<today>`, so a study spanning
+midnight needs it); FLEXMOE_FIDELITY_REPORT_ONLY=1 runs nothing and reports the finished runs only
+(those whose summary says every round ran); FLEXMOE_FIDELITY_NOTE adds a paragraph on how the runs
+were made. Finished runs are skipped and interrupted ones resumed, so the runs can also be made
+beforehand, in any order, by other processes into the same directories.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import pathlib
+import re
 import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
 
-from benchmarks.machine import header_markdown, write_result
+from benchmarks.machine import bench_jobs, header_markdown, run_each, write_result
+from flexmoe.commands.compare import VARIANTS as COMPARE_VARIANTS
 
 SETTINGS = {
     "persona": ("configs/persona.toml", "clients that conflict (each its own answer convention, Dirichlet(0.5) "
                 "content skew over domains, at most 256 training examples each)"),
     "paper-category": ("configs/paper-category.toml", "the FLEx paper's split (two task categories per client)"),
 }
-METHODS = {
-    "persona": ("flex", "fedavg", "fedavg+experts", "local", "fedper", "fedavg-ft", "fcmoe", "flex-random",
-                "flex-nogate", "flex-zero"),
-    "paper-category": ("flex", "fedavg", "fedavg+experts", "local", "fedper", "fedavg-ft", "fcmoe"),
+EXPERTS = "lora.scope=attention+experts"
+# variant -> (method, config overrides). Registered methods run as they are; `flexmoe compare`'s
+# named variants keep their definitions (`COMPARE_VARIANTS`); the rest are the study's own.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # (a) the paper's table: MoE + X with the same shared part (attention LoRA) and with the experts trainable
+    "flex": ("flex", ()),
+    "fedavg": ("fedavg", ()),
+    "fedprox": ("fedprox", ()),
+    "scaffold": ("scaffold", ()),
+    "fedadam": ("fedadam", ()),
+    "fedavg+experts": COMPARE_VARIANTS["fedavg+experts"],
+    "fedprox+experts": ("fedprox", (EXPERTS,)),
+    "scaffold+experts": ("scaffold", (EXPERTS,)),
+    "fedadam+experts": ("fedadam", (EXPERTS,)),
+    # (c) the gate; (d) k grafted experts per layer; (f) the selection
+    "flex-nogate": COMPARE_VARIANTS["flex-nogate"],
+    "flex-k2": COMPARE_VARIANTS["flex-k2"],
+    "flex-k3": COMPARE_VARIANTS["flex-k3"],
+    "flex-random": COMPARE_VARIANTS["flex-random"],
+    "flex-frequency": ("flex", ("flex.selection=frequency",)),
+    # (g) grafting against the same personal capacity, fine-tuning, local training, a zero-initialised graft
+    "local": ("local", ()),
+    "fedper": ("fedper", ()),
+    "fedavg-ft": ("fedavg-ft", ()),
+    "flex-zero": COMPARE_VARIANTS["flex-zero"],
+    # (h) FC-MoE and its three parts, each off (importance off: weights by examples alone, as FedAvg's)
+    "fcmoe": ("fcmoe", ()),
+    "fcmoe-noimportance": ("fcmoe", ("fcmoe.frequency_power=0", "fcmoe.norm_power=0")),
+    "fcmoe-noprojection": ("fcmoe", ("fcmoe.project=false",)),
+    "fcmoe-noretention": ("fcmoe", ("fcmoe.retention=0",)),
+    # (j) the two graft recipes, both named (one of them is the default, so it is read from `flex`),
+    # and the authors' learning rate for the personal part
+    "flex-full": ("flex", ("flex.graft_train=full",)),
+    "flex-lora": COMPARE_VARIANTS["flex-lora"],
+    "flex-authors-lr": ("flex", ("train.personal_lr=4e-5",)),
 }
+# config keys a variant needs that the config does not have yet: such a variant is listed by the
+# plan as not runnable (and its claim rows as not run) until the key exists
+PENDING_KEYS = {
+    "fcmoe.project": "FC-MoE's gradient consensus projection cannot be switched off yet (methods/fcmoe.py "
+                     "always projects): needs a boolean key fcmoe.project (default true)",
+}
+METHODS = {setting: tuple(VARIANTS) for setting in SETTINGS}  # every variant in both settings
 SEEDS = (1, 2, 3)  # the defaults were chosen on seed 100 (development seed), never on these
 # the study's training budget is the default run's, written out so that the study does not move
 # with a later default; its evaluation sizes are smaller than a single run's defaults, so that the
@@ -47,19 +98,37 @@ STUDY_SET = ("rounds=5", "train.local_steps=30", "train.lr=4e-3", "train.precisi
              "eval.max_test_examples=64", "eval.max_probes=300", "eval.knowledge_max_docs=256",
              "eval.global_model=false", "eval.every=0", "eval.batch_size=8")
 
-# (A, B, the claim "A is better than B"): the paper's claims first, then its ablations, then FC-MoE's
+_BASELINES = ("fedavg", "fedprox", "scaffold", "fedadam")
+_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "fedadam": "FedAdam"}
+# (A, B, the claim "A is better than B"), lettered as issue 27's rows (b: the knowledge columns of
+# the a rows with the experts trainable); the paper's claims first, then its ablations, then FC-MoE's
 CLAIMS = (
-    ("flex", "fedavg", "FLEx beats MoE + FedAvg with the same shared part (attention LoRA)"),
-    ("flex", "fedavg+experts", "FLEx beats MoE + FedAvg with trainable experts (the paper's MoE + X)"),
-    ("flex", "local", "FLEx beats local training alone"),
-    ("flex", "fcmoe", "FLEx beats FC-MoE"),
-    ("flex", "fedper", "grafting beats the same personal capacity as expert LoRA (FedPer-style control)"),
-    ("flex", "fedavg-ft", "FLEx beats FedAvg followed by local fine-tuning"),
-    ("flex", "flex-random", "the reconstruction-selected expert beats a random one"),
-    ("flex", "flex-nogate", "the adaptive gate helps (no-gate ablation)"),
-    ("flex", "flex-zero", "grafting a pretrained expert beats a zero-initialised one of the same shape"),
-    ("fcmoe", "fedavg+experts", "FC-MoE's conflict-aware aggregation beats FedAvg of the same trainables"),
+    *(("flex", m, f"(a) FLEx beats MoE + {_NAMES[m]} with the same shared part (attention LoRA)") for m in _BASELINES),
+    *(("flex", f"{m}+experts", f"(a, b) FLEx beats MoE + {_NAMES[m]} with trainable experts (the paper's MoE + X)")
+      for m in _BASELINES),
+    ("flex", "flex-nogate", "(c) the adaptive gate helps (no-gate ablation)"),
+    ("flex-k2", "flex", "(d) two grafted experts per layer beat one"),
+    ("flex-k3", "flex", "(d) three grafted experts per layer beat one"),
+    ("flex-k3", "flex-k2", "(d) three grafted experts per layer beat two"),
+    ("flex", "flex-random", "(f) the reconstruction-selected expert beats a random one"),
+    ("flex", "flex-frequency", "(f) the reconstruction-selected expert beats the most frequently routed one"),
+    ("flex", "fedper", "(g) grafting beats the same personal capacity as expert LoRA (FedPer-style control)"),
+    ("flex", "fedavg-ft", "(g) FLEx beats FedAvg followed by local fine-tuning"),
+    ("flex", "local", "(g) FLEx beats local training alone"),
+    ("flex", "flex-zero", "(g) grafting a pretrained expert beats a zero-initialised one of the same shape"),
+    ("flex", "fcmoe", "(h) FLEx beats FC-MoE"),
+    ("fcmoe", "fedavg+experts", "(h) FC-MoE's conflict-aware aggregation beats FedAvg of the same trainables "
+                                "(all three parts off)"),
+    ("fcmoe", "fcmoe-noimportance", "(h) FC-MoE's importance-aware weighting helps"),
+    ("fcmoe", "fcmoe-noprojection", "(h) FC-MoE's gradient consensus projection helps"),
+    ("fcmoe", "fcmoe-noretention", "(h) FC-MoE's local knowledge retention helps"),
+    ("flex-lora", "flex-full", "(j) the graft as a frozen copy under LoRA (the authors') beats the full trainable copy"),
+    ("flex", "flex-authors-lr", "(j) the default recipe beats the authors' personal learning rate (4e-5)"),
 )
+# (e): expert-load std, lower = better balanced, paired per (seed, client)
+LOAD_CLAIMS = tuple(("flex", b, f"(e) FLEx's expert load is more balanced than {b}'s")
+                    for b in (*_BASELINES, *(f"{m}+experts" for m in _BASELINES), "fcmoe", "local", "fedper"))
+K_VARIANTS = (("flex", 1), ("flex-k2", 2), ("flex-k3", 3))  # (d)
 
 
 def _env_list(name: str, default: tuple) -> tuple:
@@ -67,36 +136,191 @@ def _env_list(name: str, default: tuple) -> tuple:
     return tuple(item.strip() for item in text.split(",") if item.strip()) if text else default
 
 
-def main(results_dir: pathlib.Path) -> None:
-    from flexmoe.commands import compare
+def study_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("FLEXMOE_FIDELITY_ROOT") or
+                        pathlib.Path("runs") / f"fidelity-{datetime.date.today().isoformat()}")
 
+
+# ---- the plan: every (setting, variant, seed) run ------------------------------------------------
+@dataclass(frozen=True)
+class PlannedRun:
+    setting: str
+    variant: str
+    seed: int
+    run_dir: pathlib.Path  # where it runs (an alias: the run it is read from)
+    overrides: tuple[str, ...]  # after the setting's config file: the study's, the variant's, the seed
+    alias_of: str | None = None  # the earlier variant with the same resolved config, whose run it reads
+
+    @property
+    def status(self) -> str:
+        if _finished(self.run_dir):
+            return "finished"
+        return "partial" if (self.run_dir / "config.toml").exists() else "to run"
+
+    def command(self) -> list[str]:
+        """The `flexmoe run` that makes (or, once started, resumes) this run."""
+        if (self.run_dir / "config.toml").exists():
+            return ["flexmoe", "run", "--quiet", "--resume", str(self.run_dir)]
+        return ["flexmoe", "run", "--quiet", "--config", SETTINGS[self.setting][0],
+                *(a for o in self.overrides for a in ("--set", o)), "--output-dir", str(self.run_dir)]
+
+
+def run_overrides(variant: str, seed: int, extra: tuple | list = ()) -> tuple[str, ...]:
+    """A variant's overrides after its setting's config file (`flexmoe compare`'s order)."""
+    method, own = VARIANTS[variant]
+    return (*STUDY_SET, *extra, f"method={method}", *own, f"seed={seed}")
+
+
+def missing_keys(variant: str) -> list[str]:
+    """The variant's override keys the config does not know (see PENDING_KEYS)."""
+    from flexmoe.config import parse_override, valid_keys
+
+    known = set(valid_keys())
+    return [key for key in (parse_override(o)[0] for o in VARIANTS[variant][1]) if key not in known]
+
+
+def plan_runs(chosen: dict[str, tuple[str, ...]], seeds: tuple, extra: tuple | list, root: pathlib.Path):
+    """(every planned run, {setting: {variant: its missing config keys}} of the variants left out).
+    Every config is resolved and validated here, before anything runs."""
+    from flexmoe.config import load_config
+
+    runs, blocked = [], {}
+    for setting, variants in chosen.items():
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"fidelity: unknown variant(s) {', '.join(unknown)}; variants: {', '.join(VARIANTS)}")
+        configs: dict[str, object] = {}  # canonical variant -> its config at the first seed
+        for variant in variants:
+            missing = missing_keys(variant)
+            if missing:
+                blocked.setdefault(setting, {})[variant] = missing
+                continue
+            first = load_config(SETTINGS[setting][0], list(run_overrides(variant, seeds[0], extra)))
+            alias = next((name for name, config in configs.items() if config == first), None)
+            if alias is None:
+                configs[variant] = first
+            for seed in seeds:
+                overrides = run_overrides(variant, seed, extra)
+                if alias is None and seed != seeds[0]:
+                    load_config(SETTINGS[setting][0], list(overrides))  # validated now, not mid-study
+                runs.append(PlannedRun(setting, variant, seed, root / setting / (alias or variant) / f"seed-{seed}",
+                                       overrides, alias))
+    return runs, blocked
+
+
+def estimate_seconds(runs: list[PlannedRun]) -> tuple[float | None, int]:
+    """(wall seconds the runs still to make would take, how many finished runs the estimate is from):
+    each is estimated by the mean wall time of the finished runs of its variant (any setting), else
+    of its method, else of every finished run; single-threaded, so CPU seconds ≈ wall seconds."""
+    walls: dict[str, list[float]] = {}
+    for run in {r.run_dir: r for r in runs}.values():
+        if run.status == "finished":
+            wall = json.loads((run.run_dir / "summary.json").read_text())["wall_seconds"]
+            walls.setdefault(run.run_dir.parent.name, []).append(wall)
+    if not walls:
+        return None, 0
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    by_method: dict[str, list[float]] = {}
+    for variant, values in walls.items():
+        by_method.setdefault(VARIANTS.get(variant, (variant,))[0], []).extend(values)
+    everything = [w for values in walls.values() for w in values]
+    total = 0.0
+    for run in {r.run_dir: r for r in runs if r.alias_of is None}.values():
+        if run.status != "finished":
+            total += mean(walls.get(run.variant) or by_method.get(VARIANTS[run.variant][0]) or everything)
+    return total, len(everything)
+
+
+def plan_lines(runs: list[PlannedRun], blocked: dict, root: pathlib.Path, jobs: int = 1) -> list[str]:
+    """What FLEXMOE_FIDELITY_PLAN=1 prints: every run, its state, the totals and the estimate."""
+    lines = [f"fidelity plan: {root} (FLEXMOE_BENCH_JOBS={jobs})"]
+    for run in runs:
+        state = f"same config as {run.alias_of}: read from it, not run" if run.alias_of else run.status
+        lines.append(f"  {run.setting}/{run.variant}/seed-{run.seed}: {state}  "
+                     f"[method={VARIANTS[run.variant][0]}{''.join(' ' + o for o in VARIANTS[run.variant][1])}]")
+    for setting, variants in blocked.items():
+        for variant, keys in variants.items():
+            lines.append(f"  {setting}/{variant}: not runnable, unknown config key(s) {', '.join(keys)} — "
+                         + "; ".join(PENDING_KEYS.get(k, "not a config key") for k in keys))
+    own = list({r.run_dir: r for r in runs if r.alias_of is None}.values())
+    counts = {state: sum(r.status == state for r in own) for state in ("finished", "partial", "to run")}
+    lines.append(f"runs: {len(own)} to make ({counts['finished']} finished, {counts['partial']} partial, "
+                 f"{counts['to run']} not started); {len(runs) - len(own)} (setting, variant, seed) read from an "
+                 f"identical run; {sum(map(len, blocked.values()))} (setting, variant) not runnable")
+    seconds, basis = estimate_seconds(runs)
+    if seconds is None:
+        lines.append("estimate: no finished run yet to time (the 2026-11-27 study: 6-8 CPU minutes per persona run)")
+    else:
+        lines.append(f"estimate: {seconds / 60:.0f} CPU minutes for the {counts['partial'] + counts['to run']} "
+                     f"unfinished runs (partial ones counted whole), from the wall time of {basis} finished runs; "
+                     f"about {seconds / 60 / jobs:.0f} minutes of wall time at {jobs} job(s) on an idle machine")
+    return lines
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def run_one(run: PlannedRun) -> str | None:
+    """Make, resume or skip (when finished) one planned run: None, or why it failed."""
+    from flexmoe.config import load_config
+
+    if run.alias_of or run.status == "finished":
+        return None
+    if (run.run_dir / "config.toml").exists():
+        wanted = load_config(SETTINGS[run.setting][0], list(run.overrides))
+        if load_config(run.run_dir / "config.toml") != wanted:
+            return f"{run.run_dir} holds a run with another config; move it away or pick FLEXMOE_FIDELITY_ROOT"
+    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_file = run.run_dir.parent / f"{run.run_dir.name}.log"  # appended: a resumed run keeps its earlier timings
+    print(f"== {run.setting}/{run.variant}/seed-{run.seed} -> {run.run_dir} (log {log_file})", flush=True)
+    command = [sys.executable, "-m", "flexmoe.cli", *run.command()[1:]]
+    with log_file.open("a") as log:
+        log.write(f"# command: {shlex.join(run.command())}\n")
+        log.flush()
+        done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    return None if done.returncode == 0 else f"{run.run_dir}: exit status {done.returncode} (see {log_file})"
+
+
+def main(results_dir: pathlib.Path) -> None:
     chosen = chosen_methods(os.environ.get("FLEXMOE_FIDELITY_METHODS", ""))
     seeds = tuple(int(s) for s in _env_list("FLEXMOE_FIDELITY_SEEDS", tuple(map(str, SEEDS))))
     extra = [s.strip() for s in os.environ.get("FLEXMOE_FIDELITY_SET", "").split(";") if s.strip()]
-    out = pathlib.Path("runs") / f"fidelity-{datetime.date.today().isoformat()}"
+    root = study_root()
+    runs, blocked = plan_runs(chosen, seeds, extra, root)
+    if os.environ.get("FLEXMOE_FIDELITY_PLAN") == "1":
+        print("\n".join(plan_lines(runs, blocked, root, bench_jobs())))
+        return
+    failed = []
+    if os.environ.get("FLEXMOE_FIDELITY_REPORT_ONLY") != "1":
+        failed = [why for why in run_each([r for r in runs if r.alias_of is None], run_one, bench_jobs()) if why]
+        for why in failed:
+            print(f"fidelity: run failed: {why}", file=sys.stderr)
     studied = []
-    report_only = os.environ.get("FLEXMOE_FIDELITY_REPORT_ONLY") == "1"
-    for setting, methods in chosen.items():
-        args = argparse.Namespace(methods=",".join(methods), seeds=",".join(map(str, seeds)),
-                                  config=SETTINGS[setting][0], overrides=[*STUDY_SET, *extra],
-                                  output_dir=str(out / setting), reference="fedavg" if "fedavg" in methods else None,
-                                  quiet=True)
-        if report_only:
-            report_finished(out / setting, methods, seeds, compare._command(args), args.reference)
+    for setting, variants in chosen.items():
+        left_out = report_finished(root / setting, [r for r in runs if r.setting == setting])
+        studied.append((setting, tuple(v for v in variants if v not in blocked.get(setting, {})), left_out))
+    write_fidelity(results_dir, root, studied, seeds, extra, runs, blocked, failed)
+
+
+def report_finished(root: pathlib.Path, runs: list[PlannedRun]) -> dict[str, str]:
+    """The comparison report (`root/report.md`) of the finished runs of one setting (nothing is run);
+    returns {variant left out: the variant whose label it shares}.
+    A variant is left out when it is read from another's runs, or when the report's labels (read
+    from each run's config, `flexmoe.report.run_label`) cannot tell it from an earlier variant."""
+    from flexmoe.report import read_run, write_compare_report
+
+    labels: dict[str, str] = {}  # report label -> variant
+    finished, left_out = [], {}
+    for run in runs:
+        if run.alias_of or run.status != "finished":
+            continue
+        label = read_run(run.run_dir).label
+        if labels.setdefault(label, run.variant) == run.variant:
+            finished.append(run.run_dir)
         else:
-            compare.run(args)
-        studied.append((setting, methods, compare._command(args)))
-    write_fidelity(results_dir, out, studied, seeds, extra)
-
-
-def report_finished(root: pathlib.Path, methods: tuple, seeds: tuple, command: str, reference: str | None) -> None:
-    """The comparison report of the finished runs under `root` (nothing is run)."""
-    from flexmoe.report import write_compare_report
-
-    finished = [root / m / f"seed-{s}" for m in methods for s in seeds if _finished(root / m / f"seed-{s}")]
+            left_out[run.variant] = labels[label]
     if finished:
-        done = {path.parent.name for path in finished}
-        write_compare_report(finished, root, command=command, reference=reference if reference in done else None)
+        reference = "fedavg" if "fedavg" in labels else None
+        write_compare_report(finished, root, command="python -m benchmarks fidelity", reference=reference)
+    return left_out
 
 
 def _finished(run_dir: pathlib.Path) -> bool:
@@ -108,7 +332,7 @@ def _finished(run_dir: pathlib.Path) -> bool:
 
 
 def chosen_methods(text: str) -> dict[str, tuple[str, ...]]:
-    """{setting: methods} from "setting=m,m;setting=m" (every setting's full list when empty)."""
+    """{setting: variants} from "setting=v,v;setting=v" (every setting's full list when empty)."""
     if not text.strip():
         return dict(METHODS)
     out = {}
@@ -120,28 +344,56 @@ def chosen_methods(text: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def write_fidelity(results_dir: pathlib.Path, out: pathlib.Path, studied: list, seeds: tuple, extra: list) -> None:
-    full = (len(studied) == len(SETTINGS) and all(set(m) == set(METHODS[s]) for s, m, _ in studied)
+# ---- the result file -------------------------------------------------------------------------------
+def write_fidelity(results_dir: pathlib.Path, root: pathlib.Path, studied: list, seeds: tuple, extra: list,
+                   runs: list[PlannedRun], blocked: dict, failed: list) -> None:
+    full = (len(studied) == len(SETTINGS) and all(set(v) | set(blocked.get(s, {})) == set(METHODS[s])
+                                                  for s, v, _ in studied)
             and set(seeds) >= set(SEEDS) and not extra)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (
-        ("FLEXMOE_FIDELITY_METHODS", "" if full else ";".join(f"{s}={','.join(m)}" for s, m, _ in studied)),
+        ("FLEXMOE_FIDELITY_ROOT", os.environ.get("FLEXMOE_FIDELITY_ROOT", "")),
+        ("FLEXMOE_FIDELITY_METHODS", "" if full else ";".join(f"{s}={','.join(v)}" for s, v, _ in studied)),
         ("FLEXMOE_FIDELITY_SEEDS", ",".join(map(str, seeds)) if seeds != SEEDS else ""),
         ("FLEXMOE_FIDELITY_SET", ";".join(extra))) if v)
     lines = [header_markdown("The fidelity study: FLEx and FC-MoE claims with paired statistics",
                              f"{env + ' ' if env else ''}python -m benchmarks fidelity"), ""]
     if not full:
-        left = [f"{m} ({s})" for s, methods, _ in studied for m in METHODS[s] if m not in methods]
-        lines += ["**Reduced study.** " + "; ".join(f"{s}: {', '.join(m)}" for s, m, _ in studied)
+        left = [f"{v} ({s})" for s, variants, _ in studied for v in METHODS[s]
+                if v not in variants and v not in blocked.get(s, {})]
+        lines += ["**Reduced study.** " + "; ".join(f"{s}: {', '.join(v)}" for s, v, _ in studied)
                   + f"; seeds {', '.join(map(str, seeds))}" + (f"; not run: {', '.join(left)}" if left else "")
                   + (f"; extra overrides: {', '.join(extra)}" if extra else "") + ".", ""]
+    pending = sorted({v for variants in blocked.values() for v in variants})
+    if pending:
+        keys = sorted({k for variants in blocked.values() for ks in variants.values() for k in ks})
+        lines += [f"**Not runnable yet:** {', '.join(pending)} — " + "; ".join(PENDING_KEYS.get(k, k) for k in keys)
+                  + ". Their claim rows are left out.", ""]
+    if failed:
+        lines += ["**Runs that failed** (left out of every row): " + "; ".join(failed) + ".", ""]
     note = os.environ.get("FLEXMOE_FIDELITY_NOTE", "")
     if note:
         lines += [note, ""]
-    lines += ["Commands (each setting is one `flexmoe compare`):", "", *(f"    {c}" for _, _, c in studied), "",
-              _how_to_read(), ""]
-    for setting, methods, _ in studied:
-        lines += study_section(out / setting, setting, methods, seeds)
+    lines += ["Every run is one `flexmoe run` (FLEXMOE_BENCH_JOBS at a time, one torch thread each):", "",
+              f"    flexmoe run --config <setting's file> {' '.join('--set ' + o for o in (*STUDY_SET, *extra))} "
+              f"--set method=<method> <the variant's --set> --set seed=<S> --output-dir {root}/<setting>/<variant>/seed-<S>",
+              "", *variant_table({r.variant: r.alias_of for r in runs}), "", _how_to_read(), ""]
+    for setting, variants, left_out in studied:
+        aliases = {r.variant: r.alias_of for r in runs if r.setting == setting and r.alias_of}
+        lines += study_section(root / setting, setting, variants, seeds, aliases)
+        if left_out:
+            lines += ["Left out of the comparison report below because its labels cannot tell them apart (their rows "
+                      "above are theirs): " + ", ".join(f"{v} (labelled as {o})" for v, o in left_out.items()) + ".", ""]
+        lines += [*_report_body(root / setting / "report.md"), ""]
     write_result(results_dir, "fidelity", lines, echo=False)
+
+
+def variant_table(aliases: dict[str, str | None]) -> list[str]:
+    lines = ["| variant | method | overrides | runs |", "|---|---|---|---|"]
+    for name, (method, overrides) in VARIANTS.items():
+        runs = (f"read from {aliases[name]} (same resolved config)" if aliases.get(name)
+                else "own" if name in aliases else "not run")
+        lines.append(f"| {name} | {method} | {' '.join(f'`{o}`' for o in overrides) or '—'} | {runs} |")
+    return lines
 
 
 def _how_to_read() -> str:
@@ -151,20 +403,34 @@ def _how_to_read() -> str:
             "means A kept more knowledge); probes: accuracy difference over every (client, probe) pair, exact "
             "McNemar p. *Supported*: the CI excludes 0 on A's side and every seed agrees; *contradicted*: the "
             "same on B's side; otherwise *inconclusive*. The verdict column judges ROUGE-L; the knowledge "
-            "verdict judges the held-out loss.")
+            "verdict judges the held-out loss (row b: the knowledge columns of the rows against MoE + X with "
+            "trainable experts). Expert-load rows (e) pair each client's expert-load std per seed (lower = "
+            "better balanced). Table cells `m [lo, hi]`: the mean over clients × seeds with its 95% CI "
+            "(bootstrap over each seed's clients).")
 
 
-def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple) -> list[str]:
+def _variant_runs(root: pathlib.Path, variants: tuple, seeds: tuple, aliases: dict | None) -> dict:
+    """{variant: {seed: its finished run directory}} (an alias reads the run it shares)."""
+    aliases = aliases or {}
+    return {v: {s: root / aliases.get(v, v) / f"seed-{s}" for s in seeds
+                if _finished(root / aliases.get(v, v) / f"seed-{s}")} for v in variants}
+
+
+def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple,
+                  aliases: dict[str, str] | None = None) -> list[str]:
     from flexmoe.analysis.stats import verdict
     from flexmoe.report.comparison import fmt_diff, fmt_signs
 
-    runs = {m: {s: root / m / f"seed-{s}" for s in seeds if _finished(root / m / f"seed-{s}")} for m in methods}
+    from flexmoe.analysis.paired import last_round
+
+    runs = _variant_runs(root, methods, seeds, aliases)
+    answered = {v: {s for s, d in seed_runs.items() if last_round(d) is not None} for v, seed_runs in runs.items()}
     lines = [f"## Setting: {setting} — {SETTINGS[setting][1]}", "",
              "| claim (A better than B) | ROUGE-L A − B [95% CI] | signs | verdict | exact match A − B | "
              "held-out loss A − B [95% CI] | knowledge verdict | probes A − B (McNemar p) |",
              "|---|---:|---:|---|---:|---:|---|---:|"]
     for a, b, claim in CLAIMS:
-        common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        common = sorted(answered.get(a, set()) & answered.get(b, set()))  # seeds with per-example answers in both
         if not common:
             continue
         rouge, exact, (probes, docs) = claim_stats(runs[a], runs[b], common)
@@ -174,14 +440,29 @@ def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple
                      + (f"{probes.accuracy_a - probes.accuracy_b:+.3f} (p = {probes.p_value:.2g})" if probes else "n/a")
                      + " |")
     lines.append("")
+    load_lines = []
+    for a, b, claim in LOAD_CLAIMS:
+        common = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        found = client_difference(runs[a], runs[b], common, "expert_load_std") if common else None
+        if found is not None:
+            load_lines.append(f"| {claim} ({a} vs {b}) | {found.diff:+.5f} [{found.ci_low:+.5f}, {found.ci_high:+.5f}] | "
+                              f"{fmt_signs(found)} | {verdict(found, direction=-1)} |")
+    if load_lines:
+        lines += ["| claim (A better than B) | expert-load std A − B [95% CI] | signs | verdict |",
+                  "|---|---:|---:|---|", *load_lines, ""]
     for label, found in conflict_stats({m: list(r.values()) for m, r in runs.items()}).items():
-        lines.append(f"- {label}: {found['fcmoe_conflict_fraction']:.1%} of the (client, expert or module) updates "
+        lines.append(f"- (h) {label}: {found['fcmoe_conflict_fraction']:.1%} of the (client, expert or module) updates "
                      "conflicted with their consensus (negative cosine) and were projected, averaged over rounds and "
                      "seeds." + (f" Cosine of an update with its consensus: mean {found['fcmoe_mean_consensus_cosine']:.3f}, "
                                  f"smallest {found['fcmoe_min_consensus_cosine']:+.3f}; between two clients' updates of "
                                  f"the same row: mean {found['fcmoe_mean_client_cosine']:.3f}."
                                  if "fcmoe_mean_client_cosine" in found else ""))
-    lines += ["", *_report_body(root / "report.md"), ""]
+    lines.append("")
+    for title, table in (("(d) k grafted experts per layer: what a larger k buys and costs", k_table(k_rows(runs))),
+                         ("(e) expert load balance per variant", load_table(load_rows(runs))),
+                         ("(i) routing and communication per variant", routing_table(routing_rows(runs)))):
+        if table:
+            lines += [f"### {title}", "", *table, ""]
     return lines
 
 
@@ -218,6 +499,190 @@ def conflict_stats(runs: dict[str, list[pathlib.Path]]) -> dict[str, dict[str, f
             found["fcmoe_min_consensus_cosine"] = min(smallest)
         out[label] = found
     return out
+
+
+# ---- the d / e / i tables, from the runs' summaries --------------------------------------------------
+def _summary(run_dir: pathlib.Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def client_values(run_dir: pathlib.Path, key: str) -> dict[int, float]:
+    """{client: its `key`} from the summary's per_client (a client without it is left out);
+    key "rouge_l_gain" = rouge_l − rouge_l_base (its last ROUGE-L over the untouched base's)."""
+    out = {}
+    for client, row in _summary(run_dir).get("per_client", {}).items():
+        if key == "rouge_l_gain":
+            if row.get("rouge_l") is not None and row.get("rouge_l_base") is not None:
+                out[int(client)] = row["rouge_l"] - row["rouge_l_base"]
+        elif row.get(key) is not None:
+            out[int(client)] = row[key]
+    return out
+
+
+def mean_ci(values_by_seed: dict[int, list[float]]) -> tuple[float, float, float] | None:
+    """(mean over clients × seeds, 95% CI: each seed's clients resampled on their own), None if empty."""
+    import numpy as np
+
+    from flexmoe.analysis.stats import bootstrap_ci
+
+    strata = [np.asarray(v, dtype=float) for v in values_by_seed.values() if len(v)]
+    if not strata:
+        return None
+    low, high = bootstrap_ci(strata)
+    return float(np.concatenate(strata).mean()), low, high
+
+
+def _over_seeds(seed_runs: dict[int, pathlib.Path], key: str) -> tuple[float, float, float] | None:
+    return mean_ci({s: list(client_values(d, key).values()) for s, d in seed_runs.items()})
+
+
+def client_difference(runs_a: dict, runs_b: dict, seeds: list[int], key: str):
+    """A − B of a per-client summary value, paired per (seed, client) (the clients of a seed are one
+    stratum of the bootstrap), or None when no client has it in both."""
+    from flexmoe.analysis.stats import paired_difference
+
+    cells = {}
+    for seed in seeds:
+        a, b = client_values(runs_a[seed], key), client_values(runs_b[seed], key)
+        clients = sorted(set(a) & set(b))
+        if clients:
+            cells[(seed, 0)] = ([a[c] for c in clients], [b[c] for c in clients])
+    return paired_difference(cells) if cells else None
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def bytes_per_round(run_dir: pathlib.Path) -> tuple[float, float]:
+    """(bytes up, bytes down) per round, every sampled client's messages together."""
+    summary = _summary(run_dir)
+    rounds = max(summary.get("rounds_completed") or 0, 1)
+    return summary.get("bytes_up", 0) / rounds, summary.get("bytes_down", 0) / rounds
+
+
+def step_seconds(run_dir: pathlib.Path) -> tuple[float | None, bool]:
+    """(wall seconds per local step of one client, whether it is the training phase's own time): the
+    training phase's time that `flexmoe run` printed into the run's log, when one invocation made the
+    whole run, over the local steps of every client and round (metrics.jsonl); otherwise the run's
+    whole wall time (setup and evaluation included) over the same steps."""
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    steps = sum(r.get("steps", 0) for r in records if r.get("kind") == "train")
+    if not steps:
+        return None, False
+    log = run_dir.parent / f"{run_dir.name}.log"
+    if log.exists():
+        text = log.read_text(errors="replace")
+        times = re.findall(r"^time: .*?\btraining (\d+(?:\.\d+)?) s", text, flags=re.M)
+        if len(times) == 1 and text.count("# command:") == 1:
+            return float(times[0]) / steps, True
+    wall = _summary(run_dir).get("wall_seconds")
+    return (wall / steps if wall else None), False
+
+
+def _fmt_ci(found, pattern: str = "{:.4f}") -> str:
+    if found is None:
+        return "n/a"
+    mean, low, high = found
+    return f"{pattern.format(mean)} [{pattern.format(low)}, {pattern.format(high)}]"
+
+
+def _fmt(value, pattern: str = "{:,.0f}") -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def k_rows(runs: dict[str, dict[int, pathlib.Path]]) -> list[dict]:
+    """(d): per k, ROUGE-L and its gain over the base (clients × seeds), the paired ROUGE-L
+    difference from k = 1, bytes per round, personal bytes per client, seconds per local step."""
+    from flexmoe.analysis.paired import last_round
+
+    rows = []
+    for variant, k in K_VARIANTS:
+        seed_runs = runs.get(variant) or {}
+        if not seed_runs:
+            continue
+        row = {"variant": variant, "k": k, "seeds": sorted(seed_runs),
+               "rouge_l": _over_seeds(seed_runs, "rouge_l"), "gain": _over_seeds(seed_runs, "rouge_l_gain"),
+               "bytes_per_round": _mean([sum(bytes_per_round(d)) for d in seed_runs.values()]),
+               "personal_bytes": _mean([_summary(d).get("personal_bytes") for d in seed_runs.values()]),
+               "vs_k1": None}
+        steps = [step_seconds(d) for d in seed_runs.values()]
+        row["step_seconds"] = _mean([s for s, _ in steps])
+        row["step_exact"] = bool(steps) and all(exact for _, exact in steps)
+        common = sorted(set(seed_runs) & set(runs.get("flex") or {}))
+        if k > 1 and common and all(last_round(d) is not None for d in
+                                    (*(seed_runs[s] for s in common), *(runs["flex"][s] for s in common))):
+            row["vs_k1"] = claim_stats(seed_runs, runs["flex"], common)[0]
+        rows.append(row)
+    return rows
+
+
+def k_table(rows: list[dict]) -> list[str]:
+    from flexmoe.report.comparison import fmt_diff
+
+    if not rows:
+        return []
+    lines = ["| k | variant | seeds | ROUGE-L [95% CI] | ROUGE-L gained over the base [95% CI] | ROUGE-L − k = 1, "
+             "paired [95% CI] | bytes / round | personal bytes / client | s / local step |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        step = "n/a" if r["step_seconds"] is None else f"{'' if r['step_exact'] else '≈ '}{r['step_seconds']:.3f}"
+        lines.append(f"| {r['k']} | {r['variant']} | {','.join(map(str, r['seeds']))} | {_fmt_ci(r['rouge_l'])} | "
+                     f"{_fmt_ci(r['gain'])} | {fmt_diff(r['vs_k1']) if r['k'] > 1 else '—'} | "
+                     f"{_fmt(r['bytes_per_round'])} | {_fmt(r['personal_bytes'])} | {step} |")
+    lines += ["", "s / local step: the training phase's wall time over every client's local steps (one client "
+              "trains at a time); ≈: the run's whole wall time over those steps (setup and evaluation included: "
+              "its log did not hold one invocation's timings). Runs made side by side share the cores, so "
+              "compare step times of runs made the same way only."]
+    return lines
+
+
+def load_rows(runs: dict[str, dict[int, pathlib.Path]]) -> list[dict]:
+    """(e): per variant, the personalised models' expert-load std on the held-out corpus (clients ×
+    seeds) and the untouched base's."""
+    return [{"variant": v, "seeds": sorted(seed_runs), "load_std": _over_seeds(seed_runs, "expert_load_std"),
+             "base": _mean([_summary(d).get("expert_load_std_base") for d in seed_runs.values()])}
+            for v, seed_runs in runs.items() if seed_runs]
+
+
+def load_table(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["load_std"] is not None]
+    if not rows:
+        return []
+    return ["| variant | seeds | expert-load std [95% CI] | the base's |", "|---|---|---:|---:|",
+            *(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_fmt_ci(r['load_std'], '{:.5f}')} | "
+              f"{_fmt(r['base'], '{:.5f}')} |" for r in rows)]
+
+
+def routing_rows(runs: dict[str, dict[int, pathlib.Path]]) -> list[dict]:
+    """(i): per variant, routing drift from the base and routing entropy (clients × seeds), and the
+    bytes per round up and down (mean over seeds)."""
+    rows = []
+    for v, seed_runs in runs.items():
+        if not seed_runs:
+            continue
+        up_down = [bytes_per_round(d) for d in seed_runs.values()]
+        rows.append({"variant": v, "seeds": sorted(seed_runs), "drift": _over_seeds(seed_runs, "routing_drift"),
+                     "entropy": _over_seeds(seed_runs, "routing_entropy"),
+                     "entropy_base": _mean([_summary(d).get("routing_entropy_base") for d in seed_runs.values()]),
+                     "bytes_up": _mean([u for u, _ in up_down]), "bytes_down": _mean([d for _, d in up_down]),
+                     "personal_bytes": _mean([_summary(d).get("personal_bytes") for d in seed_runs.values()])})
+    return rows
+
+
+def routing_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["| variant | seeds | routing drift [95% CI] | routing entropy [95% CI] | the base's entropy | "
+             "bytes up / round | bytes down / round | personal bytes / client |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_fmt_ci(r['drift'])} | "
+                     f"{_fmt_ci(r['entropy'])} | {_fmt(r['entropy_base'], '{:.4f}')} | {_fmt(r['bytes_up'])} | "
+                     f"{_fmt(r['bytes_down'])} | {_fmt(r['personal_bytes'])} |")
+    return lines + ["", "Routing drift: total variation distance of each layer's expert load from the untouched "
+                        "base's on the held-out corpus; bytes: every sampled client's serialised messages of a round."]
 
 
 def _report_body(report_file: pathlib.Path) -> list[str]:
