@@ -141,9 +141,16 @@ def test_a_flexmoe_error_in_a_worker_stops_the_run_with_its_line(model_dir, data
 
 
 def test_an_interrupt_ends_every_worker_and_the_run_resumes(model_dir, data_path, tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        simulate(model_dir, data_path, tmp_path / "cut", "runtime.workers=2",
-                 setup=functools.partial(interrupt_main, str(tmp_path / "interrupted"), os.getpid()))
+    import signal
+
+    # Ctrl-C raises KeyboardInterrupt here as in a terminal, also in a pytest-xdist worker (which ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            simulate(model_dir, data_path, tmp_path / "cut", "runtime.workers=2",
+                     setup=functools.partial(interrupt_main, str(tmp_path / "interrupted"), os.getpid()))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert_no_workers()
     Simulation.resume(tmp_path / "cut")  # the resolved config says workers = 2
     assert_no_workers()
