@@ -296,9 +296,3 @@ class WorkerPool:
             channel.close()
             channel.cancel_join_thread()
         self._processes = []
-
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
