@@ -20,31 +20,34 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def _pending() -> int:
-    """Variants that need a config key that does not exist yet (fcmoe-noprojection: fcmoe.project)."""
-    return 0 if "fcmoe.project" in valid_keys() else 1
-
-
 def test_the_plan_lists_every_variant_of_both_settings_over_three_seeds(tmp_path):
-    assert len(fidelity.VARIANTS) == 25 and fidelity.SEEDS == (1, 2, 3)
+    assert len(fidelity.VARIANTS) == 26 and fidelity.SEEDS == (1, 2, 3) and not fidelity.PENDING_KEYS
     runs, blocked = fidelity.plan_runs(fidelity.chosen_methods(""), fidelity.SEEDS, [], tmp_path)
-    # by hand: 25 variants × 2 settings × 3 seeds = 150, less fcmoe-noprojection (6) while fcmoe.project is missing
-    assert len(runs) == (25 - _pending()) * 2 * 3
-    if _pending():
-        assert blocked == {s: {"fcmoe-noprojection": ["fcmoe.project"]} for s in fidelity.SETTINGS}
+    assert len(runs) == 26 * 2 * 3 and blocked == {}  # by hand: 26 variants × 2 settings × 3 seeds
     for setting in fidelity.SETTINGS:
         for variant in fidelity.VARIANTS:
             seeds = sorted(r.seed for r in runs if r.setting == setting and r.variant == variant)
-            assert seeds == ([] if variant in blocked.get(setting, {}) else [1, 2, 3]), (setting, variant)
-    # flex-full is today's default recipe: read from flex's runs, not run twice
-    aliases = {(r.setting, r.variant): r.alias_of for r in runs if r.alias_of}
-    assert set(aliases.values()) == {"flex"} and {v for _, v in aliases} == {"flex-full"}
-    own = [r for r in runs if r.alias_of is None]
-    assert len(own) == (24 - _pending()) * 2 * 3  # less flex-full: 138 runs to make
-    assert len({r.run_dir for r in own}) == len(own)
+            assert seeds == [1, 2, 3], (setting, variant)
+    assert not [r for r in runs if r.alias_of]  # every variant differs from every other: 156 runs to make
+    assert len({r.run_dir for r in runs}) == len(runs)
     assert all(r.status == "to run" and r.run_dir.is_relative_to(tmp_path / r.setting) for r in runs)
-    first = own[0]
+    first = runs[0]
     assert first.command()[:4] == ["flexmoe", "run", "--quiet", "--config"] and f"seed={first.seed}" in first.command()
+
+
+def test_a_variant_with_an_earlier_ones_config_is_read_from_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(fidelity.VARIANTS, "flex-lora", ("flex", ("flex.graft_train=lora",)))  # the default
+    runs, _ = fidelity.plan_runs({"persona": ("flex", "flex-lora", "flex-full")}, (1, 2), [], tmp_path)
+    aliases = {(r.variant, r.seed): r.alias_of for r in runs if r.alias_of}
+    assert aliases == {("flex-lora", 1): "flex", ("flex-lora", 2): "flex"}
+    assert all(r.run_dir == tmp_path / "persona" / "flex" / f"seed-{r.seed}" for r in runs if r.alias_of)
+
+
+def test_a_variant_needing_a_missing_key_is_listed_as_not_runnable(tmp_path, monkeypatch):
+    monkeypatch.setitem(fidelity.VARIANTS, "flex-new", ("flex", ("flex.no_such_key=1",)))
+    monkeypatch.setitem(fidelity.PENDING_KEYS, "flex.no_such_key", "needs a key flex.no_such_key")
+    runs, blocked = fidelity.plan_runs({"persona": ("flex", "flex-new")}, (1,), [], tmp_path)
+    assert [r.variant for r in runs] == ["flex"] and blocked == {"persona": {"flex-new": ["flex.no_such_key"]}}
 
 
 def test_every_claim_names_planned_variants_and_every_row_is_covered():
@@ -81,7 +84,8 @@ def test_plan_mode_prints_the_runs_and_an_estimate_and_writes_nothing(tmp_path, 
     (finished / "summary.json").write_text(json.dumps({"rounds": 5, "rounds_completed": 5, "wall_seconds": 600.0}))
     monkeypatch.setenv("FLEXMOE_FIDELITY_PLAN", "1")
     monkeypatch.setenv("FLEXMOE_FIDELITY_ROOT", str(root))
-    monkeypatch.setenv("FLEXMOE_FIDELITY_METHODS", "persona=flex,flex-full,fedavg")
+    monkeypatch.setitem(fidelity.VARIANTS, "flex-lora", ("flex", ("flex.graft_train=lora",)))  # = flex
+    monkeypatch.setenv("FLEXMOE_FIDELITY_METHODS", "persona=flex,flex-lora,fedavg")
     monkeypatch.setenv("FLEXMOE_BENCH_JOBS", "2")
     monkeypatch.setattr(fidelity.subprocess, "run", lambda *a, **k: pytest.fail("the plan started a run"))
     before = sorted(p for p in tmp_path.rglob("*"))
@@ -89,7 +93,7 @@ def test_plan_mode_prints_the_runs_and_an_estimate_and_writes_nothing(tmp_path, 
     assert sorted(p for p in tmp_path.rglob("*")) == before
     out = capsys.readouterr().out
     assert "persona/flex/seed-1: finished" in out and "persona/fedavg/seed-3: to run" in out
-    assert "persona/flex-full/seed-2: same config as flex" in out
+    assert "persona/flex-lora/seed-2: same config as flex" in out
     assert "runs: 6 to make (1 finished, 0 partial, 5 not started); 3 (setting, variant, seed) read from" in out
     # 5 unfinished runs × the 600 s of the one finished run = 50 CPU minutes, 25 at 2 jobs
     assert "estimate: 50 CPU minutes" in out and "about 25 minutes of wall time at 2 job(s)" in out
@@ -172,7 +176,7 @@ def test_the_load_and_routing_tables_and_the_paired_load_row(fake_runs):
 def test_report_only_writes_the_result_with_variants_tables_and_what_is_not_runnable(fake_runs, tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXMOE_FIDELITY_REPORT_ONLY", "1")
     monkeypatch.setenv("FLEXMOE_FIDELITY_ROOT", str(fake_runs.parent))
-    monkeypatch.setenv("FLEXMOE_FIDELITY_METHODS", "persona=flex,flex-k2,fedavg,fcmoe-noprojection")
+    monkeypatch.setenv("FLEXMOE_FIDELITY_METHODS", "persona=flex,flex-k2,fedavg")
     monkeypatch.setenv("FLEXMOE_FIDELITY_SEEDS", "1,2")
     monkeypatch.setattr(fidelity.subprocess, "run", lambda *a, **k: pytest.fail("report-only started a run"))
     monkeypatch.setattr(fidelity, "report_finished", lambda root, runs: {})  # the compare report: tested elsewhere
@@ -180,7 +184,5 @@ def test_report_only_writes_the_result_with_variants_tables_and_what_is_not_runn
     fidelity.main(tmp_path / "results")
     text = next((tmp_path / "results").glob("fidelity-*.md")).read_text()
     assert "**Reduced study.** persona: flex, flex-k2, fedavg; seeds 1, 2" in text
-    if _pending():
-        assert "**Not runnable yet:** fcmoe-noprojection" in text
     assert "| flex-k3 | flex | `flex.k=3` | not run |" in text and "| flex-k2 | flex | `flex.k=2` | own |" in text
     assert "### (d) k grafted experts" in text and "### (e) expert load" in text and "### (i) routing" in text

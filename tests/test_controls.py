@@ -48,7 +48,7 @@ def test_fedper_rank_zero_matches_the_graft_by_hand_count():
     graft(grafted, {layer.name: [0] for layer in moe_layers(grafted)})
     assert sum(p.numel() for g in grafts(grafted).values() for p in g.parameters()) == GRAFT_K1
     for overrides, rank in (((), 2), (("flex.k=2",), 4), (("fedper.rank=5",), 5)):
-        method = fedper("lora.r=2", *overrides)
+        method = fedper("lora.r=2", "flex.graft_train=full", *overrides)  # the count of a full graft
         split = split_parameters(method.prepare_model(tiny_model("qwen2_moe")), method.roles)
         assert split.numel("personal") == rank * LORA_PER_RANK, overrides
         assert split.personal and all(".experts." in n and "lora_" in n for n in split.personal)
@@ -226,14 +226,14 @@ def test_zero_graft_is_seeded():
 
 def test_flex_grafts_zero_when_asked():
     model = tiny_model("qwen2_moe")
-    method = build_method(load_config(None, ["method=flex", "flex.graft_init=zero"]))
+    method = build_method(load_config(None, ["method=flex", "flex.graft_init=zero", "flex.graft_train=full"]))
     method.select_and_graft(model, token_batches(), seed=3)
     assert all(not g.experts[0].down_proj.weight.any() for g in grafts(model).values())
 
 
 # ---- compare variants -----------------------------------------------------------------------
 def test_control_variants_parse_and_validate(tmp_path):
-    assert VARIANTS["flex-zero"] == ("flex", ("flex.graft_init=zero",))
+    assert VARIANTS["flex-zero"] == ("flex", ("flex.graft_init=zero", "flex.graft_train=full"))
     assert VARIANTS["fedavg+full"] == ("fedavg", ("lora.scope=full",))
     names = parse_methods("flex,flex-zero,fedper,fedavg-ft,fedavg+full")
     runs = {run_dir.parent.name: config for run_dir, config in plan(names, [0], None, [], tmp_path)}

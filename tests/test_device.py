@@ -251,7 +251,8 @@ def test_nf4_plan_counts_the_quantised_experts():
     from flexmoe.models.roles import apply_roles
     from flexmoe.cost.plan import plan, step_memory
 
-    config = load_config(None, ["runtime.device=cpu", "runtime.base_dtype=bf16", "runtime.quantize=nf4"])
+    config = load_config(None, ["runtime.device=cpu", "runtime.base_dtype=bf16", "runtime.quantize=nf4",
+                                "flex.graft_train=full"])  # the graft below is grafted in full
     planned = plan(config, "tiny", batch=2, length=64)
     method = build_method(config)
     model, _ = load_model(config, method)
@@ -262,7 +263,8 @@ def test_nf4_plan_counts_the_quantised_experts():
         p.nbytes for layer in moe_layers(model) for p in layer.experts.parameters())
     assert planned.memory.weights_frozen == real.weights_frozen + absmax
     assert planned.memory.peak == pytest.approx(real.peak + absmax, rel=0.2)
-    unquantised = plan(load_config(None, ["runtime.device=cpu", "runtime.base_dtype=bf16"]), "tiny", batch=2, length=64)
+    unquantised = plan(load_config(None, ["runtime.device=cpu", "runtime.base_dtype=bf16", "flex.graft_train=full"]),
+                       "tiny", batch=2, length=64)
     assert planned.memory.weights_frozen < 0.6 * unquantised.memory.weights_frozen
 
 

@@ -194,6 +194,24 @@ def test_retained_component_readded_is_exactly_lambda_times_the_removed_one():
     assert method.retained(after, stale) == {}
 
 
+def test_without_the_projection_conflicting_updates_are_averaged_as_they_are_and_nothing_is_retained():
+    method = build_method(small_config("fcmoe.project=false", "fcmoe.retention=0.5", "fcmoe.norm_power=0",
+                                       "fcmoe.frequency_power=0"))
+    start, step = random_weights(0), random_weights(1)
+    # client 1's update is anti-parallel to the consensus (as in the retention test above)
+    replies = [reply({n: start[n] + s * step[n] for n in start}, torch.ones(4), e) for s, e in ((1.0, 30), (-0.2, 10))]
+    new, state, metrics = method.aggregate(start, method.init_server_state(start), replies)
+    assert metrics["fcmoe_conflict_fraction"] == 0.5  # still measured
+    for name in start:  # c = (.75, .25) by examples alone: the plain weighted mean, no projection
+        assert torch.allclose(new[name], start[name] + (0.75 - 0.05) * step[name], atol=1e-6)
+    assert not any(k.startswith(CONSENSUS) for k in state) and method.retention == 0.0
+    received = method.downlink(new, state)
+    assert set(received) == set(new)  # no consensus downlink: nothing was removed, so nothing to re-add
+    projected = build_method(small_config("fcmoe.retention=0.5", "fcmoe.norm_power=0", "fcmoe.frequency_power=0"))
+    with_projection, _, _ = projected.aggregate(start, projected.init_server_state(start), replies)
+    assert not torch.allclose(with_projection[ATTN_A], new[ATTN_A])  # the switch changes the step
+
+
 # ---- end to end -------------------------------------------------------------------------------
 def run_recording(model_dir, tmp_path, monkeypatch, method: str) -> tuple[dict, list[set]]:
     sent: list[set] = []

@@ -93,7 +93,7 @@ def test_fedper_matches_the_trainable_count_of_either_graft():
     assert matched_rank(model, 1, "sigmoid", LORA4) == 1  # 1218 / 1792 per rank = 0.68 -> 1
     big = GraftTraining("lora", r=16, alpha=32.0)  # 3 * 16 * 48 + 33 = 2337 per layer, 4674: 2.61 -> 3
     assert graft_params(model, 1, "sigmoid", big) == 4674 and matched_rank(model, 1, "sigmoid", big) == 3
-    for overrides, rank in ((["flex.graft_train=lora", "flex.graft_r=16"], 3), ([], 2)):
+    for overrides, rank in ((["flex.graft_r=16"], 3), (["flex.graft_train=full"], 2)):
         method = build_method(load_config(None, ["method=fedper", "lora.r=2", *overrides]))
         assert method.expert_rank(model) == rank, overrides
 
@@ -172,8 +172,13 @@ def test_personal_lr_is_refused_where_nothing_is_personal(method):
 def test_personal_lr_follows_the_shared_schedule():
     train = load_config(None, ["train.lr=4e-5", "train.min_lr_ratio=0.025", "train.personal_lr=1e-3"]).train
     assert personal_lr(train, 1, 5) == pytest.approx(1e-3) and personal_lr(train, 5, 5) == pytest.approx(2.5e-5)
-    default = load_config(None, []).train
-    assert personal_lr(default, 3, 5) == pytest.approx(0.5 * (4e-3 + 4e-4))  # 0 = the shared rate
+    shared = load_config(None, ["train.personal_lr=0"]).train
+    assert personal_lr(shared, 3, 5) == pytest.approx(0.5 * (4e-3 + 4e-4))  # 0 = the shared rate
+    flex = load_config(None, []).train  # not set: the method's own (FLEx: 4e-5, on lr's schedule)
+    assert flex.personal_lr == 4e-5 and personal_lr(flex, 3, 5) == pytest.approx(0.5 * (4e-5 + 4e-6))
+    for method in ("fedper", "fedavg-ft", "fedavg"):  # the other methods train at lr unless told
+        assert load_config(None, [f"method={method}"]).train.personal_lr == 0.0
+    assert load_config(None, ["method=flex+fcmoe"]).train.personal_lr == 4e-5
 
 
 def test_sgd_steps_personal_parameters_at_their_own_rate():
@@ -188,8 +193,8 @@ def test_sgd_steps_personal_parameters_at_their_own_rate():
 
 
 def test_plan_counts_the_stored_lora_graft():
-    grafted = plan(load_config(None, []), batch=1, length=16)
-    lora = plan(load_config(None, ["flex.graft_train=lora", "flex.graft_r=4"]), batch=1, length=16)
+    grafted = plan(load_config(None, ["flex.graft_train=full"]), batch=1, length=16)
+    lora = plan(load_config(None, ["flex.graft_r=4"]), batch=1, length=16)  # the default: a LoRA graft
     assert 0 < lora.personal_state_bytes < 0.2 * grafted.personal_state_bytes
     assert lora.trainable_params < grafted.trainable_params
 

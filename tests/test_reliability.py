@@ -374,9 +374,10 @@ def test_real_replies_of_every_layout_pass_validation(model_dir, tmp_path, metho
 
 
 # ---- privacy of personal experts (helpers/leaks.py finds them in sent bytes) ---------------------
-def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("graft_train", ["lora", "full"])
+def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeypatch, graft_train):
     """Every blob the in-process engine serialises is captured; the personal state of every
-    client at the time (graft experts, gates) is checked against them by key and by value."""
+    client at the time (graft experts or their LoRA, gates) is checked against them by key and by value."""
     sent: list[bytes] = []
     versions: dict[str, list[torch.Tensor]] = {}  # "<file>:<key>" -> every distinct value seen
 
@@ -395,29 +396,32 @@ def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(simulation, "serialize", capturing_serialize)
     run(model_dir, tmp_path, "method=flex", "rounds=2", "clients_per_round=4", "flex.federate_routers=true",
-        "eval.base=false")
+        "eval.base=false", f"flex.graft_train={graft_train}")
     snapshot_personal()
     assert len(sent) == 2 * 5  # per round: one downlink, four uplinks
     keys = {label.split(":", 1)[1] for label in versions}
-    assert {"model.layers.0.mlp.graft.gate.weight", "model.layers.1.mlp.graft.experts.0.down_proj.weight"} <= keys
+    expert = "model.layers.1.mlp.graft.experts.0.down_proj." + ("weight" if graft_train == "full" else "lora_B.graft.weight")
+    assert {"model.layers.0.mlp.graft.gate.weight", expert} <= keys, sorted(keys)
     assert max(len(values) for values in versions.values()) >= 3  # grafted, then trained in rounds 1 and 2
-    assert keys == roles_personal_names(model_dir, keys)  # the store holds exactly what the roles call personal
+    assert keys == roles_personal_names(model_dir, keys, graft_train)  # the store holds exactly what the roles call personal
     personal = {f"{label}#{i}": value for label, values in versions.items() for i, value in enumerate(values)}
     assert leaks(personal, sent) == []
     assert leaks({label.split(":", 1)[1]: values[-1] for label, values in versions.items()}, sent) == []
 
 
-def roles_personal_names(model_dir, stored: set[str]) -> set[str]:
+def roles_personal_names(model_dir, stored: set[str], graft_train: str) -> set[str]:
     """The personal parameters FLEx's roles name on a grafted model, spelled as the personal-state
     file spells them (no PEFT prefix), plus the graft's buffers (expert ids) the file also keeps."""
     from flexmoe.engine.model import load_model
     from flexmoe.methods.build import build_method
     from flexmoe.models import graft, moe_layers, split_parameters
 
-    config = engine_config(model_dir, "method=flex", "flex.federate_routers=true")
+    from flexmoe.methods.flex.method import graft_training
+
+    config = engine_config(model_dir, "method=flex", "flex.federate_routers=true", f"flex.graft_train={graft_train}")
     method = build_method(config)
     model, _ = load_model(config, method)
-    graft(model, {layer.name: [0] for layer in moe_layers(model)})
+    graft(model, {layer.name: [0] for layer in moe_layers(model)}, training=graft_training(config))
     names = {name.removeprefix("base_model.model.") for name in split_parameters(model, method.roles).personal}
     buffers = {key for key in stored if key not in names and not any(
         key == name.removeprefix("base_model.model.") for name, _ in model.named_parameters())}

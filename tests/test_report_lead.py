@@ -111,7 +111,7 @@ def test_summary_and_report_carry_the_stored_personal_bytes(tmp_path):
     out = tmp_path / "compare"
     write_compare_report([run], out)
     assert "personal bytes / client" in (out / "report.md").read_text()
-    assert json.loads((out / "summary.json").read_text())["flex-lora"]["personal_bytes"] == 2005
+    assert json.loads((out / "summary.json").read_text())["flex"]["personal_bytes"] == 2005  # LoRA: the default
 
 
 class _Config:
@@ -121,12 +121,28 @@ class _Config:
         noise_multiplier = 0.0
 
 
-def test_labels_name_the_graft_training_and_a_personal_learning_rate():
+def test_labels_name_the_graft_training_and_a_personal_learning_rate_off_their_defaults():
     from flexmoe.commands.compare import VARIANTS
     from flexmoe.report import run_label
 
-    assert run_label({"method": "flex", "flex": {"graft_train": "lora"}}) == "flex-lora"
-    assert run_label({"method": "flex", "flex": {"graft_train": "full"}}) == "flex"
+    assert run_label({"method": "flex", "flex": {"graft_train": "lora"}}) == "flex"  # the default
+    assert run_label({"method": "flex", "flex": {"graft_train": "full"}}) == "flex-full"
+    assert run_label({"method": "flex", "flex": {"graft_train": "full", "graft_init": "zero"}}) == "flex-zero"
     assert run_label({"method": "fedper", "train": {"personal_lr": 1e-4}}) == "fedper-plr0.0001"
-    assert run_label({"method": "flex", "flex": {"graft_train": "lora"}, "train": {"personal_lr": 0.0}}) == "flex-lora"
-    assert VARIANTS["flex-lora"] == ("flex", ("flex.graft_train=lora",))
+    assert run_label({"method": "fedper", "train": {"personal_lr": 0.0}}) == "fedper"  # fedper's default: lr
+    # FLEx's default personal rate is 4e-5: named only when another one is set (0: the shared lr)
+    assert run_label({"method": "flex", "train": {"personal_lr": 4e-5}}) == "flex"
+    assert run_label({"method": "flex", "train": {"personal_lr": 0.0}}) == "flex-plr=lr"
+    assert run_label({"method": "flex+fcmoe", "train": {"personal_lr": 1e-3}}) == "flex+fcmoe-plr0.001"
+    assert VARIANTS["flex-full"] == ("flex", ("flex.graft_train=full",))
+
+
+def test_fcmoe_ablations_have_labels_of_their_own():
+    from flexmoe.report import run_label
+
+    assert run_label({"method": "fcmoe", "fcmoe": {"project": True, "retention": 0.5}}) == "fcmoe"
+    assert run_label({"method": "fcmoe", "fcmoe": {"project": False}}) == "fcmoe-project=false"
+    assert run_label({"method": "fcmoe", "fcmoe": {"retention": 0.0}}) == "fcmoe-retention=0"
+    assert (run_label({"method": "fcmoe", "fcmoe": {"frequency_power": 0.0, "norm_power": 0.0}})
+            == "fcmoe-frequency_power=0-norm_power=0")
+    assert run_label({"method": "fcmoe", "fcmoe": {"groups": "tensor"}}) == "fcmoe-groups=tensor"

@@ -75,7 +75,8 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(4e-3, gt=0, le=1)
     # learning rate of the personal parameters (FLEx's graft and gate, FedPer's expert LoRA, FedAvg-FT's
-    # fine-tuning), on the same schedule as lr; 0 = lr (one learning rate for everything)
+    # fine-tuning), on the same schedule as lr; 0 = lr (one learning rate for everything). Not set: the
+    # method's own, 4e-5 for flex and flex+fcmoe (chosen on seed 100), 0 for the others
     personal_lr: float = Field(0.0, ge=0, le=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine schedule floor, as a fraction of lr
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -286,6 +287,18 @@ class RunConfig(Section):
         if isinstance(data, dict) and data.get("clients_per_round", 0) == 0:
             data = {**data, "clients_per_round": data.get("num_clients", cls.model_fields["num_clients"].default)}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_personal_lr(cls, data: Any) -> Any:
+        """train.personal_lr not set: the method's own default (registry.declare_method's personal_lr)."""
+        if not isinstance(data, dict):
+            return data
+        method, train = data.get("method", cls.model_fields["method"].default), data.get("train", {})
+        info = registered().get(method) if isinstance(method, str) else None
+        if info is None or not info.personal_lr or not isinstance(train, dict) or "personal_lr" in train:
+            return data  # an unknown method or a malformed section: the field validators say so
+        return {**data, "train": {**train, "personal_lr": info.personal_lr}}
 
     @model_validator(mode="after")
     def _clients_fit(self) -> RunConfig:

@@ -18,7 +18,7 @@ from flexmoe.methods import registered
 
 # variant name -> (method, config overrides): the FLEx paper's ablations, a graft that starts at
 # zero instead of from the selected expert (personal capacity without grafting), the graft trained
-# as a frozen copy under LoRA (flex-lora), and MoE + FedAvg
+# as a full copy (flex-full; the default is a frozen copy under LoRA), and MoE + FedAvg
 # with LoRA on attention and the experts (FC-MoE's trainables, aggregated plainly) or with every
 # weight trainable (the paper's MoE + X; "full" needs runtime.base_dtype=fp32)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -26,8 +26,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "flex-random": ("flex", ("flex.selection=random",)),
     "flex-k2": ("flex", ("flex.k=2",)),
     "flex-k3": ("flex", ("flex.k=3",)),
-    "flex-zero": ("flex", ("flex.graft_init=zero",)),
-    "flex-lora": ("flex", ("flex.graft_train=lora",)),  # the graft a frozen copy under LoRA (the authors')
+    "flex-zero": ("flex", ("flex.graft_init=zero", "flex.graft_train=full")),  # no copy to put LoRA on
+    "flex-full": ("flex", ("flex.graft_train=full",)),  # the graft a full trainable copy (the default: LoRA)
     "fedavg+experts": ("fedavg", ("lora.scope=attention+experts",)),
     "fedavg+full": ("fedavg", ("lora.scope=full",)),
 }

@@ -35,11 +35,13 @@ def project_conflicts(updates: torch.Tensor, direction: torch.Tensor) -> tuple[t
     return updates - removed, removed, conflicting
 
 
-def conflict_aware_step(updates: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(server step Σ_i c Δ̂, consensus d, conflicting mask) for updates (N, K, D)."""
+def conflict_aware_step(updates: torch.Tensor, weights: torch.Tensor,
+                        project: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(server step Σ_i c Δ̂, consensus d, conflicting mask) for updates (N, K, D); without `project`,
+    the step is d itself (the conflicting updates weighted but not projected)."""
     direction = consensus(updates, weights)
     projected, _, conflicting = project_conflicts(updates, direction)
-    return consensus(projected, weights), direction, conflicting
+    return (consensus(projected, weights) if project else direction), direction, conflicting
 
 
 def consensus_cosines(updates: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:

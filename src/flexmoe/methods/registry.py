@@ -2,7 +2,7 @@
 
 A method lives in its own package, `flexmoe/methods/<method>/`, in two modules:
 - `config.py`, torch-free: its config section (if it has one of its own) and its declaration,
-  `declare_method(name, section=..., private=..., averages=...)`: the name and the capabilities
+  `declare_method(name, section=..., private=..., averages=..., personal_lr=...)`: the name, the capabilities
   the config checks, the CLI, the compare command and the docs read without loading torch;
 - `method.py`: the `Method` subclass, bound to its declaration with `@register_method(name)`.
 
@@ -21,17 +21,21 @@ class MethodInfo:
     section: str | None  # the config section of its own settings ([fedprox], [flex], ...), if any
     private: bool  # its reply is the shared weights: differential privacy (clip + noise the mean) applies
     averages: bool  # its rule averages the replies, so `server.robust` can replace the mean
+    # its personal parameters' learning rate where `train.personal_lr` is not set (0 = train.lr)
+    personal_lr: float = 0.0
 
 
 _METHODS: dict[str, MethodInfo] = {}
 _CLASSES: dict[str, type] = {}
 
 
-def declare_method(name: str, section: str | None = None, private: bool = False, averages: bool = True) -> MethodInfo:
-    """Make `method = name` valid in the config, with the capabilities the config checks."""
+def declare_method(name: str, section: str | None = None, private: bool = False, averages: bool = True,
+                   personal_lr: float = 0.0) -> MethodInfo:
+    """Make `method = name` valid in the config, with the capabilities the config checks and the
+    default of `train.personal_lr` for it."""
     if name in _METHODS:
         raise ValueError(f"method {name!r} is declared twice")
-    _METHODS[name] = info = MethodInfo(name, section, private, averages)
+    _METHODS[name] = info = MethodInfo(name, section, private, averages, personal_lr)
     return info
 
 

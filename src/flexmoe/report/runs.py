@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.methods.fcmoe.config import FcmoeConfig
+from flexmoe.methods.flex.config import FlexConfig
+from flexmoe.methods.registry import registered
 
 CLIENTS_FILE = "clients.json"  # what the server may show of each client: domains and split sizes
 DEFAULT_SCOPE = "attention"
@@ -60,7 +63,7 @@ class Run:
 def run_label(config: dict) -> str:
     """A run's name in comparisons: the method, plus what sets a variant apart from its defaults
     (FLEx ablations: -nogate, -random, -frequency, -k2, -zero, -lora (graft_train)...; baselines: +experts /
-    +full scope; any method: -plr<rate> for a personal learning rate of its own)."""
+    +full scope; FC-MoE: -key=value for each [fcmoe] knob off its default; any method: -plr<rate> (-plr=lr: train.lr) for a personal learning rate other than its default)."""
     method = config.get("method", "flex")
     label = method
     if method.startswith("flex"):
@@ -77,15 +80,22 @@ def run_label(config: dict) -> str:
             label += "-" + flex["aggregator"]
         if flex.get("graft_init", "copy") != "copy":
             label += "-" + flex["graft_init"]
-        if flex.get("graft_train", "full") != "full":
+        default = FlexConfig.model_fields["graft_train"].default  # (a key not stored: the default, as loading does)
+        if flex.get("graft_train", default) != default and flex.get("graft_init") != "zero":  # zero: always full
             label += "-" + flex["graft_train"]
     else:
         scope = config.get("lora", {}).get("scope", DEFAULT_SCOPE)
         if scope != DEFAULT_SCOPE and method != "fcmoe":  # FC-MoE sets its scope in [fcmoe]
             label += "+" + scope.replace("attention+", "")
-    personal_lr = config.get("train", {}).get("personal_lr", 0.0)
-    if personal_lr:
-        label += f"-plr{personal_lr:g}"
+    if method.endswith("fcmoe"):  # its ablations: every [fcmoe] key off its default, e.g. -project=false
+        for key, value in config.get("fcmoe", {}).items():
+            field = FcmoeConfig.model_fields.get(key)
+            if field is not None and key != "scope" and value != field.default:
+                label += f"-{key}={str(value).lower() if isinstance(value, bool) else f'{value:g}' if isinstance(value, float) else value}"
+    own = registered()[method].personal_lr if method in registered() else 0.0  # the method's default rate
+    personal_lr = config.get("train", {}).get("personal_lr", own)
+    if personal_lr != own:
+        label += f"-plr{personal_lr:g}" if personal_lr else "-plr=lr"
     return label
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from flexmoe.methods.flex.config import GRAFT_LR
 from flexmoe.methods.registry import declare_method
 from flexmoe.settings import Section
 
@@ -23,6 +24,9 @@ class FcmoeConfig(Section):
     # what trains and is shared: expert LoRA with attention LoRA, expert LoRA alone, or everything
     scope: Literal["attention+experts", "experts", "full"] = "attention+experts"
     retention: float = Field(0.5, ge=0)  # λ; 0 = no local knowledge retention (and no consensus downlink)
+    # the gradient consensus projection; false (an ablation): conflicting updates are averaged as they are
+    # (the conflict fraction is still measured; retention has nothing removed to re-add, so nothing is sent)
+    project: bool = True
     frequency_power: float = Field(1.0, ge=0)
     norm_power: float = Field(1.0, ge=0)
     size_power: float = Field(1.0, ge=0)
@@ -30,4 +34,4 @@ class FcmoeConfig(Section):
 
 
 declare_method("fcmoe", section="fcmoe", averages=False)
-declare_method("flex+fcmoe", section="fcmoe", averages=False)
+declare_method("flex+fcmoe", section="fcmoe", averages=False, personal_lr=GRAFT_LR)  # FLEx's graft, FLEx's rate

@@ -78,9 +78,9 @@ class ConflictAwareRule(ServerRule):
             frequency = _frequencies(replies, group)
             weights = importance_weights(frequency, updates.norm(dim=-1), sizes,
                                          fc.frequency_power, fc.norm_power, fc.size_power)
-            step, d, conflicting = conflict_aware_step(updates, weights)
+            step, d, conflicting = conflict_aware_step(updates, weights, fc.project)
             new_global.update(split_matrix(start + step, group, global_weights))
-            if conflicting.any():  # elsewhere nothing was removed, so no client needs d
+            if fc.project and conflicting.any():  # elsewhere nothing was removed, so no client needs d
                 direction.update(split_matrix(d, group, {n: global_weights[n].float() for n in group.names}))
             conflicts += int(conflicting.sum())
             pairs += conflicting.numel()
@@ -128,7 +128,8 @@ class ConflictAware:
 
     @property
     def retention(self) -> float:
-        return self.config.fcmoe.retention
+        """λ in effect: without the projection nothing is removed, so there is nothing to retain."""
+        return self.config.fcmoe.retention if self.config.fcmoe.project else 0.0
 
     def groups(self, tensors: Tensors) -> list[Group]:
         return groups_of(self.config, tensors)
