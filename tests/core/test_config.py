@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from flexmoe.cli import main
 from flexmoe.config import RunConfig, load_config, save_config, valid_keys
 from flexmoe.errors import FlexmoeError
+from helpers.paths import REPO_ROOT
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = REPO_ROOT / "configs"
 
 
 def test_defaults_are_flex_on_the_shipped_tiny_base():

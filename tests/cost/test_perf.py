@@ -3,7 +3,6 @@ full logits, and the `flexmoe bench` command."""
 
 from __future__ import annotations
 
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import torch
 from conftest import tiny_model
 
 from flexmoe.cost.flops import counted_flops
+from helpers.paths import REPO_ROOT
 
 
 def qwen2_moe_forward_flops_by_hand(tokens: int, seq_len: int) -> int:
@@ -96,7 +96,7 @@ def test_bench_refuses_a_directory_without_benchmarks(tmp_path):
 
 def fake_checkout(root):
     """A checkout whose benchmarks/ is the real runner plus one quick benchmark."""
-    real = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    real = REPO_ROOT / "benchmarks"
     (root / "benchmarks").mkdir()
     for name in ("__init__.py", "__main__.py"):
         shutil.copy(real / name, root / "benchmarks" / name)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+from helpers.paths import REPO_ROOT
+
+GUIDE = REPO_ROOT / "docs" / "guide.md"
 GPU_GUIDE = GUIDE.with_name("gpu.md")
 
 
@@ -53,7 +55,7 @@ def test_guide_command_parses(argv, capsys):
 def test_guide_config_is_valid(tmp_path):
     from flexmoe.config import load_config
 
-    (block,) = [b for b in code_blocks("toml") if "method" in b]  # the worked example (tests/test_guide.py runs all)
+    (block,) = [b for b in code_blocks("toml") if "method" in b]  # the worked example (test_guide.py runs all)
     path = tmp_path / "dolly-flex.toml"
     path.write_text(block)
     config = load_config(path)

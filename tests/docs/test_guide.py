@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from flexmoe import cli
 from flexmoe.config import load_config
 from flexmoe.clients import partition_data
+from helpers.paths import REPO_ROOT
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+GUIDE = REPO_ROOT / "docs" / "guide.md"
 DOLLY_CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
                     "information_extraction", "summarization", "creative_writing")
 

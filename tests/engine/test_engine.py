@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from flexmoe.engine.driver import sample_clients
 from flexmoe.engine.simulation import InProcess, Simulation
 from flexmoe.wire import serialize
 from flexmoe.methods import registered
+from helpers.paths import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
@@ -193,7 +193,7 @@ def test_cli_run_killed_mid_way_resumes_to_the_uninterrupted_metrics(model_dir, 
     command = [sys.executable, "-m", "flexmoe.cli", "run", "--quiet"]
     for item in settings:
         command += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     full = subprocess.run(command + ["--output-dir", str(tmp_path / "full")], check=True, env=env, capture_output=True,
                           text=True)
     # what to look at, then how long each phase took (make demo ends with these lines)

@@ -3,7 +3,7 @@
 `FlowerTransport` builds its messages as in a deployment; `LoopbackGrid` hands each one to the
 ClientApp (queries: identification and commits) or to what the ClientApp does first with a train
 or evaluate message, settling the client's stored state (`client_app.settle`). No Flower process
-starts, so these run with the fast tests; tests/test_flower.py runs the same in deployments.
+starts, so these run with the fast tests; tests/flower/test_flower.py runs the same in deployments.
 """
 
 from __future__ import annotations

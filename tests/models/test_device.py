@@ -190,7 +190,7 @@ def test_quantised_base_trains_flex_on_the_cpu(wide_model_dir, tmp_path, quantiz
     assert (bool(linear), all(experts)) == ((True, False) if quantize == "int8" else (False, True))
     summary = Simulation(config, tmp_path).run()
     assert summary["rounds_completed"] == 1 and summary["train_loss"] > 0
-    # that the round trains every sampled client's graft: tests/test_quantized_graft_trains.py
+    # that the round trains every sampled client's graft: tests/models/test_quantized_graft_trains.py
 
 
 def test_nf4_experts_stay_close_to_the_bf16_base():

@@ -26,6 +26,7 @@ from flexmoe.models.graft import fold_graft_lora, grafts_disabled, new_graft
 from flexmoe.models.roles import apply_roles
 from flexmoe.cost.plan import plan
 from flexmoe.train.loop import _make_optimizer, personal_lr
+from helpers.paths import REPO_ROOT
 
 # The tiny random qwen2_moe (conftest): 2 MoE layers, hidden H=32, expert width I=16.
 # LoRA of rank r on gate/up (H -> I) and down (I -> H): 3 * r * (H + I) = 144 r per expert; the gate H + 1 = 33.
@@ -290,12 +291,10 @@ def test_a_lora_run_evaluates_and_exports_like_the_run(lora_run, tmp_path, capsy
 
 
 def test_the_authors_recipe_file_loads_with_lora_on_q_k_v_only():
-    from pathlib import Path
-
     from flexmoe.models import lora_module_names
     from flexmoe.train.loop import cosine_lr
 
-    config = load_config(Path(__file__).parents[1] / "configs" / "flex-lora-graft.toml")
+    config = load_config(REPO_ROOT / "configs" / "flex-lora-graft.toml")
     assert config.flex.graft_train == "lora" and config.flex.graft_r == 32 and config.lora.r == 32
     assert cosine_lr(config.train, 1, config.rounds) == 4e-5
     assert cosine_lr(config.train, config.rounds, config.rounds) == pytest.approx(1e-6)

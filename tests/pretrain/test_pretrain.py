@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from flexmoe.pretrain.config import EOS, TokenizerSettings, TrainSettings, load_
 from flexmoe.pretrain.packing import batch_picks, pack_documents, train_tokenizer
 from flexmoe.pretrain.step import lr_factor
 from flexmoe.pretrain.train import pretrain
+from helpers.paths import REPO_ROOT
 
 
 
@@ -84,7 +84,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_shipped_pretrain_configs_parse_and_stage_two_continues_stage_one():
-    configs = Path(__file__).resolve().parent.parent / "configs"
+    configs = REPO_ROOT / "configs"
     first, second = load_config(configs / "pretrain-tiny-v1.toml"), load_config(configs / "pretrain-tiny.toml")
     for config in (first, second):
         assert config.model.num_experts == 8 and config.model.num_experts_per_tok == 2

@@ -26,6 +26,7 @@ from flexmoe.pretrain.packing import (
 from flexmoe.pretrain.step import router_supervision_loss, router_z_loss, supervision_weight, training_device
 from flexmoe.pretrain.train import pretrain
 from conftest import corpus_documents, tiny_pretrain_overrides
+from helpers.paths import REPO_ROOT
 
 _LABEL = re.compile(r"\(noun, (\w+)\):")
 
@@ -208,9 +209,8 @@ def test_gpu_script_trains_pauses_resumes_and_packs_the_model_on_the_cpu(corpus_
     import subprocess
     import sys
     import tarfile
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     config = tmp_path / "small.toml"
     config.write_text("\n".join(["[data]", f"corpus = {json.dumps(str(corpus_files / 'train.txt'))}",
                                  f"heldout = {json.dumps(str(corpus_files / 'heldout.txt'))}", 'probes = "none"',
@@ -247,11 +247,9 @@ def test_gpu_script_trains_pauses_resumes_and_packs_the_model_on_the_cpu(corpus_
 
 def test_v2_config_meets_the_size_and_token_budget():
     """configs/pretrain-tiny-v2.toml: qwen2_moe, >= 16 routed experts, <= 60 MB in bfloat16, >= 50M tokens."""
-    from pathlib import Path
-
     from flexmoe.pretrain.step import build_model
 
-    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "pretrain-tiny-v2.toml")
+    config = load_config(REPO_ROOT / "configs" / "pretrain-tiny-v2.toml")
     vocab = SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     tokenizer = type("Vocab", (), {"__len__": lambda self: config.tokenizer.vocab_size, **vars(vocab)})()
     with torch.device("meta"):
