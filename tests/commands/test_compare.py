@@ -15,7 +15,8 @@ from flexmoe.commands import compare
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
 from flexmoe.cost.comm import meta_model, method_message_sizes
-from conftest import synthetic_examples
+
+from helpers.engine import synthetic_examples
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 

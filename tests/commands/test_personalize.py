@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexmoeError
-from conftest import CATEGORIES, command, logits, train
+
+from helpers.usage import CATEGORIES, command, logits, train
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from flexmoe.errors import FlexmoeError
-from conftest import PROMPT, command, logits, save_model, train
+
+from helpers.usage import PROMPT, command, logits, save_model, train
 
 
 def test_restored_clients_carry_their_own_graft_and_the_global_lora(flex_run):

@@ -9,7 +9,8 @@ import torch
 from flexmoe.config import load_config
 from flexmoe.errors import FlexmoeError
 from flexmoe.wire import INT8, SCALE, WireError, decode, deserialize, encode, serialize
-from conftest import metrics, run
+
+from helpers.engine import metrics, run
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 

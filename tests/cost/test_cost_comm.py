@@ -35,7 +35,7 @@ def _real_bytes(tensors, metadata=None) -> int:
 
 @pytest.mark.parametrize("method", sorted(registered()))
 def test_meta_model_sizes_equal_real_bytes_on_a_tiny_model(method):
-    from conftest import tiny_config, tiny_model
+    from helpers.tiny import tiny_config, tiny_model
 
     config = load_config(None, [f"method={method}", "lora.r=2"])
     real = method_message_sizes(config, tiny_model("qwen2_moe"), num_examples=37, measure=_real_bytes)
@@ -61,7 +61,7 @@ def test_real_shapes_match_their_published_sizes():
 
 @pytest.mark.parametrize("method", ["fcmoe", "flex+fcmoe"])
 def test_busiest_downlink_is_the_downlink_after_a_round_where_every_group_conflicted(method):
-    from conftest import tiny_model
+    from helpers.tiny import tiny_model
 
     from flexmoe.methods.build import build_method
     from flexmoe.methods.rules import Reply

@@ -9,14 +9,15 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from flexmoe.cost.flops import counted_flops
+
 from helpers.paths import REPO_ROOT
+from helpers.tiny import tiny_model
 
 
 def qwen2_moe_forward_flops_by_hand(tokens: int, seq_len: int) -> int:
-    """conftest's tiny qwen2_moe: hidden 32, 4 heads of 8, 2 kv heads, 2 layers, 8 experts (top 2,
+    """helpers.tiny's tiny qwen2_moe: hidden 32, 4 heads of 8, 2 kv heads, 2 layers, 8 experts (top 2,
     intermediate 16), shared expert 24 with a scalar gate, vocab 96, untied head."""
     hidden, kv, layers, vocab = 32, 16, 2, 96
     attention_projections = 2 * hidden * hidden * 2 + 2 * hidden * kv * 2  # q, o and k, v

@@ -33,7 +33,7 @@ def test_the_layout_of_a_message_has_the_bytes_of_the_encoded_message(wire):
 
 @pytest.mark.parametrize("wire", WIRES)
 def test_planned_bytes_equal_the_real_encoded_messages_of_the_tiny_base(wire):
-    from conftest import tiny_config, tiny_model
+    from helpers.tiny import tiny_config, tiny_model
 
     config = load_config(None, ["method=flex", "lora.r=2", *wire])
     real = method_message_sizes(config, tiny_model("qwen2_moe"), num_examples=37, measure=_real_bytes)

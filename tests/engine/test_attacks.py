@@ -12,7 +12,8 @@ from flexmoe.engine.faults import attacked_update
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods.build import build_method
 from flexmoe.wire import deserialize, serialize
-from conftest import metrics, run
+
+from helpers.engine import metrics, run
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 

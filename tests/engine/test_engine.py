@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import flexmoe.engine.simulation as simulation
-from conftest import assert_same_safetensors, engine_config, metrics, run, synthetic_examples
 from flexmoe.config import load_config
 from flexmoe.engine.driver import sample_clients
 from flexmoe.engine.simulation import InProcess, Simulation
 from flexmoe.wire import serialize
 from flexmoe.methods import registered
+
+from helpers.engine import assert_same_safetensors, engine_config, metrics, run, synthetic_examples
 from helpers.paths import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")

@@ -10,7 +10,8 @@ import torch
 import flexmoe.clients as clients_module
 from flexmoe.engine.driver import evaluated_clients, sample_clients
 from flexmoe.files import load_checked
-from conftest import engine_config, metrics, run
+
+from helpers.engine import engine_config, metrics, run
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import engine_config, metrics, run
-
 
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
@@ -30,6 +28,8 @@ from flexmoe.files import CHECKSUM, load_checked, save_checked, tensors_digest, 
 from flexmoe.methods.build import build_method
 from flexmoe.methods.rules import Reply
 from flexmoe.methods.base import weighted_mean
+
+from helpers.engine import engine_config, metrics, run
 from helpers.leaks import leaks
 from helpers.paths import REPO_ROOT, TESTS
 

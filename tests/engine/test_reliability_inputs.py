@@ -16,12 +16,13 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import build_tokenizer, metrics, synthetic_examples
 
 from flexmoe.cli import main
 from flexmoe.config import RunConfig, load_config, save_config, valid_keys
 from flexmoe.errors import FlexmoeError
 from flexmoe.files import load_checked
+
+from helpers.engine import build_tokenizer, metrics, synthetic_examples
 
 KEYS = valid_keys()
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -152,7 +153,7 @@ def test_a_dense_model_is_one_line(tmp_path, capsys, data_file):
 
 
 def test_a_tokenizer_that_does_not_match_the_model_is_one_line(tmp_path, capsys, data_file):
-    from conftest import tiny_model
+    from helpers.tiny import tiny_model
 
     vocab = build_tokenizer(tmp_path / "small")
     tiny_model("qwen2_moe", vocab_size=16).save_pretrained(tmp_path / "small")

@@ -9,7 +9,8 @@ import pytest
 
 from flexmoe.engine.progress import Progress, logs_to
 from flexmoe.engine.simulation import Simulation
-from conftest import engine_config
+
+from helpers.engine import engine_config
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 

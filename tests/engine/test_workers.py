@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import engine_config, metrics, synthetic_examples
 from flexmoe.engine.simulation import InProcess, Simulation
 from flexmoe.errors import FlexmoeError
+
+from helpers.engine import engine_config, metrics, synthetic_examples
 
 CRASHING_CLIENT = 1
 

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run
 
 from flexmoe.rundir import ClientStore
 from flexmoe.eval.detail import read_round
 from flexmoe.files import load_checked
+
+from helpers.engine import run
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
@@ -24,7 +25,7 @@ EVAL = ("eval.every=1", "eval.max_test_examples=6", "eval.curve_test_examples=2"
 @pytest.fixture(scope="module")
 def flex_run(model_dir, tmp_path_factory):  # noqa: F811
     import flexmoe.data
-    from conftest import synthetic_examples
+    from helpers.engine import synthetic_examples
 
     out = tmp_path_factory.mktemp("detail-run")
     patch = pytest.MonkeyPatch()

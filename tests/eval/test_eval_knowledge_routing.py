@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILY_NAMES, VOCAB, save_tokenizer, tiny_model
 
 from flexmoe.data import Probe
 from flexmoe.eval.knowledge import (
@@ -22,6 +21,8 @@ from flexmoe.eval.knowledge import (
 )
 from flexmoe.models.routing import RoutingCounter
 from flexmoe.models import moe_layers
+
+from helpers.tiny import FAMILY_NAMES, VOCAB, save_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

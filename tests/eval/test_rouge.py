@@ -40,7 +40,7 @@ class _Tokenizer:
 
 
 def test_batched_generation_equals_one_by_one_and_restores_padding_side():
-    from conftest import tiny_model
+    from helpers.tiny import tiny_model
     from flexmoe.data import Example
 
     model = tiny_model("qwen2_moe")

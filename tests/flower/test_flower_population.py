@@ -50,7 +50,7 @@ probes = false
 def population_examples(per_domain: int):
     """Enough distinct examples for 100 clients: the engine tests' word pattern, `per_domain` per domain."""
     from flexmoe.data import Example
-    from conftest import DOMAINS
+    from helpers.engine import DOMAINS
 
     return [Example(instruction=f"describe the word {words[i % len(words)]}",
                     response=f"a {words[i % len(words)]} is a {words[(i + 1) % len(words)]} of {domain}",

@@ -56,7 +56,7 @@ FLOAT32_SLACK = 1e-6  # the two engines add in float32, in different orders
 
 @pytest.fixture(scope="module")
 def secagg_config(tmp_path_factory, saved_tiny_model) -> Path:
-    from conftest import synthetic_examples
+    from helpers.engine import synthetic_examples
 
     root = tmp_path_factory.mktemp("secagg")
     data = root / "data.jsonl"

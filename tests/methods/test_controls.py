@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import metrics, run, tiny_model, token_batches
 from safetensors.torch import load_file
 
 import flexmoe.engine.client as client_side
@@ -22,12 +21,15 @@ from flexmoe.models.roles import apply_roles, personal_disabled, personal_outsid
 from flexmoe.report import run_label
 from flexmoe.rundir import load_server
 from flexmoe.wire import deserialize, serialize
+
+from helpers.engine import metrics, run
 from helpers.leaks import leaks
+from helpers.tiny import tiny_model, token_batches
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
 
-# The tiny random qwen2_moe (conftest): 2 MoE layers, hidden H=32, expert width I=16, E=8 experts.
+# The tiny random qwen2_moe (helpers/tiny.py): 2 MoE layers, hidden H=32, expert width I=16, E=8 experts.
 # FLEx's graft per layer, k=1: gate/up/down 3*H*I = 1536, plus the gate's H+1 = 33 -> 1569; 2 layers: 3138.
 # k=2: 2*1536 + router rows 2*H = 64 + 33 = 3169 -> 6338.
 # Expert LoRA per unit of rank per layer: gate_up (E, 2I, H) E*(H+2I) = 512, down (E, H, I) E*(I+H) = 384 -> 896;

@@ -19,7 +19,8 @@ from flexmoe.methods.conflict import (
 )
 from flexmoe.methods.fcmoe.method import ACTIVATION, CONSENSUS, ROUND, UPDATE, UPDATE_ROUND
 from flexmoe.methods.groups import build_groups, from_expert_rows, group_matrix, split_matrix, to_expert_rows
-from conftest import engine_config
+
+from helpers.engine import engine_config
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
@@ -88,7 +89,7 @@ def test_importance_weights_sum_to_one_per_expert_and_follow_the_product():
 
 # ---- per-expert layout of PEFT's LoRA on fused experts ------------------------------------------
 def test_expert_rows_match_peft_delta_weight_per_expert():
-    from conftest import tiny_model
+    from helpers.tiny import tiny_model
     from flexmoe.models import add_lora
 
     model = add_lora(tiny_model("qwen2_moe"), scope="attention+experts", r=2)
@@ -237,7 +238,7 @@ def test_flex_fcmoe_runs_two_rounds_and_keeps_grafts_home(model_dir, tmp_path, m
 
 
 def test_activation_counts_cover_the_training_forwards_without_padding():
-    from conftest import tiny_model
+    from helpers.tiny import tiny_model
     from flexmoe.models.routing import ExpertCounts
 
     model = build_method(small_config()).prepare_model(tiny_model("qwen2_moe"))
@@ -295,7 +296,7 @@ def test_fcmoe_personalised_model_readds_the_retained_component(model_dir, tmp_p
 @pytest.mark.slow
 def test_fcmoe_resumed_run_matches_uninterrupted(model_dir, tmp_path):
     """Round 2 depends on round 1's consensus (server checkpoint) and each client's stored update."""
-    from conftest import assert_same_safetensors, metrics
+    from helpers.engine import assert_same_safetensors, metrics
 
     def run(out, stop_after=None):
         config = engine_config(model_dir, "method=fcmoe", "clients_per_round=4", "rounds=2")
@@ -319,7 +320,7 @@ def test_flex_fcmoe_refuses_another_aggregator():
 
 @pytest.mark.parametrize("scope", ["experts", "attention+experts", "full"])
 def test_scopes_share_the_experts_and_group_them_per_expert(scope):
-    from conftest import tiny_model
+    from helpers.tiny import tiny_model
     from flexmoe.models import split_parameters
 
     method = build_method(small_config(f'fcmoe.scope="{scope}"'))

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import engine_config
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.device import autocast, compute_dtype, fp32_master, resolve_device, resolve_dtype
+
+from helpers.engine import engine_config
 
 pytestmark = pytest.mark.usefixtures("builtin_is_synthetic")
 
@@ -78,7 +79,7 @@ def test_autocast_is_a_null_context_in_fp32():
 
 
 def test_graft_on_a_bf16_base_is_fp32_and_closed_gate_keeps_the_logits():
-    from conftest import token_batches, tiny_model
+    from helpers.tiny import tiny_model, token_batches
 
     from flexmoe.models import graft, moe_layers
 
@@ -95,7 +96,7 @@ def test_graft_on_a_bf16_base_is_fp32_and_closed_gate_keeps_the_logits():
 
 
 def test_full_scope_on_a_half_base_is_refused():
-    from conftest import tiny_model
+    from helpers.tiny import tiny_model
 
     from flexmoe.models import add_lora
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
-from conftest import command, logits, tiny_model, token_batches, train
 
 from flexmoe.config import load_config
 from flexmoe.engine.restore import restore
@@ -26,9 +25,12 @@ from flexmoe.models.graft import fold_graft_lora, grafts_disabled, new_graft
 from flexmoe.models.roles import apply_roles
 from flexmoe.cost.plan import plan
 from flexmoe.train.loop import _make_optimizer, personal_lr
-from helpers.paths import REPO_ROOT
 
-# The tiny random qwen2_moe (conftest): 2 MoE layers, hidden H=32, expert width I=16.
+from helpers.paths import REPO_ROOT
+from helpers.tiny import tiny_model, token_batches
+from helpers.usage import command, logits, train
+
+# The tiny random qwen2_moe (helpers/tiny.py): 2 MoE layers, hidden H=32, expert width I=16.
 # LoRA of rank r on gate/up (H -> I) and down (I -> H): 3 * r * (H + I) = 144 r per expert; the gate H + 1 = 33.
 # r=4, k=1: 576 + 33 = 609 per layer, 1218 for 2 layers (the full copy: 3138, test_controls.py).
 LORA4 = GraftTraining("lora", r=4, alpha=8.0)
@@ -207,7 +209,7 @@ def lora_run(workdir, model_dir, data_file):  # noqa: F811
 @pytest.mark.slow
 def test_a_lora_run_resumes_to_the_uninterrupted_metrics(lora_run, model_dir, data_file, tmp_path):  # noqa: F811
     from flexmoe.engine.simulation import Simulation
-    from conftest import assert_same_safetensors, metrics
+    from helpers.engine import assert_same_safetensors, metrics
 
     config = load_config(lora_run / "config.toml")
     Simulation(config, tmp_path / "cut").run(stop_after=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILY_NAMES, JITTERING, VOCAB, tiny_model, token_batches
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models import (
@@ -18,6 +17,8 @@ from flexmoe.models import (
     select_experts,
     ungraft,
 )
+
+from helpers.tiny import FAMILY_NAMES, JITTERING, VOCAB, tiny_model, token_batches
 
 ALL_TOKENS = 10_000  # a cap above the test batches' token count: no subsampling
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, save_tokenizer, tiny_model
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models import load_base, moe_layers
 from flexmoe.models import load as load_module
+
+from helpers.tiny import VOCAB, save_tokenizer, tiny_model
 
 
 def test_loads_a_local_moe_directory(tmp_path):

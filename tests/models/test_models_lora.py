@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_model, token_batches
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.roles import Roles, apply_roles, set_shared_state, shared_state, split_parameters
@@ -19,6 +18,8 @@ from flexmoe.models import (
     moe_layers,
     select_experts,
 )
+
+from helpers.tiny import tiny_model, token_batches
 
 
 def attention_projections(model, family):

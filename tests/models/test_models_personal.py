@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batches
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.models import (
@@ -20,6 +19,8 @@ from flexmoe.models import (
     select_experts,
     set_graft_state,
 )
+
+from helpers.tiny import tiny_model, token_batches
 
 
 def trained_like_graft(model, selection, seed=0):

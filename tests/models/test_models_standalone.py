@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAMILY_NAMES, save_tokenizer, tiny_model, token_batches
+from helpers.tiny import FAMILY_NAMES, save_tokenizer, tiny_model, token_batches
 
 
 def grafted_model(family: str, k: int):

@@ -14,7 +14,8 @@ import json
 
 import pytest
 import torch
-from conftest import engine_config
+
+from helpers.engine import engine_config
 
 GATE_INIT_BIAS = -4.0  # flex.gate_init_bias's default
 

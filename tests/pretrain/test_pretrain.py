@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-
 import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from conftest import corpus_documents, tiny_pretrain_overrides
 
 from flexmoe.commands import pretrain as pretrain_command
 from flexmoe.errors import FlexmoeError
@@ -19,6 +16,8 @@ from flexmoe.pretrain.config import EOS, TokenizerSettings, TrainSettings, load_
 from flexmoe.pretrain.packing import batch_picks, pack_documents, train_tokenizer
 from flexmoe.pretrain.step import lr_factor
 from flexmoe.pretrain.train import pretrain
+
+from helpers.corpus import corpus_documents, tiny_pretrain_overrides
 from helpers.paths import REPO_ROOT
 
 

@@ -25,7 +25,8 @@ from flexmoe.pretrain.packing import (
 )
 from flexmoe.pretrain.step import router_supervision_loss, router_z_loss, supervision_weight, training_device
 from flexmoe.pretrain.train import pretrain
-from conftest import corpus_documents, tiny_pretrain_overrides
+
+from helpers.corpus import corpus_documents, tiny_pretrain_overrides
 from helpers.paths import REPO_ROOT
 
 _LABEL = re.compile(r"\(noun, (\w+)\):")

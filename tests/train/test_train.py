@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
 from flexmoe.config import load_config
 from flexmoe.data import collate
 from flexmoe.methods.base import TrainHooks
 from flexmoe.train import cosine_lr, local_train, response_loss
 from flexmoe.train.loop import num_local_steps
+
+from helpers.tiny import tiny_model
 
 
 def features(n: int = 4, seed: int = 0) -> list[dict]:
