@@ -13,8 +13,6 @@ import torch
 
 from helpers.paths import REPO_ROOT
 
-ROOT = REPO_ROOT
-
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_without_cuda_the_check_refuses_in_one_line(capsys):
@@ -29,7 +27,7 @@ def test_without_cuda_the_check_refuses_in_one_line(capsys):
 def test_dry_run_writes_the_dated_result(tmp_path):
     pytest.importorskip("bitsandbytes")  # the nf4 row (the `quant` extra), as the other nf4 tests
     env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run([str(ROOT / "scripts" / "gpu-check.sh"), "--dry-run", "--out", str(tmp_path)], env=env,
+    done = subprocess.run([str(REPO_ROOT / "scripts" / "gpu-check.sh"), "--dry-run", "--out", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     (result,) = tmp_path.glob("gpu-check-dry-run-*.md")

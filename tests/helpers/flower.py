@@ -15,8 +15,7 @@ from pathlib import Path
 
 from helpers.paths import REPO_ROOT
 
-
-ROOT = REPO_ROOT
+ROOT = REPO_ROOT  # the repository: the Flower app and scripts/flower-deploy.sh
 
 
 BIN = Path(sys.executable).parent
