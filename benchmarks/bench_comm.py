@@ -5,7 +5,7 @@ length counted. Qwen1.5-MoE-A2.7B, OLMoE-1B-7B and Mixtral-8x7B are built on the
 published configs; each method prepares, grafts and builds its round-1 messages with its own
 code (`flexmoe.cost.comm.method_message_sizes`), and the safetensors message size is computed
 from the tensors' names, dtypes and shapes (checked byte for byte against real messages in
-tests/test_cost_comm.py). Weights travel in fp32 (the engines' default), LoRA r = 8; the last
+tests/cost/test_cost_comm.py). Weights travel in fp32 (the engines' default), LoRA r = 8; the last
 table sizes FLEx's messages in the compressed forms (`wire.dtype`, `wire.quantize`).
 """
 

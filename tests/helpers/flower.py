@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from helpers.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository
+ROOT = REPO_ROOT  # the repository: the Flower app and scripts/flower-deploy.sh
 
 
 BIN = Path(sys.executable).parent

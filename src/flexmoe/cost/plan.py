@@ -150,7 +150,7 @@ def with_nf4_experts(model: torch.nn.Module, memory: StepMemory, checkpointing: 
     """`memory` of `model` with its fused experts quantised to 4 bits (`flexmoe.models.quantize`):
     they are stored packed, and each layer's forward dequantises them to the base's dtype, a copy
     that autograd keeps for the backward (every MoE layer's without checkpointing, measured on the
-    tiny base: tests/test_device.py; one layer's at a time with it)."""
+    tiny base: tests/models/test_device.py; one layer's at a time with it)."""
     from flexmoe.models.families import moe_layers
     from flexmoe.models.quantize import EXPERT_PARAMS, quantized_bytes
 

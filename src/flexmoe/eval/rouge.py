@@ -3,7 +3,7 @@
 Generation is one batched greedy decode per `batch_size` prompts (left padding) with the KV
 cache (`greedy_decode`): a row leaves the batch, and its cache, as soon as it has produced
 eos, and decoding stops when every row has ended or `max_new_tokens` is reached. The answers
-are the ones `model.generate(do_sample=False)` gives (tests/test_rouge.py checks it token for
+are the ones `model.generate(do_sample=False)` gives (tests/eval/test_rouge.py checks it token for
 token); a model whose generation config asks for more than plain greedy decoding (repetition
 penalty, minimum length, ...) is decoded by `generate` itself.
 """
