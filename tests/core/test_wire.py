@@ -118,11 +118,11 @@ def test_impossible_wire_settings_are_one_line(overrides, words):
 
 @pytest.mark.slow
 def test_in_process_runs_send_compressed_bytes_and_keep_the_rounding_error(model_dir, tmp_path, monkeypatch):
-    from flexmoe.engine import simulation
+    from flexmoe.engine import local_clients
     from flexmoe.files import load_checked
 
     sent = []
-    monkeypatch.setattr(simulation, "serialize", lambda t, m=None: sent.append(t) or serialize(t, m))
+    monkeypatch.setattr(local_clients, "serialize", lambda t, m=None: sent.append(t) or serialize(t, m))
     fp32 = run(model_dir, tmp_path / "fp32", "method=fedavg")
     first_fp32 = dict(sent[0])
     sent.clear()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flexmoe.config import load_config
-from flexmoe.engine import simulation
+from flexmoe.engine import local_clients
 from flexmoe.engine.faults import attacked_update
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods.build import build_method
@@ -80,7 +80,7 @@ def test_the_flower_engine_refuses_the_harness():
 def uploads(monkeypatch, model_dir, out, *overrides) -> tuple[list[dict], list[dict]]:
     """(every message the run sent, decoded, in order; its metrics records)."""
     sent = []
-    monkeypatch.setattr(simulation, "serialize", lambda t, m=None: sent.append(t) or serialize(t, m))
+    monkeypatch.setattr(local_clients, "serialize", lambda t, m=None: sent.append(t) or serialize(t, m))
     run(model_dir, out, "method=fedavg", "rounds=1", "clients_per_round=4", *overrides)
     return [deserialize(serialize(t))[0] for t in sent], metrics(out)
 

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-import flexmoe.engine.simulation as simulation
+import flexmoe.engine.local_clients as local_clients
 from flexmoe.config import load_config
 from flexmoe.engine.driver import sample_clients
 from flexmoe.engine.simulation import InProcess, Simulation
@@ -55,7 +55,7 @@ def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path,
         sent.append((set(tensors), blob))
         return blob
 
-    monkeypatch.setattr(simulation, "serialize", recording_serialize)
+    monkeypatch.setattr(local_clients, "serialize", recording_serialize)
     summary = run(model_dir, tmp_path, "method=flex", "eval.knowledge=true", "eval.knowledge_max_docs=4", "eval.max_probes=8")
     assert sent
     for keys, _ in sent:
@@ -86,7 +86,7 @@ def test_flex_sends_only_shared_lora_and_counts_exact_bytes(model_dir, tmp_path,
 ], ids=["routers", "nogate", "random-k2", "frequency-fedadam"])
 def test_flex_options_run_and_keep_personal_state_home(model_dir, tmp_path, monkeypatch, options):
     sent: list[set] = []
-    monkeypatch.setattr(simulation, "serialize", lambda t, m=None: sent.append(set(t)) or serialize(t, m))
+    monkeypatch.setattr(local_clients, "serialize", lambda t, m=None: sent.append(set(t)) or serialize(t, m))
     run(model_dir, tmp_path, "method=flex", "rounds=1", *options)
     keys = set().union(*sent)
     assert not any("graft" in k for k in keys)

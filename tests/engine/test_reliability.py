@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import flexmoe.engine.simulation as simulation
+import flexmoe.engine.local_clients as local_clients
 from flexmoe.config import load_config
 from flexmoe.engine import privacy
 from flexmoe.engine.server import ServerRunner
@@ -100,7 +100,7 @@ def test_crashing_clients_are_skipped_logged_and_keep_their_state(model_dir, tmp
             uploads[len(uploads)] = blob
         return blob
 
-    monkeypatch.setattr(simulation, "serialize", recording_serialize)
+    monkeypatch.setattr(local_clients, "serialize", recording_serialize)
     config = engine_config(model_dir, "method=flex", "rounds=2", "clients_per_round=4")
     progress = CrashingClients({(1, 1): "step", (1, 3): "done"}, tmp_path)
     with caplog.at_level(logging.WARNING, logger="flexmoe.engine"):
@@ -395,7 +395,7 @@ def test_flex_personal_tensors_never_leave_a_client(model_dir, tmp_path, monkeyp
         sent.append(blob)
         return blob
 
-    monkeypatch.setattr(simulation, "serialize", capturing_serialize)
+    monkeypatch.setattr(local_clients, "serialize", capturing_serialize)
     run(model_dir, tmp_path, "method=flex", "rounds=2", "clients_per_round=4", "flex.federate_routers=true",
         "eval.base=false", f"flex.graft_train={graft_train}")
     snapshot_personal()

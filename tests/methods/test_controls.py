@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import flexmoe.engine.client as client_side
-import flexmoe.engine.simulation as simulation
+import flexmoe.engine.local_clients as local_clients
 from flexmoe.commands.compare import VARIANTS, parse_methods, plan
 from flexmoe.config import RunConfig, load_config
 from flexmoe.engine.evaluator import Evaluator
@@ -85,7 +85,7 @@ def record_training(monkeypatch) -> list[dict]:
 
 def record_messages(monkeypatch) -> list[bytes]:
     sent = []
-    monkeypatch.setattr(simulation, "serialize", lambda t, m=None: sent.append(serialize(t, m)) or sent[-1])
+    monkeypatch.setattr(local_clients, "serialize", lambda t, m=None: sent.append(serialize(t, m)) or sent[-1])
     return sent
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import flexmoe.engine.local_clients as local_clients
 import flexmoe.engine.simulation as simulation
 from flexmoe.config import load_config
 from flexmoe.wire import serialize
@@ -221,7 +222,7 @@ def run_recording(model_dir, tmp_path, monkeypatch, method: str) -> tuple[dict, 
         sent.append(set(tensors))
         return serialize(tensors, metadata)
 
-    monkeypatch.setattr(simulation, "serialize", recording_serialize)
+    monkeypatch.setattr(local_clients, "serialize", recording_serialize)
     config = engine_config(model_dir, f'method="{method}"', "clients_per_round=4")
     summary = simulation.Simulation(config, tmp_path).run()
     return summary, sent

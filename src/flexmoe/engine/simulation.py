@@ -23,20 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexmoe.config import RunConfig, load_config
-from flexmoe.clients import Client, ClientInfo, ClientPool, partition_data
+from flexmoe.clients import Client, ClientInfo, ClientPool
 from flexmoe.engine.client import ClientRunner
 from flexmoe.engine.driver import RoundDriver, evaluated_clients
-from flexmoe.engine.model import load_model
+from flexmoe.engine.local_clients import build_local_clients, encode, reply_of, train_client
 from flexmoe.engine.progress import Progress
-from flexmoe.engine.server import ServerRunner, failure_reason
+from flexmoe.engine.server import failure_reason
 from flexmoe.engine.workers import RemoteTraceback, WorkerFailed, WorkerPool
 from flexmoe.errors import FlexmoeError
 from flexmoe.methods.base import Method
 from flexmoe.methods.build import build_method
 from flexmoe.methods.rules import Reply
 from flexmoe.tensors import Tensors
-from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, ClientStore, is_run_dir
-from flexmoe.wire import deserialize, serialize
+from flexmoe.rundir import CONFIG_FILE, is_run_dir
 
 __all__ = ["InProcess", "Simulation"]
 
@@ -75,7 +74,7 @@ class InProcess:
         return self.infos()
 
     def train(self, round_index: int, sampled: list[int], downlink: Tensors | None) -> tuple[list[dict], list[Reply], dict[int, str]]:
-        down_blob = serialize(downlink) if downlink is not None else None
+        down_blob = encode(downlink)
         self.clients.start_round(sampled)
         self._trained = list(sampled)
         if self.workers is not None:
@@ -97,7 +96,7 @@ class InProcess:
     def _train_client(self, client: Client, round_index: int, down_blob: bytes | None):
         """One client's round through real bytes: the downlink blob in, the uplink blob out."""
         record, up_blob = train_client(self.runner, self.method, client, round_index, down_blob)
-        return record, _reply(client.client_id, up_blob)
+        return record, reply_of(client.client_id, up_blob)
 
     def _train_on_workers(self, round_index: int, sampled: list[int], down_blob: bytes | None):
         """`train` with each client on a worker: the same records, replies and failures, in the same order."""
@@ -109,7 +108,7 @@ class InProcess:
                 continue
             record, up_blob = value
             records.append(record)
-            reply = _reply(client_id, up_blob)
+            reply = reply_of(client_id, up_blob)
             if reply is not None:
                 replies.append(reply)
         return records, replies, failures
@@ -134,8 +133,7 @@ class InProcess:
     def evaluate(self, round_index: int, received: Tensors, global_weights: Tensors | None,
                  base_load: dict | None) -> list[dict]:
         if self.workers is not None:
-            received_blob = serialize(received)
-            global_blob = serialize(global_weights) if global_weights is not None else None
+            received_blob, global_blob = encode(received), encode(global_weights)
             outcomes = self.workers.map("evaluate", [(c, round_index, received_blob, global_blob, base_load)
                                                      for c in self.evaluated])
             return [value for _, value in self._checked(self.evaluated, outcomes)]
@@ -149,27 +147,6 @@ class InProcess:
     def close(self) -> None:
         if self.workers is not None:
             self.workers.close()
-
-
-def train_client(runner: ClientRunner, method: Method, client: Client, round_index: int,
-                 down_blob: bytes | None) -> tuple[dict, bytes | None]:
-    """One client's round through real bytes: the downlink blob in -> (its train record with
-    `bytes_up`/`bytes_down`, the uplink blob; None for a method that sends nothing)."""
-    received = deserialize(down_blob)[0] if down_blob is not None else {}
-    record, message = runner.train(client, round_index, received)
-    up_blob = None
-    if method.communicates:
-        up_blob = serialize(message, {"num_examples": str(record["num_examples"])})
-    record.update(bytes_up=len(up_blob) if up_blob is not None else 0,
-                  bytes_down=len(down_blob) if down_blob is not None else 0)
-    return record, up_blob
-
-
-def _reply(client_id: int, up_blob: bytes | None) -> Reply | None:
-    if up_blob is None:
-        return None
-    tensors, meta = deserialize(up_blob)
-    return Reply(tensors, int(meta["num_examples"]), client=client_id)
 
 
 class Simulation:
@@ -195,16 +172,12 @@ class Simulation:
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Train through `config.rounds` (or stop after round `stop_after`); returns the summary."""
-        model, tokenizer = load_model(self.config, self.method)
-        clients = ClientPool(self.config, partition_data(self.config), tokenizer, evaluated_clients(self.config))
-        server = ServerRunner(self.config, self.method, self.run_dir)
-        runner = ClientRunner(self.config, self.method, model, tokenizer, ClientStore(self.run_dir / CLIENTS_DIR),
-                              server.initial_weights, self.progress, detail_dir=self.run_dir / EVALS_DIR)
+        side = build_local_clients(self.config, self.method, self.run_dir, self.progress)
         workers = WorkerPool(self.config, self.run_dir, self.config.runtime.workers, self.progress, self.worker_setup) \
             if self.config.runtime.workers > 1 else None
-        transport = InProcess(self.config, self.method, runner, clients, workers)
+        transport = InProcess(self.config, self.method, side.runner, side.clients, workers)
         try:
-            return RoundDriver(server, transport, self.progress, model, tokenizer).run(resume=resume,
-                                                                                     stop_after=stop_after)
+            return RoundDriver(side.server, transport, self.progress, side.model, side.tokenizer).run(
+                resume=resume, stop_after=stop_after)
         finally:
             transport.close()

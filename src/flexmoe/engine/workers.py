@@ -1,9 +1,9 @@
 """Worker processes of the in-process engine (`runtime.workers` > 1).
 
 Each worker is a fresh process (multiprocessing's fork server, else "spawn": never a fork of a
-process whose torch threads already exist) that builds the client side exactly as `Simulation.run` does: the
-method, the model and tokenizer, the `ClientPool` and a `ClientRunner` on the run directory's
-client store, with `runtime.threads` torch threads of its own. It then serves tasks, each one
+process whose torch threads already exist) that builds the client side exactly as `Simulation.run` does
+(`engine/local_clients.py`): the method, the model and tokenizer, the `ClientPool` and a `ClientRunner`
+on the run directory's client store, with `runtime.threads` torch threads of its own. It then serves tasks, each one
 whole client (round 0's base evaluation or graft, a round's training, an evaluation), from a
 queue of its own: the main process gives a client to the worker that ran it before (which keeps
 its tokenised data) while the workers' loads stay balanced (`WorkerPool._assign`). Tensors travel as
@@ -33,8 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexmoe.config import RunConfig
-from flexmoe.engine.progress import Progress
+from flexmoe.engine.local_clients import build_local_clients, decode, train_client
+from flexmoe.engine.model import use_threads
+from flexmoe.engine.progress import Progress, logs_to
+from flexmoe.engine.server import failure_reason
 from flexmoe.errors import FlexmoeError
+from flexmoe.methods.build import build_method
 
 __all__ = ["WorkerPool", "WorkerFailed"]
 
@@ -87,22 +91,11 @@ class ClientSide:
     Every task returns (its value, the client's truncation counts for the report)."""
 
     def __init__(self, config: RunConfig, run_dir: Path, progress: Progress):
-        from flexmoe.clients import ClientPool, partition_data
-        from flexmoe.engine.client import ClientRunner
-        from flexmoe.engine.driver import evaluated_clients
-        from flexmoe.engine.model import load_model, use_threads
-        from flexmoe.engine.server import ServerRunner
-        from flexmoe.methods.build import build_method
-        from flexmoe.rundir import CLIENTS_DIR, EVALS_DIR, ClientStore
-
         use_threads(config)
         self.config = config
         self.method = build_method(config)
-        model, tokenizer = load_model(config, self.method)
-        self.clients = ClientPool(config, partition_data(config), tokenizer, evaluated_clients(config))
-        server = ServerRunner(config, self.method, run_dir)  # its initial weights, read from the run directory
-        self.runner = ClientRunner(config, self.method, model, tokenizer, ClientStore(run_dir / CLIENTS_DIR),
-                                   server.initial_weights, progress, detail_dir=run_dir / EVALS_DIR)
+        side = build_local_clients(config, self.method, run_dir, progress)
+        self.clients, self.runner = side.clients, side.runner
         self._round: int | None = None
 
     def _client(self, client_id: int):
@@ -119,8 +112,6 @@ class ClientSide:
         return None, truncation
 
     def train(self, client_id: int, round_index: int, sampled: list[int], down_blob: bytes | None):
-        from flexmoe.engine.simulation import train_client
-
         if round_index != self._round:  # keep the round's clients tokenised, as the main process would
             self.clients.start_round(sampled)
             self._round = round_index
@@ -129,21 +120,14 @@ class ClientSide:
 
     def evaluate(self, client_id: int, round_index: int, received_blob: bytes, global_blob: bytes | None,
                  base_load: dict | None):
-        from flexmoe.wire import deserialize
-
         client, truncation = self._client(client_id)
-        received = deserialize(received_blob)[0]
-        global_weights = deserialize(global_blob)[0] if global_blob is not None else None
-        return self.runner.evaluate(client, round_index, received, base_load, global_weights), truncation
+        return self.runner.evaluate(client, round_index, decode(received_blob), base_load, decode(global_blob)), truncation
 
 
 def _serve(config: RunConfig, run_dir: str, tasks, results, setup: Callable[[], None] | None) -> None:
     """A worker process's life: build the client side, then serve tasks until told to stop
     (None) or until its parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process ends us
-    from flexmoe.engine.progress import logs_to
-    from flexmoe.engine.server import failure_reason
-
     # as `flexmoe.cli.main`: bitsandbytes' import-time warning about an optional kernel package, not shown
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     relay = _Relay(results)
@@ -178,8 +162,6 @@ def _serve(config: RunConfig, run_dir: str, tasks, results, setup: Callable[[], 
 
 
 def _reason(error: BaseException) -> str:
-    from flexmoe.engine.server import failure_reason
-
     return str(error) if isinstance(error, FlexmoeError) else failure_reason(error)
 
 
