@@ -115,9 +115,10 @@ def measure(overrides: list[str], hf_config, device: torch.device, batch: int, l
     method = build_method(config)
     base = random_model(hf_config, device)
     if config.runtime.quantize == "nf4":  # the fused experts at 4 bits, as load_base quantises them
+        from flexmoe.models import moe_layers
         from flexmoe.models.quantize import quantize_experts
 
-        quantize_experts(base)
+        quantize_experts(moe_layers(base))
     model = method.prepare_model(base)
     fixed = random_batch(batch, length, hf_config.vocab_size, seed=1)
     selection_seconds = None

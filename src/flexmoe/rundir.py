@@ -108,6 +108,8 @@ class ClientState:
                    **{part: strip_prefix(prefix, stored) for part, prefix in cls._PREFIXES.items()})
 
 
+JOINED_FILE = "joined.json"  # in a joined client's directory: its data source and its results
+
 class ClientStore:
     """Per-client files under `clients/<id>/`: `state.safetensors` (its `ClientState`),
     `personal.safetensors` (graft and gate, `GRAFT_FILE`), `selection.json`."""
@@ -117,6 +119,15 @@ class ClientStore:
 
     def dir(self, client_id: int) -> Path:
         return self.root / str(client_id)
+
+    def joined(self, client_id: int) -> dict | None:
+        """A client that joined the run later (`engine/join.py`): its data source and results, else None."""
+        path = self.dir(client_id) / JOINED_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_joined(self, client_id: int, payload: dict) -> None:
+        self.dir(client_id).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.dir(client_id) / JOINED_FILE, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
     def pending(self, client_id: int) -> Path:
         return self.dir(client_id) / "pending"

@@ -71,7 +71,7 @@ def export_client(run_dir: str | Path, client_id: int, out: str | Path, merge: b
 def _write_parts(restored, directory: Path, final: Path, merge: bool, dtype: str | None) -> dict:
     from flexmoe.models import base_fingerprint, grafts
     from flexmoe.models.graft import fold_graft_lora
-    from flexmoe.models.lora import peft_quietly
+    from flexmoe.models.peft_quiet import peft_quietly
     from flexmoe.models.standalone import save_grafted
 
     model, checkpoint, tokenizer = restored.model, restored.checkpoint, restored.tokenizer
@@ -183,7 +183,7 @@ def load_personalized(path: str | Path, dtype=None, device: str = "auto"):
     else:
         from peft import PeftModel
 
-        from flexmoe.models.lora import peft_quietly
+        from flexmoe.models.peft_quiet import peft_quietly
 
         model, tokenizer = load_base(path / BASE_DIR, dtype=dtype, device=device)
         with peft_quietly():

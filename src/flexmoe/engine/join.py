@@ -16,7 +16,6 @@ the first free id past the run's clients, with `joined.json` saying where its da
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -26,12 +25,14 @@ from flexmoe.engine.client import ClientRunner
 from flexmoe.engine.evaluator import base_load
 from flexmoe.engine.model import load_model, torch_threads
 from flexmoe.engine.progress import Progress
+from flexmoe.engine.restore import check_base, open_run
 from flexmoe.errors import FlexmoeError
-from flexmoe.files import load_checked, write_text_atomic
+from flexmoe.files import load_checked
 from flexmoe.methods.build import build_method
-from flexmoe.rundir import CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, INITIAL_WEIGHTS, METRICS_FILE, ClientStore, MetricsLog
+from flexmoe.rundir import (
+    CLIENTS_DIR, CONFIG_FILE, EVALS_DIR, INITIAL_WEIGHTS, JOINED_FILE, METRICS_FILE, ClientStore, MetricsLog,
+)
 
-JOINED_FILE = "joined.json"  # in a joined client's directory: its data source and its results
 JOINED_DIR = "joined"  # the default state root of joined clients, inside the run directory
 # what a joining client may change (--set): its own budget, evaluation and runtime; never what
 # the shared weights were trained with (model, method, LoRA, data template, ...)
@@ -69,16 +70,11 @@ def next_client_id(store: ClientStore, num_clients: int) -> int:
     return client_id
 
 
-def read_joined(store: ClientStore, client_id: int) -> dict | None:
-    path = store.dir(client_id) / JOINED_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def joined_test(config, store: ClientStore, client_id: int) -> list:
     """A joined client's test split, rebuilt from its own data file as `personalize` split it."""
     from flexmoe.data import load_examples
 
-    joined = read_joined(store, client_id)
+    joined = store.joined(client_id)
     if joined is None:
         raise FlexmoeError(f"{store.dir(client_id)}: no {JOINED_FILE}; not a client that joined this run")
     examples = load_examples(joined["data"], format=joined.get("format"), fields=joined.get("fields") or None)
@@ -90,8 +86,6 @@ def personalize(run_dir, examples: list, data: str, out=None, overrides: list[st
                 progress: Progress | None = None) -> dict:
     """Join the run in `run_dir` with `examples` (read from `data`): graft, train the personal part,
     evaluate; returns (and writes to `<out>/<id>/joined.json`) the client's results."""
-    from flexmoe.engine.restore import open_run
-
     run_dir = Path(run_dir)
     checkpoint = open_run(run_dir, device=device)
     config = joined_config(run_dir, list(overrides), device)
@@ -115,8 +109,6 @@ def personalize(run_dir, examples: list, data: str, out=None, overrides: list[st
 
 def _join(checkpoint, config, method, store: ClientStore, client_id: int, examples: list, data: str,
           overrides: list[str], data_format: str | None, fields: dict | None, progress: Progress) -> dict:
-    from flexmoe.engine.restore import check_base
-
     run_dir = checkpoint.run_dir
     with torch_threads(config):
         model, tokenizer = load_model(config, method)
@@ -125,7 +117,7 @@ def _join(checkpoint, config, method, store: ClientStore, client_id: int, exampl
         runner = ClientRunner(config, method, model, tokenizer, store,
                               initial_shared=lambda: load_checked(run_dir / INITIAL_WEIGHTS)[0], progress=progress,
                               detail_dir=store.root / EVALS_DIR, personal_only=True)
-        write_joined(store, client_id, {"client": client_id, "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
+        store.write_joined(client_id, {"client": client_id, "run": str(run_dir.resolve()), "data": str(Path(data).resolve()),
                                         "format": data_format, "fields": fields or {}, "round": checkpoint.round,
                                         "overrides": overrides})
         base, = runner.round_zero([client], evaluate_base=True)  # the untouched base, the reference; then the graft
@@ -139,13 +131,8 @@ def _join(checkpoint, config, method, store: ClientStore, client_id: int, exampl
         "train": train, "base": base, "personalized": final,
         "statistics": joined_statistics(store.root, run_dir, client_id, config),
     }
-    write_joined(store, client_id, {**read_joined(store, client_id), "results": result})
+    store.write_joined(client_id, {**store.joined(client_id), "results": result})
     return result
-
-
-def write_joined(store: ClientStore, client_id: int, payload: dict) -> None:
-    store.dir(client_id).mkdir(parents=True, exist_ok=True)
-    write_text_atomic(store.dir(client_id) / JOINED_FILE, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def train_personal(runner: ClientRunner, client: Client, downlink) -> list[dict]:
@@ -187,4 +174,4 @@ def joined_statistics(state_root: Path, run_dir: Path, client_id: int, config) -
     return out
 
 
-__all__ = ["JOINED_DIR", "JOINED_FILE", "joined_test", "personalize", "personal_part_refusal", "read_joined"]
+__all__ = ["JOINED_DIR", "joined_test", "personalize", "personal_part_refusal"]

@@ -68,10 +68,8 @@ def open_run(run_dir: str | Path, state_dir: str | Path | None = None, device: s
 
 def check_client(checkpoint: Checkpoint, client_id: int) -> None:
     """A client of the run, or one that joined it later (`engine/join.py`) in this state directory."""
-    from flexmoe.engine.join import read_joined
-
     count = checkpoint.config.num_clients
-    joined = client_id >= count and read_joined(checkpoint.store, client_id) is not None
+    joined = client_id >= count and checkpoint.store.joined(client_id) is not None
     if not (0 <= client_id < count or joined):
         raise FlexmoeError(f"{checkpoint.run_dir}: no client {client_id} (the run has clients 0..{count - 1}"
                            f"{'' if client_id < count else f'; none joined as {client_id} in {checkpoint.store.root}'})")

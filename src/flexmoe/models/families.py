@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.models.quantize import logical_shape  # a quantised expert's shape, without dequantising it
 
 _STANDARD_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # DeepSeek's multi-head latent attention: q_proj without a query LoRA rank, q_a/q_b with one.
@@ -91,8 +92,6 @@ class MoELayer:
         return self._shape("down_proj")[2]
 
     def _shape(self, name: str) -> torch.Size:
-        from flexmoe.models.quantize import logical_shape  # a quantised expert is not dequantised for its shape
-
         return logical_shape(self.experts, name)
 
     @property

@@ -32,6 +32,7 @@ from flexmoe.methods.flex.config import GATES, GRAFT_INITS, GRAFT_TRAIN_MODES
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import MoELayer, moe_layers, unwrap
 from flexmoe.models.graft_module import GRAFT, ExpertGraft, ExpertMLP, attach, detach
+from flexmoe.models.peft_quiet import peft_quietly
 
 LORA_ADAPTER = "graft"  # PEFT adapter name of the graft's own LoRA (the shared LoRA is PEFT's "default")
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -115,8 +116,6 @@ def training_of(module: ExpertGraft) -> GraftTraining:
 
 def _add_lora(module: ExpertGraft, training: GraftTraining) -> None:
     from peft import LoraConfig, inject_adapter_in_model
-
-    from flexmoe.models.lora import peft_quietly
 
     config = LoraConfig(r=training.r, lora_alpha=training.alpha, lora_dropout=training.dropout, bias="none",
                         target_modules=["gate_proj", "up_proj", "down_proj"])

@@ -81,7 +81,7 @@ def load_base(name_or_path: str | pathlib.Path = TINY, dtype: torch.dtype | None
     if not quantized:  # a bitsandbytes model is placed by device_map and refuses .to()
         model = model.to(device)
     if quantize == "nf4":
-        log.info("runtime.quantize = nf4: %s fused expert parameters quantised", f"{quantize_experts(model):,}")
+        log.info("runtime.quantize = nf4: %s fused expert parameters quantised", f"{quantize_experts(moe_layers(model)):,}")
     return model.eval(), tokenizer
 
 

@@ -11,9 +11,7 @@ Scopes:
 
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
 
 import torch
 from torch import nn
@@ -21,21 +19,9 @@ from torch import nn
 from flexmoe.errors import FlexmoeError
 from flexmoe.models.families import Family, family_of, moe_layers, unwrap
 from flexmoe.models.graft import GRAFT, grafts, set_trainable
+from flexmoe.models.peft_quiet import peft_quietly
 
 SCOPES = ("attention", "attention+experts", "full")
-
-
-@contextlib.contextmanager
-def peft_quietly():
-    """Our own PEFT calls run without two PEFT 0.21 warnings that say nothing actionable to our users:
-    the FutureWarning of transformers' deprecated `is_gradient_checkpointing`, which PEFT calls, and
-    "rank_pattern keys did not match": PEFT checks those keys against module names only, so it reports
-    keys that match a targeted parameter (the experts' own rank) although it applies them
-    (`_check_expert_rank` verifies that it did)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*", category=RuntimeWarning)
-        yield
 
 
 def attention_pattern(family: Family, names: tuple[str, ...] = ()) -> str:

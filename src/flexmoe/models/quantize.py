@@ -22,16 +22,15 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 BLOCKSIZE = 64  # bitsandbytes' 4-bit default: one fp32 absmax per 64 weights
 
 
-def quantize_experts(model: nn.Module, quant_type: str = "nf4") -> int:
-    """Quantise every MoE layer's fused experts in place; returns how many parameters it quantised."""
+def quantize_experts(layers: list, quant_type: str = "nf4") -> int:
+    """Quantise the fused experts of `layers` (a model's `moe_layers`) in place; returns how many
+    parameters it quantised."""
     try:
         from bitsandbytes.nn.parametrize import replace_parameter_4bit
     except ImportError:
         raise FlexmoeError("runtime.quantize = 'nf4' needs bitsandbytes >= 0.48: pip install 'flexmoe[quant]'") from None
-    from flexmoe.models.families import moe_layers
-
     count = 0
-    for layer in moe_layers(model):
+    for layer in layers:
         for name in EXPERT_PARAMS:
             count += getattr(layer.experts, name).numel()
             replace_parameter_4bit(layer.experts, name, quant_type=quant_type, blocksize=BLOCKSIZE)
