@@ -58,7 +58,8 @@ def _fixed_batch(batch: int, length: int, response: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["method=flex"], ["method=fedavg", "lora.scope=attention+experts"]])
+@pytest.mark.parametrize("overrides", [["method=flex"], ["method=flex", "flex.graft_train=full"],
+                                       ["method=fedavg", "lora.scope=attention+experts"]])
 def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides):
     """Measured: the tiny base on the CPU, built like a client's (`load_model`, grafted like FLEx),
     one `local_train` step with a fresh optimiser on a fixed 4 x 96 batch with 150 response
@@ -66,6 +67,7 @@ def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides
     checkpointing."""
     from flexmoe.engine.model import load_model
     from flexmoe.methods.build import build_method
+    from flexmoe.methods.flex.method import graft_training
     from flexmoe.models import apply_roles, graft, moe_layers
     from flexmoe.train import local_train
     from flexmoe.cost.memory import TensorMemory, tensor_bytes
@@ -76,7 +78,8 @@ def test_planned_step_memory_is_within_20_percent_of_the_measured_peak(overrides
     method = build_method(config)
     model, _ = load_model(config, method)
     if method.grafts:  # as a client grafts (which experts changes no size)
-        graft(model, {layer.name: list(range(config.flex.k)) for layer in moe_layers(model)})
+        graft(model, {layer.name: list(range(config.flex.k)) for layer in moe_layers(model)},
+              training=graft_training(config))
     params = apply_roles(model, method.roles).trainable
     assert sum(p.numel() for p in params.values()) == planned.trainable_params
     weights = tensor_bytes(model.parameters())

@@ -17,7 +17,6 @@ import torch
 
 from helpers.engine import engine_config
 
-GATE_INIT_BIAS = -4.0  # flex.gate_init_bias's default
 
 
 @pytest.mark.slow
@@ -31,7 +30,9 @@ def test_a_quantised_round_trains_the_graft_of_every_sampled_client(wide_model_d
     from flexmoe.models import moe_layers
 
     config = engine_config(wide_model_dir, "runtime.device=cpu", "runtime.base_dtype=bf16", f"runtime.quantize={quantize}",
-                         "rounds=1", "num_clients=3", "clients_per_round=2", "train.local_steps=1")
+                         "rounds=1", "num_clients=3", "clients_per_round=2", "train.local_steps=1",
+                         "flex.graft_train=full")  # every weight of the copy trains: compared with the expert below
+    GATE_INIT_BIAS = config.flex.gate_init_bias
     Simulation(config, tmp_path).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     trained = {r["client"] for r in records if r.get("kind") == "train"}
