@@ -62,8 +62,9 @@ class Run:
 
 def run_label(config: dict) -> str:
     """A run's name in comparisons: the method, plus what sets a variant apart from its defaults
-    (FLEx ablations: -nogate, -random, -frequency, -k2, -zero, -lora (graft_train)...; baselines: +experts /
-    +full scope; FC-MoE: -key=value for each [fcmoe] knob off its default; any method: -plr<rate> (-plr=lr: train.lr) for a personal learning rate other than its default)."""
+    (FLEx ablations: -nogate, -random, -frequency, -k2, -zero, -full (graft_train)...; baselines: +experts /
+    +full scope; FC-MoE: -key=value for each [fcmoe] knob off its default; any method: -plr<rate>
+    (-plr=lr: train.lr) for a personal learning rate other than its method's default)."""
     method = config.get("method", "flex")
     label = method
     if method.startswith("flex"):
@@ -91,12 +92,20 @@ def run_label(config: dict) -> str:
         for key, value in config.get("fcmoe", {}).items():
             field = FcmoeConfig.model_fields.get(key)
             if field is not None and key != "scope" and value != field.default:
-                label += f"-{key}={str(value).lower() if isinstance(value, bool) else f'{value:g}' if isinstance(value, float) else value}"
-    own = registered()[method].personal_lr if method in registered() else 0.0  # the method's default rate
+                label += f"-{key}={_shown(value)}"
+    info = registered().get(method)
+    own = info.personal_lr if info is not None else 0.0  # the method's default rate
     personal_lr = config.get("train", {}).get("personal_lr", own)
     if personal_lr != own:
         label += f"-plr{personal_lr:g}" if personal_lr else "-plr=lr"
     return label
+
+
+def _shown(value) -> str:
+    """A config value as TOML writes it: true/false, 0.5, tensor."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def is_run(path: Path) -> bool:
