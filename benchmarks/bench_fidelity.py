@@ -25,6 +25,13 @@ midnight needs it); FLEXMOE_FIDELITY_REPORT_ONLY=1 runs nothing and reports the 
 (those whose summary says every round ran); FLEXMOE_FIDELITY_NOTE adds a paragraph on how the runs
 were made. Finished runs are skipped and interrupted ones resumed, so the runs can also be made
 beforehand, in any order, by other processes into the same directories.
+
+A finished run's results (its config, metrics, summary, per-example scores, expert selections and
+log; not its checkpoints) are copied into the archive, `benchmarks/results/fidelity-runs/<setting>/
+<variant>/seed-<S>` (FLEXMOE_FIDELITY_ARCHIVE pins another), with the commit that made them
+(`provenance.json`). The archive is committed, so the study resumes on another machine or in a
+later session: a run whose archived config equals the planned one is not made again, and every
+table is computed from the archive.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -154,12 +162,18 @@ class PlannedRun:
     run_dir: pathlib.Path  # where it runs (an alias: the run it is read from)
     overrides: tuple[str, ...]  # after the setting's config file: the study's, the variant's, the seed
     alias_of: str | None = None  # the earlier variant with the same resolved config, whose run it reads
+    archived: pathlib.Path | None = None  # where its results are kept once finished (see `archive_run`)
 
     @property
     def status(self) -> str:
-        if _finished(self.run_dir):
+        if _finished(self.results):
             return "finished"
         return "partial" if (self.run_dir / "config.toml").exists() else "to run"
+
+    @property
+    def results(self) -> pathlib.Path:
+        """The directory its results are read from: the archived copy once there is one."""
+        return self.archived if self.archived is not None and _finished(self.archived) else self.run_dir
 
     def command(self) -> list[str]:
         """The `flexmoe run` that makes (or, once started, resumes) this run."""
@@ -183,7 +197,8 @@ def missing_keys(variant: str) -> list[str]:
     return [key for key in (parse_override(o)[0] for o in VARIANTS[variant][1]) if key not in known]
 
 
-def plan_runs(chosen: dict[str, tuple[str, ...]], seeds: tuple, extra: tuple | list, root: pathlib.Path):
+def plan_runs(chosen: dict[str, tuple[str, ...]], seeds: tuple, extra: tuple | list, root: pathlib.Path,
+              archive: pathlib.Path | None = None):
     """(every planned run, {setting: {variant: its missing config keys}} of the variants left out).
     Every config is resolved and validated here, before anything runs."""
     from flexmoe.config import load_config
@@ -207,8 +222,9 @@ def plan_runs(chosen: dict[str, tuple[str, ...]], seeds: tuple, extra: tuple | l
                 overrides = run_overrides(variant, seed, extra)
                 if alias is None and seed != seeds[0]:
                     load_config(SETTINGS[setting][0], list(overrides))  # validated now, not mid-study
-                runs.append(PlannedRun(setting, variant, seed, root / setting / (alias or variant) / f"seed-{seed}",
-                                       overrides, alias))
+                where = pathlib.Path(setting) / (alias or variant) / f"seed-{seed}"
+                runs.append(PlannedRun(setting, variant, seed, root / where, overrides, alias,
+                                       archive / where if archive is not None else None))
     return runs, blocked
 
 
@@ -219,7 +235,7 @@ def estimate_seconds(runs: list[PlannedRun]) -> tuple[float | None, int]:
     walls: dict[str, list[float]] = {}
     for run in {r.run_dir: r for r in runs}.values():
         if run.status == "finished":
-            wall = json.loads((run.run_dir / "summary.json").read_text())["wall_seconds"]
+            wall = json.loads((run.results / "summary.json").read_text())["wall_seconds"]
             walls.setdefault(run.run_dir.parent.name, []).append(wall)
     if not walls:
         return None, 0
@@ -266,12 +282,15 @@ def run_one(run: PlannedRun) -> str | None:
     """Make, resume or skip (when finished) one planned run: None, or why it failed."""
     from flexmoe.config import load_config
 
-    if run.alias_of or run.status == "finished":
+    if run.alias_of:
         return None
-    if (run.run_dir / "config.toml").exists():
-        wanted = load_config(SETTINGS[run.setting][0], list(run.overrides))
-        if load_config(run.run_dir / "config.toml") != wanted:
-            return f"{run.run_dir} holds a run with another config; move it away or pick FLEXMOE_FIDELITY_ROOT"
+    wanted = load_config(SETTINGS[run.setting][0], list(run.overrides))
+    for where in dict.fromkeys((run.results, run.run_dir)):
+        if (where / "config.toml").exists() and load_config(where / "config.toml") != wanted:
+            return (f"{where} holds a run with another config; move it away or pick another "
+                    "FLEXMOE_FIDELITY_ROOT / FLEXMOE_FIDELITY_ARCHIVE")
+    if run.status == "finished":
+        return archive_run(run)
     run.run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = run.run_dir.parent / f"{run.run_dir.name}.log"  # appended: a resumed run keeps its earlier timings
     print(f"== {run.setting}/{run.variant}/seed-{run.seed} -> {run.run_dir} (log {log_file})", flush=True)
@@ -280,7 +299,52 @@ def run_one(run: PlannedRun) -> str | None:
         log.write(f"# command: {shlex.join(run.command())}\n")
         log.flush()
         done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
-    return None if done.returncode == 0 else f"{run.run_dir}: exit status {done.returncode} (see {log_file})"
+    if done.returncode != 0:
+        return f"{run.run_dir}: exit status {done.returncode} (see {log_file})"
+    return archive_run(run)
+
+
+# what a finished run's results are: everything the study's tables read (its checkpoints and client
+# states, which only resuming needs, stay behind)
+ARCHIVED_FILES = ("config.toml", "metrics.jsonl", "summary.json", "clients.json")
+ARCHIVED_TREES = ("evals",)
+
+
+def archive_root(results_dir: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(os.environ.get("FLEXMOE_FIDELITY_ARCHIVE") or results_dir / "fidelity-runs")
+
+
+def archive_run(run: PlannedRun) -> str | None:
+    """Copy a finished run's results into `run.archived` (a temporary folder renamed into place, so
+    an interrupted copy leaves no half archive), with its log beside it and the commit that made it."""
+    if run.archived is None or run.alias_of or _finished(run.archived) or not _finished(run.run_dir):
+        return None
+    temporary = run.archived.with_name(run.archived.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name in ARCHIVED_FILES:
+        if (run.run_dir / name).exists():
+            shutil.copy2(run.run_dir / name, temporary / name)
+    for name in ARCHIVED_TREES:
+        if (run.run_dir / name).is_dir():
+            shutil.copytree(run.run_dir / name, temporary / name)
+    for selection in sorted(run.run_dir.glob("clients/*/selection.json")):
+        (temporary / "clients" / selection.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(selection, temporary / "clients" / selection.parent.name / selection.name)
+    provenance = {"commit": _commit(), "archived": datetime.date.today().isoformat(), "from": str(run.run_dir)}
+    (temporary / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    log_file = run.run_dir.parent / f"{run.run_dir.name}.log"
+    if log_file.exists():  # step_seconds reads the training time it printed
+        shutil.copy2(log_file, run.archived.parent / log_file.name)
+    shutil.rmtree(run.archived, ignore_errors=True)  # an unfinished copy from an older layout
+    temporary.rename(run.archived)
+    return None
+
+
+def _commit() -> str:
+    found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                           cwd=pathlib.Path(__file__).parent)
+    return found.stdout.strip() if found.returncode == 0 else "unknown"
 
 
 def main(results_dir: pathlib.Path) -> None:
@@ -288,7 +352,8 @@ def main(results_dir: pathlib.Path) -> None:
     seeds = tuple(int(s) for s in _env_list("FLEXMOE_FIDELITY_SEEDS", tuple(map(str, SEEDS))))
     extra = [s.strip() for s in os.environ.get("FLEXMOE_FIDELITY_SET", "").split(";") if s.strip()]
     root = study_root()
-    runs, blocked = plan_runs(chosen, seeds, extra, root)
+    archive = archive_root(results_dir)
+    runs, blocked = plan_runs(chosen, seeds, extra, root, archive)
     if os.environ.get("FLEXMOE_FIDELITY_PLAN") == "1":
         print("\n".join(plan_lines(runs, blocked, root, bench_jobs())))
         return
@@ -297,11 +362,14 @@ def main(results_dir: pathlib.Path) -> None:
         failed = [why for why in run_each([r for r in runs if r.alias_of is None], run_one, bench_jobs()) if why]
         for why in failed:
             print(f"fidelity: run failed: {why}", file=sys.stderr)
+    else:  # runs made beforehand by other processes are archived all the same
+        for run in runs:
+            archive_run(run)
     studied = []
     for setting, variants in chosen.items():
         left_out = report_finished(root / setting, [r for r in runs if r.setting == setting])
         studied.append((setting, tuple(v for v in variants if v not in blocked.get(setting, {})), left_out))
-    write_fidelity(results_dir, root, studied, seeds, extra, runs, blocked, failed)
+    write_fidelity(results_dir, root, archive, studied, seeds, extra, runs, blocked, failed)
 
 
 def report_finished(root: pathlib.Path, runs: list[PlannedRun]) -> dict[str, str]:
@@ -316,9 +384,9 @@ def report_finished(root: pathlib.Path, runs: list[PlannedRun]) -> dict[str, str
     for run in runs:
         if run.alias_of or run.status != "finished":
             continue
-        label = read_run(run.run_dir).label
+        label = read_run(run.results).label
         if labels.setdefault(label, run.variant) == run.variant:
-            finished.append(run.run_dir)
+            finished.append(run.results)
         else:
             left_out[run.variant] = labels[label]
     if finished:
@@ -349,8 +417,8 @@ def chosen_methods(text: str) -> dict[str, tuple[str, ...]]:
 
 
 # ---- the result file -------------------------------------------------------------------------------
-def write_fidelity(results_dir: pathlib.Path, root: pathlib.Path, studied: list, seeds: tuple, extra: list,
-                   runs: list[PlannedRun], blocked: dict, failed: list) -> None:
+def write_fidelity(results_dir: pathlib.Path, root: pathlib.Path, archive: pathlib.Path, studied: list,
+                   seeds: tuple, extra: list, runs: list[PlannedRun], blocked: dict, failed: list) -> None:
     full = (len(studied) == len(SETTINGS) and all(set(v) | set(blocked.get(s, {})) == set(METHODS[s])
                                                   for s, v, _ in studied)
             and set(seeds) >= set(SEEDS) and not extra)
@@ -380,15 +448,26 @@ def write_fidelity(results_dir: pathlib.Path, root: pathlib.Path, studied: list,
     lines += ["Every run is one `flexmoe run` (FLEXMOE_BENCH_JOBS at a time, one torch thread each):", "",
               f"    flexmoe run --config <setting's file> {' '.join('--set ' + o for o in (*STUDY_SET, *extra))} "
               f"--set method=<method> <the variant's --set> --set seed=<S> --output-dir {root}/<setting>/<variant>/seed-<S>",
-              "", *variant_table({r.variant: r.alias_of for r in runs}), "", _how_to_read(), ""]
+              "", *archive_line(archive, runs), "",
+              *variant_table({r.variant: r.alias_of for r in runs}), "", _how_to_read(), ""]
     for setting, variants, left_out in studied:
         aliases = {r.variant: r.alias_of for r in runs if r.setting == setting and r.alias_of}
-        lines += study_section(root / setting, setting, variants, seeds, aliases)
+        lines += study_section(archive / setting, setting, variants, seeds, aliases)
         if left_out:
             lines += ["Left out of the comparison report below because its labels cannot tell them apart (their rows "
                       "above are theirs): " + ", ".join(f"{v} (labelled as {o})" for v, o in left_out.items()) + ".", ""]
         lines += [*_report_body(root / setting / "report.md"), ""]
     write_result(results_dir, "fidelity", lines, echo=False)
+
+
+def archive_line(archive: pathlib.Path, runs: list[PlannedRun]) -> list[str]:
+    """Where the tables' runs are kept and which commits made them."""
+    kept = {r.results for r in runs if r.status == "finished" and r.results == r.archived}
+    commits = sorted({json.loads((d / "provenance.json").read_text())["commit"][:10] for d in kept
+                      if (d / "provenance.json").exists()})
+    return [f"The tables below are computed from the archived results of {len(kept)} finished runs in "
+            f"`{archive}` (made at commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'unknown'}); "
+            "a planned run already there is not made again."]
 
 
 def variant_table(aliases: dict[str, str | None]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -181,8 +182,52 @@ def test_report_only_writes_the_result_with_variants_tables_and_what_is_not_runn
     monkeypatch.setattr(fidelity.subprocess, "run", lambda *a, **k: pytest.fail("report-only started a run"))
     monkeypatch.setattr(fidelity, "report_finished", lambda root, runs: {})  # the compare report: tested elsewhere
     monkeypatch.setattr(fidelity, "header_markdown", lambda title, command: f"# {title}\n\nCommand: `{command}`\n")
+    monkeypatch.setattr(fidelity, "_commit", lambda: "0123456789abcdef")
     fidelity.main(tmp_path / "results")
     text = next((tmp_path / "results").glob("fidelity-*.md")).read_text()
+    assert (f"computed from the archived results of 6 finished runs in `{tmp_path / 'results' / 'fidelity-runs'}` "
+            "(made at commit 0123456789)") in text
     assert "**Reduced study.** persona: flex, flex-k2, fedavg; seeds 1, 2" in text
     assert "| flex-k3 | flex | `flex.k=3` | not run |" in text and "| flex-k2 | flex | `flex.k=2` | own |" in text
     assert "### (d) k grafted experts" in text and "### (e) expert load" in text and "### (i) routing" in text
+
+
+def test_a_finished_run_is_archived_without_its_checkpoints_and_read_from_the_archive(fake_runs, tmp_path, monkeypatch):
+    run_dir = fake_runs / "flex" / "seed-1"
+    (run_dir / "config.toml").write_text('method = "flex"\n')
+    (run_dir / "evals" / "round-5").mkdir(parents=True)
+    (run_dir / "evals" / "round-5" / "personal-client-0.json").write_text("{}")
+    (run_dir / "clients" / "0").mkdir(parents=True)
+    (run_dir / "clients" / "0" / "selection.json").write_text("{}")
+    (run_dir / "clients" / "0" / "state.safetensors").write_bytes(b"resume state")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "server.safetensors").write_bytes(b"weights")
+    archive = tmp_path / "archive"
+    monkeypatch.setattr(fidelity, "_commit", lambda: "feedbeef")
+    runs, _ = fidelity.plan_runs({"persona": ("flex",)}, (1,), [], fake_runs.parent, archive)
+    (run,) = runs
+    assert run.status == "finished" and run.results == run_dir  # finished where it ran, not yet archived
+    assert fidelity.archive_run(run) is None
+    kept = archive / "persona" / "flex" / "seed-1"
+    assert run.results == kept
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        "clients/0/selection.json", "config.toml", "evals/round-5/personal-client-0.json", "metrics.jsonl",
+        "provenance.json", "summary.json"]
+    assert json.loads((kept / "provenance.json").read_text())["commit"] == "feedbeef"
+    assert (kept.parent / "seed-1.log").read_text() == (run_dir.parent / "seed-1.log").read_text()
+    assert fidelity.step_seconds(kept) == fidelity.step_seconds(run_dir)
+    # another machine: the run directory gone, the archive alone says the run is finished
+    shutil.rmtree(fake_runs)
+    (run,) = fidelity.plan_runs({"persona": ("flex",)}, (1,), [], fake_runs.parent, archive)[0]
+    assert run.status == "finished" and run.results == kept and fidelity.archive_run(run) is None
+
+
+def test_an_archived_run_with_another_config_is_refused_not_reused(tmp_path, monkeypatch):
+    archive = tmp_path / "archive"
+    (run,) = fidelity.plan_runs({"persona": ("flex",)}, (1,), [], tmp_path / "root", archive)[0]
+    run.archived.mkdir(parents=True)
+    (run.archived / "config.toml").write_text('method = "fedavg"\n')
+    (run.archived / "summary.json").write_text(json.dumps({"rounds": 5, "rounds_completed": 5, "wall_seconds": 1.0}))
+    monkeypatch.setattr(fidelity.subprocess, "run", lambda *a, **k: pytest.fail("a run was started"))
+    why = fidelity.run_one(run)
+    assert why.startswith(f"{run.archived} holds a run with another config")
