@@ -331,11 +331,13 @@ def archive_run(run: PlannedRun) -> str | None:
     for selection in sorted(run.run_dir.glob("clients/*/selection.json")):
         (temporary / "clients" / selection.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(selection, temporary / "clients" / selection.parent.name / selection.name)
-    provenance = {"commit": _commit(), "archived": datetime.date.today().isoformat(), "from": str(run.run_dir)}
+    provenance = {"commit": _commit(), "archived": datetime.date.today().isoformat()}
     (temporary / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
     log_file = run.run_dir.parent / f"{run.run_dir.name}.log"
-    if log_file.exists():  # step_seconds reads the training time it printed
-        shutil.copy2(log_file, run.archived.parent / log_file.name)
+    if log_file.exists():  # step_seconds reads the training time it printed; the machine's paths left out
+        root = str(run.run_dir.parents[2])
+        text = log_file.read_text(errors="replace").replace(root, "$FLEXMOE_FIDELITY_ROOT")
+        (run.archived.parent / log_file.name).write_text(text)
     shutil.rmtree(run.archived, ignore_errors=True)  # an unfinished copy from an older layout
     temporary.rename(run.archived)
     return None

@@ -200,6 +200,8 @@ def test_a_finished_run_is_archived_without_its_checkpoints_and_read_from_the_ar
     (run_dir / "clients" / "0").mkdir(parents=True)
     (run_dir / "clients" / "0" / "selection.json").write_text("{}")
     (run_dir / "clients" / "0" / "state.safetensors").write_bytes(b"resume state")
+    log = run_dir.parent / "seed-1.log"
+    log.write_text(log.read_text().replace("flexmoe run ...", f"flexmoe run --output-dir {run_dir}"))
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "server.safetensors").write_bytes(b"weights")
     archive = tmp_path / "archive"
@@ -214,7 +216,9 @@ def test_a_finished_run_is_archived_without_its_checkpoints_and_read_from_the_ar
         "clients/0/selection.json", "config.toml", "evals/round-5/personal-client-0.json", "metrics.jsonl",
         "provenance.json", "summary.json"]
     assert json.loads((kept / "provenance.json").read_text())["commit"] == "feedbeef"
-    assert (kept.parent / "seed-1.log").read_text() == (run_dir.parent / "seed-1.log").read_text()
+    assert (kept.parent / "seed-1.log").read_text() == log.read_text().replace(
+        str(fake_runs.parent), "$FLEXMOE_FIDELITY_ROOT")  # the machine's paths left out
+    assert str(tmp_path) not in "".join(p.read_text() for p in kept.parent.rglob("*") if p.is_file())
     assert fidelity.step_seconds(kept) == fidelity.step_seconds(run_dir)
     # another machine: the run directory gone, the archive alone says the run is finished
     shutil.rmtree(fake_runs)
