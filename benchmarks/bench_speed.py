@@ -19,7 +19,8 @@ config:
   through the LM head);
 - runs: `flexmoe run` end to end (the child's CPU seconds, model loading and partitioning
   included) of the default run and of the study-sized run (64 test examples per client, 300
-  probes, 256 documents), their summary metrics compared between the variants; with
+  probes, 256 documents), their summary metrics compared between the variants (today's code
+  with the base commit's FLEx recipe, `BASE_RECIPE`, so that both make the same run); with
   FLEXMOE_BENCH_QUICK=1 only a one-round, 3-step study-sized run (the full runs take tens of
   minutes each on a loaded 2-core machine), no knowledge child, and the training step of
   today's code only.
@@ -62,6 +63,9 @@ RUNS = ((("small run: 2 clients, 1 round of 2 steps, 64 examples, 100 probes, 64
     ("default run", []),
     ("study-sized run", STUDY_SIZES),
 ))
+# today's code runs FLEx with the base commit's recipe (a full trainable copy at the shared lr, gate
+# bias -4; the default grafts under LoRA since), so that both variants' runs do the same work
+BASE_RECIPE = ["flex.graft_train=full", "flex.gate_init_bias=-4", "train.personal_lr=0"]
 SUMMARY_KEYS = ("rouge_l_avg", "knowledge_loss", "probe_accuracy", "global_knowledge_loss")
 
 
@@ -77,14 +81,15 @@ def child(work: str) -> dict:
 
     torch.set_num_threads(1)
     from flexmoe.config import load_config
-    from flexmoe.methods.build import build_method
 
     try:
         from flexmoe.clients import make_client, partition_data
         from flexmoe.engine.model import load_model
-    except ImportError:  # the base commit's layout, before engine/ was split by side
+        from flexmoe.methods.build import build_method
+    except ImportError:  # the base commit's layout, before engine/ was split by side and methods became packages
         from flexmoe.data.clients import make_client, partition_data
         from flexmoe.engine.core import load_model
+        from flexmoe.methods import build_method
 
     if work == "greedy" or work == "knowledge":
         config = load_config(None, COMMON + (KNOWLEDGE if work == "knowledge" else []))
@@ -197,7 +202,8 @@ def main(results_dir: pathlib.Path) -> None:
                     samples.setdefault((label, "train"), []).append(_measure(source, "train"))
                 for run_label, overrides in RUNS:
                     out_dir = scratch / f"run-{commit}-{round_index}-{len(samples)}"
-                    samples.setdefault((label, run_label), []).append(_run(source, overrides, out_dir))
+                    recipe = BASE_RECIPE if commit is None else []
+                    samples.setdefault((label, run_label), []).append(_run(source, overrides + recipe, out_dir))
     lines = [header_markdown("Speed: evaluation, training step and runs against the base commit", COMMAND),
              __doc__.split("\n\n", 1)[1].strip(), "", f"Medians of {ROUNDS} alternating children per variant.", ""]
     lines += _tables(samples, list(variants))
