@@ -109,3 +109,26 @@ def test_generate_responses_keep_the_order_of_the_examples():
     together = generate_responses(model, tokenizer, examples, max_new_tokens=8, batch_size=2)
     alone = [generate_responses(model, tokenizer, [e], max_new_tokens=8, batch_size=1)[0] for e in examples]
     assert together == alone and len(set(together)) > 1
+
+
+def test_preallocated_cache_layer_holds_what_a_growing_layer_holds():
+    """Written in place, selected by row: the same keys and values, bit for bit, as transformers'
+    DynamicLayer fed the same updates (which concatenates)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from flexmoe.eval.rouge import _PreallocatedLayer
+
+    generator = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(5, 2, 7, 4, generator=generator) for _ in range(2))
+    growing, preallocated = DynamicLayer(), _PreallocatedLayer(keys, values, capacity=7 + 3)
+    growing.update(keys, values)
+    for step in range(3):
+        new_keys, new_values = (torch.randn(len(growing.keys), 2, 1, 4, generator=generator) for _ in range(2))
+        expected, got = growing.update(new_keys, new_values), preallocated.update(new_keys, new_values)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        if step == 0:  # two rows end and leave the batch
+            kept = torch.tensor([0, 2, 4])
+            growing.batch_select_indices(kept)
+            preallocated.batch_select_indices(kept)
+    assert preallocated.get_seq_length() == growing.get_seq_length() == 10
+    assert torch.equal(preallocated.keys, growing.keys) and torch.equal(preallocated.values, growing.values)
