@@ -536,9 +536,11 @@ def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple
         lines += ["| claim (A better than B) | expert-load std A − B [95% CI] | signs | verdict |",
                   "|---|---:|---:|---|", *load_lines, ""]
     for label, found in conflict_stats({m: list(r.values()) for m, r in runs.items()}).items():
+        projected = "fcmoe.project=false" not in VARIANTS.get(label, ("", ()))[1]
         lines.append(f"- (h) {label}: {found['fcmoe_conflict_fraction']:.1%} of the (client, expert or module) updates "
-                     "conflicted with their consensus (negative cosine) and were projected, averaged over rounds and "
-                     "seeds." + (f" Cosine of an update with its consensus: mean {found['fcmoe_mean_consensus_cosine']:.3f}, "
+                     "conflicted with their consensus (negative cosine) and "
+                     + ("were projected" if projected else "were left as they were (fcmoe.project = false)")
+                     + ", averaged over rounds and seeds." + (f" Cosine of an update with its consensus: mean {found['fcmoe_mean_consensus_cosine']:.3f}, "
                                  f"smallest {found['fcmoe_min_consensus_cosine']:+.3f}; between two clients' updates of "
                                  f"the same row: mean {found['fcmoe_mean_client_cosine']:.3f}."
                                  if "fcmoe_mean_client_cosine" in found else ""))
