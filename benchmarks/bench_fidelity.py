@@ -55,6 +55,7 @@ SETTINGS = {
                 "content skew over domains, at most 256 training examples each)"),
     "paper-category": ("configs/paper-category.toml", "the FLEx paper's split (two task categories per client)"),
 }
+REPO = pathlib.Path(__file__).resolve().parent.parent
 EXPERTS = "lora.scope=attention+experts"
 # variant -> (method, config overrides). Registered methods run as they are; `flexmoe compare`'s
 # named variants keep their definitions (`COMPARE_VARIANTS`); the rest are the study's own.
@@ -467,8 +468,9 @@ def archive_line(archive: pathlib.Path, runs: list[PlannedRun]) -> list[str]:
     kept = {r.results for r in runs if r.status == "finished" and r.results == r.archived}
     commits = sorted({json.loads((d / "provenance.json").read_text())["commit"][:10] for d in kept
                       if (d / "provenance.json").exists()})
+    shown = archive.relative_to(REPO) if archive.is_relative_to(REPO) else archive
     return [f"The tables below are computed from the archived results of {len(kept)} finished runs in "
-            f"`{archive}` (made at commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'unknown'}); "
+            f"`{shown}` (made at commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'unknown'}); "
             "a planned run already there is not made again."]
 
 
