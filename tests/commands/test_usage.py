@@ -360,7 +360,10 @@ def weights_dtypes(export_dir: Path) -> dict[str, set[str]]:
 def test_export_keeps_the_bases_dtype(bf16_run, tmp_path, capsys):
     import warnings
 
+    from transformers import AutoModelForCausalLM
+
     import flexmoe
+    from flexmoe.config import load_config
     from flexmoe.engine.restore import restore
 
     plain, forced = tmp_path / "plain", tmp_path / "forced"
@@ -376,7 +379,13 @@ def test_export_keeps_the_bases_dtype(bf16_run, tmp_path, capsys):
     assert torch.equal(got, logits(model, tokenizer))
     reference = restore(bf16_run, 1)  # fp32 compute, LoRA unmerged: the export differs by the bf16 rounding of the merge
     expected = logits(reference.model, reference.tokenizer)
-    assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    # how far the rounding goes depends on the trained LoRA, so on the CPU that trained it (7% of the
+    # largest logit on an AMX Xeon, under 5% on an AMD EPYC): bounded against what training moved
+    untouched = logits(AutoModelForCausalLM.from_pretrained(load_config(bf16_run / "config.toml").model,
+                                                            dtype=torch.float32).eval(), tokenizer)
+    error = (got.float() - expected).abs()
+    assert error.mean() < 0.2 * (untouched - expected).abs().mean()  # the training is in the export
+    assert error.max() < 0.1 * expected.abs().max()
     assert command("export", ["--run", str(bf16_run), "--client", "1", "--out", str(forced),
                               "--dtype", "float32"]) == 0
     assert weights_dtypes(forced) == {"base": {"F32"}, "graft": {"F32", "I64"}}
