@@ -23,14 +23,13 @@ import tarfile
 import tempfile
 import time
 
-from benchmarks.machine import header_markdown, write_result
+from benchmarks.machine import PREVIOUS_FLEX_RECIPE, header_markdown, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # every variant trains today's shipped base (a commit's own `tiny` is the base it shipped); today's
 # code first with the fast-path commits' FLEx recipe (the default grafts under LoRA since), so that
 # it does the same work, then with its default
 COMMON = [f"model={ROOT / 'src' / 'flexmoe' / 'assets' / 'tiny'}"]
-SAME_RECIPE = ["flex.graft_train=full", "flex.gate_init_bias=-4", "train.personal_lr=0"]
 # (label, commit (None: this checkout), intra-op threads, overrides): each fast path's commit, the
 # last one with two threads, and today's code
 VARIANTS = (
@@ -39,7 +38,7 @@ VARIANTS = (
     ("+ selection pass through the decoder only (5f3c5d3)", "5f3c5d3", 1, []),
     ("+ fp32 attention under bf16 autocast (075b55d)", "075b55d", 1, []),
     ("075b55d with 2 threads", "075b55d", 2, []),
-    ("today, the same recipe (a full trainable copy at the shared lr)", None, 1, SAME_RECIPE),
+    ("today, the same recipe (a full trainable copy at the shared lr)", None, 1, list(PREVIOUS_FLEX_RECIPE)),
     ("today, the default recipe (a frozen copy under LoRA)", None, 1, []),
 )
 STEPS = 5

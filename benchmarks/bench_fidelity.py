@@ -37,6 +37,7 @@ table is computed from the archive.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -45,9 +46,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 
-from benchmarks.machine import bench_jobs, header_markdown, run_each, write_result
+from benchmarks.machine import PREVIOUS_FLEX_RECIPE, bench_jobs, header_markdown, run_each, write_result
 from flexmoe.commands.compare import VARIANTS as COMPARE_VARIANTS
 
 SETTINGS = {
@@ -91,7 +93,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     # the full trainable copy, against the shared lr for the graft, and against the previous default
     "flex-full": COMPARE_VARIANTS["flex-full"],
     "flex-shared-lr": ("flex", ("train.personal_lr=0",)),
-    "flex-previous": ("flex", ("flex.graft_train=full", "train.personal_lr=0", "flex.gate_init_bias=-4")),
+    "flex-previous": ("flex", PREVIOUS_FLEX_RECIPE),
 }
 # config keys a variant needs that the config does not have yet: such a variant is listed by the
 # plan as not runnable (and its claim rows as not run) until the key exists
@@ -339,11 +341,12 @@ def archive_run(run: PlannedRun) -> str | None:
         root = str(run.run_dir.parents[2])
         text = log_file.read_text(errors="replace").replace(root, "$FLEXMOE_FIDELITY_ROOT")
         (run.archived.parent / log_file.name).write_text(text)
-    shutil.rmtree(run.archived, ignore_errors=True)  # an unfinished copy from an older layout
+    shutil.rmtree(run.archived, ignore_errors=True)  # a copy without a finished summary (put there by hand)
     temporary.rename(run.archived)
     return None
 
 
+@functools.cache
 def _commit() -> str:
     found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                            cwd=pathlib.Path(__file__).parent)
@@ -538,7 +541,7 @@ def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple
         lines += ["| claim (A better than B) | expert-load std A − B [95% CI] | signs | verdict |",
                   "|---|---:|---:|---|", *load_lines, ""]
     for label, found in conflict_stats({m: list(r.values()) for m, r in runs.items()}).items():
-        projected = "fcmoe.project=false" not in VARIANTS.get(label, ("", ()))[1]
+        projected = _projects(next(iter(runs[label].values())))
         lines.append(f"- (h) {label}: {found['fcmoe_conflict_fraction']:.1%} of the (client, expert or module) updates "
                      "conflicted with their consensus (negative cosine) and "
                      + ("were projected" if projected else "were left as they were (fcmoe.project = false)")
@@ -566,6 +569,12 @@ def claim_stats(runs_a: dict, runs_b: dict, seeds: list[int]):
     rouge, exact = (difference([(s, personal(runs_a[s], metric), personal(runs_b[s], metric)) for s in seeds])
                     for metric in ("rouge_l", "exact_match"))
     return rouge, exact, knowledge_between([(s, runs_a[s], runs_b[s]) for s in seeds])
+
+
+def _projects(run_dir: pathlib.Path) -> bool:
+    """Whether an FC-MoE run projected its conflicting updates (`fcmoe.project` of its config, on by default)."""
+    config = run_dir / "config.toml"
+    return not config.exists() or tomllib.loads(config.read_text()).get("fcmoe", {}).get("project", True)
 
 
 def conflict_stats(runs: dict[str, list[pathlib.Path]]) -> dict[str, dict[str, float]]:

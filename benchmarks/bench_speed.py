@@ -20,7 +20,7 @@ config:
 - runs: `flexmoe run` end to end (the child's CPU seconds, model loading and partitioning
   included) of the default run and of the study-sized run (64 test examples per client, 300
   probes, 256 documents), their summary metrics compared between the variants (today's code
-  with the base commit's FLEx recipe, `BASE_RECIPE`, so that both make the same run); with
+  with the base commit's FLEx recipe, `PREVIOUS_FLEX_RECIPE`, so that both make the same run); with
   FLEXMOE_BENCH_QUICK=1 only a one-round, 3-step study-sized run (the full runs take tens of
   minutes each on a loaded 2-core machine), no knowledge child, and the training step of
   today's code only.
@@ -39,7 +39,7 @@ import tarfile
 import tempfile
 import time
 
-from benchmarks.machine import header_markdown, write_result
+from benchmarks.machine import PREVIOUS_FLEX_RECIPE, header_markdown, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = "23c0b9a"  # the code before the speed work (issue 25)
@@ -63,9 +63,6 @@ RUNS = ((("small run: 2 clients, 1 round of 2 steps, 64 examples, 100 probes, 64
     ("default run", []),
     ("study-sized run", STUDY_SIZES),
 ))
-# today's code runs FLEx with the base commit's recipe (a full trainable copy at the shared lr, gate
-# bias -4; the default grafts under LoRA since), so that both variants' runs do the same work
-BASE_RECIPE = ["flex.graft_train=full", "flex.gate_init_bias=-4", "train.personal_lr=0"]
 SUMMARY_KEYS = ("rouge_l_avg", "knowledge_loss", "probe_accuracy", "global_knowledge_loss")
 
 
@@ -202,7 +199,8 @@ def main(results_dir: pathlib.Path) -> None:
                     samples.setdefault((label, "train"), []).append(_measure(source, "train"))
                 for run_label, overrides in RUNS:
                     out_dir = scratch / f"run-{commit}-{round_index}-{len(samples)}"
-                    recipe = BASE_RECIPE if commit is None else []
+                    # today's code with the base commit's recipe (the default grafts under LoRA since): the same run
+                    recipe = list(PREVIOUS_FLEX_RECIPE) if commit is None else []
                     samples.setdefault((label, run_label), []).append(_run(source, overrides + recipe, out_dir))
     lines = [header_markdown("Speed: evaluation, training step and runs against the base commit", COMMAND),
              __doc__.split("\n\n", 1)[1].strip(), "", f"Medians of {ROUNDS} alternating children per variant.", ""]

@@ -12,6 +12,12 @@ import torch
 from flexmoe.files import write_text_atomic
 
 
+# FLEx's default recipe before 2026-12-02 (a full trainable copy of the expert at the shared lr, gate
+# bias -4), as overrides of today's config: what benchmarks that compare with older commits, or
+# with that recipe, pin
+PREVIOUS_FLEX_RECIPE = ("flex.graft_train=full", "train.personal_lr=0", "flex.gate_init_bias=-4")
+
+
 def describe() -> dict[str, str]:
     cpu = platform.processor() or "unknown"
     try:

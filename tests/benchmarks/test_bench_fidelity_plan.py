@@ -235,3 +235,13 @@ def test_an_archived_run_with_another_config_is_refused_not_reused(tmp_path, mon
     monkeypatch.setattr(fidelity.subprocess, "run", lambda *a, **k: pytest.fail("a run was started"))
     why = fidelity.run_one(run)
     assert why.startswith(f"{run.archived} holds a run with another config")
+
+
+def test_the_conflict_line_reads_whether_a_run_projected_from_its_config(tmp_path):
+    off, default = tmp_path / "off", tmp_path / "default"
+    off.mkdir()
+    (off / "config.toml").write_text('method = "fcmoe"\n[fcmoe]\nproject = false\n')
+    default.mkdir()
+    (default / "config.toml").write_text('method = "fcmoe"\n')
+    assert fidelity._projects(off) is False
+    assert fidelity._projects(default) is True and fidelity._projects(tmp_path / "no-config") is True

@@ -3,10 +3,10 @@
 Generation is one batched greedy decode per `batch_size` prompts (left padding) with the KV
 cache (`greedy_decode`), kept in buffers with room for every new token: a row leaves the batch,
 and its cache, as soon as it has produced eos, and decoding stops when every row has ended or
-`max_new_tokens` is reached. The answers
-are the ones `model.generate(do_sample=False)` gives (tests/eval/test_rouge.py checks it token for
-token); a model whose generation config asks for more than plain greedy decoding (repetition
-penalty, minimum length, ...) is decoded by `generate` itself.
+`max_new_tokens` is reached. The answers are the ones `model.generate(do_sample=False)` gives
+(tests/eval/test_rouge.py checks it token for token); a model whose generation config asks for
+more than plain greedy decoding (repetition penalty, minimum length, ...) is decoded by
+`generate` itself.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ class _PreallocatedLayer(DynamicLayer):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
         super().__init__()
-        rows, heads, length, _ = keys.shape
-        self._key_buffer = keys.new_zeros((rows, heads, capacity, keys.shape[-1]))
+        rows, heads, length, width = keys.shape
+        self._key_buffer = keys.new_zeros((rows, heads, capacity, width))
         self._value_buffer = values.new_zeros((rows, heads, capacity, values.shape[-1]))
         self._key_buffer[:, :, :length] = keys
         self._value_buffer[:, :, :length] = values
