@@ -737,6 +737,11 @@ def k_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+CLIENT_CI_NOTE = ("[95% CI]: each seed's clients resampled on their own, so the spread between seeds is not in "
+                  "it (the claim rows give each seed's sign); a variant without a personal part evaluates one "
+                  "model on every client, so its interval has no width.")
+
+
 def load_rows(runs: dict[str, dict[int, pathlib.Path]]) -> list[dict]:
     """(e): per variant, the personalised models' expert-load std on the held-out corpus (clients ×
     seeds) and the untouched base's."""
@@ -751,7 +756,7 @@ def load_table(rows: list[dict]) -> list[str]:
         return []
     return ["| variant | seeds | expert-load std [95% CI] | the base's |", "|---|---|---:|---:|",
             *(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {_fmt_ci(r['load_std'], '{:.5f}')} | "
-              f"{_fmt(r['base'], '{:.5f}')} |" for r in rows)]
+              f"{_fmt(r['base'], '{:.5f}')} |" for r in rows), "", CLIENT_CI_NOTE]
 
 
 def routing_rows(runs: dict[str, dict[int, pathlib.Path]]) -> list[dict]:
@@ -780,7 +785,8 @@ def routing_table(rows: list[dict]) -> list[str]:
                      f"{_fmt_ci(r['entropy'])} | {_fmt(r['entropy_base'], '{:.4f}')} | {_fmt(r['bytes_up'])} | "
                      f"{_fmt(r['bytes_down'])} | {_fmt(r['personal_bytes'])} |")
     return lines + ["", "Routing drift: total variation distance of each layer's expert load from the untouched "
-                        "base's on the held-out corpus; bytes: every sampled client's serialised messages of a round."]
+                        "base's on the held-out corpus; bytes: every sampled client's serialised messages of a round. "
+                        + CLIENT_CI_NOTE]
 
 
 def _report_body(report_file: pathlib.Path) -> list[str]:
