@@ -456,9 +456,15 @@ def write_fidelity(results_dir: pathlib.Path, root: pathlib.Path, archive: pathl
               f"--set method=<method> <the variant's --set> --set seed=<S> --output-dir {root}/<setting>/<variant>/seed-<S>",
               "", *archive_line(archive, runs), "",
               *variant_table({r.variant: r.alias_of for r in runs}), "", _how_to_read(), ""]
+    aliases = {setting: {r.variant: r.alias_of for r in runs if r.setting == setting and r.alias_of}
+               for setting, _, _ in studied}
+    claims = {setting: claim_results(archive / setting, variants, seeds, aliases[setting])
+              for setting, variants, _ in studied}
+    glance = glance_table(claims)
+    if glance:
+        lines += ["## Every claim at a glance", "", *glance, ""]
     for setting, variants, left_out in studied:
-        aliases = {r.variant: r.alias_of for r in runs if r.setting == setting and r.alias_of}
-        lines += study_section(archive / setting, setting, variants, seeds, aliases)
+        lines += study_section(archive / setting, setting, variants, seeds, aliases[setting], claims[setting])
         if left_out:
             lines += ["Left out of the comparison report below because its labels cannot tell them apart (their rows "
                       "above are theirs): " + ", ".join(f"{v} (labelled as {o})" for v, o in left_out.items()) + ".", ""]
@@ -506,27 +512,77 @@ def _variant_runs(root: pathlib.Path, variants: tuple, seeds: tuple, aliases: di
                 if _finished(root / aliases.get(v, v) / f"seed-{s}")} for v in variants}
 
 
-def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple,
-                  aliases: dict[str, str] | None = None) -> list[str]:
-    from flexmoe.analysis.stats import verdict
-    from flexmoe.report.comparison import fmt_diff, fmt_signs
+@dataclass(frozen=True)
+class ClaimResult:
+    """One claim row of a setting: A against B on the seeds both have answers for."""
 
+    claim: str
+    a: str
+    b: str
+    seeds: tuple[int, ...]
+    rouge: object  # PairedDifference | None, as are exact and docs
+    exact: object
+    probes: object  # McNemar | None
+    docs: object
+
+    def verdicts(self) -> tuple[str, str, str]:
+        """(ROUGE-L, exact match, held-out loss) verdicts; a lower loss is better."""
+        from flexmoe.analysis.stats import verdict
+
+        return tuple(verdict(found, direction) if found else "n/a"
+                     for found, direction in ((self.rouge, 1), (self.exact, 1), (self.docs, -1)))
+
+
+def claim_results(root: pathlib.Path, methods: tuple, seeds: tuple, aliases: dict[str, str] | None = None) -> list[ClaimResult]:
+    """Every claim of `CLAIMS` whose two variants both have answers on some seed."""
     from flexmoe.analysis.paired import last_round
 
     runs = _variant_runs(root, methods, seeds, aliases)
     answered = {v: {s for s, d in seed_runs.items() if last_round(d) is not None} for v, seed_runs in runs.items()}
+    out = []
+    for a, b, claim in CLAIMS:
+        common = sorted(answered.get(a, set()) & answered.get(b, set()))  # seeds with per-example answers in both
+        if common:
+            rouge, exact, (probes, docs) = claim_stats(runs[a], runs[b], common)
+            out.append(ClaimResult(claim, a, b, tuple(common), rouge, exact, probes, docs))
+    return out
+
+
+def glance_table(results: dict[str, list[ClaimResult]]) -> list[str]:
+    """Every claim's verdicts side by side across the settings (ROUGE-L / exact match / held-out loss)."""
+    settings = [s for s in results if results[s]]
+    if not settings:
+        return []
+    by_claim: dict[tuple, dict[str, ClaimResult]] = {}
+    for setting in settings:
+        for found in results[setting]:
+            by_claim.setdefault((found.claim, found.a, found.b), {})[setting] = found
+    lines = ["| claim (A better than B) | " + " | ".join(f"{s}: ROUGE-L / exact / knowledge (seeds)" for s in settings)
+             + " |", "|---|" + "---|" * len(settings)]
+    for (claim, a, b), found in by_claim.items():
+        cells = [" / ".join(found[s].verdicts()) + f" ({','.join(map(str, found[s].seeds))})" if s in found else "not run"
+                 for s in settings]
+        lines.append(f"| {claim} ({a} vs {b}) | " + " | ".join(cells) + " |")
+    return lines + ["", "Each cell: the verdicts of the setting's claim row below (its CI and every seed's sign), "
+                        "for ROUGE-L, exact match and held-out loss (knowledge: A's loss lower = supported)."]
+
+
+def study_section(root: pathlib.Path, setting: str, methods: tuple, seeds: tuple,
+                  aliases: dict[str, str] | None = None, claims: list[ClaimResult] | None = None) -> list[str]:
+    """One setting's claim rows (`claims`, computed here when not given) and its (d), (e), (h), (i) tables."""
+    from flexmoe.analysis.stats import verdict
+    from flexmoe.report.comparison import fmt_diff, fmt_signs
+
+    runs = _variant_runs(root, methods, seeds, aliases)
     lines = [f"## Setting: {setting} — {SETTINGS[setting][1]}", "",
              "| claim (A better than B) | ROUGE-L A − B [95% CI] | signs | verdict | exact match A − B | "
              "held-out loss A − B [95% CI] | knowledge verdict | probes A − B (McNemar p) |",
              "|---|---:|---:|---|---:|---:|---|---:|"]
-    for a, b, claim in CLAIMS:
-        common = sorted(answered.get(a, set()) & answered.get(b, set()))  # seeds with per-example answers in both
-        if not common:
-            continue
-        rouge, exact, (probes, docs) = claim_stats(runs[a], runs[b], common)
-        knowledge = verdict(docs, direction=-1) if docs else "n/a"  # a lower loss is better
-        lines.append(f"| {claim} ({a} vs {b}) | {fmt_diff(rouge)} | {fmt_signs(rouge)} | "
-                     f"{verdict(rouge) if rouge else 'n/a'} | {fmt_diff(exact)} | {fmt_diff(docs)} | {knowledge} | "
+    for found in claims if claims is not None else claim_results(root, methods, seeds, aliases):
+        rouge_verdict, _, knowledge = found.verdicts()
+        probes = found.probes
+        lines.append(f"| {found.claim} ({found.a} vs {found.b}) | {fmt_diff(found.rouge)} | {fmt_signs(found.rouge)} | "
+                     f"{rouge_verdict} | {fmt_diff(found.exact)} | {fmt_diff(found.docs)} | {knowledge} | "
                      + (f"{probes.accuracy_a - probes.accuracy_b:+.3f} (p = {probes.p_value:.2g})" if probes else "n/a")
                      + " |")
     lines.append("")

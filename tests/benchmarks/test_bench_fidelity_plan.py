@@ -245,3 +245,23 @@ def test_the_conflict_line_reads_whether_a_run_projected_from_its_config(tmp_pat
     (default / "config.toml").write_text('method = "fcmoe"\n')
     assert fidelity._projects(off) is False
     assert fidelity._projects(default) is True and fidelity._projects(tmp_path / "no-config") is True
+
+
+def test_the_glance_table_puts_each_claims_verdicts_side_by_side_across_settings():
+    from flexmoe.analysis.stats import PairedDifference
+
+    def diff(value, low, high, signs):  # signs: each seed's mean difference
+        return PairedDifference(value, low, high, 10, value, dict(enumerate(signs, start=1)))
+
+    ahead = diff(+0.05, +0.01, +0.09, (+0.04, +0.06))  # CI above 0, both seeds +: supported
+    tie = diff(+0.01, -0.02, +0.04, (+0.02, -0.01))  # CI covers 0: inconclusive
+    lower_loss = diff(-0.10, -0.12, -0.08, (-0.1, -0.1))  # A's loss lower: knowledge supported
+    row = lambda seeds, rouge: fidelity.ClaimResult("(c) the gate helps", "flex", "flex-nogate", seeds,  # noqa: E731
+                                                   rouge, tie, None, lower_loss)
+    lines = fidelity.glance_table({"paper-category": [row((1, 2), ahead)], "persona": [row((1,), tie)]})
+    assert lines[0] == ("| claim (A better than B) | paper-category: ROUGE-L / exact / knowledge (seeds) | "
+                        "persona: ROUGE-L / exact / knowledge (seeds) |")
+    assert lines[2] == ("| (c) the gate helps (flex vs flex-nogate) | supported / inconclusive / supported (1,2) | "
+                        "inconclusive / inconclusive / supported (1) |")
+    only_one = fidelity.glance_table({"paper-category": [row((1, 2), ahead)], "persona": []})
+    assert "persona" not in only_one[0] and fidelity.glance_table({"persona": []}) == []
