@@ -48,9 +48,13 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from benchmarks.machine import PREVIOUS_FLEX_RECIPE, bench_jobs, header_markdown, run_each, write_result
 from flexmoe.commands.compare import VARIANTS as COMPARE_VARIANTS
+
+if TYPE_CHECKING:  # for annotations only: this file imports flexmoe.analysis inside the functions that use it
+    from flexmoe.analysis.stats import McNemar, PairedDifference
 
 SETTINGS = {
     "persona": ("configs/persona.toml", "clients that conflict (each its own answer convention, Dirichlet(0.5) "
@@ -520,10 +524,10 @@ class ClaimResult:
     a: str
     b: str
     seeds: tuple[int, ...]
-    rouge: object  # PairedDifference | None, as are exact and docs
-    exact: object
-    probes: object  # McNemar | None
-    docs: object
+    rouge: PairedDifference | None
+    exact: PairedDifference | None
+    probes: McNemar | None
+    docs: PairedDifference | None  # held-out documents' losses
 
     def verdicts(self) -> tuple[str, str, str]:
         """(ROUGE-L, exact match, held-out loss) verdicts; a lower loss is better."""
