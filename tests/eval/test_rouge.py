@@ -113,14 +113,18 @@ def test_generate_responses_keep_the_order_of_the_examples():
 
 def test_preallocated_cache_layer_holds_what_a_growing_layer_holds():
     """Written in place, selected by row: the same keys and values, bit for bit, as transformers'
-    DynamicLayer fed the same updates (which concatenates)."""
+    DynamicLayer fed the same updates (which concatenates); the buffer's unfilled part (NaN here)
+    is never exposed."""
     from transformers.cache_utils import DynamicLayer
 
     from flexmoe.eval.rouge import _PreallocatedLayer
 
     generator = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(5, 2, 7, 4, generator=generator) for _ in range(2))
-    growing, preallocated = DynamicLayer(), _PreallocatedLayer(keys, values, capacity=7 + 3)
+    buffers = [torch.full((5, 2, 7 + 3, 4), float("nan")) for _ in range(2)]
+    for buffer, filled in zip(buffers, (keys, values)):
+        buffer[:, :, :7] = filled
+    growing, preallocated = DynamicLayer(), _PreallocatedLayer(*buffers, length=7)
     growing.update(keys, values)
     for step in range(3):
         new_keys, new_values = (torch.randn(len(growing.keys), 2, 1, 4, generator=generator) for _ in range(2))
@@ -132,3 +136,30 @@ def test_preallocated_cache_layer_holds_what_a_growing_layer_holds():
             preallocated.batch_select_indices(kept)
     assert preallocated.get_seq_length() == growing.get_seq_length() == 10
     assert torch.equal(preallocated.keys, growing.keys) and torch.equal(preallocated.values, growing.values)
+
+
+def test_joined_caches_are_the_chunks_left_padded_with_zeros_and_their_masks_alike():
+    """Two prefilled chunks of different widths joined: bit for bit what padding each chunk's keys
+    and values on the left with zeros and stacking them gives, whatever the buffers held before."""
+    from transformers import DynamicCache
+
+    from flexmoe.eval.rouge import _joined
+
+    generator = torch.Generator().manual_seed(1)
+    caches, masks = [], []
+    for rows, width in ((2, 5), (3, 3)):
+        cache = DynamicCache()
+        for layer in range(2):
+            cache.update(*(torch.randn(rows, 2, width, 4, generator=generator) for _ in range(2)), layer)
+        caches.append(cache)
+        masks.append(torch.ones(rows, width, dtype=torch.long))
+    with torch.no_grad():
+        torch.empty(64, 1024).fill_(float("nan"))  # leave NaN in freed memory a buffer may reuse
+    joined, mask = _joined(caches, masks, new_tokens=4)
+    for layer in range(2):
+        for name in ("keys", "values"):
+            expected = torch.cat([torch.nn.functional.pad(getattr(c.layers[layer], name), (0, 0, 5 - m.shape[1], 0))
+                                  for c, m in zip(caches, masks)])
+            got = getattr(joined.layers[layer], name)
+            assert got.shape == (5, 2, 5, 4) and torch.equal(got, expected)
+    assert mask.tolist() == [[1] * 5] * 2 + [[0, 0, 1, 1, 1]] * 3
