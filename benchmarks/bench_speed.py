@@ -46,9 +46,13 @@ BASE = "23c0b9a"  # the code before the speed work (issue 25)
 # FLEXMOE_BENCH_QUICK=1: one child per variant, the knowledge pass and the run at the study's
 # evaluation sizes, and a one-round run of 3 steps (what fits a loaded shared machine)
 QUICK = os.environ.get("FLEXMOE_BENCH_QUICK") == "1"
-ROUNDS = 1 if QUICK else 2
+# FLEXMOE_BENCH_ROUNDS=N: N alternating children per variant (a full round of both variants takes
+# about 45 minutes on an idle 2-core machine)
+ROUNDS = int(os.environ.get("FLEXMOE_BENCH_ROUNDS", "1" if QUICK else "2"))
 STEPS = 5  # local training steps per timed train measurement
-COMMAND = ("FLEXMOE_BENCH_QUICK=1 " if QUICK else "") + "nice -n 5 .venv/bin/python -m benchmarks speed"
+COMMAND = (("FLEXMOE_BENCH_QUICK=1 " if QUICK else "")
+           + (f"FLEXMOE_BENCH_ROUNDS={ROUNDS} " if "FLEXMOE_BENCH_ROUNDS" in os.environ else "")
+           + "nice -n 5 .venv/bin/python -m benchmarks speed")
 # both variants run today's shipped base (a variant's own `tiny` would be the base of its commit)
 COMMON = ["runtime.threads=1", f"model={ROOT / 'src' / 'flexmoe' / 'assets' / 'tiny'}"]
 # the children of each variant; the quick mode leaves out the knowledge pass (unchanged since the
@@ -197,8 +201,8 @@ def main(results_dir: pathlib.Path) -> None:
                     samples.setdefault((label, work), []).append(_measure(source, work))
                 if QUICK and commit is None:  # the training step against Trainer: today's code only
                     samples.setdefault((label, "train"), []).append(_measure(source, "train"))
-                for run_label, overrides in RUNS:
-                    out_dir = scratch / f"run-{commit}-{round_index}-{len(samples)}"
+                for run_index, (run_label, overrides) in enumerate(RUNS):
+                    out_dir = scratch / f"run-{commit}-{round_index}-{run_index}"
                     # today's code with the base commit's recipe (the default grafts under LoRA since): the same run
                     recipe = list(PREVIOUS_FLEX_RECIPE) if commit is None else []
                     samples.setdefault((label, run_label), []).append(_run(source, overrides + recipe, out_dir))
