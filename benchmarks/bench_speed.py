@@ -39,7 +39,7 @@ import tarfile
 import tempfile
 import time
 
-from benchmarks.machine import PREVIOUS_FLEX_RECIPE, header_markdown, write_result
+from benchmarks.machine import PREVIOUS_FLEX_RECIPE, header_markdown, positive_int_env, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = "23c0b9a"  # the code before the speed work (issue 25)
@@ -48,10 +48,11 @@ BASE = "23c0b9a"  # the code before the speed work (issue 25)
 QUICK = os.environ.get("FLEXMOE_BENCH_QUICK") == "1"
 # FLEXMOE_BENCH_ROUNDS=N: N alternating children per variant (a full round of both variants takes
 # about 45 minutes on an idle 2-core machine)
-ROUNDS = int(os.environ.get("FLEXMOE_BENCH_ROUNDS", "1" if QUICK else "2"))
+DEFAULT_ROUNDS = 1 if QUICK else 2
+ROUNDS = positive_int_env("FLEXMOE_BENCH_ROUNDS", DEFAULT_ROUNDS)
 STEPS = 5  # local training steps per timed train measurement
 COMMAND = (("FLEXMOE_BENCH_QUICK=1 " if QUICK else "")
-           + (f"FLEXMOE_BENCH_ROUNDS={ROUNDS} " if "FLEXMOE_BENCH_ROUNDS" in os.environ else "")
+           + (f"FLEXMOE_BENCH_ROUNDS={ROUNDS} " if ROUNDS != DEFAULT_ROUNDS else "")
            + "nice -n 5 .venv/bin/python -m benchmarks speed")
 # both variants run today's shipped base (a variant's own `tiny` would be the base of its commit)
 COMMON = ["runtime.threads=1", f"model={ROOT / 'src' / 'flexmoe' / 'assets' / 'tiny'}"]

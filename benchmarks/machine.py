@@ -51,9 +51,14 @@ def bench_jobs() -> int:
     Each run is its own process on one torch thread, so on an otherwise idle 2-core machine two
     jobs finish a grid in about half the wall time; each run's own result does not change.
     """
-    text = os.environ.get("FLEXMOE_BENCH_JOBS", "1")
+    return positive_int_env("FLEXMOE_BENCH_JOBS", 1)
+
+
+def positive_int_env(name: str, default: int) -> int:
+    """The positive integer in environment variable `name` (`default` when unset); else a one-line exit."""
+    text = os.environ.get(name, str(default))
     if not text.isdigit() or int(text) < 1:
-        raise SystemExit(f"FLEXMOE_BENCH_JOBS must be a positive integer, not {text!r}")
+        raise SystemExit(f"{name} must be a positive integer, not {text!r}")
     return int(text)
 
 
